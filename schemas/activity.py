@@ -1,0 +1,118 @@
+"""Activity events on `loyalty.activity.v1`, published by POS, booking and app systems."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, TypeAdapter
+
+from schemas.envelope import EventTime, Inbound, Money
+
+ACTIVITY_TOPIC = "loyalty.activity.v1"
+
+
+class PurchaseItem(Inbound):
+    project_code: str = Field(min_length=1)
+    category: str = ""
+    amount: Money
+
+
+class _Activity(Inbound):
+    event_id: str = Field(min_length=1, max_length=200)
+    schema_version: int = 1
+    occurred_at: EventTime
+    member_id: str = Field(min_length=1, max_length=200)
+    store_id: str | None = None
+    source: str | None = None
+
+
+class MemberRegisteredData(Inbound):
+    referrer_id: str | None = None
+    birthday: str | None = Field(default=None, pattern=r"^(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])$")
+
+
+class MemberRegistered(_Activity):
+    type: Literal["member_registered"]
+    data: MemberRegisteredData = MemberRegisteredData()
+
+
+class PurchaseData(Inbound):
+    order_id: str = Field(min_length=1)
+    amount: Money
+    items: list[PurchaseItem] = []
+
+
+class Purchase(_Activity):
+    type: Literal["purchase"]
+    data: PurchaseData
+
+
+class RefundData(Inbound):
+    order_id: str = Field(min_length=1)
+    amount: Money
+
+
+class Refund(_Activity):
+    type: Literal["refund"]
+    data: RefundData
+
+
+class CheckInData(Inbound):
+    kind: Literal["visit", "sign_in"]
+    booking_id: str | None = None
+    booked_at: EventTime | None = None
+    slot_start: EventTime | None = None
+    arrived_at: EventTime | None = None
+
+
+class CheckIn(_Activity):
+    type: Literal["check_in"]
+    data: CheckInData
+
+
+class ReviewData(Inbound):
+    review_id: str = Field(min_length=1)
+    order_id: str | None = None
+    rating: int = Field(ge=1, le=5)
+    featured: bool = False
+    suggestion_adopted: bool = False
+
+
+class Review(_Activity):
+    type: Literal["review"]
+    data: ReviewData
+
+
+class ShareData(Inbound):
+    share_id: str = Field(min_length=1)
+    channel: str = ""
+    approved: bool = False
+    likes: int = Field(default=0, ge=0)
+
+
+class Share(_Activity):
+    type: Literal["share"]
+    data: ShareData
+
+
+class ReferralData(Inbound):
+    referrer_id: str = Field(min_length=1)
+
+
+class Referral(_Activity):
+    type: Literal["referral"]
+    data: ReferralData
+
+
+Activity = Annotated[
+    MemberRegistered | Purchase | Refund | CheckIn | Review | Share | Referral,
+    Field(discriminator="type"),
+]
+ACTIVITY_TYPES = (MemberRegistered, Purchase, Refund, CheckIn, Review, Share, Referral)
+
+activity_adapter: TypeAdapter[Activity] = TypeAdapter(Activity)
+
+
+def parse_activity(raw: bytes | str) -> Activity:
+    """Raises pydantic.ValidationError on malformed JSON, unknown type or bad fields."""
+    return activity_adapter.validate_json(raw)

@@ -1,0 +1,88 @@
+"""Settings from the environment, read once at start-up by each service's bootstrap.
+
+Defaults match `make up` so a developer can run a service by hand with no exports.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from schemas.activity import ACTIVITY_TOPIC
+from schemas.grants import GRANTS_TOPIC
+from schemas.ledger import DLQ_TOPIC, LEDGER_TOPIC
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw else default
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Contract topic names; a prefix lets tests and staging share one broker safely."""
+
+    prefix: str = ""
+
+    @property
+    def activity(self) -> str:
+        return self.prefix + ACTIVITY_TOPIC
+
+    @property
+    def grants(self) -> str:
+        return self.prefix + GRANTS_TOPIC
+
+    @property
+    def ledger(self) -> str:
+        return self.prefix + LEDGER_TOPIC
+
+    @property
+    def dlq(self) -> str:
+        return self.prefix + DLQ_TOPIC
+
+    def all(self) -> list[str]:
+        return [self.activity, self.grants, self.ledger, self.dlq]
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    bootstrap_servers: str
+    topics: Topics = field(default_factory=Topics)
+    # Largest batch taken from Kafka per transaction: big enough to amortise the commit
+    # (fsync) over thousands of events, small enough to keep a transaction short.
+    max_batch: int = 5000
+    # How long a consumer waits for a batch to fill: low, so latency stays low at low load.
+    batch_wait_ms: int = 5
+    pool_size: int = 8
+    metrics_port: int = 0
+    ledger_port: int = 8080
+    api_keys: str = ""
+    ruleset_dir: str = ""
+    webhook_url: str = ""
+    webhook_secret: str = ""
+    expiry_sweep_seconds: int = 60
+
+    @property
+    def group_prefix(self) -> str:
+        return self.topics.prefix
+
+
+def load_settings() -> Settings:
+    return Settings(
+        database_url=os.environ.get(
+            "DATABASE_URL", "postgresql://loyalty:loyalty@127.0.0.1:55432/loyalty"
+        ),
+        bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092"),
+        topics=Topics(prefix=os.environ.get("LOYALTY_TOPIC_PREFIX", "")),
+        max_batch=_int("CONSUMER_MAX_BATCH", 5000),
+        batch_wait_ms=_int("CONSUMER_BATCH_WAIT_MS", 5),
+        pool_size=_int("DB_POOL_SIZE", 8),
+        metrics_port=_int("METRICS_PORT", 0),
+        ledger_port=_int("LEDGER_PORT", 8080),
+        api_keys=os.environ.get("LEDGER_API_KEYS", ""),
+        ruleset_dir=os.environ.get("RULESET_DIR", ""),
+        webhook_url=os.environ.get("NOTIFIER_WEBHOOK_URL", ""),
+        webhook_secret=os.environ.get("NOTIFIER_WEBHOOK_SECRET", ""),
+        expiry_sweep_seconds=_int("EXPIRY_SWEEP_SECONDS", 60),
+    )

@@ -1,0 +1,307 @@
+"""Batch consumption with the consumed offsets stored in Postgres: effectively once.
+
+Each batch runs in one Postgres transaction that (1) locks this consumer's offset rows,
+(2) drops records below the stored offsets (a redelivery, or a zombie consumer's batch
+after a rebalance), (3) lets the service apply the rest and write its outbox, (4) stores
+the next offsets. On assignment the consumer seeks to the stored offsets, so Kafka's own
+group commits are never relied upon (and never made).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import asyncpg
+import structlog
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import ConsumerRecord
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from faststream.middlewares import AckPolicy
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
+
+from services.common.dlq import classify, dead_letter, record_dead_letters
+from services.common.outbox import OutboxRow, write_outbox
+
+log = structlog.get_logger()
+
+CONSUMED = Counter("loyalty_consumed_total", "Records applied", ["consumer"])
+BATCH_SECONDS = Histogram(
+    "loyalty_batch_seconds",
+    "Time to apply one batch in Postgres",
+    ["consumer"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+# Back-off for transient failures (database restart, network blip): short, then capped.
+RETRY_BACKOFF_S: Final = (0.1, 0.5, 1.0, 2.0, 5.0)
+TRANSIENT = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+)
+
+
+@dataclass
+class BatchWork:
+    """What a service's handler produced for one batch, applied in the same transaction."""
+
+    outbox: list[OutboxRow] = field(default_factory=list)
+    dead: list[tuple[object, ...]] = field(default_factory=list)
+
+
+Handler = Callable[[asyncpg.Connection, Sequence[ConsumerRecord], BatchWork], Awaitable[None]]
+
+
+class BatchConsumer:
+    def __init__(
+        self,
+        *,
+        name: str,
+        service: str,
+        topic: str,
+        dlq_topic: str,
+        pool: asyncpg.Pool | None = None,
+        handler: Handler | None = None,
+        on_commit: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.name = name
+        self.service = service
+        self.topic = topic
+        self.dlq_topic = dlq_topic
+        self._pool: Any = pool
+        self._handler: Any = handler
+        self._on_commit = on_commit
+        self.subscriber: Any = None
+        self.next_offsets: dict[tuple[str, int], int] = {}
+        self.assigned: set[TopicPartition] = set()
+
+    # --- wiring -------------------------------------------------------------------------
+
+    def bind(
+        self, pool: asyncpg.Pool, handler: Handler, on_commit: Callable[[], None] = lambda: None
+    ) -> None:
+        """Resources arrive at start-up; the subscriber exists earlier (AsyncAPI docs)."""
+        self._pool, self._handler, self._on_commit = pool, handler, on_commit
+
+    def attach(self, broker: KafkaBroker, *, max_batch: int, batch_wait_ms: int) -> None:
+        consumer = self
+
+        class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
+            async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+                consumer.assigned -= set(revoked)
+
+            async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+                await consumer._seek_to_stored(assigned)
+
+        async def _raw(msg: Any) -> Any:
+            # Skip FastStream's JSON decoding: we validate bytes ourselves so that a bad
+            # message becomes a dead letter rather than an exception.
+            return None
+
+        self.subscriber = broker.subscriber(
+            self.topic,
+            group_id=self.name,
+            batch=True,
+            max_records=max_batch,
+            batch_timeout_ms=batch_wait_ms,
+            fetch_max_wait_ms=batch_wait_ms,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            auto_offset_reset="earliest",
+            listener=_SeekToStored(),
+            ack_policy=AckPolicy.MANUAL,
+            decoder=_raw,
+            title=f"{self.name}:{self.topic}",
+        )
+
+        @self.subscriber
+        async def on_batch(msg: KafkaMessage) -> None:
+            await consumer.process(list(msg.raw_message))
+
+    async def _seek_to_stored(self, assigned: set[TopicPartition]) -> None:
+        tps = sorted(assigned)
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset)"
+                " SELECT $1, t, p, 0 FROM unnest($2::text[], $3::int[]) AS u(t, p)"
+                " ON CONFLICT DO NOTHING",
+                self.name,
+                [tp.topic for tp in tps],
+                [tp.partition for tp in tps],
+            )
+            rows = await conn.fetch(
+                "SELECT topic, partition, next_offset FROM consumer_offsets"
+                " WHERE consumer = $1 AND topic = ANY($2::text[])",
+                self.name,
+                list({tp.topic for tp in tps}),
+            )
+        stored = {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+        kafka = self.subscriber.consumer
+        for tp in tps:
+            offset = stored.get((tp.topic, tp.partition), 0)
+            self.next_offsets[(tp.topic, tp.partition)] = offset
+            kafka.seek(tp, offset)
+        self.assigned |= set(tps)
+        log.info("partitions_assigned", consumer=self.name, partitions=[tp.partition for tp in tps])
+
+    # --- processing ---------------------------------------------------------------------
+
+    async def process(self, records: Sequence[ConsumerRecord]) -> None:
+        """Apply a batch; transient failures retry, a poison record is isolated and DLQ'd."""
+        attempt = 0
+        while True:
+            try:
+                await self._apply(records)
+                return
+            except TRANSIENT as exc:
+                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                log.warning("batch_retry", consumer=self.name, error=repr(exc), delay_s=delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+            except Exception:
+                if len(records) == 1:
+                    await self._dead_letter_poison(records[0])
+                    return
+                # Something in the batch breaks the handler: apply one at a time so only
+                # the culprit goes to the DLQ and everything else is still paid.
+                log.exception("batch_failed_isolating", consumer=self.name, size=len(records))
+                for record in records:
+                    await self.process([record])
+                return
+
+    async def _apply(self, records: Sequence[ConsumerRecord]) -> None:
+        started = time.perf_counter()
+        work = BatchWork()
+        partitions = sorted({(r.topic, r.partition) for r in records})
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT topic, partition, next_offset FROM consumer_offsets"
+                " WHERE consumer = $1 AND (topic, partition) IN"
+                " (SELECT * FROM unnest($2::text[], $3::int[]))"
+                " ORDER BY topic, partition FOR UPDATE",
+                self.name,
+                [t for t, _ in partitions],
+                [p for _, p in partitions],
+            )
+            stored = {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+            fresh = [r for r in records if r.offset >= stored.get((r.topic, r.partition), 0)]
+            if fresh:
+                await self._handler(conn, fresh, work)
+                await write_outbox(conn, self.service, work.outbox)
+                await record_dead_letters(conn, work.dead)
+            next_offsets: dict[tuple[str, int], int] = {}
+            for r in fresh:
+                key = (r.topic, r.partition)
+                next_offsets[key] = max(next_offsets.get(key, 0), r.offset + 1)
+            if next_offsets:
+                keys = sorted(next_offsets)
+                await conn.execute(
+                    "INSERT INTO consumer_offsets AS o (consumer, topic, partition, next_offset)"
+                    " SELECT $1, t, p, n FROM unnest($2::text[], $3::int[], $4::bigint[])"
+                    " AS u(t, p, n) ON CONFLICT (consumer, topic, partition) DO UPDATE"
+                    " SET next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset),"
+                    " updated_at = now()",
+                    self.name,
+                    [k[0] for k in keys],
+                    [k[1] for k in keys],
+                    [next_offsets[k] for k in keys],
+                )
+        self.next_offsets.update(next_offsets)
+        CONSUMED.labels(self.name).inc(len(fresh))
+        BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+        if work.outbox:
+            self._on_commit()
+
+    async def _dead_letter_poison(self, record: ConsumerRecord) -> None:
+        async def handler(
+            conn: asyncpg.Connection, records: Sequence[ConsumerRecord], work: BatchWork
+        ) -> None:
+            exc = RuntimeError("handler failed on this record")
+            label, reason = classify(exc)
+            row, dead = dead_letter(record, self.name, label, reason, self.dlq_topic)
+            work.outbox.append(row)
+            work.dead.append(dead)
+
+        log.error(
+            "poison_record", consumer=self.name, partition=record.partition, offset=record.offset
+        )
+        original, self._handler = self._handler, handler
+        try:
+            await self._apply([record])
+        finally:
+            self._handler = original
+
+    # --- observability ------------------------------------------------------------------
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        kafka = getattr(self.subscriber, "consumer", None)
+        out: dict[tuple[str, int], int] = {}
+        if kafka is None:
+            return out
+        for tp in self.assigned:
+            high = kafka.highwater(tp)
+            if high is not None:
+                out[(tp.topic, tp.partition)] = max(
+                    0, high - self.next_offsets.get((tp.topic, tp.partition), 0)
+                )
+        return out
+
+
+class LagCollector(Collector):
+    """Prometheus gauge computed on scrape: broker high-water mark minus our stored offset."""
+
+    def __init__(self, consumers: list[BatchConsumer]) -> None:
+        self._consumers = consumers
+
+    def collect(self) -> Any:
+        g = GaugeMetricFamily(
+            "loyalty_consumer_lag",
+            "Records not yet applied",
+            labels=["consumer", "topic", "partition"],
+        )
+        for c in self._consumers:
+            for (topic, partition), lag in sorted(c.lag().items()):
+                g.add_metric([c.name, topic, str(partition)], lag)
+        yield g
+
+
+def register_lag(consumers: list[BatchConsumer]) -> None:
+    REGISTRY.register(LagCollector(consumers))
+
+
+def validate_records(
+    records: Sequence[ConsumerRecord],
+    parse: Callable[[bytes], Any],
+    work: BatchWork,
+    consumer: str,
+    dlq_topic: str,
+) -> list[tuple[ConsumerRecord, Any]]:
+    """Parse each record; the bad ones become dead letters in `work`, the rest are returned."""
+    good: list[tuple[ConsumerRecord, Any]] = []
+    for record in records:
+        try:
+            good.append((record, parse(record.value or b"")))
+        except Exception as exc:
+            label, reason = classify(exc)
+            row, dead = dead_letter(record, consumer, label, reason, dlq_topic)
+            work.outbox.append(row)
+            work.dead.append(dead)
+            log.warning(
+                "dead_letter",
+                consumer=consumer,
+                reason=label,
+                partition=record.partition,
+                offset=record.offset,
+                member_id=record.key.decode("utf-8", "replace") if record.key else None,
+            )
+    return good

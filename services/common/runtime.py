@@ -1,0 +1,94 @@
+"""What every service process needs: a Postgres pool, a broker, a relay, a metrics port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+from faststream.kafka import KafkaBroker
+from prometheus_client import start_http_server
+
+from services.common.config import Settings
+
+log = structlog.get_logger()
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # jsonb in and out as Python objects through orjson: one codec, set once per connection.
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda v: orjson.dumps(v).decode(),
+        decoder=orjson.loads,
+        schema="pg_catalog",
+    )
+
+
+async def create_pool(settings: Settings, min_size: int = 2) -> asyncpg.Pool:
+    """Retries while Postgres is still starting, so service start order does not matter."""
+    delay = 0.2
+    for attempt in range(40):
+        try:
+            pool = await asyncpg.create_pool(
+                settings.database_url,
+                min_size=min_size,
+                max_size=settings.pool_size,
+                init=_init_connection,
+                command_timeout=60,
+            )
+            assert pool is not None
+            return pool
+        except (OSError, asyncpg.CannotConnectNowError) as exc:
+            log.warning("database_unavailable", attempt=attempt, error=str(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 3.0)
+    raise RuntimeError(f"database unreachable: {settings.database_url}")
+
+
+def create_broker(settings: Settings, service: str) -> KafkaBroker:
+    return KafkaBroker(
+        settings.bootstrap_servers,
+        client_id=service,
+        enable_idempotence=False,
+        logger=structlog.get_logger(),
+        # Per-message "Received/Processed" lines would drown the logs at 20k events/s.
+        log_level=logging.DEBUG,
+    )
+
+
+def start_metrics_server(port: int) -> None:
+    if port:
+        start_http_server(port, addr="127.0.0.1")
+        log.info("metrics_listening", port=port)
+
+
+class Background:
+    """Named background tasks whose crash is logged and takes the process down loudly."""
+
+    def __init__(self) -> None:
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def spawn(self, name: str, factory: Callable[[], Awaitable[Any]]) -> None:
+        async def guarded() -> None:
+            try:
+                await factory()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background_task_crashed", task=name)
+                raise
+
+        self._tasks.append(asyncio.create_task(guarded(), name=name))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()

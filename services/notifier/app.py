@@ -1,0 +1,103 @@
+"""Notifier: ledger events in, one recorded zh-CN notification each, delivered by webhook."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+import asyncpg
+import orjson
+import structlog
+from aiokafka.structs import ConsumerRecord
+from faststream import FastStream
+from faststream.specification import AsyncAPI
+
+from schemas.ledger import parse_ledger_event
+from services.common.config import Settings, load_settings
+from services.common.consumer import BatchConsumer, BatchWork, register_lag, validate_records
+from services.common.outbox import OutboxRelay, make_producer
+from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
+from services.notifier.delivery import Deliverer
+from services.notifier.render import render
+
+SERVICE: Final = "notifier"
+log = structlog.get_logger()
+
+INSERT_NOTIFICATIONS: Final = """
+INSERT INTO notifications (notification_id, member_id, kind, message, payload)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
+ON CONFLICT (notification_id) DO NOTHING
+"""
+
+
+def make_handler(settings: Settings, consumer_name: str, deliverer: Deliverer):  # type: ignore[no-untyped-def]
+    async def handle(
+        conn: asyncpg.Connection, records: Sequence[ConsumerRecord], work: BatchWork
+    ) -> None:
+        good = validate_records(
+            records, parse_ledger_event, work, consumer_name, settings.topics.dlq
+        )
+        rows: dict[str, tuple[str, str, str, object]] = {}
+        for _record, event in good:
+            message = render(event)
+            if message is not None:
+                payload = orjson.loads(event.model_dump_json())
+                rows[event.event_id] = (event.member_id, event.type, message, payload)
+        if rows:
+            ids = list(rows)
+            await conn.execute(
+                INSERT_NOTIFICATIONS,
+                ids,
+                [rows[i][0] for i in ids],
+                [rows[i][1] for i in ids],
+                [rows[i][2] for i in ids],
+                [rows[i][3] for i in ids],
+            )
+            deliverer.wake()
+
+    return handle
+
+
+def create_app(settings: Settings | None = None) -> FastStream:
+    settings = settings or load_settings()
+    broker = create_broker(settings, SERVICE)
+    app = FastStream(
+        broker, specification=AsyncAPI(title="loyalty notifier", version="1", description=__doc__)
+    )
+    state: dict[str, object] = {}
+    background = Background()
+    consumer_name = settings.group_prefix + "notifier"
+
+    consumer = BatchConsumer(
+        name=consumer_name,
+        service=SERVICE,
+        topic=settings.topics.ledger,
+        dlq_topic=settings.topics.dlq,
+    )
+    consumer.attach(broker, max_batch=settings.max_batch, batch_wait_ms=settings.batch_wait_ms)
+    register_lag([consumer])
+
+    @app.on_startup
+    async def startup() -> None:
+        pool = await create_pool(settings)
+        producer = make_producer(settings.bootstrap_servers)
+        await producer.start()
+        relay = OutboxRelay(pool, producer, SERVICE)
+        deliverer = Deliverer(pool, settings.webhook_url, settings.webhook_secret)
+        consumer.bind(pool, make_handler(settings, consumer_name, deliverer), relay.wake)
+        state.update(pool=pool, producer=producer)
+        background.spawn("outbox-relay", relay.run)
+        background.spawn("webhook-delivery", deliverer.run)
+        start_metrics_server(settings.metrics_port)
+
+    @app.on_shutdown
+    async def shutdown() -> None:
+        await background.stop()
+        producer = state.get("producer")
+        if producer is not None:
+            await producer.stop()  # type: ignore[attr-defined]
+        pool = state.get("pool")
+        if pool is not None:
+            await pool.close()  # type: ignore[attr-defined]
+
+    return app

@@ -1,0 +1,59 @@
+"""zh-CN message texts for members: pure, so every wording is unit-tested."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from schemas.ledger import LedgerEvent, PointsEarned, PointsExpiring, TierChanged
+
+_SHANGHAI = ZoneInfo("Asia/Shanghai")
+TIER_NAMES_ZH = {
+    "member": "普通会员",
+    "silver": "银卡会员",
+    "gold": "金卡会员",
+    "diamond": "钻石会员",
+}
+_TIER_ORDER = ("member", "silver", "gold", "diamond")
+RULE_NAMES_ZH = {
+    "base": "消费积分",
+    "big_ticket": "大额消费奖励",
+    "first_purchase": "首次消费奖励",
+    "new_project": "新项目体验奖励",
+    "combo": "组合项目奖励",
+    "on_time_visit": "准时到店奖励",
+    "punctuality_streak": "连续准时到店奖励",
+    "sign_in": "每日签到",
+    "sign_in_streak": "连续签到奖励",
+    "review": "评价奖励",
+    "featured_review": "优质评价奖励",
+    "suggestion_adopted": "建议采纳奖励",
+    "share": "分享奖励",
+    "referral_referrer": "推荐好友奖励",
+    "referral_new_member": "新会员推荐奖励",
+    "referral_indirect": "间接推荐奖励",
+}
+
+
+def _day(dt: datetime) -> str:
+    local = dt.astimezone(_SHANGHAI)
+    return f"{local.year}年{local.month}月{local.day}日"
+
+
+def render(event: LedgerEvent) -> str | None:
+    """The message for a ledger event, or None when members are not told about it."""
+    if isinstance(event, PointsEarned):
+        d = event.data
+        why = RULE_NAMES_ZH.get(d.rule_id or "", "积分奖励")
+        return f"您获得{d.points}积分（{why}），当前可用积分{d.balance_after}。"
+    if isinstance(event, TierChanged):
+        d = event.data
+        new, old = TIER_NAMES_ZH[d.tier], TIER_NAMES_ZH[d.previous_tier]
+        if _TIER_ORDER.index(d.tier) > _TIER_ORDER.index(d.previous_tier):
+            return f"恭喜您由{old}升级为{new}！"
+        return f"您的会员等级已由{old}调整为{new}。"
+    if isinstance(event, PointsExpiring):
+        d = event.data
+        when = _day(d.expires_at) if d.expires_at else "近期"
+        return f"您有{abs(d.points)}积分将于{when}过期，请尽快使用。"
+    return None
