@@ -34,5 +34,4 @@ class Internal(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-
 EventTime = AwareDatetime

@@ -74,6 +74,9 @@ class TierData(Internal):
     tier_valid_until: EventTime | None
     ruleset_version: str
     source_event_id: str
+    # The next tier up and the qualifying spend it needs, from the rule set in force.
+    next_tier: Tier | None = None
+    next_tier_spend: Money | None = None
 
 
 class TierEvaluated(_Grant):

@@ -168,9 +168,9 @@ class BatchConsumer:
                 log.warning("batch_retry", consumer=self.name, error=repr(exc), delay_s=delay)
                 attempt += 1
                 await asyncio.sleep(delay)
-            except Exception:
+            except Exception as exc:
                 if len(records) == 1:
-                    await self._dead_letter_poison(records[0])
+                    await self._dead_letter_poison(records[0], exc)
                     return
                 # Something in the batch breaks the handler: apply one at a time so only
                 # the culprit goes to the DLQ and everything else is still paid.
@@ -222,18 +222,21 @@ class BatchConsumer:
         if work.outbox:
             self._on_commit()
 
-    async def _dead_letter_poison(self, record: ConsumerRecord) -> None:
+    async def _dead_letter_poison(self, record: ConsumerRecord, exc: Exception) -> None:
         async def handler(
             conn: asyncpg.Connection, records: Sequence[ConsumerRecord], work: BatchWork
         ) -> None:
-            exc = RuntimeError("handler failed on this record")
             label, reason = classify(exc)
             row, dead = dead_letter(record, self.name, label, reason, self.dlq_topic)
             work.outbox.append(row)
             work.dead.append(dead)
 
         log.error(
-            "poison_record", consumer=self.name, partition=record.partition, offset=record.offset
+            "poison_record",
+            consumer=self.name,
+            partition=record.partition,
+            offset=record.offset,
+            error=repr(exc),
         )
         original, self._handler = self._handler, handler
         try:

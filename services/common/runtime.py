@@ -20,12 +20,14 @@ log = structlog.get_logger()
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    # jsonb in and out as Python objects through orjson: one codec, set once per connection.
+    # jsonb in and out as Python objects through orjson. Binary format (a version byte,
+    # then the JSON text) so that COPY, which is binary-only in asyncpg, can write jsonb too.
     await conn.set_type_codec(
         "jsonb",
-        encoder=lambda v: orjson.dumps(v).decode(),
-        decoder=orjson.loads,
+        encoder=lambda v: b"\x01" + orjson.dumps(v),
+        decoder=lambda b: orjson.loads(b[1:]),
         schema="pg_catalog",
+        format="binary",
     )
 
 

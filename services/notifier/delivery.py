@@ -8,6 +8,7 @@ header. Without a webhook configured, notifications are recorded and marked `ski
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 from typing import Final
@@ -49,10 +50,8 @@ class Deliverer:
                     done = 0
                 if done < DELIVERY_BATCH:
                     self._wake.clear()
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), 1.0)
-                    except TimeoutError:
-                        pass
 
     async def deliver_once(self, client: httpx.AsyncClient) -> int:
         async with self._pool.acquire() as conn, conn.transaction():

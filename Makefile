@@ -1,0 +1,62 @@
+# One venv, pinned packages, local infrastructure started by the project itself.
+# `make test` and `make demo` work from a fresh clone; see README.md.
+
+PY_BOOT  ?= python3.11
+VENV     := .venv
+PY       := $(VENV)/bin/python
+STAMP    := $(VENV)/.installed
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: setup up down status demo test test-unit test-integration check fmt docs bench schemas clean
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check uv==0.13.9
+	@$(VENV)/bin/uv pip install -q --python $(PY) -r requirements.lock
+	@$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e .
+	@touch $(STAMP)
+
+setup: $(STAMP) ## venv + pinned packages
+
+up: setup ## start broker, Postgres and the three services in the background
+	@$(PY) -m deploy.stack up
+
+down: setup ## stop everything (Postgres data is kept in .run/pgdata)
+	@$(PY) -m deploy.stack down
+
+status: setup
+	@$(PY) -m deploy.stack status
+
+demo: setup ## a scripted week of a two-store clinic, end to end
+	@$(PY) -m deploy.demo
+
+test: setup ## the whole suite: unit, then integration against Tansu and Apache Kafka
+	@$(PY) -m pytest -q tests/unit
+	@$(PY) -m pytest -q -m integration tests/integration
+
+test-unit: setup
+	@$(PY) -m pytest -q tests/unit
+
+test-integration: setup
+	@$(PY) -m pytest -q -m integration tests/integration
+
+check: setup ## ruff (lint + format) and mypy (strict on the pure cores)
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+	@$(VENV)/bin/mypy
+
+fmt: setup
+	@$(VENV)/bin/ruff check --fix .
+	@$(VENV)/bin/ruff format .
+
+schemas: setup ## regenerate schemas/json from the pydantic models
+	@$(PY) -m schemas.generate
+
+docs: setup ## AsyncAPI documents of each service into docs/asyncapi/
+	@$(PY) -m deploy.asyncapi
+
+bench: setup ## benchmarks (never part of make test)
+	@$(PY) -m bench.run
+
+clean:
+	rm -rf .run .pytest_cache .mypy_cache .ruff_cache

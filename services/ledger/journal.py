@@ -1,0 +1,257 @@
+"""Journal and lot rows <-> accounting objects, and the set-based writes of a batch.
+
+Kept apart from the consumer so the API (redemptions, adjustments), the expiry sweeper,
+`ledger rebuild` and `ledger verify` all write and read the journal the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+import asyncpg
+import orjson
+
+from schemas.ledger import (
+    LedgerEvent,
+    MovementData,
+    PointsAdjusted,
+    PointsEarned,
+    PointsExpired,
+    PointsRedeemed,
+    PointsRevoked,
+)
+from services.common.outbox import OutboxRow
+from services.ledger.accounting import Allocation, Book, Entry, Lot
+
+ENTRY_COLUMNS: Final = (
+    "entry_id",
+    "member_id",
+    "kind",
+    "points",
+    "balance_after",
+    "debt_delta",
+    "occurred_at",
+    "expires_at",
+    "rule_id",
+    "ruleset_version",
+    "source_event_id",
+    "order_id",
+    "store_id",
+    "redemption_id",
+    "adjustment_id",
+    "reason",
+    "operator",
+    "allocations",
+)
+
+SELECT_BOOKS: Final = """
+SELECT member_id, debt, earned, redeemed, revoked, expired, adjusted
+FROM ledger_members WHERE member_id = ANY($1::text[]) ORDER BY member_id FOR UPDATE
+"""
+SELECT_LOTS: Final = """
+SELECT lot_id, member_id, points, remaining, earned_at, expires_at, source_event_id, order_id,
+       rule_id
+FROM ledger_lots WHERE member_id = ANY($1::text[]) AND remaining > 0
+"""
+ENSURE_MEMBERS: Final = """
+INSERT INTO ledger_members (member_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING
+"""
+UPSERT_LOTS: Final = """
+INSERT INTO ledger_lots (lot_id, member_id, points, remaining, earned_at, available_from,
+                         expires_at, source_event_id, order_id, rule_id)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[],
+                     $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[], $10::text[])
+ON CONFLICT (lot_id) DO UPDATE SET remaining = EXCLUDED.remaining
+"""
+UPDATE_TOTALS: Final = """
+UPDATE ledger_members AS m SET
+    debt = u.debt, earned = u.earned, redeemed = u.redeemed, revoked = u.revoked,
+    expired = u.expired, adjusted = u.adjusted, updated_at = now()
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[],
+            $7::bigint[]) AS u(member_id, debt, earned, redeemed, revoked, expired, adjusted)
+WHERE m.member_id = u.member_id
+"""
+SELECT_MEMBER_ENTRIES: Final = """
+SELECT * FROM ledger_entries WHERE member_id = $1 AND occurred_at <= $2 ORDER BY seq
+"""
+
+_EVENT_TYPES: Final[dict[str, type[Any]]] = {
+    "earn": PointsEarned,
+    "redeem": PointsRedeemed,
+    "revoke": PointsRevoked,
+    "expire": PointsExpired,
+    "adjust": PointsAdjusted,
+}
+
+
+async def load_books(conn: asyncpg.Connection, members: Sequence[str]) -> dict[str, Book]:
+    """Locks the members' rows (sorted: no deadlocks) and loads their spendable lots."""
+    await conn.execute(ENSURE_MEMBERS, list(members))
+    rows = await conn.fetch(SELECT_BOOKS, list(members))
+    lots: dict[str, list[Lot]] = {}
+    for r in await conn.fetch(SELECT_LOTS, list(members)):
+        lots.setdefault(r["member_id"], []).append(
+            Lot(
+                lot_id=r["lot_id"],
+                member_id=r["member_id"],
+                points=r["points"],
+                remaining=r["remaining"],
+                earned_at=r["earned_at"],
+                expires_at=r["expires_at"],
+                source_event_id=r["source_event_id"],
+                order_id=r["order_id"],
+                rule_id=r["rule_id"],
+            )
+        )
+    return {
+        r["member_id"]: Book(
+            member_id=r["member_id"],
+            lots=tuple(
+                sorted(
+                    lots.get(r["member_id"], ()),
+                    key=lambda x: (x.expires_at, x.earned_at, x.lot_id),
+                )
+            ),
+            debt=r["debt"],
+            earned=r["earned"],
+            redeemed=r["redeemed"],
+            revoked=r["revoked"],
+            expired=r["expired"],
+            adjusted=r["adjusted"],
+        )
+        for r in rows
+    }
+
+
+def _entry_record(e: Entry) -> tuple[Any, ...]:
+    allocations = [[a.lot_id, a.points] for a in e.allocations]
+    return (
+        e.entry_id,
+        e.member_id,
+        e.kind,
+        e.points,
+        e.balance_after,
+        e.debt_delta,
+        e.occurred_at,
+        e.expires_at,
+        e.rule_id,
+        e.ruleset_version,
+        e.source_event_id,
+        e.order_id,
+        e.store_id,
+        e.redemption_id,
+        e.adjustment_id,
+        e.reason,
+        e.operator,
+        allocations,
+    )
+
+
+def entry_from_row(r: asyncpg.Record | dict[str, Any]) -> Entry:
+    raw = r["allocations"]
+    pairs = orjson.loads(raw) if isinstance(raw, (str, bytes)) else (raw or [])
+    return Entry(
+        entry_id=r["entry_id"],
+        member_id=r["member_id"],
+        kind=r["kind"],
+        points=r["points"],
+        occurred_at=r["occurred_at"],
+        balance_after=r["balance_after"],
+        expires_at=r["expires_at"],
+        allocations=tuple(Allocation(lot_id, pts) for lot_id, pts in pairs),
+        debt_delta=r["debt_delta"],
+        rule_id=r["rule_id"],
+        ruleset_version=r["ruleset_version"],
+        source_event_id=r["source_event_id"],
+        order_id=r["order_id"],
+        store_id=r["store_id"],
+        redemption_id=r["redemption_id"],
+        adjustment_id=r["adjustment_id"],
+        reason=r["reason"],
+        operator=r["operator"],
+    )
+
+
+async def write_journal(
+    conn: asyncpg.Connection,
+    entries: Sequence[Entry],
+    before: dict[str, Book],
+    after: dict[str, Book],
+    pending_until: dict[str, Any] | None = None,
+) -> None:
+    """Append entries (COPY), then write the lots and totals that changed: set-based."""
+    if entries:
+        await conn.copy_records_to_table(
+            "ledger_entries", records=[_entry_record(e) for e in entries], columns=ENTRY_COLUMNS
+        )
+    pending_until = pending_until or {}
+    lot_rows: list[tuple[Any, ...]] = []
+    for member_id, book in after.items():
+        old = {lot.lot_id: lot for lot in before[member_id].lots}
+        new = {lot.lot_id: lot for lot in book.lots}
+        for lot in book.lots:
+            prior = old.get(lot.lot_id)
+            if prior is None or prior.remaining != lot.remaining:
+                lot_rows.append(_lot_row(lot, lot.remaining, pending_until.get(lot.lot_id)))
+        for lot_id, lot in old.items():
+            if lot_id not in new:
+                lot_rows.append(_lot_row(lot, 0, None))
+    if lot_rows:
+        columns = list(zip(*lot_rows, strict=True))
+        await conn.execute(UPSERT_LOTS, *[list(c) for c in columns])
+    members = sorted(after)
+    if members:
+        books = [after[m] for m in members]
+        await conn.execute(
+            UPDATE_TOTALS,
+            members,
+            [b.debt for b in books],
+            [b.earned for b in books],
+            [b.redeemed for b in books],
+            [b.revoked for b in books],
+            [b.expired for b in books],
+            [b.adjusted for b in books],
+        )
+
+
+def _lot_row(lot: Lot, remaining: int, available_from: Any) -> tuple[Any, ...]:
+    return (
+        lot.lot_id,
+        lot.member_id,
+        lot.points,
+        remaining,
+        lot.earned_at,
+        available_from or lot.earned_at,
+        lot.expires_at,
+        lot.source_event_id,
+        lot.order_id,
+        lot.rule_id,
+    )
+
+
+def ledger_event(entry: Entry) -> LedgerEvent:
+    event: LedgerEvent = _EVENT_TYPES[entry.kind](
+        event_id=entry.entry_id,
+        occurred_at=entry.occurred_at,
+        member_id=entry.member_id,
+        data=MovementData(
+            points=entry.points,
+            balance_after=entry.balance_after,
+            rule_id=entry.rule_id,
+            ruleset_version=entry.ruleset_version,
+            source_event_id=entry.source_event_id,
+            redemption_id=entry.redemption_id,
+            adjustment_id=entry.adjustment_id,
+            order_id=entry.order_id,
+            store_id=entry.store_id,
+            expires_at=entry.expires_at,
+            reason=entry.reason,
+            operator=entry.operator,
+        ),
+    )
+    return event
+
+
+def outbox_rows(topic: str, events: Iterable[LedgerEvent]) -> list[OutboxRow]:
+    return [OutboxRow(topic, e.member_id, e.model_dump_json().encode()) for e in events]

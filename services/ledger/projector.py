@@ -1,0 +1,193 @@
+"""Grants in, journal entries and read models out: the ledger's consumer, set-based.
+
+Per batch: dedupe grants on their deterministic ids (within the batch and against the
+journal), lock the touched members in sorted order, fold the grants through the pure
+accounting core, then COPY the entries and upsert lots, totals and tiers in a handful of
+statements, with the ledger events going to the outbox in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import asyncpg
+from aiokafka.structs import ConsumerRecord
+
+from schemas.grants import PointsGranted, PointsRevoked, TierEvaluated, parse_grant
+from schemas.ledger import TierChanged, TierChangedData
+from services.common.config import Settings
+from services.common.consumer import BatchWork, validate_records
+from services.ledger import accounting as acc
+from services.ledger.journal import (
+    SELECT_MEMBER_ENTRIES,
+    entry_from_row,
+    ledger_event,
+    load_books,
+    outbox_rows,
+    write_journal,
+)
+from services.ledger.reads import member_document
+
+KNOWN_ENTRIES: Final = "SELECT entry_id FROM ledger_entries WHERE entry_id = ANY($1::text[])"
+INSERT_TIERS: Final = """
+INSERT INTO ledger_tier_history (event_id, member_id, occurred_at, tier, previous_tier,
+                                 qualifying_spend, tier_valid_until)
+SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
+                     $6::numeric[], $7::timestamptz[])
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+"""
+UPDATE_TIERS: Final = """
+UPDATE ledger_members AS m SET tier = u.tier, qualifying_spend = u.spend,
+    tier_valid_until = u.valid_until, next_tier = u.next_tier, next_tier_spend = u.next_spend
+FROM unnest($1::text[], $2::text[], $3::numeric[], $4::timestamptz[], $5::text[], $6::numeric[])
+    AS u(member_id, tier, spend, valid_until, next_tier, next_spend)
+WHERE m.member_id = u.member_id
+"""
+TIER_AS_OF: Final = """
+SELECT tier, qualifying_spend, tier_valid_until FROM ledger_tier_history
+WHERE member_id = $1 AND occurred_at <= $2 ORDER BY occurred_at DESC, seq DESC LIMIT 1
+"""
+
+
+def command_for(grant: PointsGranted | PointsRevoked) -> acc.Earn | acc.Revoke:
+    d = grant.data
+    if isinstance(grant, PointsGranted):
+        return acc.Earn(
+            entry_id=grant.event_id,
+            points=d.points,
+            occurred_at=grant.occurred_at,
+            rule_id=d.rule_id,
+            ruleset_version=d.ruleset_version,
+            source_event_id=d.source_event_id,
+            order_id=d.order_id,
+            store_id=d.store_id,
+        )
+    return acc.Revoke(
+        entry_id=grant.event_id,
+        points=d.points,
+        occurred_at=grant.occurred_at,
+        order_id=grant.data.order_id,
+        rule_id=d.rule_id,
+        ruleset_version=d.ruleset_version,
+        source_event_id=d.source_event_id,
+        store_id=d.store_id,
+    )
+
+
+def make_handler(settings: Settings, consumer_name: str):  # type: ignore[no-untyped-def]
+    async def handle(
+        conn: asyncpg.Connection, records: Sequence[ConsumerRecord], work: BatchWork
+    ) -> None:
+        good = validate_records(records, parse_grant, work, consumer_name, settings.topics.dlq)
+        unique: dict[str, Any] = {}
+        for _record, grant in good:
+            unique.setdefault(grant.event_id, grant)
+        moves = [g for g in unique.values() if not isinstance(g, TierEvaluated)]
+        tiers = [g for g in unique.values() if isinstance(g, TierEvaluated)]
+        if moves:
+            known = {
+                r["entry_id"] for r in await conn.fetch(KNOWN_ENTRIES, [g.event_id for g in moves])
+            }
+            moves = [g for g in moves if g.event_id not in known]
+        if tiers:
+            tiers = await _fresh_tiers(conn, tiers)
+        members = sorted({g.member_id for g in moves} | {t.member_id for t in tiers})
+        if not members:
+            return
+        before = await load_books(conn, members)
+        after = dict(before)
+        entries: list[acc.Entry] = []
+        pending_until: dict[str, datetime] = {}
+        for grant in moves:
+            book = after[grant.member_id]
+            for entry in acc.decide(book, command_for(grant)):
+                book = acc.evolve(book, entry)
+                entries.append(entry)
+            after[grant.member_id] = book
+            if isinstance(grant, PointsGranted) and grant.data.pending_days:
+                pending_until[grant.event_id] = grant.occurred_at + timedelta(
+                    days=grant.data.pending_days
+                )
+        await write_journal(conn, entries, before, after, pending_until)
+        events: list[Any] = [ledger_event(e) for e in entries]
+        if tiers:
+            events.extend(await _apply_tiers(conn, tiers))
+        work.outbox.extend(outbox_rows(settings.topics.ledger, events))
+
+    return handle
+
+
+async def _fresh_tiers(conn: asyncpg.Connection, tiers: list[TierEvaluated]) -> list[TierEvaluated]:
+    rows = await conn.fetch(
+        INSERT_TIERS,
+        [t.event_id for t in tiers],
+        [t.member_id for t in tiers],
+        [t.occurred_at for t in tiers],
+        [t.data.tier for t in tiers],
+        [t.data.previous_tier for t in tiers],
+        [t.data.qualifying_spend for t in tiers],
+        [t.data.tier_valid_until for t in tiers],
+    )
+    fresh = {r["event_id"] for r in rows}
+    return [t for t in tiers if t.event_id in fresh]
+
+
+async def _apply_tiers(conn: asyncpg.Connection, tiers: list[TierEvaluated]) -> list[TierChanged]:
+    """Latest evaluation per member wins (one partition per member keeps them in order)."""
+    latest: dict[str, TierEvaluated] = {}
+    for t in tiers:
+        latest[t.member_id] = t
+    members = sorted(latest)
+    await conn.execute(
+        UPDATE_TIERS,
+        members,
+        [latest[m].data.tier for m in members],
+        [latest[m].data.qualifying_spend for m in members],
+        [latest[m].data.tier_valid_until for m in members],
+        [latest[m].data.next_tier for m in members],
+        [latest[m].data.next_tier_spend for m in members],
+    )
+    return [
+        TierChanged(
+            event_id=t.event_id,
+            occurred_at=t.occurred_at,
+            member_id=t.member_id,
+            data=TierChangedData(
+                previous_tier=t.data.previous_tier,
+                tier=t.data.tier,
+                qualifying_spend=t.data.qualifying_spend,
+                tier_valid_until=t.data.tier_valid_until,
+                ruleset_version=t.data.ruleset_version,
+                source_event_id=t.data.source_event_id,
+            ),
+        )
+        for t in tiers
+        if t.data.tier != t.data.previous_tier
+    ]
+
+
+async def member_as_of(
+    conn: asyncpg.Connection, member_id: str, at: datetime
+) -> dict[str, Any] | None:
+    """The member exactly as at `at`, folded from the journal (not from read models)."""
+    member = await conn.fetchrow("SELECT * FROM ledger_members WHERE member_id = $1", member_id)
+    if member is None:
+        return None
+    rows = await conn.fetch(SELECT_MEMBER_ENTRIES, member_id, at)
+    book = acc.replay(member_id, (entry_from_row(r) for r in rows))
+    tier = await conn.fetchrow(TIER_AS_OF, member_id, at)
+    snapshot = dict(member)
+    snapshot.update(
+        debt=book.debt,
+        earned=book.earned,
+        redeemed=book.redeemed,
+        expired=book.expired,
+        tier=tier["tier"] if tier else "member",
+        qualifying_spend=tier["qualifying_spend"] if tier else 0,
+        tier_valid_until=tier["tier_valid_until"] if tier else None,
+    )
+    lots = [(lot.remaining, lot.earned_at, lot.expires_at) for lot in book.lots]
+    return member_document(snapshot, lots, at)

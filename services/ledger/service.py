@@ -1,0 +1,92 @@
+"""The ledger process's moving parts: pool, grants consumer, outbox relay, expiry sweeper."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import structlog
+from faststream.kafka import KafkaBroker
+from faststream.specification import AsyncAPI
+
+from services.common.config import Settings
+from services.common.consumer import BatchConsumer, register_lag
+from services.common.outbox import OutboxRelay, make_producer
+from services.common.runtime import Background, create_broker, create_pool
+from services.ledger import projector
+
+SERVICE = "ledger"
+log = structlog.get_logger()
+
+
+class LedgerService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.broker: KafkaBroker = create_broker(settings, SERVICE)
+        self.consumer = BatchConsumer(
+            name=settings.group_prefix + "ledger",
+            service=SERVICE,
+            topic=settings.topics.grants,
+            dlq_topic=settings.topics.dlq,
+        )
+        self.consumer.attach(
+            self.broker, max_batch=settings.max_batch, batch_wait_ms=settings.batch_wait_ms
+        )
+        self._background = Background()
+        self._pool: asyncpg.Pool | None = None
+        self._producer: Any = None
+        self.relay: OutboxRelay | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("ledger service not started")
+        return self._pool
+
+    async def start(self) -> None:
+        self._pool = await create_pool(self.settings, min_size=4)
+        self._producer = make_producer(self.settings.bootstrap_servers)
+        await self._producer.start()
+        self.relay = OutboxRelay(self._pool, self._producer, SERVICE)
+        self.consumer.bind(
+            self._pool,
+            projector.make_handler(self.settings, self.consumer.name),
+            self.relay.wake,
+        )
+        register_lag([self.consumer])
+        await self.broker.start()
+        self._background.spawn("outbox-relay", self.relay.run)
+
+    async def stop(self) -> None:
+        await self.broker.stop()
+        await self._background.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def readiness(self) -> dict[str, bool]:
+        db = False
+        if self._pool is not None:
+            try:
+                async with self._pool.acquire(timeout=2) as conn:
+                    db = await conn.fetchval("SELECT true")
+            except (OSError, asyncpg.PostgresError, TimeoutError):
+                db = False
+        return {"database": bool(db), "consumer_assigned": bool(self.consumer.assigned)}
+
+    async def member_as_of(
+        self, conn: asyncpg.Connection, member_id: str, at: datetime
+    ) -> dict[str, Any] | None:
+        return await projector.member_as_of(conn, member_id, at)
+
+
+def asyncapi(settings: Settings) -> AsyncAPI:
+    """The AsyncAPI document of the ledger's Kafka side (`make docs`)."""
+    return AsyncAPI(
+        LedgerService(settings).broker,
+        title="loyalty ledger",
+        version="1",
+        description="Consumes grants, journals them, publishes ledger events via the outbox.",
+    )

@@ -1,0 +1,13 @@
+"""`python -m services.rules`: run the rules service until SIGTERM."""
+
+import asyncio
+
+import uvloop
+
+from services.common.logging import configure_logging
+from services.rules.app import SERVICE, create_app
+
+if __name__ == "__main__":
+    configure_logging(SERVICE)
+    uvloop.install()
+    asyncio.run(create_app().run())

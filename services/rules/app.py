@@ -1,0 +1,203 @@
+"""Rules service: activity in, grants out, under the rule-set version in force at event time.
+
+Per batch, in one transaction: keep the activity as received (its event id is the
+idempotency key, so a redelivered event is dropped here), load the members' rule state,
+fold each event through the pure evaluator, store the states and put the grants in the
+outbox. The relay then publishes them to `loyalty.grants.v1`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, Final
+
+import asyncpg
+import structlog
+from aiokafka.structs import ConsumerRecord
+from faststream import FastStream
+from faststream.specification import AsyncAPI
+
+from schemas.activity import parse_activity
+from schemas.grants import GrantEvent
+from services.common.config import Settings, load_settings
+from services.common.consumer import BatchConsumer, BatchWork, register_lag, validate_records
+from services.common.outbox import OutboxRelay, OutboxRow, make_producer
+from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
+from services.rules.engine import evaluate
+from services.rules.rulebook_store import book_stamp, load_book
+from services.rules.ruleset import RuleBook
+from services.rules.state import MemberState
+
+SERVICE: Final = "rules"
+RULEBOOK_POLL_S: Final = 5.0  # how soon a published rule-set version reaches running instances
+log = structlog.get_logger()
+
+INSERT_ACTIVITY: Final = """
+INSERT INTO rules_activity (event_id, member_id, type, occurred_at, topic, partition, "offset",
+                            payload)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[],
+                     $6::int[], $7::bigint[], $8::bytea[])
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+"""
+SELECT_STATES: Final = """
+SELECT member_id, referrer_id, state::text AS state FROM rules_member_state
+WHERE member_id = ANY($1::text[])
+"""
+SELECT_REFERRERS: Final = """
+SELECT member_id, referrer_id FROM rules_member_state WHERE member_id = ANY($1::text[])
+"""
+UPSERT_STATES: Final = """
+INSERT INTO rules_member_state AS s (member_id, referrer_id, state, updated_at)
+SELECT m, r, st::jsonb, now() FROM unnest($1::text[], $2::text[], $3::text[]) AS u(m, r, st)
+ON CONFLICT (member_id) DO UPDATE
+SET referrer_id = EXCLUDED.referrer_id, state = EXCLUDED.state, updated_at = now()
+"""
+
+
+class RulesProcessor:
+    """Holds the current rule book; `handle` is the consumer's per-batch function."""
+
+    def __init__(self, settings: Settings, consumer_name: str) -> None:
+        self.settings = settings
+        self.consumer_name = consumer_name
+        self.book: RuleBook | None = None
+        self._stamp: tuple[int, object] | None = None
+
+    async def refresh_book(self, pool: asyncpg.Pool) -> bool:
+        async with pool.acquire() as conn:
+            stamp = await book_stamp(conn)
+            if stamp == self._stamp and self.book is not None:
+                return False
+            self.book = await load_book(conn)
+            self._stamp = await book_stamp(conn)
+        log.info("rulebook_loaded", versions=[r.version for r in self.book.versions])
+        return True
+
+    async def watch_book(self, pool: asyncpg.Pool) -> None:
+        while True:
+            await asyncio.sleep(RULEBOOK_POLL_S)
+            try:
+                await self.refresh_book(pool)
+            except Exception:
+                # A bad published body must not stop payments under the versions in force.
+                log.exception("rulebook_reload_failed")
+
+    async def handle(
+        self, conn: asyncpg.Connection, records: Sequence[ConsumerRecord], work: BatchWork
+    ) -> None:
+        assert self.book is not None, "rule book not loaded"
+        good = validate_records(
+            records, parse_activity, work, self.consumer_name, self.settings.topics.dlq
+        )
+        first: dict[str, tuple[ConsumerRecord, Any]] = {}
+        for record, event in good:
+            first.setdefault(event.event_id, (record, event))
+        if not first:
+            return
+        rows = list(first.values())
+        inserted = await conn.fetch(
+            INSERT_ACTIVITY,
+            [e.event_id for _, e in rows],
+            [e.member_id for _, e in rows],
+            [e.type for _, e in rows],
+            [e.occurred_at for _, e in rows],
+            [r.topic for r, _ in rows],
+            [r.partition for r, _ in rows],
+            [r.offset for r, _ in rows],
+            [r.value for r, _ in rows],
+        )
+        fresh_ids = {r["event_id"] for r in inserted}
+        fresh = [e for _, e in rows if e.event_id in fresh_ids]
+        if not fresh:
+            return
+        members = sorted({e.member_id for e in fresh})
+        states: dict[str, MemberState] = {}
+        referrers: dict[str, str | None] = {}
+        for r in await conn.fetch(SELECT_STATES, members):
+            states[r["member_id"]] = MemberState.model_validate_json(r["state"])
+            referrers[r["member_id"]] = r["referrer_id"]
+        await self._load_referrer_chain(conn, referrers)
+        grants: list[GrantEvent] = []
+        touched: set[str] = set()
+        for event in fresh:
+            state = states.get(event.member_id) or MemberState(member_id=event.member_id)
+            result = evaluate(state, event, self.book.at(event.occurred_at), referrers)
+            states[event.member_id] = result.state
+            referrers[event.member_id] = result.state.referrer_id
+            touched.add(event.member_id)
+            grants.extend(result.grants)
+            if result.held:
+                log.warning(
+                    "engagement_held",
+                    event_id=event.event_id,
+                    member_id=event.member_id,
+                    reason=result.held[0].reason,
+                )
+        ordered = sorted(touched)
+        await conn.execute(
+            UPSERT_STATES,
+            ordered,
+            [states[m].referrer_id for m in ordered],
+            [states[m].model_dump_json() for m in ordered],
+        )
+        topic = self.settings.topics.grants
+        work.outbox.extend(
+            OutboxRow(topic, g.member_id, g.model_dump_json().encode()) for g in grants
+        )
+
+    async def _load_referrer_chain(
+        self, conn: asyncpg.Connection, referrers: dict[str, str | None]
+    ) -> None:
+        """Referrers' own referrers, for the indirect referral bonus (two hops at most)."""
+        wanted = {r for r in referrers.values() if r and r not in referrers}
+        if wanted:
+            for row in await conn.fetch(SELECT_REFERRERS, sorted(wanted)):
+                referrers[row["member_id"]] = row["referrer_id"]
+
+
+def create_app(settings: Settings | None = None) -> FastStream:
+    settings = settings or load_settings()
+    broker = create_broker(settings, SERVICE)
+    app = FastStream(
+        broker,
+        specification=AsyncAPI(
+            title="loyalty rules", version="1", description="Activity in, point grants out."
+        ),
+    )
+    consumer_name = settings.group_prefix + "rules"
+    consumer = BatchConsumer(
+        name=consumer_name,
+        service=SERVICE,
+        topic=settings.topics.activity,
+        dlq_topic=settings.topics.dlq,
+    )
+    consumer.attach(broker, max_batch=settings.max_batch, batch_wait_ms=settings.batch_wait_ms)
+    register_lag([consumer])
+    processor = RulesProcessor(settings, consumer_name)
+    background = Background()
+    resources: dict[str, Any] = {}
+
+    @app.on_startup
+    async def startup() -> None:
+        pool = await create_pool(settings)
+        await processor.refresh_book(pool)
+        producer = make_producer(settings.bootstrap_servers)
+        await producer.start()
+        relay = OutboxRelay(pool, producer, SERVICE)
+        consumer.bind(pool, processor.handle, relay.wake)
+        resources.update(pool=pool, producer=producer)
+        background.spawn("outbox-relay", relay.run)
+        background.spawn("rulebook-watch", lambda: processor.watch_book(pool))
+        start_metrics_server(settings.metrics_port)
+
+    @app.on_shutdown
+    async def shutdown() -> None:
+        await background.stop()
+        if "producer" in resources:
+            await resources["producer"].stop()
+        if "pool" in resources:
+            await resources["pool"].close()
+
+    return app

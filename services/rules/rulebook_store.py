@@ -1,0 +1,61 @@
+"""Rule-set versions kept in Postgres: every published version stays, none is edited.
+
+The rules service loads the whole book at start and re-reads it when a new version is
+published (`ledgerctl rules publish`), so running instances pick changes up without a
+restart. An empty table is seeded with the repository's default rule set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Final
+
+import asyncpg
+
+from services.rules.ruleset import RuleBook, RuleSet, RuleSetError, load_ruleset
+
+RULESETS_DIR: Final = Path(__file__).resolve().parent / "rulesets"
+DEFAULT_RULESET: Final = RULESETS_DIR / "default.yaml"
+
+SELECT_VERSIONS: Final = "SELECT version, body FROM rules_rulesets ORDER BY effective_from"
+BOOK_STAMP: Final = "SELECT count(*), max(published_at) FROM rules_rulesets"
+INSERT_VERSION: Final = """
+INSERT INTO rules_rulesets (version, effective_from, body, published_by)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (version) DO NOTHING
+"""
+
+
+class VersionExists(RuleSetError):
+    pass
+
+
+async def publish(conn: asyncpg.Connection, body: str, by: str) -> RuleSet:
+    """Validate, then store a new version; the same version twice is refused, not replaced."""
+    ruleset = load_ruleset(body)
+    exists = await conn.fetchval(
+        "SELECT body FROM rules_rulesets WHERE version = $1", ruleset.version
+    )
+    if exists is not None:
+        if exists == body:
+            return ruleset
+        raise VersionExists(
+            f"rule set version {ruleset.version!r} is already published with other content;"
+            " publish changes under a new version"
+        )
+    await conn.execute(INSERT_VERSION, ruleset.version, ruleset.effective_from, body, by)
+    return ruleset
+
+
+async def load_book(conn: asyncpg.Connection, seed: Path = DEFAULT_RULESET) -> RuleBook:
+    rows = await conn.fetch(SELECT_VERSIONS)
+    if not rows:
+        await publish(conn, await asyncio.to_thread(seed.read_text, encoding="utf-8"), "seed")
+        rows = await conn.fetch(SELECT_VERSIONS)
+    return RuleBook(load_ruleset(r["body"]) for r in rows)
+
+
+async def book_stamp(conn: asyncpg.Connection) -> tuple[int, object]:
+    row = await conn.fetchrow(BOOK_STAMP)
+    return (row[0], row[1])

@@ -1,0 +1,62 @@
+"""The committed JSON Schemas are what the models say, and inbound events are tolerant."""
+
+from decimal import Decimal
+
+import pytest
+from pydantic import ValidationError
+
+from schemas.activity import Purchase, parse_activity
+from schemas.generate import JSON_DIR, render_all
+from schemas.grants import grant_id
+
+
+def test_committed_json_schemas_are_up_to_date() -> None:
+    for filename, text in render_all().items():
+        path = JSON_DIR / filename
+        assert path.exists(), f"{filename} missing: run `make schemas`"
+        assert path.read_text(encoding="utf-8") == text, f"{filename} is stale: run `make schemas`"
+
+
+def test_activity_keeps_unknown_fields_and_parses_decimal_amounts() -> None:
+    event = parse_activity(
+        b'{"event_id":"e","type":"purchase","occurred_at":"2026-11-20T15:04:05+08:00",'
+        b'"member_id":"m","data":{"order_id":"o","amount":"2500.10","items":[]},"new_field":1}'
+    )
+    assert isinstance(event, Purchase)
+    assert event.data.amount == Decimal("2500.10")
+    assert event.model_extra == {"new_field": 1}
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        (b"{not json", "json_invalid"),
+        (
+            b'{"event_id":"e","type":"teleport","occurred_at":"2026-11-20T15:04:05+08:00",'
+            b'"member_id":"m","data":{}}',
+            "union_tag_invalid",
+        ),
+        (
+            b'{"event_id":"e","type":"purchase","occurred_at":"2026-11-20T15:04:05",'
+            b'"member_id":"m","data":{"order_id":"o","amount":"1"}}',
+            "timezone_aware",
+        ),
+        (
+            b'{"event_id":"e","type":"purchase","occurred_at":"2026-11-20T15:04:05+08:00",'
+            b'"member_id":"m","data":{"order_id":"o","amount":"-1"}}',
+            "value_error",
+        ),
+    ],
+)
+def test_bad_activity_is_refused_with_a_reason(raw: bytes, fragment: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        parse_activity(raw)
+    assert fragment in {e["type"] for e in info.value.errors()}
+
+
+def test_grant_ids_are_deterministic_and_distinct_per_rule_and_member() -> None:
+    a = grant_id("evt-1", "base", "m-1")
+    assert a == grant_id("evt-1", "base", "m-1")
+    assert a != grant_id("evt-1", "big_ticket", "m-1")
+    assert a != grant_id("evt-1", "base", "m-2")
+    assert a != grant_id("evt-1", "base", "m-1", kind="revoke")
