@@ -1,0 +1,623 @@
+"""Pure ledger accounting core: lots, debt, FIFO-by-expiry spending, and the journal fold.
+
+No I/O, no clock, no logging: every moment comes in as an argument. The shape is the
+classic event-sourcing pair:
+
+* ``decide(book, command) -> list[Entry]`` looks at a member's book and a command and
+  returns the journal entries that record what happened (or raises a refusal such as
+  `BelowMinimum` / `InsufficientPoints`). It never changes anything.
+* ``evolve(book, entry) -> Book`` applies one entry. It never re-decides: every entry
+  carries its own allocations (which lot gave how many points) and its change in debt, so
+  replaying a journal gives the same book on any machine, under any rule set, forever.
+* ``replay(member_id, entries)`` is the fold of `evolve`, for rebuilding read models.
+
+Definitions (the numbers the HTTP API and the reports expose):
+
+* A *lot* is the points of one earning entry (an earn, or a positive adjustment); its
+  ``lot_id`` is that entry's id. A lot is *unexpired at t* iff ``expires_at > t``.
+* ``available(book, t)`` is the sum of the remaining points of lots unexpired at ``t``; a
+  read never counts an expired lot, even before the sweeper (`Expire`) wrote its entry.
+* ``debt`` is points owed: a revoke (refund) or a debt-allowing deduction that the lots
+  could not cover. Later earnings (earns and positive adjustments) pay it off first.
+* ``spendable(book, t) = max(0, available(book, t) - debt)`` is what a redemption or a
+  (debt-refusing) deduction may take. When a member's commands arrive in time order, debt
+  is only ever positive while no unexpired lot has points left, so then spendable equals
+  available; the subtraction only matters for out-of-order times.
+
+Conservation (holds after every entry, whatever the times):
+
+    sum(lot.remaining for lot in book.lots) - book.debt
+        == earned - redeemed - revoked - expired + adjusted
+
+where the totals are gross: ``earned`` counts the points of earn entries including the
+part that paid off debt, ``revoked`` includes the part that became debt, ``adjusted`` is
+the signed sum of adjustments. At any moment before the first lot's expiry the left-hand
+sum of remaining equals ``available``.
+
+Every entry also satisfies, per entry, ``delta(sum of remaining) - debt_delta == points``.
+
+Adjustments: a positive adjustment behaves like an earn (pays debt first, then creates a
+lot that expires ``lifetime_months`` later). A negative adjustment consumes lots FIFO by
+expiry; if it is larger than what is spendable it is refused with `InsufficientPoints`,
+unless the operator passes ``allow_debt=True``, in which case the shortfall becomes debt.
+
+Idempotency (the same redemption id or source event delivered twice) is the store's job:
+entry ids are deterministic, so the adapter dedupes on ``entry_id`` before calling
+`decide`/`evolve`.
+"""
+
+from __future__ import annotations
+
+import calendar
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Literal, NamedTuple, assert_never
+
+__all__ = [
+    "DEFAULT_LIFETIME_MONTHS",
+    "DEFAULT_MIN_BALANCE",
+    "ENTRY_KINDS",
+    "Adjust",
+    "Allocation",
+    "BelowMinimum",
+    "Book",
+    "Command",
+    "Earn",
+    "Entry",
+    "EntryKind",
+    "Expire",
+    "Expiring",
+    "InsufficientPoints",
+    "JournalError",
+    "LedgerError",
+    "Lot",
+    "Redeem",
+    "Revoke",
+    "add_months",
+    "available",
+    "decide",
+    "derived_entry_id",
+    "evolve",
+    "expire_entry_id",
+    "expiring",
+    "replay",
+    "spendable",
+    "unexpired_lots",
+]
+
+EntryKind = Literal["earn", "redeem", "revoke", "expire", "adjust"]
+ENTRY_KINDS: tuple[EntryKind, ...] = ("earn", "redeem", "revoke", "expire", "adjust")
+
+DEFAULT_LIFETIME_MONTHS = 12
+DEFAULT_MIN_BALANCE = 500
+DEFAULT_EXPIRING_HORIZON_DAYS = 60
+
+# Fixed namespace: changing it would change every derived entry id and break dedupe.
+_LEDGER_NAMESPACE = uuid.UUID("3d6b0c7e-52a1-4f0e-9c2b-8e41a7d9f5c3")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class LedgerError(Exception):
+    """Base of everything this core raises on purpose."""
+
+
+class BelowMinimum(LedgerError):
+    """Redemption refused: the spendable balance is under the redemption minimum."""
+
+    def __init__(self, available: int, minimum: int) -> None:
+        super().__init__(f"balance {available} is below the redemption minimum {minimum}")
+        self.available = available
+        self.minimum = minimum
+
+
+class InsufficientPoints(LedgerError):
+    """Refused: the spendable balance cannot cover the points asked for."""
+
+    def __init__(self, available: int, requested: int) -> None:
+        super().__init__(f"requested {requested} points but only {available} are available")
+        self.available = available
+        self.requested = requested
+
+
+class JournalError(LedgerError):
+    """An entry does not fit the book it is applied to (corrupt or out-of-order journal)."""
+
+
+# --------------------------------------------------------------------------- time
+
+
+def add_months(moment: datetime, months: int) -> datetime:
+    """Calendar-month arithmetic, clamping the day to the target month's last day.
+
+    ``add_months(2024-01-31, 1) == 2024-02-29``; time of day and tzinfo are kept.
+    """
+    index = moment.year * 12 + (moment.month - 1) + months
+    year, month0 = divmod(index, 12)
+    month = month0 + 1
+    day = min(moment.day, calendar.monthrange(year, month)[1])
+    return moment.replace(year=year, month=month, day=day)
+
+
+def _require_aware(name: str, moment: datetime) -> None:
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware")
+
+
+def _require_positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True, slots=True)
+class Lot:
+    """Points from one earning entry; ``lot_id`` is that entry's id."""
+
+    lot_id: str
+    member_id: str
+    points: int
+    remaining: int
+    earned_at: datetime
+    expires_at: datetime
+    source_event_id: str
+    order_id: str | None = None
+    rule_id: str | None = None
+
+
+def _fifo_key(lot: Lot) -> tuple[datetime, datetime, str]:
+    """Spending order: soonest expiry first, then oldest, then id (a total order)."""
+    return (lot.expires_at, lot.earned_at, lot.lot_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Book:
+    """One member's state, a fold of their journal.
+
+    ``lots`` holds only lots with points remaining, in FIFO order (see `_fifo_key`); a lot
+    past its expiry stays here until an expire entry empties it, but is never counted.
+    """
+
+    member_id: str
+    lots: tuple[Lot, ...] = ()
+    debt: int = 0
+    earned: int = 0
+    redeemed: int = 0
+    revoked: int = 0
+    expired: int = 0
+    adjusted: int = 0
+
+    @property
+    def outstanding(self) -> int:
+        """Remaining points in all kept lots, expired-but-unswept included."""
+        return sum(lot.remaining for lot in self.lots)
+
+
+class Allocation(NamedTuple):
+    """``points`` taken from lot ``lot_id`` by a consuming entry."""
+
+    lot_id: str
+    points: int
+
+
+class Expiring(NamedTuple):
+    points: int
+    expires_at: datetime
+
+
+def unexpired_lots(book: Book, at: datetime) -> list[Lot]:
+    """Lots with points that are still valid at ``at``, in spending (FIFO) order."""
+    return sorted(
+        (lot for lot in book.lots if lot.remaining > 0 and lot.expires_at > at),
+        key=_fifo_key,
+    )
+
+
+def available(book: Book, at: datetime) -> int:
+    """Remaining points of the lots unexpired at ``at`` (expired ones never count)."""
+    return sum(lot.remaining for lot in book.lots if lot.expires_at > at)
+
+
+def spendable(book: Book, at: datetime) -> int:
+    """What a redemption may take: available minus what is owed, never negative."""
+    return max(0, available(book, at) - book.debt)
+
+
+def expiring(
+    book: Book, at: datetime, horizon_days: int = DEFAULT_EXPIRING_HORIZON_DAYS
+) -> list[Expiring]:
+    """Points expiring in ``(at, at + horizon_days]``, grouped by expiry, soonest first."""
+    until = at + timedelta(days=horizon_days)
+    grouped: dict[datetime, int] = {}
+    for lot in book.lots:
+        if lot.remaining > 0 and at < lot.expires_at <= until:
+            grouped[lot.expires_at] = grouped.get(lot.expires_at, 0) + lot.remaining
+    return [Expiring(points, when) for when, points in sorted(grouped.items())]
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True, slots=True)
+class Earn:
+    """Points granted by a rule. Debt is paid first; the rest becomes a new lot."""
+
+    entry_id: str
+    points: int
+    occurred_at: datetime
+    rule_id: str
+    ruleset_version: str
+    source_event_id: str
+    order_id: str | None = None
+    store_id: str | None = None
+    lifetime_months: int = DEFAULT_LIFETIME_MONTHS
+
+    def __post_init__(self) -> None:
+        _require_positive("points", self.points)
+        _require_positive("lifetime_months", self.lifetime_months)
+        _require_aware("occurred_at", self.occurred_at)
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    """Points taken back after a refund: own lots, then FIFO, then debt."""
+
+    entry_id: str
+    points: int
+    occurred_at: datetime
+    order_id: str
+    rule_id: str
+    ruleset_version: str
+    source_event_id: str
+    store_id: str | None = None
+
+    def __post_init__(self) -> None:
+        _require_positive("points", self.points)
+        _require_aware("occurred_at", self.occurred_at)
+
+
+@dataclass(frozen=True, slots=True)
+class Redeem:
+    """All-or-nothing spend, FIFO by expiry, only from a balance of at least ``min_balance``."""
+
+    entry_id: str
+    points: int
+    at: datetime
+    redemption_id: str
+    min_balance: int = DEFAULT_MIN_BALANCE
+    store_id: str | None = None
+
+    def __post_init__(self) -> None:
+        _require_positive("points", self.points)
+        _require_aware("at", self.at)
+        if self.min_balance < 0:
+            raise ValueError("min_balance must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class Adjust:
+    """A manual grant (points > 0) or deduction (points < 0) by ops.
+
+    A deduction larger than the spendable balance is refused unless ``allow_debt``.
+    """
+
+    entry_id: str
+    points: int
+    at: datetime
+    reason: str
+    operator: str
+    adjustment_id: str
+    allow_debt: bool = False
+    lifetime_months: int = DEFAULT_LIFETIME_MONTHS
+
+    def __post_init__(self) -> None:
+        if self.points == 0:
+            raise ValueError("an adjustment must move points")
+        if not self.reason.strip() or not self.operator.strip():
+            raise ValueError("an adjustment needs a reason and the operator's id")
+        _require_positive("lifetime_months", self.lifetime_months)
+        _require_aware("at", self.at)
+
+
+@dataclass(frozen=True, slots=True)
+class Expire:
+    """Sweep: one expire entry per lot with ``expires_at <= at`` and points remaining."""
+
+    at: datetime
+
+    def __post_init__(self) -> None:
+        _require_aware("at", self.at)
+
+
+Command = Earn | Revoke | Redeem | Adjust | Expire
+
+
+# --------------------------------------------------------------------------- journal
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One journal entry. ``points`` is signed (+ earn / positive adjust, - otherwise).
+
+    Creating entries (earn, positive adjust) carry ``expires_at`` and a ``debt_delta`` in
+    ``[-points, 0]`` (debt paid off); the new lot gets ``points + debt_delta``. Consuming
+    entries carry ``allocations`` and a ``debt_delta >= 0`` (shortfall turned into debt)
+    with ``sum(allocations) + debt_delta == -points``. ``balance_after`` is `available`
+    after the entry, at its ``occurred_at``; `evolve` ignores it.
+    """
+
+    entry_id: str
+    member_id: str
+    kind: EntryKind
+    points: int
+    occurred_at: datetime
+    balance_after: int = 0
+    expires_at: datetime | None = None
+    allocations: tuple[Allocation, ...] = ()
+    debt_delta: int = 0
+    rule_id: str | None = None
+    ruleset_version: str | None = None
+    source_event_id: str | None = None
+    order_id: str | None = None
+    store_id: str | None = None
+    redemption_id: str | None = None
+    adjustment_id: str | None = None
+    reason: str | None = None
+    operator: str | None = None
+
+    @property
+    def creates_lot(self) -> bool:
+        return self.kind == "earn" or (self.kind == "adjust" and self.points > 0)
+
+
+def derived_entry_id(*parts: str) -> str:
+    """Deterministic id for an entry the ledger generates itself."""
+    return str(uuid.uuid5(_LEDGER_NAMESPACE, "|".join(parts)))
+
+
+def expire_entry_id(lot_id: str) -> str:
+    """A lot expires at most once, so (lot, "expire") names its expiry entry forever."""
+    return derived_entry_id(lot_id, "expire")
+
+
+# --------------------------------------------------------------------------- decide
+
+
+def _take(lots: Iterable[Lot], need: int) -> tuple[tuple[Allocation, ...], int]:
+    """Take up to ``need`` points from ``lots`` in the given order."""
+    allocations: list[Allocation] = []
+    taken = 0
+    for lot in lots:
+        if taken == need:
+            break
+        part = min(lot.remaining, need - taken)
+        if part > 0:
+            allocations.append(Allocation(lot.lot_id, part))
+            taken += part
+    return tuple(allocations), taken
+
+
+def _stamped(book: Book, entry: Entry) -> tuple[Book, Entry]:
+    """Apply ``entry`` and fill in its ``balance_after``."""
+    after = evolve(book, entry)
+    return after, replace(entry, balance_after=available(after, entry.occurred_at))
+
+
+def _decide_earn(book: Book, cmd: Earn) -> list[Entry]:
+    paid = min(book.debt, cmd.points)
+    entry = Entry(
+        entry_id=cmd.entry_id,
+        member_id=book.member_id,
+        kind="earn",
+        points=cmd.points,
+        occurred_at=cmd.occurred_at,
+        expires_at=add_months(cmd.occurred_at, cmd.lifetime_months),
+        debt_delta=-paid,
+        rule_id=cmd.rule_id,
+        ruleset_version=cmd.ruleset_version,
+        source_event_id=cmd.source_event_id,
+        order_id=cmd.order_id,
+        store_id=cmd.store_id,
+    )
+    return [_stamped(book, entry)[1]]
+
+
+def _decide_revoke(book: Book, cmd: Revoke) -> list[Entry]:
+    live = unexpired_lots(book, cmd.occurred_at)
+    own = [lot for lot in live if lot.order_id == cmd.order_id]
+    others = [lot for lot in live if lot.order_id != cmd.order_id]
+    allocations, taken = _take([*own, *others], cmd.points)
+    entry = Entry(
+        entry_id=cmd.entry_id,
+        member_id=book.member_id,
+        kind="revoke",
+        points=-cmd.points,
+        occurred_at=cmd.occurred_at,
+        allocations=allocations,
+        debt_delta=cmd.points - taken,
+        rule_id=cmd.rule_id,
+        ruleset_version=cmd.ruleset_version,
+        source_event_id=cmd.source_event_id,
+        order_id=cmd.order_id,
+        store_id=cmd.store_id,
+    )
+    return [_stamped(book, entry)[1]]
+
+
+def _decide_redeem(book: Book, cmd: Redeem) -> list[Entry]:
+    balance = spendable(book, cmd.at)
+    if balance < cmd.min_balance:
+        raise BelowMinimum(balance, cmd.min_balance)
+    if balance < cmd.points:
+        raise InsufficientPoints(balance, cmd.points)
+    allocations, taken = _take(unexpired_lots(book, cmd.at), cmd.points)
+    if taken != cmd.points:  # pragma: no cover - spendable <= available guarantees it
+        raise InsufficientPoints(taken, cmd.points)
+    entry = Entry(
+        entry_id=cmd.entry_id,
+        member_id=book.member_id,
+        kind="redeem",
+        points=-cmd.points,
+        occurred_at=cmd.at,
+        allocations=allocations,
+        redemption_id=cmd.redemption_id,
+        store_id=cmd.store_id,
+    )
+    return [_stamped(book, entry)[1]]
+
+
+def _decide_adjust(book: Book, cmd: Adjust) -> list[Entry]:
+    entry = Entry(
+        entry_id=cmd.entry_id,
+        member_id=book.member_id,
+        kind="adjust",
+        points=cmd.points,
+        occurred_at=cmd.at,
+        adjustment_id=cmd.adjustment_id,
+        reason=cmd.reason,
+        operator=cmd.operator,
+    )
+    if cmd.points > 0:
+        entry = replace(
+            entry,
+            expires_at=add_months(cmd.at, cmd.lifetime_months),
+            debt_delta=-min(book.debt, cmd.points),
+        )
+        return [_stamped(book, entry)[1]]
+    need = -cmd.points
+    balance = spendable(book, cmd.at)
+    if need > balance and not cmd.allow_debt:
+        raise InsufficientPoints(balance, need)
+    allocations, taken = _take(unexpired_lots(book, cmd.at), need)
+    entry = replace(entry, allocations=allocations, debt_delta=need - taken)
+    return [_stamped(book, entry)[1]]
+
+
+def _decide_expire(book: Book, cmd: Expire) -> list[Entry]:
+    due = sorted(
+        (lot for lot in book.lots if lot.remaining > 0 and lot.expires_at <= cmd.at),
+        key=_fifo_key,
+    )
+    entries: list[Entry] = []
+    for lot in due:
+        entry = Entry(
+            entry_id=expire_entry_id(lot.lot_id),
+            member_id=book.member_id,
+            kind="expire",
+            points=-lot.remaining,
+            # The moment the points lapsed, not when the sweeper ran: the entry is the same
+            # whenever (and however often) the sweep happens.
+            occurred_at=lot.expires_at,
+            expires_at=lot.expires_at,
+            allocations=(Allocation(lot.lot_id, lot.remaining),),
+            rule_id=lot.rule_id,
+            source_event_id=lot.source_event_id,
+            order_id=lot.order_id,
+        )
+        book, stamped = _stamped(book, entry)
+        entries.append(stamped)
+    return entries
+
+
+def decide(book: Book, command: Command) -> list[Entry]:
+    """The entries ``command`` produces against ``book``; raises a `LedgerError` refusal."""
+    if isinstance(command, Earn):
+        return _decide_earn(book, command)
+    if isinstance(command, Revoke):
+        return _decide_revoke(book, command)
+    if isinstance(command, Redeem):
+        return _decide_redeem(book, command)
+    if isinstance(command, Adjust):
+        return _decide_adjust(book, command)
+    if isinstance(command, Expire):
+        return _decide_expire(book, command)
+    assert_never(command)
+
+
+# --------------------------------------------------------------------------- evolve
+
+
+def _check_shape(entry: Entry) -> None:
+    if entry.kind not in ENTRY_KINDS:
+        raise JournalError(f"{entry.entry_id}: unknown kind {entry.kind!r}")
+    if entry.points == 0:
+        raise JournalError(f"{entry.entry_id}: moves no points")
+    if entry.creates_lot:
+        if entry.allocations:
+            raise JournalError(f"{entry.entry_id}: a creating entry takes from no lot")
+        if entry.expires_at is None:
+            raise JournalError(f"{entry.entry_id}: a creating entry needs expires_at")
+        if not -entry.points <= entry.debt_delta <= 0:
+            raise JournalError(f"{entry.entry_id}: debt paid must be within [0, points]")
+        return
+    if entry.points > 0:
+        raise JournalError(f"{entry.entry_id}: a {entry.kind} entry must be negative")
+    if entry.debt_delta < 0:
+        raise JournalError(f"{entry.entry_id}: a consuming entry cannot pay debt")
+    if entry.kind in ("redeem", "expire") and entry.debt_delta != 0:
+        raise JournalError(f"{entry.entry_id}: a {entry.kind} entry never creates debt")
+    if any(a.points <= 0 for a in entry.allocations):
+        raise JournalError(f"{entry.entry_id}: allocations must be positive")
+    if sum(a.points for a in entry.allocations) + entry.debt_delta != -entry.points:
+        raise JournalError(f"{entry.entry_id}: allocations + debt do not add up to points")
+
+
+def evolve(book: Book, entry: Entry) -> Book:
+    """Apply one entry. Pure bookkeeping: no decisions, no clock."""
+    if entry.member_id != book.member_id:
+        raise JournalError(f"{entry.entry_id}: belongs to {entry.member_id}, not {book.member_id}")
+    _check_shape(entry)
+
+    lots = {lot.lot_id: lot for lot in book.lots}
+    for lot_id, part in entry.allocations:
+        lot = lots.get(lot_id)
+        if lot is None or part > lot.remaining:
+            raise JournalError(f"{entry.entry_id}: takes {part} from lot {lot_id} it lacks")
+        lots[lot_id] = replace(lot, remaining=lot.remaining - part)
+
+    debt = book.debt + entry.debt_delta
+    if debt < 0:
+        raise JournalError(f"{entry.entry_id}: pays off more debt than is owed")
+
+    if entry.creates_lot:
+        if entry.entry_id in lots:
+            raise JournalError(f"{entry.entry_id}: lot already exists")
+        assert entry.expires_at is not None  # checked by _check_shape
+        remaining = entry.points + entry.debt_delta
+        if remaining > 0:
+            lots[entry.entry_id] = Lot(
+                lot_id=entry.entry_id,
+                member_id=entry.member_id,
+                points=entry.points,
+                remaining=remaining,
+                earned_at=entry.occurred_at,
+                expires_at=entry.expires_at,
+                source_event_id=entry.source_event_id or entry.adjustment_id or entry.entry_id,
+                order_id=entry.order_id,
+                rule_id=entry.rule_id,
+            )
+
+    moved = -entry.points
+    return replace(
+        book,
+        lots=tuple(sorted((lot for lot in lots.values() if lot.remaining > 0), key=_fifo_key)),
+        debt=debt,
+        earned=book.earned + (entry.points if entry.kind == "earn" else 0),
+        redeemed=book.redeemed + (moved if entry.kind == "redeem" else 0),
+        revoked=book.revoked + (moved if entry.kind == "revoke" else 0),
+        expired=book.expired + (moved if entry.kind == "expire" else 0),
+        adjusted=book.adjusted + (entry.points if entry.kind == "adjust" else 0),
+    )
+
+
+def replay(member_id: str, entries: Iterable[Entry]) -> Book:
+    """Rebuild a member's book from their journal (a left fold of `evolve`)."""
+    book = Book(member_id=member_id)
+    for entry in entries:
+        book = evolve(book, entry)
+    return book

@@ -1,0 +1,278 @@
+"""Property tests: random member histories of earn, redeem, revoke, adjust and expire.
+
+The invariants checked after every step (time moves forward, as on one partition):
+
+1. conservation: ``sum(lot.remaining) - debt == earned - redeemed - revoked - expired
+   + adjusted``; so at any moment ``t`` before the first remaining lot's expiry,
+   ``available(book, t) - debt`` equals that signed total;
+2. per entry: ``delta(sum of remaining) - debt_delta == entry.points``;
+3. no lot below zero (kept lots have ``0 < remaining <= points``), debt >= 0;
+4. FIFO: a redemption takes a prefix of the unexpired lots in expiry order, each but the
+   last emptied, so it never takes from a later-expiring lot while an earlier-expiring
+   unexpired lot still has points; it never touches an expired lot;
+5. refusals are exact: ``BelowMinimum`` iff spendable < minimum, else
+   ``InsufficientPoints`` iff spendable < points; a redemption never leaves spendable < 0;
+6. a revoke drains the refunded order's own unexpired lots before any other lot;
+7. debt > 0 implies nothing unexpired is left (debt is only created once the lots are
+   exhausted, and every earning pays debt first);
+8. after ``Expire(now)`` no lot with ``expires_at <= now`` keeps points;
+9. ``replay(journal) == `` the book built step by step; entry ids are unique.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.ledger.accounting import (
+    Adjust,
+    BelowMinimum,
+    Book,
+    Command,
+    Earn,
+    Entry,
+    Expire,
+    InsufficientPoints,
+    LedgerError,
+    Redeem,
+    Revoke,
+    add_months,
+    available,
+    decide,
+    evolve,
+    replay,
+    spendable,
+    unexpired_lots,
+)
+
+SH = timezone(timedelta(hours=8))
+T0 = datetime(2025, 1, 31, 10, 0, tzinfo=SH)
+M = "m-prop"
+ORDERS = ("o1", "o2", "o3", None)
+
+points = st.integers(min_value=1, max_value=3000)
+SHAPES: dict[str, st.SearchStrategy[tuple[Any, ...]]] = {
+    "earn": st.tuples(
+        st.just("earn"), points, st.sampled_from(ORDERS), st.sampled_from([1, 1, 2, 3, 12])
+    ),
+    "redeem": st.tuples(st.just("redeem"), points, st.sampled_from([0, 500])),
+    "revoke": st.tuples(st.just("revoke"), st.integers(1, 1500), st.sampled_from(ORDERS[:3])),
+    "adjust": st.tuples(
+        st.just("adjust"), st.integers(-1500, 3000).filter(lambda p: p != 0), st.booleans()
+    ),
+    "expire": st.tuples(st.just("expire")),
+}
+# Earnings and redemptions weighted up, so balances build, lots lapse and FIFO has choices.
+KINDS = ["earn"] * 4 + ["redeem"] * 3 + ["revoke", "adjust", "expire"]
+op = st.sampled_from(KINDS).flatmap(lambda kind: SHAPES[kind])
+# (minutes to advance, operation): advances up to ~3 months so lots do lapse mid-history.
+history = st.lists(st.tuples(st.integers(0, 60 * 24 * 90), op), max_size=40)
+
+
+def command_for(n: int, now: datetime, spec: tuple[Any, ...]) -> Command:
+    kind = spec[0]
+    entry_id = f"x{n}"
+    if kind == "earn":
+        return Earn(
+            entry_id=entry_id,
+            points=spec[1],
+            occurred_at=now,
+            rule_id="base",
+            ruleset_version="v1",
+            source_event_id=f"ev{n}",
+            order_id=spec[2],
+            lifetime_months=spec[3],
+        )
+    if kind == "redeem":
+        return Redeem(
+            entry_id=entry_id, points=spec[1], at=now, redemption_id=f"r{n}", min_balance=spec[2]
+        )
+    if kind == "revoke":
+        return Revoke(
+            entry_id=entry_id,
+            points=spec[1],
+            occurred_at=now,
+            order_id=spec[2],
+            rule_id="base",
+            ruleset_version="v1",
+            source_event_id=f"ev{n}",
+        )
+    if kind == "adjust":
+        return Adjust(
+            entry_id=entry_id,
+            points=spec[1],
+            at=now,
+            reason="prop",
+            operator="op",
+            adjustment_id=f"a{n}",
+            allow_debt=spec[2],
+        )
+    return Expire(now)
+
+
+def attempt(book: Book, command: Command) -> list[Entry] | LedgerError:
+    try:
+        return decide(book, command)
+    except LedgerError as refused:
+        return refused
+
+
+def signed_total(book: Book) -> int:
+    return book.earned - book.redeemed - book.revoked - book.expired + book.adjusted
+
+
+def check_book(book: Book, now: datetime) -> None:
+    assert book.debt >= 0
+    for lot in book.lots:
+        assert 0 < lot.remaining <= lot.points
+        assert lot.member_id == M
+    assert list(book.lots) == sorted(book.lots, key=lambda x: (x.expires_at, x.earned_at, x.lot_id))
+    # (1) conservation, and its reading through `available` before any expiry.
+    assert book.outstanding - book.debt == signed_total(book)
+    before_any_expiry = min((lot.expires_at for lot in book.lots), default=now) - timedelta(
+        microseconds=1
+    )
+    assert available(book, before_any_expiry) - book.debt == signed_total(book)
+    # (7)
+    if book.debt > 0:
+        assert available(book, now) == 0
+    assert 0 <= spendable(book, now) <= available(book, now)
+
+
+def check_entry(before: Book, after: Book, entry: Entry) -> None:
+    # (2) per-entry conservation.
+    assert after.outstanding - before.outstanding - entry.debt_delta == entry.points
+    assert entry.balance_after == available(after, entry.occurred_at)
+    assert entry.member_id == M
+    if entry.kind in ("earn", "revoke", "redeem", "expire"):
+        assert (entry.points > 0) == (entry.kind == "earn")
+
+
+def check_fifo(before: Book, entry: Entry, now: datetime) -> None:
+    """(4): the allocations are the greedy prefix of the unexpired lots in FIFO order."""
+    live = unexpired_lots(before, now)
+    by_id = {lot.lot_id: lot for lot in live}
+    taken = dict(entry.allocations)
+    assert all(lot_id in by_id for lot_id in taken)  # never an expired lot
+    ids = [lot.lot_id for lot in live]
+    prefix = ids[: len(taken)]
+    assert list(taken) == prefix
+    for lot_id in prefix[:-1]:
+        assert taken[lot_id] == by_id[lot_id].remaining
+    # The plain statement: nothing later-expiring is touched while earlier points remain.
+    for lot_id in taken:
+        later = by_id[lot_id]
+        for lot in live:
+            if lot.expires_at < later.expires_at:
+                assert taken.get(lot.lot_id, 0) == lot.remaining
+
+
+@settings(max_examples=400, deadline=None)
+@given(history)
+def test_random_histories_keep_the_books(steps: list[tuple[int, tuple[Any, ...]]]) -> None:
+    book = Book(member_id=M)
+    journal: list[Entry] = []
+    now = T0
+    for n, (advance, spec) in enumerate(steps):
+        now = now + timedelta(minutes=advance)
+        command = command_for(n, now, spec)
+        outcome = attempt(book, command)
+        if isinstance(outcome, BelowMinimum):
+            assert isinstance(command, Redeem)
+            assert spendable(book, now) == outcome.available < command.min_balance
+            continue
+        if isinstance(outcome, InsufficientPoints):
+            assert isinstance(command, Redeem | Adjust)
+            assert spendable(book, now) == outcome.available < outcome.requested
+            if isinstance(command, Redeem):
+                assert outcome.available >= command.min_balance
+                assert outcome.requested == command.points
+            else:
+                assert not command.allow_debt
+                assert outcome.requested == -command.points
+            continue
+        assert not isinstance(outcome, LedgerError)
+        entries = outcome
+
+        if isinstance(command, Redeem):
+            assert spendable(book, now) >= max(command.min_balance, command.points)
+            [entry] = entries
+            check_fifo(book, entry, now)
+            assert spendable(evolve(book, entry), now) == spendable(book, now) - command.points
+        if isinstance(command, Adjust) and command.points < 0:
+            check_fifo(book, entries[0], now)
+        if isinstance(command, Revoke):
+            # (6) own lots first.
+            [entry] = entries
+            live = unexpired_lots(book, now)
+            own = {lot.lot_id: lot.remaining for lot in live if lot.order_id == command.order_id}
+            taken = dict(entry.allocations)
+            if any(lot_id not in own for lot_id in taken):
+                assert all(taken.get(lot_id) == rest for lot_id, rest in own.items())
+            assert sum(taken.values()) == min(command.points, sum(lot.remaining for lot in live))
+        if isinstance(command, Earn | Adjust) and command.points > 0:
+            [entry] = entries
+            assert entry.debt_delta == -min(book.debt, command.points)
+
+        for entry in entries:
+            after = evolve(book, entry)
+            check_entry(book, after, entry)
+            book = after
+            journal.append(entry)
+        check_book(book, now)
+        if isinstance(command, Expire):
+            # (8)
+            assert all(lot.expires_at > now for lot in book.lots)
+            assert decide(book, command) == []
+
+    # (9)
+    assert replay(M, journal) == book
+    assert len({entry.entry_id for entry in journal}) == len(journal)
+
+
+@settings(max_examples=300, deadline=None)
+@given(history, st.integers(0, 60 * 24 * 400))
+def test_a_late_sweep_writes_the_same_expiry_entries(
+    steps: list[tuple[int, tuple[Any, ...]]], extra_minutes: int
+) -> None:
+    """Expire entries depend on the lot, not on when the sweeper runs."""
+    book = Book(member_id=M)
+    now = T0
+    for n, (advance, spec) in enumerate(steps):
+        now = now + timedelta(minutes=advance)
+        if spec[0] == "expire":
+            continue
+        try:
+            entries = decide(book, command_for(n, now, spec))
+        except (BelowMinimum, InsufficientPoints):
+            continue
+        for entry in entries:
+            book = evolve(book, entry)
+    early = decide(book, Expire(now))
+    late = decide(book, Expire(now + timedelta(minutes=extra_minutes)))
+    assert late[: len(early)] == early
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(2000, 1, 1),
+        max_value=datetime(2090, 12, 31),
+        timezones=st.just(SH),
+    ),
+    st.integers(-240, 240),
+    st.integers(-240, 240),
+)
+def test_add_months_properties(moment: datetime, a: int, b: int) -> None:
+    shifted = add_months(moment, a)
+    assert (shifted.year * 12 + shifted.month) - (moment.year * 12 + moment.month) == a
+    assert shifted.day <= moment.day
+    assert shifted.time() == moment.time()
+    assert shifted.tzinfo is moment.tzinfo
+    if moment.day <= 28:
+        assert shifted.day == moment.day
+        assert add_months(add_months(moment, a), b) == add_months(moment, a + b)
+    if a > 0:
+        assert shifted > moment
