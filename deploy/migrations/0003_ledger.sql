@@ -46,6 +46,8 @@ CREATE TABLE ledger_members (
     tier             text        NOT NULL DEFAULT 'member',
     qualifying_spend numeric(14,2) NOT NULL DEFAULT 0,
     tier_valid_until timestamptz,
+    next_tier        text,
+    next_tier_spend  numeric(14,2),
     earned           bigint      NOT NULL DEFAULT 0,
     redeemed         bigint      NOT NULL DEFAULT 0,
     revoked          bigint      NOT NULL DEFAULT 0,

@@ -124,7 +124,7 @@ class BatchConsumer:
             title=f"{self.name}:{self.topic}",
         )
 
-        @self.subscriber
+        @self.subscriber  # type: ignore[untyped-decorator]
         async def on_batch(msg: KafkaMessage) -> None:
             await consumer.process(list(msg.raw_message))
 

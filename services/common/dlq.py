@@ -62,7 +62,7 @@ def dead_letter(
         source_offset=record.offset,
         reason=reason,
         original=original,
-        original_encoding=encoding,  # type: ignore[arg-type]
+        original_encoding=encoding,
         original_key=key,
         received_at=datetime.now(UTC),
     )

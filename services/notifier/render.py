@@ -43,17 +43,17 @@ def _day(dt: datetime) -> str:
 def render(event: LedgerEvent) -> str | None:
     """The message for a ledger event, or None when members are not told about it."""
     if isinstance(event, PointsEarned):
-        d = event.data
-        why = RULE_NAMES_ZH.get(d.rule_id or "", "积分奖励")
-        return f"您获得{d.points}积分（{why}），当前可用积分{d.balance_after}。"
+        earned = event.data
+        why = RULE_NAMES_ZH.get(earned.rule_id or "", "积分奖励")
+        return f"您获得{earned.points}积分（{why}），当前可用积分{earned.balance_after}。"
     if isinstance(event, TierChanged):
-        d = event.data
-        new, old = TIER_NAMES_ZH[d.tier], TIER_NAMES_ZH[d.previous_tier]
-        if _TIER_ORDER.index(d.tier) > _TIER_ORDER.index(d.previous_tier):
+        tier = event.data
+        new, old = TIER_NAMES_ZH[tier.tier], TIER_NAMES_ZH[tier.previous_tier]
+        if _TIER_ORDER.index(tier.tier) > _TIER_ORDER.index(tier.previous_tier):
             return f"恭喜您由{old}升级为{new}！"
         return f"您的会员等级已由{old}调整为{new}。"
     if isinstance(event, PointsExpiring):
-        d = event.data
-        when = _day(d.expires_at) if d.expires_at else "近期"
-        return f"您有{abs(d.points)}积分将于{when}过期，请尽快使用。"
+        warn = event.data
+        when = _day(warn.expires_at) if warn.expires_at else "近期"
+        return f"您有{abs(warn.points)}积分将于{when}过期，请尽快使用。"
     return None

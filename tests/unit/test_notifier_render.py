@@ -1,7 +1,13 @@
 from datetime import UTC, datetime
 
-from schemas.ledger import MovementData, PointsEarned, PointsExpiring, PointsRedeemed, TierChanged
-from schemas.ledger import TierChangedData
+from schemas.ledger import (
+    MovementData,
+    PointsEarned,
+    PointsExpiring,
+    PointsRedeemed,
+    TierChanged,
+    TierChangedData,
+)
 from services.notifier.render import render
 
 AT = datetime(2026, 11, 20, 7, 0, tzinfo=UTC)

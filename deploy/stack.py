@@ -1,0 +1,317 @@
+"""``python -m deploy.stack up|down|status``: the whole local stack in the background.
+
+``up`` brings up, in order, and leaves alone whatever is already healthy:
+
+1. Postgres: ``DATABASE_URL`` if set (external, not managed); else a local cluster with
+   data in ``.run/pgdata`` (kept across down/up) on ``PG_PORT`` (default 55432).
+2. Broker: ``KAFKA_BOOTSTRAP_SERVERS`` if set (external); else Tansu on 19092 (default,
+   memory only) or Apache Kafka with ``BROKER=kafka`` on 29092, data in
+   ``.run/kafka-data`` (kept across down/up). The choice sticks until BROKER is given again.
+3. Topics (``TOPIC_PARTITIONS`` partitions, default 6) and DB migrations
+   (``services.common.migrations.apply_migrations(dsn)``).
+4. ``.run/stack.env``: the settings every service and tool reads. Generated API keys are
+   reused from an existing file so clients keep working across restarts.
+5. The services in :data:`SERVICES`, each its own process with ``stack.env`` in its
+   environment, logging to ``.run/logs/<name>.log``, pid in ``.run/<name>.pid``.
+
+``down`` stops services, then the broker, then Postgres (data kept). ``status`` prints a
+table of components. Pid files carry no state beyond the pid; liveness is checked against
+the process command line so a stale pid reused by another process reads as "dead".
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from deploy import local
+
+ROOT = local.REPO_ROOT
+RUN = ROOT / ".run"
+LOGS = RUN / "logs"
+STACK_ENV = RUN / "stack.env"
+PG_DATA = RUN / "pgdata"
+KAFKA_DATA = RUN / "kafka-data"
+
+TOPICS = ["loyalty.activity.v1", "loyalty.grants.v1", "loyalty.ledger.v1", "loyalty.dlq.v1"]
+
+#: (name, python module) of each service process, started in this order, stopped in reverse.
+SERVICES: list[tuple[str, str]] = [
+    ("rules", "services.rules"),
+    ("ledger", "services.ledger"),
+    ("notifier", "services.notifier"),
+]
+
+TANSU_PORT = 19092
+KAFKA_PORT = 29092
+KAFKA_CONTROLLER_PORT = 29093
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# stack.env
+# --------------------------------------------------------------------------------------
+
+
+def read_env_file(path: Path = STACK_ENV) -> dict[str, str]:
+    """Parse KEY=VALUE lines (blank lines and # comments ignored)."""
+    env: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return env
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        env[key.strip()] = value.strip()
+    return env
+
+
+def write_env_file(env: dict[str, str], path: Path = STACK_ENV) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["# written by `python -m deploy.stack up`; regenerated on every up"]
+    lines += [f"{k}={v}" for k, v in env.items()]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.chmod(tmp, 0o600)  # holds API keys
+    tmp.replace(path)
+
+
+def _pidfile(name: str) -> Path:
+    return RUN / f"{name}.pid"
+
+
+# --------------------------------------------------------------------------------------
+# Components
+# --------------------------------------------------------------------------------------
+
+
+def ensure_postgres() -> str:
+    """DSN of the stack's database, starting the local cluster if we manage it."""
+    if os.environ.get("DATABASE_URL"):
+        say("postgres: external (DATABASE_URL)")
+        return os.environ["DATABASE_URL"]
+    port = int(os.environ.get("PG_PORT", "55432"))
+    was_running = local.postgres_running(PG_DATA)
+    dsn = local.start_postgres(PG_DATA, port, log_path=LOGS / "postgres.log")
+    pid = local.postgres_pid(PG_DATA)
+    if pid:
+        local.write_pid(_pidfile("postgres"), pid)
+    where = dsn.rsplit("@", 1)[1].split("/")[0]
+    say(f"postgres: {'already running' if was_running else 'started'} on {where} (pid {pid})")
+    return dsn
+
+
+def _broker_marker(kind: str) -> str:
+    """A string that occurs in the broker process's command line."""
+    return "kafka.Kafka" if kind == "kafka" else "tansu"
+
+
+def ensure_broker(previous: dict[str, str]) -> tuple[str, str]:
+    """(kind, bootstrap) of the stack's broker, starting it if we manage it.
+
+    The kind is ``BROKER`` if set, else the one the last ``up`` used, else tansu. If a
+    broker of another kind is running (BROKER changed), it is stopped first: only one
+    managed broker at a time.
+    """
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        say("broker: external (KAFKA_BOOTSTRAP_SERVERS)")
+        return "external", os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+    # Sticky: after `BROKER=kafka up`, a plain `up` keeps Kafka (switch back explicitly).
+    prev = previous.get("BROKER", "")
+    kind = os.environ.get("BROKER", prev if prev in ("tansu", "kafka") else "tansu").lower()
+    if kind not in ("tansu", "kafka"):
+        raise SystemExit(f"BROKER must be tansu or kafka, not {kind!r}")
+    pid = local.read_pid(_pidfile("broker"))
+    prev_kind = previous.get("BROKER")
+    if local.pid_alive(pid, _broker_marker(kind)) and prev_kind == kind:
+        bootstrap = previous["KAFKA_BOOTSTRAP_SERVERS"]
+        try:
+            local.wait_for_broker(bootstrap, 30, pid=pid)
+        except (RuntimeError, TimeoutError) as exc:  # dying or wedged: replace it
+            say(f"broker: {kind} (pid {pid}) not answering, restarting ({exc})")
+            local.stop_pid(pid, 30)
+        else:
+            say(f"broker: {kind} already running on {bootstrap} (pid {pid})")
+            return kind, bootstrap
+    if pid and prev_kind and local.pid_alive(pid, _broker_marker(prev_kind)):
+        say(f"broker: stopping {prev_kind} (pid {pid}) to switch to {kind}")
+        local.stop_pid(pid, 30)
+    t0 = time.monotonic()
+    if kind == "tansu":
+        port = int(os.environ.get("TANSU_PORT", TANSU_PORT))
+        pid, bootstrap = local.start_tansu(port, LOGS / "tansu.log")
+        note = "memory storage: topics and offsets reset on restart"
+    else:
+        port = int(os.environ.get("KAFKA_PORT", KAFKA_PORT))
+        cport = int(os.environ.get("KAFKA_CONTROLLER_PORT", KAFKA_CONTROLLER_PORT))
+        pid, bootstrap = local.start_kafka(port, cport, KAFKA_DATA, LOGS / "kafka.log")
+        note = f"Apache Kafka {local.KAFKA_VERSION}, data in {KAFKA_DATA.relative_to(ROOT)}"
+    local.write_pid(_pidfile("broker"), pid)
+    say(f"broker: {kind} started on {bootstrap} (pid {pid}, {time.monotonic() - t0:.1f}s; {note})")
+    return kind, bootstrap
+
+
+def apply_migrations(dsn: str) -> None:
+    """Run the project's migrations; lazily imported so the stack works before they exist."""
+    try:
+        from services.common.migrations import apply_migrations as migrate
+    except ImportError as exc:
+        say(f"migrations: skipped, services.common.migrations not importable ({exc})")
+        return
+    result = migrate(dsn)
+    if inspect.isawaitable(result):
+        result = local._run_coro(result)  # type: ignore[arg-type]
+    say(f"migrations: {result} applied" if isinstance(result, int) else "migrations: applied")
+
+
+def build_env(
+    previous: dict[str, str], dsn: str, broker_kind: str, bootstrap: str
+) -> dict[str, str]:
+    """The contents of stack.env. Keys generated once are reused from the previous file."""
+    ops_key = previous.get("LEDGER_OPS_KEY") or f"ops_{secrets.token_urlsafe(24)}"
+    reader_key = previous.get("LEDGER_READER_KEY") or f"rd_{secrets.token_urlsafe(24)}"
+    ledger_port = os.environ.get("LEDGER_PORT", previous.get("LEDGER_PORT", "8080"))
+    return {
+        "POSTGRES": "external" if os.environ.get("DATABASE_URL") else "local",
+        "BROKER": broker_kind,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "DATABASE_URL": dsn,
+        "LEDGER_PORT": ledger_port,
+        "LEDGER_API_URL": f"http://127.0.0.1:{ledger_port}",
+        "LEDGER_OPS_KEY": ops_key,
+        "LEDGER_READER_KEY": reader_key,
+        "LEDGER_API_KEYS": f"{ops_key}:ops,{reader_key}:reader",
+        "TOPIC_PARTITIONS": os.environ.get("TOPIC_PARTITIONS", "6"),
+    }
+
+
+def ensure_services(stack_env: dict[str, str], restart: bool = False) -> bool:
+    """Start each service that is not running; False if any died within ~2 s of start.
+
+    ``restart`` stops running ones first: used when stack.env changed (e.g. another
+    broker address), since a process only reads its environment at start.
+    """
+    env = {**os.environ, **stack_env, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    started: list[tuple[str, int]] = []
+    for name, module in SERVICES:
+        pid = local.read_pid(_pidfile(name))
+        if local.pid_alive(pid, module):
+            if not restart:
+                say(f"{name}: already running (pid {pid})")
+                continue
+            say(f"{name}: restarting (pid {pid}), its settings changed")
+            local.stop_pid(pid, 15)
+        log = LOGS / f"{name}.log"
+        pid = local.start_process([sys.executable, "-m", module], log, env=env, cwd=ROOT)
+        local.write_pid(_pidfile(name), pid)
+        started.append((name, pid))
+    if not started:
+        return True
+    time.sleep(2.0)
+    ok = True
+    for name, pid in started:
+        if local.pid_alive(pid):
+            say(f"{name}: started (pid {pid}, log .run/logs/{name}.log)")
+        else:
+            ok = False
+            say(f"{name}: EXITED right after start, see .run/logs/{name}.log")
+    return ok
+
+
+def up() -> int:
+    RUN.mkdir(exist_ok=True)
+    LOGS.mkdir(exist_ok=True)
+    previous = read_env_file()
+    dsn = ensure_postgres()
+    kind, bootstrap = ensure_broker(previous)
+    partitions = int(os.environ.get("TOPIC_PARTITIONS", "6"))
+    local.create_topics(bootstrap, TOPICS, partitions)
+    say(f"topics: {', '.join(TOPICS)} ({partitions} partitions)")
+    apply_migrations(dsn)
+    stack_env = build_env(previous, dsn, kind, bootstrap)
+    write_env_file(stack_env)
+    say(f"env: {STACK_ENV.relative_to(ROOT)}")
+    changed = [k for k, v in stack_env.items() if previous and previous.get(k) != v]
+    return 0 if ensure_services(stack_env, restart=bool(changed)) else 1
+
+
+def down() -> int:
+    for name, module in reversed(SERVICES):
+        pid = local.read_pid(_pidfile(name))
+        if local.pid_alive(pid, module):
+            local.stop_pid(pid, 15)
+            say(f"{name}: stopped (pid {pid})")
+        _pidfile(name).unlink(missing_ok=True)
+    pid = local.read_pid(_pidfile("broker"))
+    for kind in ("tansu", "kafka"):  # whatever we started last, even if now "external"
+        if local.pid_alive(pid, _broker_marker(kind)):
+            local.stop_pid(pid, 30)
+            say(f"broker: {kind} stopped (pid {pid})")
+    _pidfile("broker").unlink(missing_ok=True)
+    if local.postgres_running(PG_DATA):
+        local.stop_postgres(PG_DATA)
+        say("postgres: stopped (data kept in .run/pgdata)")
+    _pidfile("postgres").unlink(missing_ok=True)
+    return 0
+
+
+def status() -> int:
+    """Print one line per component; exit 0 when every managed component is alive."""
+    env = read_env_file()
+    rows: list[tuple[str, str, str, str]] = []
+    if local.postgres_running(PG_DATA):
+        rows.append(
+            ("postgres", str(local.postgres_pid(PG_DATA)), "alive", str(PG_DATA.relative_to(ROOT)))
+        )
+    elif env.get("POSTGRES") == "external":
+        rows.append(("postgres", "-", "external", env["DATABASE_URL"].rsplit("@", 1)[-1]))
+    else:
+        rows.append(("postgres", "-", "dead", str(PG_DATA.relative_to(ROOT))))
+    kind = env.get("BROKER", "-")
+    if kind == "external":
+        rows.append(("broker", "-", "external", env.get("KAFKA_BOOTSTRAP_SERVERS", "")))
+    else:
+        pid = local.read_pid(_pidfile("broker"))
+        alive = kind in ("tansu", "kafka") and local.pid_alive(pid, _broker_marker(kind))
+        rows.append(
+            (
+                f"broker ({kind})",
+                str(pid or "-"),
+                "alive" if alive else "dead",
+                env.get("KAFKA_BOOTSTRAP_SERVERS", ""),
+            )
+        )
+    for name, module in SERVICES:
+        pid = local.read_pid(_pidfile(name))
+        alive = local.pid_alive(pid, module)
+        rows.append((name, str(pid or "-"), "alive" if alive else "dead", f".run/logs/{name}.log"))
+    header = ("component", "pid", "state", "where")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for r in [header, *rows]:
+        say("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0 if all(r[2] in ("alive", "external") for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.stack", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("command", choices=["up", "down", "status"])
+    args = parser.parse_args(argv)
+    return {"up": up, "down": down, "status": status}[args.command]()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""The rule set as data: every number of the programme lives in a versioned YAML file.
+
+Two clinics run different numbers without a code change, and a replay under another
+file answers "what would this rule change have cost us". The model is strict and
+refuses unknown keys, so a typo in an operator's file fails loudly at load time instead
+of silently paying the default.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from schemas.grants import TIERS, Tier
+
+
+class RuleSetError(ValueError):
+    """A rule-set file that cannot be used; the message names the field and the reason."""
+
+
+def _to_decimal(v: Any) -> Any:
+    # YAML gives 1.2 as a float; going through str keeps the operator's digits exactly
+    # (Decimal(1.2) would carry binary noise into floor()).
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int | float | str):
+        try:
+            return Decimal(str(v))
+        except ArithmeticError:
+            return v
+    return v
+
+
+def _to_datetime(v: Any) -> Any:
+    # PyYAML parses unquoted timestamps itself; a quoted one arrives as text.
+    if isinstance(v, str):
+        try:
+            return datetime.fromisoformat(v)
+        except ValueError:
+            return v
+    return v
+
+
+Num = Annotated[Decimal, BeforeValidator(_to_decimal), Field(ge=0)]
+Points = Annotated[int, Field(ge=0)]
+When = Annotated[AwareDatetime, BeforeValidator(_to_datetime)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+_THRESHOLDS: dict[Tier, Decimal] = {
+    "silver": Decimal(10000),
+    "gold": Decimal(30000),
+    "diamond": Decimal(100000),
+}
+_MULTIPLIERS: dict[Tier, Decimal] = {
+    "member": Decimal(1),
+    "silver": Decimal("1.2"),
+    "gold": Decimal("1.5"),
+    "diamond": Decimal(2),
+}
+_CASH_RATES: dict[Tier, int] = {"member": 100, "silver": 100, "gold": 80, "diamond": 60}
+
+
+class TierRules(_Strict):
+    thresholds: dict[Tier, Num] = Field(default_factory=lambda: dict(_THRESHOLDS))
+    multipliers: dict[Tier, Num] = Field(default_factory=lambda: dict(_MULTIPLIERS))
+    window_months: int = Field(default=12, ge=1)
+    keep_months: int = Field(default=12, ge=1)
+
+    @model_validator(mode="after")
+    def _complete(self) -> TierRules:
+        missing = [t for t in TIERS if t not in self.multipliers]
+        if missing:
+            raise ValueError(f"multipliers missing for tiers {missing}")
+        ranked = [self.thresholds[t] for t in TIERS[1:] if t in self.thresholds]
+        if ranked != sorted(ranked):
+            raise ValueError("thresholds must rise with the tier (silver <= gold <= diamond)")
+        return self
+
+
+class BigTicketStep(_Strict):
+    """Total bonus once a single purchase reaches `min_amount` (steps are not summed)."""
+
+    min_amount: Num
+    points: Points
+
+
+class Combo(_Strict):
+    name: str = Field(min_length=1)
+    projects: list[str] = Field(min_length=1)
+    points: Points = 300
+
+
+class PurchaseRules(_Strict):
+    points_per_cny: Num = Decimal(1)
+    big_ticket: list[BigTicketStep] = Field(
+        default_factory=lambda: [
+            BigTicketStep(min_amount=Decimal(1000), points=100),
+            BigTicketStep(min_amount=Decimal(3000), points=600),
+        ]
+    )
+    first_purchase_points: Points = 200
+    new_projects: list[str] = Field(default_factory=lambda: ["gold-rf-microneedle"])
+    new_project_points: Points = 500
+    combos: list[Combo] = Field(
+        default_factory=lambda: [
+            Combo(name="facial-and-massage", projects=["facial-basic", "neck-shoulder-massage"])
+        ]
+    )
+    stack_purchase_bonuses: bool = False
+    birthday_multiplier: Num = Decimal(2)
+
+
+class VisitRules(_Strict):
+    points: Points = 50
+    min_booking_lead_hours: Num = Decimal(24)
+    grace_minutes: Num = Decimal(15)
+    streak_every: int = Field(default=3, ge=0)
+    streak_points: Points = 200
+
+
+class SignInRules(_Strict):
+    points: Points = 5
+    streak_every: int = Field(default=7, ge=0)
+    streak_points: Points = 20
+
+
+class ReviewRules(_Strict):
+    points: Points = 50
+    featured_multiplier: Num = Decimal(2)
+    suggestion_points: Points = 200
+
+
+class ShareRules(_Strict):
+    points: Points = 100
+    likes_threshold: int | None = Field(default=10, ge=1)
+    pays_on_approval: bool = True
+    max_per_day: int | None = Field(default=3, ge=0)
+
+
+class ReferralRules(_Strict):
+    referrer_points: Points = 500
+    new_member_points: Points = 500
+    indirect_points: Points = 50
+
+
+class Campaign(_Strict):
+    name: str = Field(min_length=1)
+    starts_at: When
+    ends_at: When
+    multiplier: Num
+    store_ids: list[str] | None = None
+    project_codes: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _window(self) -> Campaign:
+        if self.ends_at <= self.starts_at:
+            raise ValueError("ends_at must be after starts_at")
+        return self
+
+
+class EngagementRules(_Strict):
+    daily_cap: Points | None = 200
+    burst_max_events: int | None = Field(default=20, ge=1)
+    burst_window_seconds: int = Field(default=60, ge=1)
+
+
+class RedemptionRules(_Strict):
+    min_balance: Points = 500
+    points_per_cny: dict[Tier, Points] = Field(default_factory=lambda: dict(_CASH_RATES))
+    catalogue: dict[str, Points] = Field(
+        default_factory=lambda: {
+            "face-mask": 500,
+            "neck-shoulder-massage": 3000,
+            "free-facial": 5000,
+            "priority-booking": 2000,
+            "skincare-plan": 5000,
+            "device-treatment": 20000,
+            "lucky-draw": 100,
+        }
+    )
+
+
+class ExpiryRules(_Strict):
+    lot_lifetime_months: int = Field(default=12, ge=1)
+    warn_days_before: list[int] = Field(default_factory=lambda: [30, 7])
+
+
+class RuleIds(_Strict):
+    """Stable names that reports group by; renaming one splits history in two."""
+
+    base: str = "base"
+    big_ticket: str = "big_ticket"
+    first_purchase: str = "first_purchase"
+    new_project: str = "new_project"
+    combo: str = "combo"
+    on_time_visit: str = "on_time_visit"
+    punctuality_streak: str = "punctuality_streak"
+    sign_in: str = "sign_in"
+    sign_in_streak: str = "sign_in_streak"
+    review: str = "review"
+    featured_review: str = "featured_review"
+    suggestion_adopted: str = "suggestion_adopted"
+    share: str = "share"
+    referral_referrer: str = "referral_referrer"
+    referral_new_member: str = "referral_new_member"
+    referral_indirect: str = "referral_indirect"
+    tier: str = "tier"
+
+
+class RuleSet(_Strict):
+    version: str = Field(min_length=1)
+    effective_from: When
+    timezone: str = "Asia/Shanghai"
+    pending_days: int = Field(default=0, ge=0)
+    tiers: TierRules = TierRules()
+    purchase: PurchaseRules = PurchaseRules()
+    visit: VisitRules = VisitRules()
+    sign_in: SignInRules = SignInRules()
+    review: ReviewRules = ReviewRules()
+    share: ShareRules = ShareRules()
+    referral: ReferralRules = ReferralRules()
+    campaigns: list[Campaign] = Field(default_factory=list)
+    engagement: EngagementRules = EngagementRules()
+    redemption: RedemptionRules = RedemptionRules()
+    expiry: ExpiryRules = ExpiryRules()
+    rule_ids: RuleIds = RuleIds()
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {v!r}") from exc
+        return v
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+def _readable(exc: ValidationError, origin: str) -> str:
+    lines = [f"rule set {origin} refused:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_ruleset(data: Any, origin: str = "<data>") -> RuleSet:
+    if not isinstance(data, dict):
+        raise RuleSetError(f"rule set {origin} refused: the document must be a mapping")
+    try:
+        return RuleSet.model_validate(data)
+    except ValidationError as exc:
+        raise RuleSetError(_readable(exc, origin)) from exc
+
+
+def load_ruleset(path_or_text: str | Path) -> RuleSet:
+    """A Path, or a str naming an existing .yaml/.yml file, is read; any other str is YAML."""
+    origin = "<text>"
+    text: str
+    if isinstance(path_or_text, Path):
+        origin = str(path_or_text)
+        text = path_or_text.read_text(encoding="utf-8")
+    elif "\n" not in path_or_text and path_or_text.endswith((".yaml", ".yml")):
+        origin = path_or_text
+        text = Path(path_or_text).read_text(encoding="utf-8")
+    else:
+        text = path_or_text
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RuleSetError(f"rule set {origin} refused: not valid YAML: {exc}") from exc
+    return parse_ruleset(data, origin)
+
+
+class RuleBook:
+    """Every published version, so a replay prices each event by the rules of its time."""
+
+    def __init__(self, versions: Iterable[RuleSet]) -> None:
+        ordered = sorted(versions, key=lambda r: r.effective_from)
+        if not ordered:
+            raise RuleSetError("a rule book needs at least one rule set")
+        seen: set[str] = set()
+        for r in ordered:
+            if r.version in seen:
+                raise RuleSetError(f"rule set version {r.version!r} appears twice")
+            seen.add(r.version)
+        self._versions: tuple[RuleSet, ...] = tuple(ordered)
+        self._starts = [r.effective_from for r in ordered]
+
+    @property
+    def versions(self) -> Sequence[RuleSet]:
+        return self._versions
+
+    def at(self, occurred_at: datetime) -> RuleSet:
+        """The version in force at event time; events before the first use the first."""
+        i = bisect.bisect_right(self._starts, occurred_at) - 1
+        return self._versions[max(i, 0)]

@@ -1,0 +1,3 @@
+"""Shared fixtures: real Postgres and real brokers (tests/infra.py), never mocks."""
+
+pytest_plugins = ["tests.infra"]

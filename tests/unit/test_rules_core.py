@@ -1,0 +1,225 @@
+"""Core earning rules, refunds and tiers, including the worked examples of DOMAIN.md."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+from rules_factories import (
+    DEFAULT,
+    T0,
+    Run,
+    by_rule,
+    order_of,
+    purchase,
+    refund,
+    ruleset,
+    state_with,
+    visit,
+)
+
+from schemas.grants import PointsGranted, PointsRevoked, TierEvaluated, grant_id
+from services.rules.engine import evaluate
+from services.rules.state import add_months
+
+
+def test_worked_example_gold_facial_package_3850() -> None:
+    run = Run()
+    run.states["m-1"] = state_with(
+        tier="gold", tier_valid_until=T0 + timedelta(days=200), first_purchase_done=True
+    )
+    result = run.feed(purchase(amount=2500, items=["facial-package"]))
+    assert by_rule(result.grants) == {"base": 3750, "big_ticket": 100}
+    assert run.balance() == 3850
+
+
+def test_worked_example_new_project_with_on_time_visit_2350() -> None:
+    run = Run()
+    run.feed(purchase(amount=200, at=T0 - timedelta(days=30)))
+    before = run.balance()
+    run.feed(
+        purchase(amount=1800, items=["gold-rf-microneedle"]),
+        visit(slot=T0 + timedelta(hours=1), lead=timedelta(days=1)),
+    )
+    assert run.balance() - before == 2350
+    assert run.by_rule()["new_project"] == 500
+
+
+def test_base_points_use_tier_multiplier_and_round_down() -> None:
+    for tier, expected in [("member", 999), ("silver", 1198), ("gold", 1498), ("diamond", 1998)]:
+        run = Run()
+        run.states["m-1"] = state_with(
+            tier=tier, first_purchase_done=True, tier_valid_until=T0 + timedelta(days=30)
+        )
+        result = run.feed(purchase(amount="999.00"))
+        assert by_rule(result.grants) == {"base": expected}, tier
+
+
+def test_fractional_amount_rounds_down_at_end() -> None:
+    run = Run()
+    run.states["m-1"] = state_with(
+        tier="silver", first_purchase_done=True, tier_valid_until=T0 + timedelta(days=30)
+    )
+    result = run.feed(purchase(amount="10.99"))
+    assert by_rule(result.grants) == {"base": 13}  # 10.99 * 1.2 = 13.188
+
+
+def test_big_ticket_steps_not_multiplied() -> None:
+    run = Run()
+    run.states["m-1"] = state_with(
+        tier="diamond", first_purchase_done=True, tier_valid_until=T0 + timedelta(days=30)
+    )
+    assert by_rule(run.feed(purchase(amount=999)).grants) == {"base": 1998}
+    assert by_rule(run.feed(purchase(amount=1000)).grants) == {"base": 2000, "big_ticket": 100}
+    assert by_rule(run.feed(purchase(amount=3000)).grants) == {"base": 6000, "big_ticket": 600}
+
+
+def test_first_purchase_bonus_only_once() -> None:
+    run = Run()
+    assert by_rule(run.feed(purchase(amount=100)).grants) == {"base": 100, "first_purchase": 200}
+    assert by_rule(run.feed(purchase(amount=100)).grants) == {"base": 100}
+
+
+def test_only_largest_purchase_bonus_by_default() -> None:
+    run = Run()
+    result = run.feed(purchase(amount=3000, items=["gold-rf-microneedle"]))
+    # candidates: big-ticket 600, first purchase 200, new project 500
+    assert by_rule(result.grants) == {"base": 3000, "big_ticket": 600}
+
+
+def test_stacking_when_rule_set_allows() -> None:
+    run = Run(rules=ruleset(purchase={"stack_purchase_bonuses": True}))
+    result = run.feed(purchase(amount=3000, items=["gold-rf-microneedle"]))
+    assert by_rule(result.grants) == {
+        "base": 3000,
+        "big_ticket": 600,
+        "first_purchase": 200,
+        "new_project": 500,
+    }
+
+
+def test_partial_refund_revokes_proportionally_and_recomputes_bonus() -> None:
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    p = purchase(amount=1200)
+    run.feed(p)
+    assert run.balance() == 1300
+    result = run.feed(refund("m-1", order_of(p), 600))
+    revoked = {g.data.rule_id: g.data.points for g in result.grants if isinstance(g, PointsRevoked)}
+    assert revoked == {"base": 600, "big_ticket": 100}
+    assert run.balance() == 600
+    assert all(g.data.points > 0 for g in result.grants if isinstance(g, PointsRevoked))
+
+
+def test_full_refund_takes_back_everything() -> None:
+    run = Run()
+    p = purchase(amount=3500, items=["gold-rf-microneedle", "facial-basic"])
+    run.feed(p)
+    assert run.balance() > 0
+    run.feed(refund("m-1", order_of(p), 1000), refund("m-1", order_of(p), 2500))
+    assert run.balance() == 0
+
+
+def test_refund_capped_at_order_amount_and_unknown_order_ignored() -> None:
+    run = Run()
+    p = purchase(amount=500)
+    run.feed(p)
+    run.feed(refund("m-1", order_of(p), 400))
+    run.feed(refund("m-1", order_of(p), 400))
+    assert run.balance() == 0
+    assert run.state().orders[order_of(p)].refunded == Decimal(500)
+    after = len(run.grants)
+    run.feed(refund("m-1", order_of(p), 100), refund("m-1", "nope", 100))
+    assert len(run.grants) == after
+
+
+def test_crossing_purchase_earns_at_old_multiplier_next_at_new() -> None:
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    first = run.feed(purchase(amount=10000))
+    assert by_rule(first.grants)["base"] == 10000
+    tier_events = [g for g in first.grants if isinstance(g, TierEvaluated)]
+    assert [(t.data.previous_tier, t.data.tier) for t in tier_events] == [("member", "silver")]
+    assert (tier_events[0].data.next_tier, tier_events[0].data.next_tier_spend) == (
+        "gold",
+        Decimal(30000),
+    )
+    second = run.feed(purchase(amount=100, at=T0 + timedelta(hours=1)))
+    assert by_rule(second.grants) == {"base": 120}
+
+
+def test_tier_kept_12_months_then_dropped_on_rolling_spend() -> None:
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    run.feed(purchase(amount=30000))
+    assert run.state().tier == "gold"
+    assert run.state().tier_valid_until == add_months(T0, 12)
+    # 13 months later, nothing bought since: tier lapses at its expiry, spend is 0.
+    later = add_months(T0, 13)
+    result = run.feed(purchase(amount=100, at=later))
+    assert by_rule(result.grants) == {"base": 100}
+    assert run.state().tier == "member"
+
+
+def test_tier_kept_within_12_months_even_when_spend_leaves_window() -> None:
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    run.feed(purchase(amount=12000))
+    run.feed(purchase(amount=100, at=add_months(T0, 11)))  # requalifies: 12,100 in window
+    mid = add_months(T0, 12) + timedelta(days=10)  # the 12,000 left the window
+    result = run.feed(purchase(amount=100, at=mid))
+    assert by_rule(result.grants) == {"base": 120}
+    assert run.state().tier == "silver"
+
+
+def test_tier_drops_one_step_at_expiry_on_rolling_spend() -> None:
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    run.feed(purchase(amount=30000))
+    refresh = add_months(T0, 12) - timedelta(days=1)
+    run.feed(purchase(amount=5000, at=refresh))  # 35,000 in window: gold for 12 more months
+    assert run.state().tier_valid_until == add_months(refresh, 12)
+    run.feed(purchase(amount=12000, at=add_months(T0, 13)))  # 17,000: no requalification
+    assert run.state().tier == "gold"
+    result = run.feed(purchase(amount=10, at=add_months(T0, 24)))
+    # At the expiry only the 12,000 is in the window: silver, and the 10 earns at 1.2.
+    assert run.state().tier == "silver"
+    assert by_rule(result.grants) == {"base": 12}
+    tier_events = [g for g in result.grants if isinstance(g, TierEvaluated)]
+    assert tier_events[0].data.previous_tier == "gold"
+    assert tier_events[0].data.tier == "silver"
+
+
+def test_refund_undoes_the_upgrade_it_caused() -> None:
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    p = purchase(amount=10000)
+    run.feed(purchase(amount=2000, at=T0 - timedelta(days=3)), p)
+    assert run.state().tier == "silver"
+    result = run.feed(refund("m-1", order_of(p), 5000, at=T0 + timedelta(days=1)))
+    assert run.state().tier == "member"
+    assert run.state().tier_valid_until is None
+    t = next(g for g in result.grants if isinstance(g, TierEvaluated))
+    assert (t.data.previous_tier, t.data.tier, t.data.qualifying_spend) == (
+        "silver",
+        "member",
+        Decimal(7000),
+    )
+
+
+def test_grant_ids_are_deterministic_and_carry_version() -> None:
+    p = purchase(amount=100, event_id="evt-1")
+    a = evaluate(state_with(), p, DEFAULT, {})
+    b = evaluate(state_with(), p, DEFAULT, {})
+    assert a.grants == b.grants
+    base = next(g for g in a.grants if isinstance(g, PointsGranted) and g.data.rule_id == "base")
+    assert base.event_id == grant_id("evt-1", "base", "m-1", "grant")
+    assert base.data.ruleset_version == "2026.1"
+    assert base.occurred_at == p.occurred_at
+
+
+def test_state_round_trips_through_json() -> None:
+    run = Run()
+    run.feed(purchase(amount=12000, items=["gold-rf-microneedle"]), visit())
+    st = run.state()
+    assert type(st).model_validate_json(st.model_dump_json()) == st

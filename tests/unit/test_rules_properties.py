@@ -1,0 +1,168 @@
+"""Properties over random event streams: determinism, caps, refunds, and rule-set swaps."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from datetime import timedelta
+from decimal import Decimal
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rules_factories import (
+    DEFAULT,
+    REF004,
+    T0,
+    Run,
+    purchase,
+    refund,
+    registered,
+    review,
+    share,
+    sign_in,
+    visit,
+)
+
+from schemas.activity import Activity, Purchase
+from schemas.grants import PointsGranted, PointsRevoked
+from services.rules.ruleset import RuleSet
+
+CAPPED = {"sign_in", "sign_in_streak", "review", "featured_review", "share"}
+PROJECTS = ["facial-basic", "neck-shoulder-massage", "facial-package", "gold-rf-microneedle"]
+
+amounts = st.decimals(min_value=0, max_value=40000, places=2, allow_nan=False)
+step = st.tuples(
+    st.sampled_from(["purchase", "refund", "visit", "sign_in", "review", "share", "register"]),
+    st.integers(min_value=0, max_value=3 * 24 * 3600),  # seconds after the previous event
+    amounts,
+    st.lists(st.sampled_from(PROJECTS), min_size=1, max_size=3, unique=True),
+    st.integers(min_value=0, max_value=30),  # likes / lateness minutes / order pick
+    st.booleans(),
+)
+
+
+def build(steps: list[tuple[str, int, Decimal, list[str], int, bool]]) -> list[Activity]:
+    events: list[Activity] = []
+    at = T0
+    orders: list[tuple[str, Decimal]] = []
+    for i, (kind, gap, amount, items, n, flag) in enumerate(steps):
+        at += timedelta(seconds=gap)
+        eid = f"ev-{i}"
+        if kind == "purchase":
+            oid = f"o-{i}"
+            orders.append((oid, amount))
+            events.append(purchase(amount=amount, items=items, at=at, order_id=oid, event_id=eid))
+        elif kind == "refund" and orders:
+            oid, total = orders[n % len(orders)]
+            part = total if flag else (total * Decimal(n) / 30).quantize(Decimal("0.01"))
+            events.append(refund("m-1", oid, part, at=at, event_id=eid))
+        elif kind == "visit":
+            late = None if n == 30 else timedelta(minutes=n)
+            lead = timedelta(hours=30 if flag else 2)
+            events.append(visit(slot=at, lead=lead, late=late, booking_id=f"b-{i}", event_id=eid))
+        elif kind == "sign_in":
+            events.append(sign_in(at=at, event_id=eid))
+        elif kind == "review":
+            events.append(review(at=at, featured=flag, suggestion=n > 25, event_id=eid))
+        elif kind == "share":
+            events.append(share(at=at, approved=flag, likes=n, share_id=f"s-{n}", event_id=eid))
+        elif kind == "register":
+            events.append(registered(referrer="r-1", birthday="03-15" if flag else None, at=at,
+                                     event_id=eid))  # fmt: skip
+    return events
+
+
+streams = st.lists(step, min_size=1, max_size=40).map(build)
+fast = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def run(events: list[Activity], rules: RuleSet = DEFAULT) -> Run:
+    r = Run(rules=rules, referrers={"r-1": "r-0"})
+    r.feed(events)
+    return r
+
+
+@fast
+@given(streams)
+def test_same_events_same_grants(events: list[Activity]) -> None:
+    a, b = run(events), run(events)
+    assert a.grants == b.grants
+    assert a.state() == b.state()
+    assert type(a.state()).model_validate_json(a.state().model_dump_json()) == a.state()
+
+
+@fast
+@given(streams)
+def test_daily_cap_never_exceeded(events: list[Activity]) -> None:
+    r = run(events)
+    per_day: dict[object, int] = defaultdict(int)
+    for g in r.grants:
+        if isinstance(g, PointsGranted) and g.data.rule_id in CAPPED:
+            per_day[g.occurred_at.astimezone(DEFAULT.zone).date()] += g.data.points
+    assert all(v <= 200 for v in per_day.values())
+
+
+@fast
+@given(streams)
+def test_grants_never_negative_and_revokes_never_exceed(events: list[Activity]) -> None:
+    r = run(events)
+    running: dict[tuple[str, str, str | None], int] = defaultdict(int)
+    for g in r.grants:
+        if isinstance(g, PointsGranted):
+            assert g.data.points > 0
+            running[(g.member_id, g.data.rule_id, g.data.order_id)] += g.data.points
+        elif isinstance(g, PointsRevoked):
+            assert g.data.points > 0
+            key = (g.member_id, g.data.rule_id, g.data.order_id)
+            running[key] -= g.data.points
+            assert running[key] >= 0
+
+
+@fast
+@given(streams, st.data())
+def test_full_refund_takes_back_all_of_a_purchase(
+    events: list[Activity], data: st.DataObject
+) -> None:
+    buys = [e for e in events if isinstance(e, Purchase)]
+    if not buys:
+        return
+    target = data.draw(st.sampled_from(buys))
+    last = max(e.occurred_at for e in events)
+    r = run([*events, refund("m-1", target.data.order_id, target.data.amount, at=last,
+                             event_id="full-refund")])  # fmt: skip
+    net: dict[str, int] = defaultdict(int)
+    for g in r.grants:
+        if isinstance(g, PointsGranted | PointsRevoked) and g.data.order_id == target.data.order_id:
+            sign = 1 if isinstance(g, PointsGranted) else -1
+            net[g.member_id] += sign * g.data.points
+    assert all(v == 0 for v in net.values()), dict(net)
+
+
+purchases_only = st.lists(
+    st.tuples(amounts, st.integers(min_value=1, max_value=10 * 24 * 3600)), min_size=1, max_size=15
+)
+
+
+@fast
+@given(purchases_only)
+def test_reference_004_prices_the_same_stream_differently(
+    buys: list[tuple[Decimal, int]],
+) -> None:
+    at, events = T0, []
+    for i, (amount, gap) in enumerate(buys):
+        at += timedelta(seconds=gap)
+        events.append(purchase(amount=amount, at=at, order_id=f"o-{i}", event_id=f"ev-{i}"))
+    ref, dflt = run(events, REF004), run(events, DEFAULT)
+    expected = sum(
+        math.floor(a) + (50 if a >= 500 else 0) for a, _ in buys if a > 0
+    )  # 1 point per CNY whatever the tier, +50 from 500 CNY
+    assert ref.balance() == expected
+    assert all(g.data.ruleset_version == "ref-004" for g in ref.grants)
+    assert "first_purchase" not in ref.by_rule()
+    first = next((e for e in events if e.data.amount > 0), None)
+    if first is not None:
+        # Default pays the first purchase at least its 200 bonus; reference-004 has none.
+        mine = [g for g in dflt.grants if isinstance(g, PointsGranted)]
+        bonus = [g for g in mine if g.data.source_event_id == first.event_id]
+        assert {g.data.rule_id for g in bonus} & {"first_purchase", "big_ticket"}
+        assert ref.grants != dflt.grants

@@ -1,0 +1,112 @@
+"""Rule-set files: loading, refusal messages, version lookup; burst hold and release."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from rules_factories import CST, DEFAULT, REF004, RULESETS, T0, Run, by_rule, review, ruleset
+
+from services.rules.engine import release
+from services.rules.ruleset import RuleBook, RuleSetError, load_ruleset
+
+MINIMAL = "version: v\neffective_from: 2026-01-01T00:00:00+08:00\n"
+
+
+def test_default_file_matches_domain_numbers() -> None:
+    r = DEFAULT
+    assert r.version == "2026.1"
+    assert r.timezone == "Asia/Shanghai"
+    assert r.tiers.multipliers == {
+        "member": Decimal(1),
+        "silver": Decimal("1.2"),
+        "gold": Decimal("1.5"),
+        "diamond": Decimal(2),
+    }
+    assert r.tiers.thresholds == {"silver": 10000, "gold": 30000, "diamond": 100000}
+    assert [(s.min_amount, s.points) for s in r.purchase.big_ticket] == [(1000, 100), (3000, 600)]
+    assert r.purchase.new_projects == ["gold-rf-microneedle"]
+    assert r.purchase.stack_purchase_bonuses is False
+    assert (r.visit.points, r.visit.streak_every, r.visit.streak_points) == (50, 3, 200)
+    assert (r.share.points, r.share.likes_threshold, r.share.max_per_day) == (100, 10, 3)
+    assert r.engagement.daily_cap == 200
+    assert r.campaigns == []
+    assert r.redemption.points_per_cny["diamond"] == 60
+    assert r.expiry.lot_lifetime_months == 12
+
+
+def test_defaults_in_code_equal_the_default_file() -> None:
+    from_code = load_ruleset(MINIMAL.replace("version: v", 'version: "2026.1"'))
+    assert from_code.model_dump(exclude={"effective_from"}) == DEFAULT.model_dump(
+        exclude={"effective_from"}
+    )
+
+
+def test_reference_file_loads_from_str_path() -> None:
+    assert load_ruleset(str(RULESETS / "reference-004.yaml")) == REF004
+    assert REF004.referral.referrer_points == 100
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "reason"),
+    [
+        ("share:\n  points: -5\n", "share.points", "greater than or equal to 0"),
+        ("share:\n  points: '100'\n", "share.points", "valid integer"),
+        ("share:\n  pointz: 100\n", "share.pointz", "Extra inputs"),
+        ("timezone: Mars/Olympus\n", "timezone", "unknown time zone"),
+        ("tiers:\n  multipliers: {member: 1}\n", "tiers", "multipliers missing"),
+        (
+            "campaigns:\n  - {name: c, starts_at: 2026-02-01T00:00:00+08:00,"
+            " ends_at: 2026-01-01T00:00:00+08:00, multiplier: 2}\n",
+            "campaigns.0",
+            "ends_at must be after",
+        ),
+        ("purchase:\n  stack_purchase_bonuses: 'yes'\n", "purchase.stack_purchase_bonuses", "bool"),
+    ],
+)
+def test_bad_file_names_field_and_reason(extra: str, field: str, reason: str) -> None:
+    with pytest.raises(RuleSetError) as err:
+        load_ruleset(MINIMAL + extra)
+    assert field in str(err.value)
+    assert reason in str(err.value)
+
+
+def test_naive_effective_from_and_garbage_refused(tmp_path: Path) -> None:
+    with pytest.raises(RuleSetError, match="effective_from"):
+        load_ruleset("version: v\neffective_from: 2026-01-01T00:00:00\n")
+    with pytest.raises(RuleSetError, match="mapping"):
+        load_ruleset("- just\n- a list\n")
+    with pytest.raises(RuleSetError, match="not valid YAML"):
+        load_ruleset("version: [\n")
+    f = tmp_path / "x.yaml"
+    f.write_text(MINIMAL + "version2: 1\n")
+    with pytest.raises(RuleSetError, match=r"x\.yaml"):
+        load_ruleset(f)
+
+
+def test_rule_book_picks_version_in_force() -> None:
+    later = ruleset(version="2026.2", effective_from=datetime(2026, 6, 1, tzinfo=CST))
+    book = RuleBook([later, DEFAULT])
+    assert book.at(datetime(2019, 1, 1, tzinfo=CST)).version == "2026.1"  # before the first
+    assert book.at(datetime(2026, 5, 31, 23, 59, tzinfo=CST)).version == "2026.1"
+    assert book.at(datetime(2026, 6, 1, tzinfo=CST)).version == "2026.2"
+    with pytest.raises(RuleSetError):
+        RuleBook([DEFAULT, DEFAULT])
+    with pytest.raises(RuleSetError):
+        RuleBook([])
+
+
+def test_burst_holds_excess_and_release_pays_it() -> None:
+    run = Run(rules=ruleset(engagement={"daily_cap": None}))
+    run.feed([review(at=T0 + timedelta(seconds=i)) for i in range(22)])
+    assert len(run.held) == 2
+    assert by_rule(run.grants) == {"review": 20 * 50}
+    assert "20 engagement events" in run.held[0].reason
+    released = release(run.state(), run.held[0], run.rules)
+    assert by_rule(released.grants) == {"review": 50}
+    # A minute later the member is no longer in a burst.
+    later = run.feed(review(at=T0 + timedelta(seconds=90)))
+    assert later.held == ()
+    assert by_rule(later.grants) == {"review": 50}
