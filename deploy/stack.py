@@ -193,6 +193,9 @@ def build_env(
         "LEDGER_READER_KEY": reader_key,
         "LEDGER_API_KEYS": f"{ops_key}:ops,{reader_key}:reader",
         "TOPIC_PARTITIONS": os.environ.get("TOPIC_PARTITIONS", "6"),
+        # The ledger serves /metrics on its API port; the others get a port of their own.
+        "RULES_METRICS_PORT": os.environ.get("RULES_METRICS_PORT", "9101"),
+        "NOTIFIER_METRICS_PORT": os.environ.get("NOTIFIER_METRICS_PORT", "9102"),
     }
 
 
@@ -214,7 +217,8 @@ def ensure_services(stack_env: dict[str, str], restart: bool = False) -> bool:
             say(f"{name}: restarting (pid {pid}), its settings changed")
             local.stop_pid(pid, 15)
         log = LOGS / f"{name}.log"
-        pid = local.start_process([sys.executable, "-m", module], log, env=env, cwd=ROOT)
+        service_env = {**env, "METRICS_PORT": env.get(f"{name.upper()}_METRICS_PORT", "0")}
+        pid = local.start_process([sys.executable, "-m", module], log, env=service_env, cwd=ROOT)
         local.write_pid(_pidfile(name), pid)
         started.append((name, pid))
     if not started:

@@ -264,7 +264,7 @@ class LagCollector(Collector):
     """Prometheus gauge computed on scrape: broker high-water mark minus our stored offset."""
 
     def __init__(self, consumers: list[BatchConsumer]) -> None:
-        self._consumers = consumers
+        self.consumers = consumers
 
     def collect(self) -> Any:
         g = GaugeMetricFamily(
@@ -272,14 +272,23 @@ class LagCollector(Collector):
             "Records not yet applied",
             labels=["consumer", "topic", "partition"],
         )
-        for c in self._consumers:
+        for c in self.consumers:
             for (topic, partition), lag in sorted(c.lag().items()):
                 g.add_metric([c.name, topic, str(partition)], lag)
         yield g
 
 
+_LAG = LagCollector([])
+_lag_registered = False
+
+
 def register_lag(consumers: list[BatchConsumer]) -> None:
-    REGISTRY.register(LagCollector(consumers))
+    """One collector per process; each service (or test) adds its consumers to it."""
+    global _lag_registered
+    if not _lag_registered:
+        REGISTRY.register(_LAG)
+        _lag_registered = True
+    _LAG.consumers.extend(consumers)
 
 
 def validate_records(
