@@ -64,6 +64,7 @@ class Stack:
     ledger_port: int
     metrics_ports: dict[str, int]
     name: str
+    extra_env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -83,6 +84,7 @@ class Stack:
             # Small batches make a SIGKILL land mid-stream rather than between two batches.
             CONSUMER_MAX_BATCH=os.environ.get("TEST_CONSUMER_MAX_BATCH", "500"),
         )
+        env.update(self.extra_env)
         return env
 
     def start(self, service: str) -> None:
@@ -205,7 +207,7 @@ async def _has_topics(admin: AIOKafkaAdminClient, names: list[str]) -> bool:
     return set(names) <= set(await admin.list_topics())
 
 
-async def make_stack(bootstrap: str, dsn: str) -> Stack:
+async def make_stack(bootstrap: str, dsn: str, extra_env: dict[str, str] | None = None) -> Stack:
     name = uuid.uuid4().hex[:10]
     topics = Topics(prefix=f"t{name}.")
     await asyncio.to_thread(apply_migrations, dsn)
@@ -217,6 +219,7 @@ async def make_stack(bootstrap: str, dsn: str) -> Stack:
         ledger_port=free_port(),
         metrics_ports={"rules": free_port(), "notifier": free_port()},
         name=name,
+        extra_env=extra_env or {},
     )
     for service in SERVICES:
         stack.start(service)

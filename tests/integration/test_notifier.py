@@ -1,0 +1,108 @@
+"""Notifications reach the clinic's webhook once each, signed, in zh-CN."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tests.integration.events import CST, purchase
+from tests.integration.harness import Stack, free_port, make_stack, wait_until
+
+pytestmark = pytest.mark.integration
+SECRET = "test-webhook-secret"
+
+
+class Receiver:
+    """A webhook endpoint that fails the first call, to prove delivery is retried."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[dict, str, str]] = []
+        self.calls = 0
+
+    async def hook(self, request: Request) -> Response:
+        self.calls += 1
+        body = await request.body()
+        if self.calls == 1:
+            return Response(status_code=503)
+        self.received.append(
+            (
+                json.loads(body),
+                request.headers["x-loyalty-signature"],
+                "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest(),
+            )
+        )
+        return Response(status_code=204)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, int]]:
+    rec = Receiver()
+    port = free_port()
+    app = Starlette(routes=[Route("/hook", rec.hook, methods=["POST"])])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    task = asyncio.create_task(server.serve())
+    await wait_until(lambda: asyncio.sleep(0, server.started), what="webhook receiver")
+    yield rec, port
+    server.should_exit = True
+    await task
+
+
+@pytest.fixture
+async def notifying_stack(
+    broker: str, fresh_database: str, receiver: tuple[Receiver, int]
+) -> AsyncIterator[Stack]:
+    _, port = receiver
+    s = await make_stack(
+        broker,
+        fresh_database,
+        {
+            "NOTIFIER_WEBHOOK_URL": f"http://127.0.0.1:{port}/hook",
+            "NOTIFIER_WEBHOOK_SECRET": SECRET,
+        },
+    )
+    try:
+        await s.wait_ready()
+        yield s
+    finally:
+        s.stop_all()
+
+
+async def test_points_and_tier_change_are_delivered_once_signed(
+    notifying_stack: Stack, receiver: tuple[Receiver, int]
+) -> None:
+    rec, _ = receiver
+    now = datetime.now(CST)
+    crossing = purchase("m-note", "10000.00", now - timedelta(hours=1))
+    await notifying_stack.produce([crossing, crossing])  # redelivered: still one of each
+
+    async def delivered() -> int:
+        return await notifying_stack.scalar(
+            "SELECT count(*) FROM notifications WHERE status = 'delivered'"
+        )
+
+    # base 10,000, first purchase 200 (the largest bonus), and silver: three notifications.
+    await wait_until(lambda: _at_least(delivered, 3), timeout=60, what="three deliveries")
+    kinds = sorted(b["kind"] for b, _, _ in rec.received)
+    assert kinds == ["points_earned", "points_earned", "tier_changed"]
+    assert all(sig == expected for _, sig, expected in rec.received)
+    messages = {b["message"] for b, _, _ in rec.received}
+    assert "恭喜您由普通会员升级为银卡会员！" in messages
+    assert "您获得10000积分（消费积分），当前可用积分10000。" in messages
+    ids = [b["notification_id"] for b, _, _ in rec.received]
+    assert len(ids) == len(set(ids))
+    assert await notifying_stack.scalar("SELECT count(*) FROM notifications") == 3
+
+
+async def _at_least(probe, n: int) -> bool:  # type: ignore[no-untyped-def]
+    return (await probe()) >= n
