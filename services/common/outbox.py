@@ -76,8 +76,10 @@ class OutboxRelay:
                 while True:
                     try:
                         sent = await self.relay_once()
-                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                        log.warning("outbox_relay_retry", error=str(exc))
+                    except Exception as exc:  # noqa: BLE001
+                        # Policy: the relay never dies. Broker or database down: the rows
+                        # stay in the outbox and go out once both answer again.
+                        log.warning("outbox_relay_retry", error=repr(exc))
                         await asyncio.sleep(1.0)
                         continue
                     if sent < RELAY_BATCH:

@@ -45,8 +45,9 @@ class Deliverer:
             while True:
                 try:
                     done = await self.deliver_once(client)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                    log.warning("delivery_retry", error=str(exc))
+                except Exception as exc:  # noqa: BLE001
+                    # Policy: delivery never dies; pending rows wait in the table.
+                    log.warning("delivery_retry", error=repr(exc))
                     done = 0
                 if done < DELIVERY_BATCH:
                     self._wake.clear()
