@@ -76,7 +76,7 @@ class OutboxRelay:
                 while True:
                     try:
                         sent = await self.relay_once()
-                    except Exception as exc:  # noqa: BLE001
+                    except Exception as exc:
                         # Policy: the relay never dies. Broker or database down: the rows
                         # stay in the outbox and go out once both answer again.
                         log.warning("outbox_relay_retry", error=repr(exc))

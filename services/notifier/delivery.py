@@ -45,7 +45,7 @@ class Deliverer:
             while True:
                 try:
                     done = await self.deliver_once(client)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     # Policy: delivery never dies; pending rows wait in the table.
                     log.warning("delivery_retry", error=repr(exc))
                     done = 0
