@@ -622,8 +622,15 @@ logger.broker.level = INFO
 
 
 def _kafka_cluster_id() -> str:
-    """A Kafka-style cluster id: 16 random bytes, URL-safe base64 without padding."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A Kafka-style cluster id: 16 random bytes, URL-safe base64 without padding.
+
+    Like Kafka's own Uuid.randomUuid, never one that starts with "-": the storage tool's
+    argument parser would read it as an option (it happened: 1 start in 64 failed).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _kafka_server_properties(port: int, controller_port: int, log_dirs: Path) -> str:
@@ -710,8 +717,7 @@ def start_kafka(
                 *jvm,
                 "kafka.tools.StorageTool",
                 "format",
-                "-t",
-                _kafka_cluster_id(),
+                f"--cluster-id={_kafka_cluster_id()}",
                 "-c",
                 str(props),
                 "--ignore-formatted",

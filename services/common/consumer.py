@@ -147,12 +147,48 @@ class BatchConsumer:
             )
         stored = {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
         kafka = self.subscriber.consumer
+        ends = await kafka.end_offsets(tps)
+        starts = await kafka.beginning_offsets(tps)
         for tp in tps:
             offset = stored.get((tp.topic, tp.partition), 0)
+            if offset > ends[tp]:
+                # The log is shorter than what we consumed: the topic was recreated (an
+                # in-memory broker restarted, or ops deleted it). Start over from its
+                # beginning; event-id dedupe downstream keeps a re-read from paying twice.
+                log.warning(
+                    "stored_offset_beyond_log_end",
+                    consumer=self.name,
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    stored=offset,
+                    log_end=ends[tp],
+                )
+                offset = starts[tp]
+                await self._reset_offset(tp, offset)
+            elif offset < starts[tp]:
+                log.warning(
+                    "stored_offset_before_log_start",
+                    consumer=self.name,
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    stored=offset,
+                    log_start=starts[tp],
+                )
             self.next_offsets[(tp.topic, tp.partition)] = offset
             kafka.seek(tp, offset)
         self.assigned |= set(tps)
         log.info("partitions_assigned", consumer=self.name, partitions=[tp.partition for tp in tps])
+
+    async def _reset_offset(self, tp: TopicPartition, offset: int) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE consumer_offsets SET next_offset = $4, updated_at = now()"
+                " WHERE consumer = $1 AND topic = $2 AND partition = $3",
+                self.name,
+                tp.topic,
+                tp.partition,
+                offset,
+            )
 
     # --- processing ---------------------------------------------------------------------
 

@@ -203,3 +203,21 @@ async def test_api_requires_keys_and_answers_problem_json(stack: Stack) -> None:
         assert unknown.json()["title"] == "Member not found"
         metrics = await client.get("/metrics")
         assert "loyalty_consumer_lag" in metrics.text
+
+
+async def test_a_recreated_topic_is_read_from_its_start_not_skipped(stack: Stack) -> None:
+    # Tansu keeps topics in memory: after a broker restart the log is empty again while
+    # Postgres remembers offsets far ahead. The consumer must notice and start over.
+    stack.kill("rules")
+    await stack.fetch(
+        "UPDATE consumer_offsets SET next_offset = 100000 WHERE consumer LIKE '%rules'"
+    )
+    stack.start("rules")
+    event = purchase("m-recreated", "120.00", NOW - timedelta(minutes=1))
+    await stack.produce([event])
+
+    async def paid() -> dict | None:
+        return await _member(stack, "m-recreated")
+
+    doc = await wait_until(paid, timeout=60, what="the event after the offset reset")
+    assert doc["points"]["earned"] == 120 + 200
