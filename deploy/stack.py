@@ -32,7 +32,8 @@ from pathlib import Path
 from deploy import local
 
 ROOT = local.REPO_ROOT
-RUN = ROOT / ".run"
+# STACK_RUN_DIR lets a second stack (a test of this module) live beside a developer's.
+RUN = Path(os.environ.get("STACK_RUN_DIR", ROOT / ".run")).resolve()
 LOGS = RUN / "logs"
 STACK_ENV = RUN / "stack.env"
 PG_DATA = RUN / "pgdata"
@@ -85,6 +86,14 @@ def write_env_file(env: dict[str, str], path: Path = STACK_ENV) -> None:
     tmp.write_text("\n".join(lines) + "\n")
     os.chmod(tmp, 0o600)  # holds API keys
     tmp.replace(path)
+
+
+def _shown(path: Path) -> str:
+    """Repo-relative when under the repo (short), absolute otherwise."""
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _pidfile(name: str) -> Path:
@@ -156,7 +165,7 @@ def ensure_broker(previous: dict[str, str]) -> tuple[str, str]:
         port = int(os.environ.get("KAFKA_PORT", KAFKA_PORT))
         cport = int(os.environ.get("KAFKA_CONTROLLER_PORT", KAFKA_CONTROLLER_PORT))
         pid, bootstrap = local.start_kafka(port, cport, KAFKA_DATA, LOGS / "kafka.log")
-        note = f"Apache Kafka {local.KAFKA_VERSION}, data in {KAFKA_DATA.relative_to(ROOT)}"
+        note = f"Apache Kafka {local.KAFKA_VERSION}, data in {_shown(KAFKA_DATA)}"
     local.write_pid(_pidfile("broker"), pid)
     say(f"broker: {kind} started on {bootstrap} (pid {pid}, {time.monotonic() - t0:.1f}s; {note})")
     return kind, bootstrap
@@ -227,15 +236,15 @@ def ensure_services(stack_env: dict[str, str], restart: bool = False) -> bool:
     ok = True
     for name, pid in started:
         if local.pid_alive(pid):
-            say(f"{name}: started (pid {pid}, log .run/logs/{name}.log)")
+            say(f"{name}: started (pid {pid}, log {LOGS / name}.log)")
         else:
             ok = False
-            say(f"{name}: EXITED right after start, see .run/logs/{name}.log")
+            say(f"{name}: EXITED right after start, see {LOGS / name}.log")
     return ok
 
 
 def up() -> int:
-    RUN.mkdir(exist_ok=True)
+    RUN.mkdir(parents=True, exist_ok=True)
     LOGS.mkdir(exist_ok=True)
     previous = read_env_file()
     dsn = ensure_postgres()
@@ -246,9 +255,28 @@ def up() -> int:
     apply_migrations(dsn)
     stack_env = build_env(previous, dsn, kind, bootstrap)
     write_env_file(stack_env)
-    say(f"env: {STACK_ENV.relative_to(ROOT)}")
+    say(f"env: {STACK_ENV}")
     changed = [k for k, v in stack_env.items() if previous and previous.get(k) != v]
-    return 0 if ensure_services(stack_env, restart=bool(changed)) else 1
+    if not ensure_services(stack_env, restart=bool(changed)):
+        return 1
+    return 0 if wait_ready(stack_env["LEDGER_API_URL"]) else 1
+
+
+def wait_ready(api_url: str, timeout: float = 90.0) -> bool:
+    """`up` returns once the ledger answers /readyz (database and consumers assigned)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{api_url}/readyz", timeout=2).status_code == 200:
+                say(f"ledger: ready at {api_url}")
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    say(f"ledger: not ready after {timeout:.0f}s, see {LOGS / 'ledger.log'}")
+    return False
 
 
 def down() -> int:
@@ -276,13 +304,11 @@ def status() -> int:
     env = read_env_file()
     rows: list[tuple[str, str, str, str]] = []
     if local.postgres_running(PG_DATA):
-        rows.append(
-            ("postgres", str(local.postgres_pid(PG_DATA)), "alive", str(PG_DATA.relative_to(ROOT)))
-        )
+        rows.append(("postgres", str(local.postgres_pid(PG_DATA)), "alive", str(_shown(PG_DATA))))
     elif env.get("POSTGRES") == "external":
         rows.append(("postgres", "-", "external", env["DATABASE_URL"].rsplit("@", 1)[-1]))
     else:
-        rows.append(("postgres", "-", "dead", str(PG_DATA.relative_to(ROOT))))
+        rows.append(("postgres", "-", "dead", str(_shown(PG_DATA))))
     kind = env.get("BROKER", "-")
     if kind == "external":
         rows.append(("broker", "-", "external", env.get("KAFKA_BOOTSTRAP_SERVERS", "")))
