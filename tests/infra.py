@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,7 +114,8 @@ def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     data_dir = RUN_DIR / f"test-pg{_worker_suffix()}" / "data"
     if local.postgres_running(data_dir):
-        data_dir = tmp_path_factory.mktemp("pg") / "data"
+        # Not pytest's tmp dir: it is private to root and the `postgres` user must enter it.
+        data_dir = RUN_DIR / f"test-pg-{os.getpid()}" / "data"
     dsn = local.start_postgres(
         data_dir, local.free_port(), log_path=TEST_LOGS / f"postgres{_worker_suffix()}.log"
     )
@@ -121,6 +123,8 @@ def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield dsn
     finally:
         local.stop_postgres(data_dir)
+        if data_dir.parent.name.startswith("test-pg-"):
+            shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
 def _with_database(dsn: str, database: str) -> str:

@@ -12,11 +12,12 @@ import contextlib
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import Counter
 
 RELAY_BATCH: Final = 5000  # rows per broker round trip; bounded to keep memory flat
@@ -62,6 +63,7 @@ class OutboxRelay:
         self._service = service
         self._wake = asyncio.Event()
         self._lock_key = zlib.crc32(f"outbox:{service}".encode())
+        self._partitioner = DefaultPartitioner()
 
     def wake(self) -> None:
         """Called after a commit that wrote outbox rows, so they leave within milliseconds."""
@@ -99,13 +101,7 @@ class OutboxRelay:
             )
             if not rows:
                 return 0
-            futures = [
-                await self._producer.send(
-                    r["topic"], r["payload"], key=r["key"].encode() if r["key"] else None
-                )
-                for r in rows
-            ]
-            await asyncio.gather(*futures)
+            await asyncio.gather(*await self._send(rows))
             await conn.execute(
                 "DELETE FROM outbox WHERE service = $1 AND id <= $2 AND id = ANY($3::bigint[])",
                 self._service,
@@ -114,3 +110,34 @@ class OutboxRelay:
             )
         PUBLISHED.labels(self._service).inc(len(rows))
         return len(rows)
+
+    async def _send(self, rows: list[asyncpg.Record]) -> list[asyncio.Future[Any]]:
+        """Hand the rows to the producer as one record batch per partition, in id order.
+
+        `producer.send` per row costs a future, a partitioner call and a metadata lookup
+        each (a tenth of the rules service's CPU in the bench profile); building the
+        batches here does the same work once per batch. Partitions come from the
+        producer's own default partitioner (murmur2 of the key), so a member's events land
+        where `send` would have put them, and in the same order.
+        """
+        groups: dict[tuple[str, int], list[tuple[bytes | None, bytes]]] = {}
+        partitions: dict[str, list[int]] = {}
+        for r in rows:
+            topic = r["topic"]
+            if topic not in partitions:
+                partitions[topic] = sorted(await self._producer.partitions_for(topic))
+            key = r["key"].encode() if r["key"] is not None else None
+            part = self._partitioner(key, partitions[topic], partitions[topic])
+            groups.setdefault((topic, part), []).append((key, r["payload"]))
+        futures: list[asyncio.Future[Any]] = []
+        for (topic, part), messages in groups.items():
+            batch = self._producer.create_batch()
+            for key, value in messages:
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    futures.append(await self._producer.send_batch(batch, topic, partition=part))
+                    batch = self._producer.create_batch()
+                    if batch.append(key=key, value=value, timestamp=None) is None:
+                        raise ValueError(f"outbox row of {len(value)} bytes exceeds a batch")
+            if batch.record_count():
+                futures.append(await self._producer.send_batch(batch, topic, partition=part))
+        return futures

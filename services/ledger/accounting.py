@@ -19,6 +19,11 @@ Definitions (the numbers the HTTP API and the reports expose):
   read never counts an expired lot, even before the sweeper (`Expire`) wrote its entry.
 * ``debt`` is points owed: a revoke (refund) or a debt-allowing deduction that the lots
   could not cover. Later earnings (earns and positive adjustments) pay it off first.
+* A lot is *pending at t* iff ``available_from > t`` (a rule set may hold points for N
+  days, `Earn.pending_days`): it is shown (`pending`) but neither counted in ``available``
+  nor spent by a redemption. A refund may still take it back (its own purchase's points),
+  and a debt-allowing deduction takes it before it creates debt, so debt still only
+  exists while no unexpired lot (pending or not) has points left.
 * ``spendable(book, t) = max(0, available(book, t) - debt)`` is what a redemption or a
   (debt-refusing) deduction may take. When a member's commands arrive in time order, debt
   is only ever positive while no unexpired lot has points left, so then spendable equals
@@ -82,8 +87,10 @@ __all__ = [
     "evolve",
     "expire_entry_id",
     "expiring",
+    "pending",
     "replay",
     "spendable",
+    "spendable_lots",
     "unexpired_lots",
 ]
 
@@ -168,6 +175,11 @@ class Lot:
     source_event_id: str
     order_id: str | None = None
     rule_id: str | None = None
+    # Pending until then (None: available from ``earned_at``).
+    available_from: datetime | None = None
+
+    def pending_at(self, at: datetime) -> bool:
+        return self.available_from is not None and self.available_from > at
 
 
 def _fifo_key(lot: Lot) -> tuple[datetime, datetime, str]:
@@ -218,9 +230,19 @@ def unexpired_lots(book: Book, at: datetime) -> list[Lot]:
     )
 
 
+def spendable_lots(book: Book, at: datetime) -> list[Lot]:
+    """Unexpired lots no longer pending at ``at``, in spending (FIFO) order."""
+    return [lot for lot in unexpired_lots(book, at) if not lot.pending_at(at)]
+
+
 def available(book: Book, at: datetime) -> int:
-    """Remaining points of the lots unexpired at ``at`` (expired ones never count)."""
-    return sum(lot.remaining for lot in book.lots if lot.expires_at > at)
+    """Remaining points of lots unexpired and not pending at ``at`` (expired never count)."""
+    return sum(lot.remaining for lot in book.lots if lot.expires_at > at and not lot.pending_at(at))
+
+
+def pending(book: Book, at: datetime) -> int:
+    """Remaining points of unexpired lots still pending at ``at``."""
+    return sum(lot.remaining for lot in book.lots if lot.expires_at > at and lot.pending_at(at))
 
 
 def spendable(book: Book, at: datetime) -> int:
@@ -256,11 +278,15 @@ class Earn:
     order_id: str | None = None
     store_id: str | None = None
     lifetime_months: int = DEFAULT_LIFETIME_MONTHS
+    # Days the points stay pending before they can be spent (rule-set data, default 0).
+    pending_days: int = 0
 
     def __post_init__(self) -> None:
         _require_positive("points", self.points)
         _require_positive("lifetime_months", self.lifetime_months)
         _require_aware("occurred_at", self.occurred_at)
+        if self.pending_days < 0:
+            raise ValueError("pending_days must not be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +395,8 @@ class Entry:
     adjustment_id: str | None = None
     reason: str | None = None
     operator: str | None = None
+    # A creating entry whose points are pending until then (None: not pending).
+    available_from: datetime | None = None
 
     @property
     def creates_lot(self) -> bool:
@@ -417,6 +445,9 @@ def _decide_earn(book: Book, cmd: Earn) -> list[Entry]:
         points=cmd.points,
         occurred_at=cmd.occurred_at,
         expires_at=add_months(cmd.occurred_at, cmd.lifetime_months),
+        available_from=(
+            cmd.occurred_at + timedelta(days=cmd.pending_days) if cmd.pending_days else None
+        ),
         debt_delta=-paid,
         rule_id=cmd.rule_id,
         ruleset_version=cmd.ruleset_version,
@@ -455,7 +486,7 @@ def _decide_redeem(book: Book, cmd: Redeem) -> list[Entry]:
         raise BelowMinimum(balance, cmd.min_balance)
     if balance < cmd.points:
         raise InsufficientPoints(balance, cmd.points)
-    allocations, taken = _take(unexpired_lots(book, cmd.at), cmd.points)
+    allocations, taken = _take(spendable_lots(book, cmd.at), cmd.points)
     if taken != cmd.points:  # pragma: no cover - spendable <= available guarantees it
         raise InsufficientPoints(taken, cmd.points)
     entry = Entry(
@@ -493,7 +524,11 @@ def _decide_adjust(book: Book, cmd: Adjust) -> list[Entry]:
     balance = spendable(book, cmd.at)
     if need > balance and not cmd.allow_debt:
         raise InsufficientPoints(balance, need)
-    allocations, taken = _take(unexpired_lots(book, cmd.at), need)
+    # Spendable lots first; a debt-allowing deduction then takes pending points before it
+    # records debt, so debt never coexists with points the member still holds.
+    ready = spendable_lots(book, cmd.at)
+    held = [lot for lot in unexpired_lots(book, cmd.at) if lot.pending_at(cmd.at)]
+    allocations, taken = _take([*ready, *held], need)
     entry = replace(entry, allocations=allocations, debt_delta=need - taken)
     return [_stamped(book, entry)[1]]
 
@@ -552,11 +587,15 @@ def _check_shape(entry: Entry) -> None:
             raise JournalError(f"{entry.entry_id}: a creating entry takes from no lot")
         if entry.expires_at is None:
             raise JournalError(f"{entry.entry_id}: a creating entry needs expires_at")
+        if entry.available_from is not None and entry.available_from < entry.occurred_at:
+            raise JournalError(f"{entry.entry_id}: available before it was earned")
         if not -entry.points <= entry.debt_delta <= 0:
             raise JournalError(f"{entry.entry_id}: debt paid must be within [0, points]")
         return
     if entry.points > 0:
         raise JournalError(f"{entry.entry_id}: a {entry.kind} entry must be negative")
+    if entry.available_from is not None:
+        raise JournalError(f"{entry.entry_id}: only a creating entry can be pending")
     if entry.debt_delta < 0:
         raise JournalError(f"{entry.entry_id}: a consuming entry cannot pay debt")
     if entry.kind in ("redeem", "expire") and entry.debt_delta != 0:
@@ -600,6 +639,7 @@ def evolve(book: Book, entry: Entry) -> Book:
                 source_event_id=entry.source_event_id or entry.adjustment_id or entry.entry_id,
                 order_id=entry.order_id,
                 rule_id=entry.rule_id,
+                available_from=entry.available_from,
             )
 
     moved = -entry.points

@@ -1,5 +1,10 @@
 """The ledger's HTTP API (CONTRACT.md): member views, entries, redemptions, health, metrics.
 
+Roles: member reads need ``reader``; redemptions ``redeemer``; adjustments and the summary
+report ``ops`` (the report is the chain's liability, not member data). A repeated
+redemption or adjustment (same id, same body) answers 201 with the first answer's body and
+the header ``Idempotent-Replayed: true``; the same id with another body is a 409.
+
 Errors are RFC 9457 problem+json. The grants consumer and the outbox relay run inside the
 same process, started and stopped by the FastAPI lifespan.
 """
@@ -9,7 +14,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 
 import asyncpg
 import structlog
@@ -17,9 +22,11 @@ from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.config import Settings, load_settings
+from services.ledger import redemptions, reports
 from services.ledger.auth import AuthError, KeyRing
 from services.ledger.reads import entries_page, member_view
 from services.ledger.service import LedgerService
@@ -48,16 +55,62 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
 
 
-def parse_instant(raw: str) -> datetime:
+def parse_instant(raw: str, name: str = "as_of") -> datetime:
     try:
         value = datetime.fromisoformat(raw)
     except ValueError as exc:
-        raise Problem(422, "Invalid as_of", f"{raw!r} is not an RFC 3339 timestamp") from exc
+        raise Problem(422, f"Invalid {name}", f"{raw!r} is not an RFC 3339 timestamp") from exc
     if value.tzinfo is None:
         raise Problem(
-            422, "Invalid as_of", "as_of needs a UTC offset, e.g. 2026-11-20T15:04:05+08:00"
+            422, f"Invalid {name}", f"{name} needs a UTC offset, e.g. 2026-11-20T15:04:05+08:00"
         )
     return value
+
+
+_ID = Field(min_length=1, max_length=200)
+
+
+class RedemptionBody(BaseModel):
+    """Exactly one of ``points``, ``reward`` (catalogue code) or ``cash`` (CNY string)."""
+
+    model_config = ConfigDict(extra="forbid")
+    redemption_id: str = _ID
+    points: int | None = Field(default=None, gt=0)
+    reward: str | None = Field(default=None, min_length=1)
+    cash: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]{1,2})?$")
+    store_id: str | None = None
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> Self:
+        given = [n for n in ("points", "reward", "cash") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of points, reward or cash")
+        return self
+
+
+class AdjustmentBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    adjustment_id: str = _ID
+    member_id: str = _ID
+    points: int = Field(description="signed: positive grants, negative deducts")
+    reason: str = Field(min_length=1, max_length=500)
+    operator: str = Field(min_length=1, max_length=200)
+    allow_debt: bool = False
+
+    @model_validator(mode="after")
+    def _moves(self) -> Self:
+        if self.points == 0:
+            raise ValueError("an adjustment must move points")
+        if not self.reason.strip() or not self.operator.strip():
+            raise ValueError("an adjustment needs a reason and the operator's id")
+        return self
+
+
+def _written(outcome: redemptions.Outcome) -> JSONResponse:
+    resp = JSONResponse(outcome.body, status_code=outcome.status)
+    if not outcome.fresh:
+        resp.headers["Idempotent-Replayed"] = "true"
+    return resp
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -83,6 +136,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return problem_response(request, exc.status, exc.title, exc.detail, **exc.extra)
+
+    @app.exception_handler(redemptions.Refused)
+    async def _refused(request: Request, exc: redemptions.Refused) -> JSONResponse:
         return problem_response(request, exc.status, exc.title, exc.detail, **exc.extra)
 
     @app.exception_handler(AuthError)
@@ -141,6 +198,67 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except ValueError as exc:
             raise Problem(422, "Invalid cursor", "cursor was not issued by this API") from exc
         return JSONResponse(page)
+
+    @app.post("/v1/members/{member_id}/redemptions", status_code=201)
+    async def post_redemption(
+        member_id: str,
+        body: RedemptionBody,
+        authorization: str | None = Header(default=None),
+    ) -> JSONResponse:
+        keys.require(authorization, "redeemer")
+        async with pool().acquire() as conn:
+            outcome = await redemptions.redeem(
+                conn,
+                settings.topics.ledger,
+                member_id,
+                body.redemption_id,
+                points=body.points,
+                reward=body.reward,
+                cash=body.cash,
+                store_id=body.store_id,
+                now=datetime.now(UTC),
+            )
+        if outcome.fresh:
+            ledger.wake_relay()
+        return _written(outcome)
+
+    @app.post("/v1/adjustments", status_code=201)
+    async def post_adjustment(
+        body: AdjustmentBody, authorization: str | None = Header(default=None)
+    ) -> JSONResponse:
+        keys.require(authorization, "ops")
+        async with pool().acquire() as conn:
+            outcome = await redemptions.adjust(
+                conn,
+                settings.topics.ledger,
+                body.adjustment_id,
+                member_id=body.member_id,
+                points=body.points,
+                reason=body.reason.strip(),
+                operator=body.operator.strip(),
+                allow_debt=body.allow_debt,
+                now=datetime.now(UTC),
+            )
+        if outcome.fresh:
+            ledger.wake_relay()
+        return _written(outcome)
+
+    @app.get("/v1/reports/summary")
+    async def get_summary(
+        from_: str | None = Query(default=None, alias="from", description="RFC 3339, inclusive"),
+        to: str | None = Query(default=None, description="RFC 3339, exclusive; default now"),
+        store_id: str | None = None,
+        authorization: str | None = Header(default=None),
+    ) -> JSONResponse:
+        keys.require(authorization, "ops")
+        now = datetime.now(UTC)
+        start = parse_instant(from_, "from") if from_ else datetime(1970, 1, 1, tzinfo=UTC)
+        end = parse_instant(to, "to") if to else now
+        if end < start:
+            raise Problem(422, "Invalid period", "`to` is before `from`")
+        async with pool().acquire() as conn:
+            doc = await reports.summary(conn, start, end, store_id, now)
+        return JSONResponse(doc)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -43,6 +43,20 @@ ENTRY_COLUMNS: Final = (
     "reason",
     "operator",
     "allocations",
+    "available_from",
+)
+
+LOT_COLUMNS: Final = (
+    "lot_id",
+    "member_id",
+    "points",
+    "remaining",
+    "earned_at",
+    "available_from",
+    "expires_at",
+    "source_event_id",
+    "order_id",
+    "rule_id",
 )
 
 SELECT_BOOKS: Final = """
@@ -50,8 +64,8 @@ SELECT member_id, debt, earned, redeemed, revoked, expired, adjusted
 FROM ledger_members WHERE member_id = ANY($1::text[]) ORDER BY member_id FOR UPDATE
 """
 SELECT_LOTS: Final = """
-SELECT lot_id, member_id, points, remaining, earned_at, expires_at, source_event_id, order_id,
-       rule_id
+SELECT lot_id, member_id, points, remaining, earned_at, available_from, expires_at,
+       source_event_id, order_id, rule_id
 FROM ledger_lots WHERE member_id = ANY($1::text[]) AND remaining > 0
 """
 ENSURE_MEMBERS: Final = """
@@ -102,6 +116,9 @@ async def load_books(conn: asyncpg.Connection, members: Sequence[str]) -> dict[s
                 source_event_id=r["source_event_id"],
                 order_id=r["order_id"],
                 rule_id=r["rule_id"],
+                available_from=(
+                    r["available_from"] if r["available_from"] != r["earned_at"] else None
+                ),
             )
         )
     return {
@@ -124,7 +141,7 @@ async def load_books(conn: asyncpg.Connection, members: Sequence[str]) -> dict[s
     }
 
 
-def _entry_record(e: Entry) -> tuple[Any, ...]:
+def entry_record(e: Entry) -> tuple[Any, ...]:
     allocations = [[a.lot_id, a.points] for a in e.allocations]
     return (
         e.entry_id,
@@ -145,6 +162,7 @@ def _entry_record(e: Entry) -> tuple[Any, ...]:
         e.reason,
         e.operator,
         allocations,
+        e.available_from,
     )
 
 
@@ -170,6 +188,7 @@ def entry_from_row(r: asyncpg.Record | dict[str, Any]) -> Entry:
         adjustment_id=r["adjustment_id"],
         reason=r["reason"],
         operator=r["operator"],
+        available_from=r["available_from"],
     )
 
 
@@ -178,14 +197,12 @@ async def write_journal(
     entries: Sequence[Entry],
     before: dict[str, Book],
     after: dict[str, Book],
-    pending_until: dict[str, Any] | None = None,
 ) -> None:
     """Append entries (COPY), then write the lots and totals that changed: set-based."""
     if entries:
         await conn.copy_records_to_table(
-            "ledger_entries", records=[_entry_record(e) for e in entries], columns=ENTRY_COLUMNS
+            "ledger_entries", records=[entry_record(e) for e in entries], columns=ENTRY_COLUMNS
         )
-    pending_until = pending_until or {}
     lot_rows: list[tuple[Any, ...]] = []
     for member_id, book in after.items():
         old = {lot.lot_id: lot for lot in before[member_id].lots}
@@ -193,10 +210,10 @@ async def write_journal(
         for lot in book.lots:
             prior = old.get(lot.lot_id)
             if prior is None or prior.remaining != lot.remaining:
-                lot_rows.append(_lot_row(lot, lot.remaining, pending_until.get(lot.lot_id)))
+                lot_rows.append(lot_row(lot, lot.remaining))
         for lot_id, lot in old.items():
             if lot_id not in new:
-                lot_rows.append(_lot_row(lot, 0, None))
+                lot_rows.append(lot_row(lot, 0))
     if lot_rows:
         columns = list(zip(*lot_rows, strict=True))
         await conn.execute(UPSERT_LOTS, *[list(c) for c in columns])
@@ -215,14 +232,15 @@ async def write_journal(
         )
 
 
-def _lot_row(lot: Lot, remaining: int, available_from: Any) -> tuple[Any, ...]:
+def lot_row(lot: Lot, remaining: int) -> tuple[Any, ...]:
+    """A ledger_lots row; ``available_from`` is stored as ``earned_at`` when not pending."""
     return (
         lot.lot_id,
         lot.member_id,
         lot.points,
         remaining,
         lot.earned_at,
-        available_from or lot.earned_at,
+        lot.available_from or lot.earned_at,
         lot.expires_at,
         lot.source_event_id,
         lot.order_id,

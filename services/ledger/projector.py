@@ -9,7 +9,7 @@ statements, with the ledger events going to the outbox in the same transaction.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import asyncpg
@@ -33,9 +33,9 @@ from services.ledger.reads import member_document
 KNOWN_ENTRIES: Final = "SELECT entry_id FROM ledger_entries WHERE entry_id = ANY($1::text[])"
 INSERT_TIERS: Final = """
 INSERT INTO ledger_tier_history (event_id, member_id, occurred_at, tier, previous_tier,
-                                 qualifying_spend, tier_valid_until)
+                                 qualifying_spend, tier_valid_until, next_tier, next_tier_spend)
 SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
-                     $6::numeric[], $7::timestamptz[])
+                     $6::numeric[], $7::timestamptz[], $8::text[], $9::numeric[])
 ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
 """
@@ -64,6 +64,7 @@ def command_for(grant: PointsGranted | PointsRevoked) -> acc.Earn | acc.Revoke:
             source_event_id=d.source_event_id,
             order_id=d.order_id,
             store_id=d.store_id,
+            pending_days=grant.data.pending_days,
         )
     return acc.Revoke(
         entry_id=grant.event_id,
@@ -100,18 +101,23 @@ def make_handler(settings: Settings, consumer_name: str):  # type: ignore[no-unt
         before = await load_books(conn, members)
         after = dict(before)
         entries: list[acc.Entry] = []
-        pending_until: dict[str, datetime] = {}
         for grant in moves:
             book = after[grant.member_id]
             for entry in acc.decide(book, command_for(grant)):
                 book = acc.evolve(book, entry)
                 entries.append(entry)
             after[grant.member_id] = book
-            if isinstance(grant, PointsGranted) and grant.data.pending_days:
-                pending_until[grant.event_id] = grant.occurred_at + timedelta(
-                    days=grant.data.pending_days
-                )
-        await write_journal(conn, entries, before, after, pending_until)
+        # A late grant (occurred_at over 12 months ago) made a lot that is already past its
+        # expiry: journal its expiry now, in the same transaction, rather than leave it for
+        # the sweeper. The expire entry ids are deterministic, so the sweeper agrees.
+        now = datetime.now(UTC)
+        for member_id in {g.member_id for g in moves}:
+            book = after[member_id]
+            for entry in acc.decide(book, acc.Expire(now)):
+                book = acc.evolve(book, entry)
+                entries.append(entry)
+            after[member_id] = book
+        await write_journal(conn, entries, before, after)
         events: list[Any] = [ledger_event(e) for e in entries]
         if tiers:
             events.extend(await _apply_tiers(conn, tiers))
@@ -130,6 +136,8 @@ async def _fresh_tiers(conn: asyncpg.Connection, tiers: list[TierEvaluated]) -> 
         [t.data.previous_tier for t in tiers],
         [t.data.qualifying_spend for t in tiers],
         [t.data.tier_valid_until for t in tiers],
+        [t.data.next_tier for t in tiers],
+        [t.data.next_tier_spend for t in tiers],
     )
     fresh = {r["event_id"] for r in rows}
     return [t for t in tiers if t.event_id in fresh]
@@ -189,5 +197,7 @@ async def member_as_of(
         qualifying_spend=tier["qualifying_spend"] if tier else 0,
         tier_valid_until=tier["tier_valid_until"] if tier else None,
     )
-    lots = [(lot.remaining, lot.earned_at, lot.expires_at) for lot in book.lots]
+    lots = [
+        (lot.remaining, lot.available_from or lot.earned_at, lot.expires_at) for lot in book.lots
+    ]
     return member_document(snapshot, lots, at)

@@ -15,6 +15,7 @@ from services.common.consumer import BatchConsumer, register_lag
 from services.common.outbox import OutboxRelay, make_producer
 from services.common.runtime import Background, create_broker, create_pool
 from services.ledger import projector
+from services.ledger.sweeper import ExpirySweeper
 
 SERVICE = "ledger"
 log = structlog.get_logger()
@@ -37,6 +38,7 @@ class LedgerService:
         self._pool: asyncpg.Pool | None = None
         self._producer: Any = None
         self.relay: OutboxRelay | None = None
+        self.sweeper: ExpirySweeper | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -57,6 +59,13 @@ class LedgerService:
         register_lag([self.consumer])
         await self.broker.start()
         self._background.spawn("outbox-relay", self.relay.run)
+        self.sweeper = ExpirySweeper(
+            self._pool,
+            self.settings.topics.ledger,
+            self.settings.expiry_sweep_seconds,
+            self.relay.wake,
+        )
+        self._background.spawn("expiry-sweeper", self.sweeper.run)
 
     async def stop(self) -> None:
         await self.broker.stop()
@@ -65,6 +74,11 @@ class LedgerService:
             await self._producer.stop()
         if self._pool is not None:
             await self._pool.close()
+
+    def wake_relay(self) -> None:
+        """After a commit that wrote outbox rows, so the events leave within milliseconds."""
+        if self.relay is not None:
+            self.relay.wake()
 
     async def readiness(self) -> dict[str, bool]:
         db = False

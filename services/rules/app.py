@@ -9,6 +9,7 @@ outbox. The relay then publishes them to `loyalty.grants.v1`.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -24,13 +25,14 @@ from services.common.config import Settings, load_settings
 from services.common.consumer import BatchConsumer, BatchWork, register_lag, validate_records
 from services.common.outbox import OutboxRelay, OutboxRow, make_producer
 from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
-from services.rules.engine import evaluate
+from services.rules.engine import HeldEvent, evaluate
 from services.rules.rulebook_store import book_stamp, load_book
-from services.rules.ruleset import RuleBook
+from services.rules.ruleset import RuleBook, RuleSetError
 from services.rules.state import MemberState
 
 SERVICE: Final = "rules"
-RULEBOOK_POLL_S: Final = 5.0  # how soon a published rule-set version reaches running instances
+# How soon a published rule-set version reaches running instances (tests set it lower).
+RULEBOOK_POLL_S: Final = float(os.environ.get("RULEBOOK_POLL_SECONDS") or 5.0)
 log = structlog.get_logger()
 
 INSERT_ACTIVITY: Final = """
@@ -43,10 +45,16 @@ RETURNING event_id
 """
 SELECT_STATES: Final = """
 SELECT member_id, referrer_id, state::text AS state FROM rules_member_state
-WHERE member_id = ANY($1::text[])
+WHERE member_id = ANY($1::text[]) ORDER BY member_id FOR UPDATE
 """
 SELECT_REFERRERS: Final = """
 SELECT member_id, referrer_id FROM rules_member_state WHERE member_id = ANY($1::text[])
+"""
+INSERT_HELD: Final = """
+INSERT INTO rules_held (event_id, member_id, type, occurred_at, payload, reason)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bytea[],
+                     $6::text[])
+ON CONFLICT (event_id) DO NOTHING
 """
 UPSERT_STATES: Final = """
 INSERT INTO rules_member_state AS s (member_id, referrer_id, state, updated_at)
@@ -87,7 +95,21 @@ class RulesProcessor:
     async def handle(
         self, conn: asyncpg.Connection, records: Sequence[ConsumerRecord], work: BatchWork
     ) -> None:
-        assert self.book is not None, "rule book not loaded"
+        # One tiny query per batch: a version published (committed) before this batch
+        # started is in force for it, whatever the watcher's poll interval.
+        stamp = await book_stamp(conn)
+        if stamp != self._stamp or self.book is None:
+            try:
+                async with conn.transaction():  # a savepoint: a failure leaves the batch usable
+                    book = await load_book(conn)
+            except RuleSetError:
+                if self.book is None:
+                    raise
+                # Publishing validates, so this means a hand-edited row: keep what is in force.
+                log.exception("rulebook_reload_failed")
+            else:
+                self.book, self._stamp = book, stamp
+                log.info("rulebook_loaded", versions=[r.version for r in book.versions])
         good = validate_records(
             records, parse_activity, work, self.consumer_name, self.settings.topics.dlq
         )
@@ -109,10 +131,10 @@ class RulesProcessor:
             [r.value for r, _ in rows],
         )
         fresh_ids = {r["event_id"] for r in inserted}
-        fresh = [e for _, e in rows if e.event_id in fresh_ids]
+        fresh = [(r, e) for r, e in rows if e.event_id in fresh_ids]
         if not fresh:
             return
-        members = sorted({e.member_id for e in fresh})
+        members = sorted({e.member_id for _, e in fresh})
         states: dict[str, MemberState] = {}
         referrers: dict[str, str | None] = {}
         for r in await conn.fetch(SELECT_STATES, members):
@@ -120,21 +142,28 @@ class RulesProcessor:
             referrers[r["member_id"]] = r["referrer_id"]
         await self._load_referrer_chain(conn, referrers)
         grants: list[GrantEvent] = []
+        held: list[tuple[ConsumerRecord, HeldEvent]] = []
         touched: set[str] = set()
-        for event in fresh:
+        for record, event in fresh:
             state = states.get(event.member_id) or MemberState(member_id=event.member_id)
             result = evaluate(state, event, self.book.at(event.occurred_at), referrers)
             states[event.member_id] = result.state
             referrers[event.member_id] = result.state.referrer_id
             touched.add(event.member_id)
             grants.extend(result.grants)
-            if result.held:
-                log.warning(
-                    "engagement_held",
-                    event_id=event.event_id,
-                    member_id=event.member_id,
-                    reason=result.held[0].reason,
-                )
+            held.extend((record, h) for h in result.held)
+        if held:
+            # Kept for ops review (`ledgerctl rules held ...`) in the same transaction.
+            await conn.execute(
+                INSERT_HELD,
+                [h.event.event_id for _, h in held],
+                [h.event.member_id for _, h in held],
+                [h.event.type for _, h in held],
+                [h.event.occurred_at for _, h in held],
+                [r.value for r, _ in held],
+                [h.reason for _, h in held],
+            )
+            log.warning("engagement_held", events=len(held))
         ordered = sorted(touched)
         await conn.execute(
             UPSERT_STATES,

@@ -6,6 +6,8 @@ same activity yields byte-identical grants that the ledger dedupes.
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from datetime import datetime
 from decimal import Decimal
 
@@ -27,12 +29,25 @@ from schemas.grants import (
     Tier,
     TierData,
     TierEvaluated,
-    grant_id,
 )
 from services.rules.ruleset import RuleSet
+from services.rules.state import trusted
 from services.rules.tiers import next_tier
 
 AnyActivity = MemberRegistered | Purchase | Refund | CheckIn | Review | Share | Referral
+
+# schemas.grants.grant_id's namespace; a unit test pins fast_grant_id to grant_id.
+_NAMESPACE = uuid.UUID("6f1c2a4e-9b0d-4c53-8a61-3e2f7d5b9c10").bytes
+
+
+def fast_grant_id(source_event_id: str, rule_id: str, member_id: str, kind: str = "grant") -> str:
+    """`schemas.grants.grant_id` (a UUIDv5) without building a uuid.UUID: 3x faster."""
+    name = f"{kind}|{source_event_id}|{rule_id}|{member_id}".encode()
+    h = bytearray(hashlib.sha1(_NAMESPACE + name, usedforsecurity=False).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x50
+    h[8] = (h[8] & 0x3F) | 0x80
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 def granted(
@@ -50,11 +65,13 @@ def granted(
         return []
     who = member_id or event.member_id
     return [
-        PointsGranted(
-            event_id=grant_id(event.event_id, rule_id, who, "grant"),
+        trusted(
+            PointsGranted,
+            event_id=fast_grant_id(event.event_id, rule_id, who, "grant"),
             occurred_at=event.occurred_at,
             member_id=who,
-            data=GrantData(
+            data=trusted(
+                GrantData,
                 rule_id=rule_id,
                 ruleset_version=version or ruleset.version,
                 points=points,
@@ -81,11 +98,13 @@ def revoked(
         return []
     who = member_id or event.member_id
     return [
-        PointsRevoked(
-            event_id=grant_id(event.event_id, rule_id, who, "revoke"),
+        trusted(
+            PointsRevoked,
+            event_id=fast_grant_id(event.event_id, rule_id, who, "revoke"),
             occurred_at=event.occurred_at,
             member_id=who,
-            data=RevokeData(
+            data=trusted(
+                RevokeData,
                 rule_id=rule_id,
                 ruleset_version=version,
                 points=points,
@@ -107,11 +126,13 @@ def tier_evaluated(
     valid_until: datetime | None,
 ) -> TierEvaluated:
     up = next_tier(tier, ruleset.tiers)
-    return TierEvaluated(
-        event_id=grant_id(event.event_id, ruleset.rule_ids.tier, event.member_id, "tier"),
+    return trusted(
+        TierEvaluated,
+        event_id=fast_grant_id(event.event_id, ruleset.rule_ids.tier, event.member_id, "tier"),
         occurred_at=event.occurred_at,
         member_id=event.member_id,
-        data=TierData(
+        data=trusted(
+            TierData,
             tier=tier,
             previous_tier=previous,
             qualifying_spend=max(spend, Decimal(0)),

@@ -14,7 +14,7 @@ from schemas.activity import CheckIn, Review, Share
 from schemas.grants import GrantEvent
 from services.rules.emit import AnyActivity, granted
 from services.rules.ruleset import RuleSet
-from services.rules.state import MemberState, ReviewMark
+from services.rules.state import MemberState, ReviewMark, evolve, trusted
 
 Outcome = tuple[MemberState, list[GrantEvent]]
 
@@ -33,9 +33,7 @@ def pay_capped(
     paid = max(points, 0) if cap is None else max(0, min(points, cap - used))
     if paid == 0:
         return state, []
-    new = state.model_copy(
-        update={"engagement_by_day": {**state.engagement_by_day, day: used + paid}}
-    )
+    new = evolve(state, engagement_by_day={**state.engagement_by_day, day: used + paid})
     return new, granted(event, ruleset, rule_id, paid)
 
 
@@ -45,20 +43,18 @@ def on_visit(state: MemberState, event: CheckIn, ruleset: RuleSet) -> Outcome:
     key = d.booking_id or event.event_id
     if key in state.visits_seen or d.booked_at is None or d.slot_start is None:
         return state, []
-    state = state.model_copy(
-        update={"visits_seen": {**state.visits_seen, key: local_day(event, ruleset)}}
-    )
+    state = evolve(state, visits_seen={**state.visits_seen, key: local_day(event, ruleset)})
     lead = d.slot_start - d.booked_at
     if lead < timedelta(hours=float(rules.min_booking_lead_hours)):
         return state, []
     grace = timedelta(minutes=float(rules.grace_minutes))
     if d.arrived_at is None or d.arrived_at > d.slot_start + grace:
-        return state.model_copy(update={"visit_streak": 0}), []
+        return evolve(state, visit_streak=0), []
     streak = state.visit_streak + 1
     grants = granted(event, ruleset, ids.on_time_visit, rules.points)
     if rules.streak_every and streak % rules.streak_every == 0:
         grants += granted(event, ruleset, ids.punctuality_streak, rules.streak_points)
-    return state.model_copy(update={"visit_streak": streak}), grants
+    return evolve(state, visit_streak=streak), grants
 
 
 def on_sign_in(state: MemberState, event: CheckIn, ruleset: RuleSet) -> Outcome:
@@ -67,7 +63,7 @@ def on_sign_in(state: MemberState, event: CheckIn, ruleset: RuleSet) -> Outcome:
     if last is not None and day <= last:
         return state, []
     streak = state.sign_in_streak + 1 if last == day - timedelta(days=1) else 1
-    state = state.model_copy(update={"sign_in_last_day": day, "sign_in_streak": streak})
+    state = evolve(state, sign_in_last_day=day, sign_in_streak=streak)
     state, grants = pay_capped(state, event, ruleset, ids.sign_in, rules.points)
     if rules.streak_every and streak % rules.streak_every == 0:
         state, more = pay_capped(state, event, ruleset, ids.sign_in_streak, rules.streak_points)
@@ -78,7 +74,7 @@ def on_sign_in(state: MemberState, event: CheckIn, ruleset: RuleSet) -> Outcome:
 def on_review(state: MemberState, event: Review, ruleset: RuleSet) -> Outcome:
     """A review re-sent once featured pays the top-up only; a suggestion pays once, uncapped."""
     d, rules, ids = event.data, ruleset.review, ruleset.rule_ids
-    mark = state.reviews.get(d.review_id) or ReviewMark(day=local_day(event, ruleset))
+    mark = state.reviews.get(d.review_id) or trusted(ReviewMark, day=local_day(event, ruleset))
     due = math.floor(rules.points * rules.featured_multiplier) if d.featured else rules.points
     top_up = max(due - mark.points_due, 0)
     grants: list[GrantEvent] = []
@@ -87,13 +83,12 @@ def on_review(state: MemberState, event: Review, ruleset: RuleSet) -> Outcome:
         state, grants = pay_capped(state, event, ruleset, rule_id, top_up)
     if d.suggestion_adopted and not mark.suggestion:
         grants += granted(event, ruleset, ids.suggestion_adopted, rules.suggestion_points)
-    mark = mark.model_copy(
-        update={
-            "points_due": max(due, mark.points_due),
-            "suggestion": mark.suggestion or d.suggestion_adopted,
-        }
+    mark = evolve(
+        mark,
+        points_due=max(due, mark.points_due),
+        suggestion=mark.suggestion or d.suggestion_adopted,
     )
-    return state.model_copy(update={"reviews": {**state.reviews, d.review_id: mark}}), grants
+    return evolve(state, reviews={**state.reviews, d.review_id: mark}), grants
 
 
 def on_share(state: MemberState, event: Share, ruleset: RuleSet) -> Outcome:
@@ -108,10 +103,9 @@ def on_share(state: MemberState, event: Share, ruleset: RuleSet) -> Outcome:
     count = state.shares_by_day.get(day, 0)
     if rules.max_per_day is not None and count >= rules.max_per_day:
         return state, []
-    state = state.model_copy(
-        update={
-            "shares_paid": {**state.shares_paid, d.share_id: day},
-            "shares_by_day": {**state.shares_by_day, day: count + 1},
-        }
+    state = evolve(
+        state,
+        shares_paid={**state.shares_paid, d.share_id: day},
+        shares_by_day={**state.shares_by_day, day: count + 1},
     )
     return pay_capped(state, event, ruleset, ruleset.rule_ids.share, rules.points)

@@ -25,7 +25,7 @@ from schemas.grants import GrantEvent
 from services.rules import engagement_rules, purchase_rules, tiers
 from services.rules.emit import AnyActivity, tier_evaluated
 from services.rules.ruleset import RuleSet
-from services.rules.state import MemberState, prune
+from services.rules.state import MemberState, evolve, prune
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def _burst(state: MemberState, event: AnyActivity, ruleset: RuleSet) -> tuple[Me
     # The last `limit` stamps are enough to decide the next event; held ones count too,
     # so a sustained flood stays held.
     kept = tuple(sorted([*recent, event.occurred_at])[-limit:])
-    return state.model_copy(update={"recent_engagement": kept}), held
+    return evolve(state, recent_engagement=kept), held
 
 
 def _register(state: MemberState, event: MemberRegistered | Referral) -> MemberState:
@@ -76,7 +76,7 @@ def _register(state: MemberState, event: MemberRegistered | Referral) -> MemberS
         and not state.first_purchase_done
     ):
         update["referrer_id"] = referrer
-    return state.model_copy(update=update) if update else state
+    return evolve(state, **update) if update else state
 
 
 def _apply(
@@ -121,10 +121,14 @@ def _evaluate(
             )
             return Evaluation(state=current, held=(HeldEvent(event=event, reason=reason),))
     new, grants = _apply(current, event, ruleset, referrers)
-    spend_before = tiers.rolling_spend(current.orders, at, window)
-    spend_after = tiers.rolling_spend(new.orders, at, window)
-    moved = isinstance(event, Purchase | Refund) and spend_after != spend_before
+    moved, spend_after = False, None
+    # Only purchases and refunds touch the orders; summing spend is skipped for the rest.
+    if new.orders is not current.orders:
+        spend_after = tiers.rolling_spend(new.orders, at, window)
+        moved = spend_after != tiers.rolling_spend(current.orders, at, window)
     if moved or new.tier != state.tier or new.tier_valid_until != state.tier_valid_until:
+        if spend_after is None:
+            spend_after = tiers.rolling_spend(new.orders, at, window)
         grants.append(
             tier_evaluated(event, ruleset, previous=state.tier, tier=new.tier,
                            spend=spend_after, valid_until=new.tier_valid_until)

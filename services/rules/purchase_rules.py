@@ -15,8 +15,23 @@ from schemas.activity import Purchase, Refund
 from schemas.grants import GrantEvent
 from services.rules import tiers
 from services.rules.emit import granted, revoked
-from services.rules.ruleset import RuleSet
-from services.rules.state import BigTicketSnapshot, MemberState, Order, OtherPaid
+from services.rules.ruleset import PurchaseRules, RuleSet
+from services.rules.state import BigTicketSnapshot, MemberState, Order, OtherPaid, evolve, trusted
+
+_SNAPSHOTS: dict[int, tuple[PurchaseRules, tuple[BigTicketSnapshot, ...]]] = {}
+
+
+def _snapshots(rules: PurchaseRules) -> tuple[BigTicketSnapshot, ...]:
+    """The big-ticket steps as stored on an order, built once per (immutable) rule set."""
+    known = _SNAPSHOTS.get(id(rules))
+    if known is None or known[0] is not rules:
+        steps = tuple(
+            BigTicketSnapshot(min_amount=s.min_amount, points=s.points) for s in rules.big_ticket
+        )
+        if len(_SNAPSHOTS) > 64:  # rule sets are few; bound the cache anyway
+            _SNAPSHOTS.clear()
+        known = _SNAPSHOTS[id(rules)] = (rules, steps)
+    return known[1]
 
 
 def floor_points(value: Decimal) -> int:
@@ -93,9 +108,7 @@ def on_purchase(
         ids.new_project: pr.new_project_points * len(fresh),
         ids.combo: sum(c.points for c in pr.combos if set(c.projects) <= codes),
     }
-    steps = tuple(
-        BigTicketSnapshot(min_amount=s.min_amount, points=s.points) for s in pr.big_ticket
-    )
+    steps = _snapshots(pr)
     candidates = {ids.big_ticket: big_ticket_points(d.amount, steps), **fixed}
     paid = {ids.base: floor_points(d.amount * rate)}
     paid.update(select_bonuses(candidates, pr.stack_purchase_bonuses))
@@ -107,7 +120,8 @@ def on_purchase(
         rr = ruleset.referral
         paid[ids.referral_new_member] = rr.new_member_points
         others.append(
-            OtherPaid(
+            trusted(
+                OtherPaid,
                 member_id=state.referrer_id,
                 rule_id=ids.referral_referrer,
                 points=rr.referrer_points,
@@ -116,32 +130,34 @@ def on_purchase(
         indirect = referrers.get(state.referrer_id)
         if indirect is not None and indirect not in {state.referrer_id, event.member_id}:
             others.append(
-                OtherPaid(
-                    member_id=indirect, rule_id=ids.referral_indirect, points=rr.indirect_points
+                trusted(
+                    OtherPaid,
+                    member_id=indirect,
+                    rule_id=ids.referral_indirect,
+                    points=rr.indirect_points,
                 )
             )
     paid = {k: v for k, v in paid.items() if v > 0}
     others = [o for o in others if o.points > 0]
 
-    order = Order(
-        order_id=d.order_id, at=event.occurred_at, amount=d.amount,
+    order = trusted(
+        Order, order_id=d.order_id, at=event.occurred_at, amount=d.amount,
         ruleset_version=ruleset.version, store_id=event.store_id, base_rate=rate,
         factors=factors, fixed_bonuses=fixed, big_ticket=steps, base_rule=ids.base,
         big_ticket_rule=ids.big_ticket, stack=pr.stack_purchase_bonuses, paid=paid,
         others=tuple(others), tier_before=state.tier, tier_after=state.tier,
         valid_until_before=state.tier_valid_until,
     )  # fmt: skip
-    new = state.model_copy(
-        update={
-            "orders": {**state.orders, d.order_id: order},
-            "first_purchase_done": True,
-            "new_projects_bought": (*state.new_projects_bought, *fresh),
-            "referral_paid": state.referral_paid or referral_due,
-        }
+    new = evolve(
+        state,
+        orders={**state.orders, d.order_id: order},
+        first_purchase_done=True,
+        new_projects_bought=(*state.new_projects_bought, *fresh),
+        referral_paid=state.referral_paid or referral_due,
     )
     new = tiers.after_purchase(new, event.occurred_at, ruleset.tiers)
-    order = order.model_copy(update={"tier_after": new.tier})
-    new = new.model_copy(update={"orders": {**new.orders, d.order_id: order}})
+    order = evolve(order, tier_after=new.tier)
+    new = evolve(new, orders={**new.orders, d.order_id: order})
 
     grants: list[GrantEvent] = []
     for rule_id, points in paid.items():
@@ -176,7 +192,7 @@ def on_refund(
     effective = min(event.data.amount, order.net)
     if effective <= 0:
         return state, []
-    order = order.model_copy(update={"refunded": order.refunded + effective})
+    order = evolve(order, refunded=order.refunded + effective)
     targets = _targets(order, order.net)
     grants: list[GrantEvent] = []
     oid, version = order.order_id, order.ruleset_version
@@ -192,6 +208,6 @@ def on_refund(
             grants += revoked(event, o.rule_id, o.points, order_id=oid, version=version,
                               member_id=o.member_id)  # fmt: skip
         others = ()
-    order = order.model_copy(update={"paid": targets, "others": others})
-    new = state.model_copy(update={"orders": {**state.orders, oid: order}})
+    order = evolve(order, paid=targets, others=others)
+    new = evolve(state, orders={**state.orders, oid: order})
     return tiers.after_refund(new, order, event.occurred_at, ruleset.tiers), grants

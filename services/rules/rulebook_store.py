@@ -19,6 +19,10 @@ RULESETS_DIR: Final = Path(__file__).resolve().parent / "rulesets"
 DEFAULT_RULESET: Final = RULESETS_DIR / "default.yaml"
 
 SELECT_VERSIONS: Final = "SELECT version, body FROM rules_rulesets ORDER BY effective_from"
+LIST_VERSIONS: Final = """
+SELECT version, effective_from, published_at, published_by FROM rules_rulesets
+ORDER BY effective_from, published_at
+"""
 BOOK_STAMP: Final = "SELECT count(*), max(published_at) FROM rules_rulesets"
 INSERT_VERSION: Final = """
 INSERT INTO rules_rulesets (version, effective_from, body, published_by)
@@ -48,12 +52,28 @@ async def publish(conn: asyncpg.Connection, body: str, by: str) -> RuleSet:
     return ruleset
 
 
-async def load_book(conn: asyncpg.Connection, seed: Path = DEFAULT_RULESET) -> RuleBook:
+async def load_book(
+    conn: asyncpg.Connection, seed: Path = DEFAULT_RULESET, *, seed_if_empty: bool = True
+) -> RuleBook:
     rows = await conn.fetch(SELECT_VERSIONS)
     if not rows:
+        if not seed_if_empty:
+            raise RuleSetError("no rule set is published yet (ledgerctl rules publish FILE)")
         await publish(conn, await asyncio.to_thread(seed.read_text, encoding="utf-8"), "seed")
         rows = await conn.fetch(SELECT_VERSIONS)
     return RuleBook(load_ruleset(r["body"]) for r in rows)
+
+
+async def read_book(conn: asyncpg.Connection, seed: Path = DEFAULT_RULESET) -> RuleBook:
+    """The book without writing anything (read-only callers): the seed file when empty."""
+    rows = await conn.fetch(SELECT_VERSIONS)
+    if not rows:
+        return RuleBook([load_ruleset(await asyncio.to_thread(seed.read_text, encoding="utf-8"))])
+    return RuleBook(load_ruleset(r["body"]) for r in rows)
+
+
+async def list_versions(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    return list(await conn.fetch(LIST_VERSIONS))
 
 
 async def book_stamp(conn: asyncpg.Connection) -> tuple[int, object]:

@@ -13,7 +13,7 @@ from decimal import Decimal
 
 from schemas.grants import TIERS, Tier
 from services.rules.ruleset import TierRules
-from services.rules.state import MemberState, Order, add_months
+from services.rules.state import MemberState, Order, add_months, evolve
 
 
 def rank(tier: Tier) -> int:
@@ -41,7 +41,7 @@ def next_tier(tier: Tier, rules: TierRules) -> tuple[Tier, Decimal] | None:
 def rolling_spend(orders: Mapping[str, Order], at: datetime, window_months: int) -> Decimal:
     """Net spend of orders in (at - window, at]: refunds already reduce each order."""
     start = add_months(at, -window_months)
-    return sum((o.net for o in orders.values() if start < o.at <= at), Decimal(0))
+    return sum([o.amount - o.refunded for o in orders.values() if start < o.at <= at], Decimal(0))
 
 
 def _hold(tier: Tier, since: datetime, rules: TierRules) -> datetime | None:
@@ -59,7 +59,7 @@ def catch_up(state: MemberState, at: datetime, rules: TierRules) -> MemberState:
         until = _hold(tier, until, rules)
     if tier == state.tier and until == state.tier_valid_until:
         return state
-    return state.model_copy(update={"tier": tier, "tier_valid_until": until})
+    return evolve(state, tier=tier, tier_valid_until=until)
 
 
 def after_purchase(state: MemberState, at: datetime, rules: TierRules) -> MemberState:
@@ -67,7 +67,7 @@ def after_purchase(state: MemberState, at: datetime, rules: TierRules) -> Member
     q = qualified_tier(rolling_spend(state.orders, at, rules.window_months), rules)
     if rank(q) < rank(state.tier):
         return state
-    return state.model_copy(update={"tier": q, "tier_valid_until": _hold(q, at, rules)})
+    return evolve(state, tier=q, tier_valid_until=_hold(q, at, rules))
 
 
 def after_refund(state: MemberState, order: Order, at: datetime, rules: TierRules) -> MemberState:
@@ -83,6 +83,6 @@ def after_refund(state: MemberState, order: Order, at: datetime, rules: TierRule
     if not caused:
         return state
     if rank(q) >= rank(order.tier_before):
-        return state.model_copy(update={"tier": q, "tier_valid_until": _hold(q, at, rules)})
+        return evolve(state, tier=q, tier_valid_until=_hold(q, at, rules))
     until = order.valid_until_before if order.tier_before != "member" else None
-    return state.model_copy(update={"tier": order.tier_before, "tier_valid_until": until})
+    return evolve(state, tier=order.tier_before, tier_valid_until=until)

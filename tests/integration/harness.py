@@ -33,6 +33,7 @@ LOGS = ROOT / ".run" / "test-logs"
 SERVICES = ("rules", "ledger", "notifier")
 OPS_KEY = "test-ops-key"
 READER_KEY = "test-reader-key"
+REDEEMER_KEY = "test-redeemer-key"
 T = TypeVar("T")
 
 
@@ -79,7 +80,7 @@ class Stack:
             KAFKA_BOOTSTRAP_SERVERS=self.bootstrap,
             LOYALTY_TOPIC_PREFIX=self.topics.prefix,
             LEDGER_PORT=str(self.ledger_port),
-            LEDGER_API_KEYS=f"{OPS_KEY}:ops,{READER_KEY}:reader",
+            LEDGER_API_KEYS=f"{OPS_KEY}:ops,{READER_KEY}:reader,{REDEEMER_KEY}:redeemer",
             METRICS_PORT=str(self.metrics_ports.get(service, 0)),
             # Small batches make a SIGKILL land mid-stream rather than between two batches.
             CONSUMER_MAX_BATCH=os.environ.get("TEST_CONSUMER_MAX_BATCH", "500"),

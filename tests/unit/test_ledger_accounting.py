@@ -498,3 +498,54 @@ def test_entries_are_timezone_agnostic_instants() -> None:
     utc_now = T0.astimezone(UTC) + timedelta(days=1)
     _, [entry] = run(redeem("r1", 600, utc_now), book=book)
     assert entry.balance_after == 0
+
+
+def test_pending_points_are_shown_not_spent_until_available_from() -> None:
+    from services.ledger.accounting import pending, spendable_lots
+
+    t0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone(timedelta(hours=8)))
+    book = Book(member_id="m-1")
+    for entry_id, pts, days in (("e1", 600, 0), ("e2", 900, 7)):
+        cmd = Earn(
+            entry_id=entry_id,
+            points=pts,
+            occurred_at=t0,
+            rule_id="base",
+            ruleset_version="v1",
+            source_event_id=entry_id,
+            pending_days=days,
+        )
+        [entry] = decide(book, cmd)
+        book = evolve(book, entry)
+    assert [lot.available_from for lot in book.lots if lot.lot_id == "e2"] == [
+        t0 + timedelta(days=7)
+    ]
+    assert available(book, t0) == 600
+    assert pending(book, t0) == 900
+    assert [lot.lot_id for lot in spendable_lots(book, t0)] == ["e1"]
+    with pytest.raises(InsufficientPoints):
+        decide(book, Redeem(entry_id="r1", points=700, at=t0, redemption_id="r1"))
+    later = t0 + timedelta(days=7)
+    assert available(book, later) == 1500
+    assert pending(book, later) == 0
+    [entry] = decide(book, Redeem(entry_id="r2", points=700, at=later, redemption_id="r2"))
+    assert dict(entry.allocations) == {"e1": 600, "e2": 100}
+    # The journal keeps the pending moment, so a replay restores it.
+    assert replay("m-1", [*_journal_of(book, t0)]).lots == book.lots
+
+
+def _journal_of(book: Book, t0: datetime) -> list[Entry]:
+    return [
+        Entry(
+            entry_id=lot.lot_id,
+            member_id=book.member_id,
+            kind="earn",
+            points=lot.points,
+            occurred_at=lot.earned_at,
+            expires_at=lot.expires_at,
+            available_from=lot.available_from,
+            source_event_id=lot.source_event_id,
+            rule_id=lot.rule_id,
+        )
+        for lot in book.lots
+    ]

@@ -16,7 +16,10 @@ The invariants checked after every step (time moves forward, as on one partition
 7. debt > 0 implies nothing unexpired is left (debt is only created once the lots are
    exhausted, and every earning pays debt first);
 8. after ``Expire(now)`` no lot with ``expires_at <= now`` keeps points;
-9. ``replay(journal) == `` the book built step by step; entry ids are unique.
+9. ``replay(journal) == `` the book built step by step; entry ids are unique;
+10. pending points (an earn with ``pending_days``) are never spent by a redemption or a
+    debt-refusing deduction before their ``available_from``, and never counted in
+    ``available``; ``available + pending`` is what the unexpired lots hold.
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ from services.ledger.accounting import (
     available,
     decide,
     evolve,
+    pending,
     replay,
     spendable,
+    spendable_lots,
     unexpired_lots,
 )
 
@@ -56,7 +61,11 @@ ORDERS = ("o1", "o2", "o3", None)
 points = st.integers(min_value=1, max_value=3000)
 SHAPES: dict[str, st.SearchStrategy[tuple[Any, ...]]] = {
     "earn": st.tuples(
-        st.just("earn"), points, st.sampled_from(ORDERS), st.sampled_from([1, 1, 2, 3, 12])
+        st.just("earn"),
+        points,
+        st.sampled_from(ORDERS),
+        st.sampled_from([1, 1, 2, 3, 12]),
+        st.sampled_from([0, 0, 0, 7, 30]),
     ),
     "redeem": st.tuples(st.just("redeem"), points, st.sampled_from([0, 500])),
     "revoke": st.tuples(st.just("revoke"), st.integers(1, 1500), st.sampled_from(ORDERS[:3])),
@@ -85,6 +94,7 @@ def command_for(n: int, now: datetime, spec: tuple[Any, ...]) -> Command:
             source_event_id=f"ev{n}",
             order_id=spec[2],
             lifetime_months=spec[3],
+            pending_days=spec[4],
         )
     if kind == "redeem":
         return Redeem(
@@ -135,11 +145,16 @@ def check_book(book: Book, now: datetime) -> None:
     before_any_expiry = min((lot.expires_at for lot in book.lots), default=now) - timedelta(
         microseconds=1
     )
-    assert available(book, before_any_expiry) - book.debt == signed_total(book)
+    held = available(book, before_any_expiry) + pending(book, before_any_expiry)
+    assert held - book.debt == signed_total(book)
     # (7)
     if book.debt > 0:
-        assert available(book, now) == 0
+        assert available(book, now) == pending(book, now) == 0
     assert 0 <= spendable(book, now) <= available(book, now)
+    # (10)
+    assert available(book, now) + pending(book, now) == sum(
+        lot.remaining for lot in unexpired_lots(book, now)
+    )
 
 
 def check_entry(before: Book, after: Book, entry: Entry) -> None:
@@ -151,9 +166,11 @@ def check_entry(before: Book, after: Book, entry: Entry) -> None:
         assert (entry.points > 0) == (entry.kind == "earn")
 
 
-def check_fifo(before: Book, entry: Entry, now: datetime) -> None:
-    """(4): the allocations are the greedy prefix of the unexpired lots in FIFO order."""
-    live = unexpired_lots(before, now)
+def check_fifo(before: Book, entry: Entry, now: datetime, may_take_pending: bool = False) -> None:
+    """(4): the allocations are the greedy prefix of the spendable lots in FIFO order, then
+    (a debt-allowing deduction only) of the pending ones; (10) pending last."""
+    ready = spendable_lots(before, now)
+    live = ready + [lot for lot in unexpired_lots(before, now) if lot not in ready]
     by_id = {lot.lot_id: lot for lot in live}
     taken = dict(entry.allocations)
     assert all(lot_id in by_id for lot_id in taken)  # never an expired lot
@@ -163,9 +180,12 @@ def check_fifo(before: Book, entry: Entry, now: datetime) -> None:
     for lot_id in prefix[:-1]:
         assert taken[lot_id] == by_id[lot_id].remaining
     # The plain statement: nothing later-expiring is touched while earlier points remain.
-    for lot_id in taken:
+    ready_ids = {lot.lot_id for lot in ready}
+    if not may_take_pending:
+        assert all(lot_id in ready_ids for lot_id in taken)  # (10) never pending points
+    for lot_id in taken.keys() & ready_ids:
         later = by_id[lot_id]
-        for lot in live:
+        for lot in ready:
             if lot.expires_at < later.expires_at:
                 assert taken.get(lot.lot_id, 0) == lot.remaining
 
@@ -203,7 +223,7 @@ def test_random_histories_keep_the_books(steps: list[tuple[int, tuple[Any, ...]]
             check_fifo(book, entry, now)
             assert spendable(evolve(book, entry), now) == spendable(book, now) - command.points
         if isinstance(command, Adjust) and command.points < 0:
-            check_fifo(book, entries[0], now)
+            check_fifo(book, entries[0], now, may_take_pending=command.allow_debt)
         if isinstance(command, Revoke):
             # (6) own lots first.
             [entry] = entries

@@ -1,0 +1,3 @@
+from services.ctl import main
+
+main()

@@ -1,0 +1,95 @@
+"""`ledgerctl ledger ...`: rebuild read models from the journal, verify them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from services.ledger import rebuild as rb
+
+app = typer.Typer(
+    help="Ledger read models: rebuild from the journal, verify.", no_args_is_help=True
+)
+console = Console()
+DEFAULT_DSN = "postgresql://loyalty:loyalty@127.0.0.1:55432/loyalty"
+DsnOption = typer.Option(
+    None, "--database-url", help="Postgres DSN; default $DATABASE_URL, then the make-up default"
+)
+
+
+def _dsn(given: str | None) -> str:
+    return given or os.environ.get("DATABASE_URL") or DEFAULT_DSN
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("entries"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+async def _total(dsn: str) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await rb.count_entries(conn)
+    finally:
+        await conn.close()
+
+
+@app.command()
+def rebuild(database_url: str | None = DsnOption) -> None:
+    """Rebuild member totals and lots from the journal: built aside, swapped in one step."""
+    dsn = _dsn(database_url)
+    total = asyncio.run(_total(dsn))
+    with _progress() as bar:
+        task = bar.add_task("folding the journal", total=total)
+        report = asyncio.run(rb.rebuild(dsn, lambda n: bar.advance(task, n)))
+        bar.update(task, completed=report.entries, total=report.entries)
+    console.print(
+        f"rebuilt {report.members} members, {report.lots} lots from {report.entries} entries"
+        f" ({report.caught_up} members caught up at the swap)"
+    )
+
+
+@app.command()
+def verify(
+    database_url: str | None = DsnOption,
+    limit: int = typer.Option(200, help="print at most this many differences"),
+) -> None:
+    """Recompute balances, lots and tiers from the journal; exit 1 on any difference."""
+    dsn = _dsn(database_url)
+    total = asyncio.run(_total(dsn))
+    with _progress() as bar:
+        task = bar.add_task("verifying", total=total)
+        report = asyncio.run(rb.verify(dsn, lambda n: bar.advance(task, n)))
+    for line in report.differences[:limit]:
+        console.print(f"[red]DIFF[/red] {line}", highlight=False)
+    if len(report.differences) > limit:
+        console.print(f"... and {len(report.differences) - limit} more")
+    if report.differences:
+        console.print(
+            f"[red]{len(report.differences)} difference(s)[/red] across {report.members} members"
+        )
+        raise typer.Exit(1)
+    console.print(
+        f"[green]ok[/green]: {report.members} members, {report.entries} entries match the journal"
+    )

@@ -1,0 +1,287 @@
+"""`ledgerctl rules ...`: publish, list and backtest rule-set versions; review held events.
+
+Every command talks to the rules service's Postgres (`DATABASE_URL`); none needs the
+service stopped. Errors go to stderr with a non-zero exit code, so scripts can check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import asyncpg
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from services.common.config import load_settings
+from services.rules import held as held_store
+from services.rules.backtest import report_csv, report_json, run_backtest
+from services.rules.rulebook_store import VersionExists, list_versions, load_book, publish
+from services.rules.ruleset import RuleSetError, load_ruleset
+from services.rules.simulate import Report
+
+app = typer.Typer(
+    help="Rule sets: publish versions, list them, backtest a change.", no_args_is_help=True
+)
+held_app = typer.Typer(help="Engagement held back as a burst: list, release, reject.")
+app.add_typer(held_app, name="held", no_args_is_help=True)
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    return typer.Exit(code)
+
+
+def _with_db(work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def run() -> T:
+        conn = await asyncpg.connect(load_settings().database_url)
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+
+    try:
+        return asyncio.run(run())
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise _fail(f"database: {exc}") from exc
+
+
+def _operator() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _when(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{value!r} is not an ISO 8601 time") from exc
+    if parsed.tzinfo is None:
+        raise typer.BadParameter(f"{value!r} needs a UTC offset, e.g. 2026-01-01T00:00:00+08:00")
+    return parsed
+
+
+@app.command("publish")
+def publish_cmd(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    by: Annotated[str | None, typer.Option(help="who publishes (default: OS user)")] = None,
+    allow_past: Annotated[
+        bool,
+        typer.Option(
+            help="accept an effective_from in the past: events already paid keep their "
+            "grants, but a replay would price them under this version"
+        ),
+    ] = False,
+) -> None:
+    """Validate FILE and store it as a new version; running instances pick it up."""
+    body = file.read_text(encoding="utf-8")
+    try:
+        ruleset = load_ruleset(body)
+    except RuleSetError as exc:
+        raise _fail(str(exc).replace("<text>", str(file), 1), code=2) from exc
+
+    async def work(conn: asyncpg.Connection) -> str | None:
+        now = await conn.fetchval("SELECT now()")
+        if ruleset.effective_from < now and not allow_past:
+            return (
+                f"effective_from {ruleset.effective_from.isoformat()} is in the past: events "
+                "already paid would be priced differently on replay; pick a later time or "
+                "pass --allow-past"
+            )
+        async with conn.transaction():
+            await load_book(conn)  # seeds the default first, so earlier events keep it
+            await publish(conn, body, by or _operator())
+        return None
+
+    try:
+        problem = _with_db(work)
+    except VersionExists as exc:
+        raise _fail(str(exc), code=2) from exc
+    if problem:
+        raise _fail(problem, code=2)
+    out.print(
+        f"published rule set {ruleset.version} "
+        f"(effective from {ruleset.effective_from.isoformat()})"
+    )
+
+
+@app.command("list")
+def list_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
+) -> None:
+    """Every published version, oldest effective_from first."""
+    rows = _with_db(list_versions)
+    if as_json:
+        for r in rows:
+            print(json.dumps({k: str(v) if v is not None else None for k, v in dict(r).items()}))
+        return
+    table = Table(title="rule-set versions")
+    for col in ("version", "effective_from", "published_at", "published_by"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["version"],
+            r["effective_from"].isoformat(),
+            r["published_at"].isoformat(timespec="seconds"),
+            r["published_by"] or "",
+        )
+    out.print(table)
+
+
+@held_app.command("list")
+def held_list(
+    status: Annotated[str, typer.Option(help="pending, released, rejected or all")] = "pending",
+    limit: int = 1000,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
+) -> None:
+    """Engagement events held back as a burst, oldest first."""
+    if status not in ("pending", "released", "rejected", "all"):
+        raise typer.BadParameter("status must be pending, released, rejected or all")
+    rows = _with_db(lambda c: held_store.list_held(c, None if status == "all" else status, limit))
+    if as_json:
+        for r in rows:
+            print(json.dumps(held_store.describe(r), default=str))
+        return
+    table = Table(title=f"held engagement ({status})")
+    for col in ("event_id", "member_id", "type", "occurred_at", "status", "reason"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["event_id"],
+            r["member_id"],
+            r["type"],
+            r["occurred_at"].isoformat(),
+            r["status"],
+            r["reason"],
+        )
+    out.print(table)
+
+
+@held_app.command("release")
+def held_release(
+    event_id: str, by: Annotated[str | None, typer.Option(help="operator")] = None
+) -> None:
+    """Pay a held event under the rule set in force at its time (cap and dedupe apply)."""
+    settings = load_settings()
+    try:
+        d = _with_db(lambda c: held_store.release_held(c, settings, event_id, by or _operator()))
+    except held_store.HeldError as exc:
+        raise _fail(str(exc)) from exc
+    out.print(
+        f"released {d.event_id}: {d.points} points in {d.grants} grant(s) "
+        f"under rule set {d.ruleset_version}"
+    )
+
+
+@held_app.command("reject")
+def held_reject(
+    event_id: str, by: Annotated[str | None, typer.Option(help="operator")] = None
+) -> None:
+    """Refuse a held event for good: it is never paid."""
+    try:
+        _with_db(lambda c: held_store.reject_held(c, event_id, by or _operator()))
+    except held_store.HeldError as exc:
+        raise _fail(str(exc)) from exc
+    out.print(f"rejected {event_id}")
+
+
+def _table(report: Report, start: datetime, end: datetime) -> Table:
+    table = Table(
+        title=f"backtest {start.isoformat()} .. {end.isoformat()}: "
+        f"in force ({', '.join(report.versions_in_force) or '-'}) vs "
+        f"candidate {report.candidate_version}",
+        caption=f"{report.events:,} events ({report.warmup_events:,} warm-up), "
+        f"{report.members:,} members; held: {report.held_in_force} in force, "
+        f"{report.held_candidate} candidate",
+    )
+    for col in ("rule", "in force", "candidate", "difference"):
+        table.add_column(col, justify="right" if col != "rule" else "left")
+    for col in ("cash in force", "cash candidate", "cash difference", "members affected"):
+        table.add_column(col, justify="right")
+    for row in (*report.rows, report.total):
+        style = "bold" if row is report.total else None
+        diff = f"[red]{row.difference:+,}[/red]" if row.difference > 0 else f"{row.difference:+,}"
+        table.add_row(
+            row.rule_id, f"{row.in_force:,}", f"{row.candidate:,}", diff,
+            f"{row.cash_in_force:,}", f"{row.cash_candidate:,}", f"{row.cash_difference:+,}",
+            f"{row.members_affected:,}", style=style, end_section=row is report.rows[-1],
+        )  # fmt: skip
+    return table
+
+
+@app.command("simulate")
+def simulate_cmd(
+    ruleset: Annotated[
+        Path, typer.Option("--ruleset", exists=True, dir_okay=False, help="candidate YAML")
+    ],
+    start: Annotated[str, typer.Option("--from", help="period start, ISO 8601 with offset")],
+    end: Annotated[str, typer.Option("--to", help="period end (exclusive)")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="write .json or .csv as well")
+    ] = None,
+    warmup: Annotated[
+        bool,
+        typer.Option(
+            help="replay all recorded history before --from for member state only "
+            "(tiers, first purchases, streaks); --no-warmup starts every member empty"
+        ),
+    ] = True,
+) -> None:
+    """Re-run recorded activity of a period under the rule book in force and a candidate."""
+    t1, t2 = _when(start), _when(end)
+    if t2 <= t1:
+        raise typer.BadParameter("--to must be after --from")
+    if output is not None and output.suffix.lower() not in (".json", ".csv"):
+        raise typer.BadParameter("--output must end in .json or .csv")
+    try:
+        candidate = load_ruleset(ruleset)
+    except RuleSetError as exc:
+        raise _fail(str(exc), code=2) from exc
+
+    progress = Progress(
+        TextColumn("replaying"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+    task = progress.add_task("replay", total=None)
+
+    async def work(conn: asyncpg.Connection) -> tuple[Report, int]:
+        return await run_backtest(
+            conn,
+            candidate,
+            t1,
+            t2,
+            warmup=warmup,
+            on_total=lambda n: progress.update(task, total=n),
+            on_progress=lambda n: progress.advance(task, n),
+        )
+
+    try:
+        with progress:
+            report, skipped = _with_db(work)
+    except RuleSetError as exc:
+        raise _fail(str(exc)) from exc
+    out.print(_table(report, t1, t2))
+    if skipped:
+        err.print(f"[yellow]{skipped} recorded payloads no longer parse; skipped[/yellow]")
+    if output is not None:
+        text = (
+            report_csv(report) if output.suffix.lower() == ".csv" else report_json(report, t1, t2)
+        )
+        output.write_text(text, encoding="utf-8")
+        out.print(f"written {output}")

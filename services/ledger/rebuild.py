@@ -1,0 +1,364 @@
+"""Read models from the journal: `ledgerctl ledger rebuild` and `ledgerctl ledger verify`.
+
+Both stream the journal once, ordered by ``(member_id, seq)`` through a server-side cursor,
+and fold each member with `accounting.replay`: memory holds one member's entries at a time.
+
+**Rebuild** builds aside and swaps, so the API and the consumer keep serving:
+
+1. A consistent starting point: a short transaction takes ``SHARE`` on ``ledger_entries``
+   (so no writer is half-way through appending), exports its snapshot and notes the highest
+   ``seq``; a reader imports that snapshot and the lock is released at once.
+2. The reader folds every member in that snapshot; the books go by ``COPY`` into
+   ``ledger_members_rebuild`` / ``ledger_lots_rebuild`` (no indexes while loading), then
+   the indexes of the live tables are cloned onto them.
+3. The swap, one transaction: ``ACCESS EXCLUSIVE`` on the live read models (every writer
+   locks a member row before appending, so none is in flight once we hold it), refold the
+   few members whose entries arrived after the snapshot, add members without entries,
+   restore tiers from ``ledger_tier_history``, then drop the old tables and rename. Readers
+   wait for the swap only (milliseconds), never for the build.
+
+**Verify** reads the journal and the read models in one ``REPEATABLE READ`` snapshot (so a
+running system gives no false differences) and reports every member whose totals, debt or
+lots differ from the fold, and every member whose tier differs from its latest evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+import asyncpg
+
+from services.ledger import accounting as acc
+from services.ledger.journal import LOT_COLUMNS, entry_from_row, lot_row
+
+MEMBERS_CHUNK: Final = 2000
+FETCH_ROWS: Final = 5000
+TOTAL_COLUMNS: Final = ("debt", "earned", "redeemed", "revoked", "expired", "adjusted")
+MEMBER_COLUMNS: Final = ("member_id", *TOTAL_COLUMNS)
+TABLES: Final = ("ledger_members", "ledger_lots")
+
+JOURNAL: Final = "SELECT * FROM ledger_entries ORDER BY member_id, seq"
+JOURNAL_AFTER: Final = """
+SELECT * FROM ledger_entries
+WHERE member_id = ANY($1::text[]) ORDER BY member_id, seq
+"""
+COUNT: Final = "SELECT count(*) FROM ledger_entries"
+INDEXES: Final = """
+SELECT i.indexname, i.indexdef, c.conname
+FROM pg_indexes AS i
+LEFT JOIN pg_constraint AS c
+       ON c.conrelid = to_regclass(i.schemaname || '.' || i.tablename)
+      AND c.contype = 'p' AND c.conindid = to_regclass(i.schemaname || '.' || i.indexname)
+WHERE i.schemaname = current_schema() AND i.tablename = $1
+"""
+LATEST_TIERS: Final = """
+UPDATE ledger_members_rebuild AS r SET
+    tier = h.tier,
+    qualifying_spend = h.qualifying_spend,
+    tier_valid_until = h.tier_valid_until,
+    -- History rows from before the next-tier columns existed: keep the live value.
+    next_tier = CASE WHEN h.next_tier IS NULL AND o.tier = h.tier THEN o.next_tier
+                     ELSE h.next_tier END,
+    next_tier_spend = CASE WHEN h.next_tier_spend IS NULL AND o.tier = h.tier
+                           THEN o.next_tier_spend ELSE h.next_tier_spend END
+FROM (
+    SELECT DISTINCT ON (member_id) member_id, tier, qualifying_spend, tier_valid_until,
+           next_tier, next_tier_spend
+    FROM ledger_tier_history ORDER BY member_id, occurred_at DESC, seq DESC
+) AS h
+LEFT JOIN ledger_members AS o USING (member_id)
+WHERE r.member_id = h.member_id
+"""
+TIER_DIFFERENCES: Final = """
+SELECT m.member_id, m.tier, m.qualifying_spend, m.tier_valid_until,
+       COALESCE(h.tier, 'member') AS h_tier, COALESCE(h.qualifying_spend, 0) AS h_spend,
+       h.tier_valid_until AS h_valid
+FROM ledger_members AS m
+LEFT JOIN LATERAL (
+    SELECT tier, qualifying_spend, tier_valid_until FROM ledger_tier_history AS t
+    WHERE t.member_id = m.member_id ORDER BY occurred_at DESC, seq DESC LIMIT 1
+) AS h ON true
+WHERE (m.tier, m.qualifying_spend, m.tier_valid_until)
+      IS DISTINCT FROM (COALESCE(h.tier, 'member'), COALESCE(h.qualifying_spend, 0),
+                        h.tier_valid_until)
+ORDER BY m.member_id
+"""
+ORPHAN_TOTALS: Final = """
+SELECT * FROM ledger_members AS m
+WHERE NOT EXISTS (SELECT 1 FROM ledger_entries AS e WHERE e.member_id = m.member_id)
+  AND (debt, earned, redeemed, revoked, expired, adjusted) <> (0, 0, 0, 0, 0, 0)
+ORDER BY member_id
+"""
+ORPHAN_LOTS: Final = """
+SELECT lot_id, member_id, remaining FROM ledger_lots AS l
+WHERE remaining > 0
+  AND NOT EXISTS (SELECT 1 FROM ledger_entries AS e WHERE e.member_id = l.member_id)
+ORDER BY member_id, lot_id
+"""
+MEMBER_ROWS: Final = "SELECT * FROM ledger_members WHERE member_id = ANY($1::text[])"
+MEMBER_LOTS: Final = """
+SELECT * FROM ledger_lots WHERE member_id = ANY($1::text[]) AND remaining > 0
+"""
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class RebuildReport:
+    members: int = 0
+    entries: int = 0
+    lots: int = 0
+    caught_up: int = 0  # members refolded at the swap (their entries arrived meanwhile)
+
+
+@dataclass
+class VerifyReport:
+    members: int = 0
+    entries: int = 0
+    differences: list[str] = field(default_factory=list)
+
+
+async def count_entries(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval(COUNT))
+
+
+async def _books(
+    conn: asyncpg.Connection, query: str, *args: Any, progress: Progress | None = None
+) -> AsyncIterator[acc.Book]:
+    """The journal folded member by member; ``conn`` must be inside a transaction."""
+    cursor = await conn.cursor(query, *args)
+    member: str | None = None
+    entries: list[acc.Entry] = []
+    while rows := await cursor.fetch(FETCH_ROWS):
+        for r in rows:
+            if r["member_id"] != member:
+                if member is not None:
+                    yield acc.replay(member, entries)
+                member, entries = r["member_id"], []
+            entries.append(entry_from_row(r))
+        if progress is not None:
+            progress(len(rows))
+    if member is not None:
+        yield acc.replay(member, entries)
+
+
+def _member_record(book: acc.Book) -> tuple[Any, ...]:
+    return (book.member_id, *(getattr(book, c) for c in TOTAL_COLUMNS))
+
+
+async def _copy_books(conn: asyncpg.Connection, suffix: str, books: list[acc.Book]) -> int:
+    await conn.copy_records_to_table(
+        f"ledger_members{suffix}",
+        records=[_member_record(b) for b in books],
+        columns=MEMBER_COLUMNS,
+    )
+    lots = [lot_row(lot, lot.remaining) for b in books for lot in b.lots]
+    if lots:
+        await conn.copy_records_to_table(f"ledger_lots{suffix}", records=lots, columns=LOT_COLUMNS)
+    return len(lots)
+
+
+async def rebuild(dsn: str, progress: Progress | None = None) -> RebuildReport:
+    """Rebuild ledger_members totals and ledger_lots from the journal; see the docstring."""
+    report = RebuildReport()
+    write = await asyncpg.connect(dsn)
+    read = await asyncpg.connect(dsn)
+    try:
+        for table in TABLES:
+            await write.execute(f"DROP TABLE IF EXISTS {table}_rebuild")
+            await write.execute(
+                f"CREATE TABLE {table}_rebuild"
+                f" (LIKE {table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+            )
+        high = await _snapshot_reader(dsn, read)
+        chunk: list[acc.Book] = []
+        async for book in _books(read, JOURNAL, progress=progress):
+            report.members += 1
+            chunk.append(book)
+            if len(chunk) >= MEMBERS_CHUNK:
+                report.lots += await _copy_books(write, "_rebuild", chunk)
+                chunk = []
+        if chunk:
+            report.lots += await _copy_books(write, "_rebuild", chunk)
+        report.entries = await count_entries(read)
+        await read.execute("COMMIT")
+        renames = await _clone_indexes(write)
+        report.caught_up = await _swap(write, high, renames)
+    finally:
+        await read.close()
+        await write.close()
+    return report
+
+
+async def _snapshot_reader(dsn: str, read: asyncpg.Connection) -> int:
+    """Start ``read`` on a snapshot with no append in flight; returns its highest seq."""
+    lock = await asyncpg.connect(dsn)
+    try:
+        await lock.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        await lock.execute("LOCK TABLE ledger_entries IN SHARE MODE")
+        snapshot = await lock.fetchval("SELECT pg_export_snapshot()")
+        high = int(await lock.fetchval("SELECT COALESCE(max(seq), 0) FROM ledger_entries"))
+        await read.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        await read.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+        await lock.execute("COMMIT")
+    finally:
+        await lock.close()
+    return high
+
+
+async def _clone_indexes(conn: asyncpg.Connection) -> list[str]:
+    """Give the rebuilt tables the live tables' indexes; returns the swap's rename steps."""
+    steps: list[str] = []
+    schema = await conn.fetchval("SELECT current_schema()")
+    for table in TABLES:
+        for r in await conn.fetch(INDEXES, table):
+            name, temp = r["indexname"], r["indexname"] + "_rb"
+            live = f"INDEX {name} ON {schema}.{table} "
+            definition = r["indexdef"].replace(live, f"INDEX {temp} ON {schema}.{table}_rebuild ")
+            if live not in r["indexdef"]:
+                raise RuntimeError(f"cannot clone index {name}: {r['indexdef']}")
+            await conn.execute(definition)
+            if r["conname"]:
+                steps.append(
+                    f"ALTER TABLE {table} ADD CONSTRAINT {r['conname']}"
+                    f" PRIMARY KEY USING INDEX {temp}"
+                )
+            else:
+                steps.append(f"ALTER INDEX {temp} RENAME TO {name}")
+    return steps
+
+
+async def _swap(conn: asyncpg.Connection, high: int, renames: list[str]) -> int:
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE ledger_members, ledger_lots IN ACCESS EXCLUSIVE MODE")
+        await conn.execute("LOCK TABLE ledger_entries IN SHARE MODE")
+        late = [
+            r["member_id"]
+            for r in await conn.fetch(
+                "SELECT DISTINCT member_id FROM ledger_entries WHERE seq > $1", high
+            )
+        ]
+        if late:
+            await conn.execute(
+                "DELETE FROM ledger_members_rebuild WHERE member_id = ANY($1::text[])", late
+            )
+            await conn.execute(
+                "DELETE FROM ledger_lots_rebuild WHERE member_id = ANY($1::text[])", late
+            )
+            books = [b async for b in _books(conn, JOURNAL_AFTER, late)]
+            await _copy_books(conn, "_rebuild", books)
+        await conn.execute(
+            "INSERT INTO ledger_members_rebuild (member_id)"
+            " SELECT member_id FROM ledger_members ON CONFLICT DO NOTHING"
+        )
+        await conn.execute(LATEST_TIERS)
+        for table in TABLES:
+            await conn.execute(f"DROP TABLE {table}")
+            await conn.execute(f"ALTER TABLE {table}_rebuild RENAME TO {table}")
+        for step in renames:
+            await conn.execute(step)
+    return len(late)
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def _lot_key(row: Any) -> tuple[Any, ...]:
+    return (row[2], row[3], row[4], row[5], row[6])  # points, remaining, earned, from, expires
+
+
+def _compare(book: acc.Book, member: asyncpg.Record | None, lots: list[Any]) -> list[str]:
+    m = book.member_id
+    out: list[str] = []
+    if member is None:
+        return [f"{m}: in the journal but not in ledger_members"]
+    for col in TOTAL_COLUMNS:
+        want, have = getattr(book, col), member[col]
+        if want != have:
+            out.append(f"{m}: {col} journal={want} read-model={have}")
+    want_lots = {lot.lot_id: _lot_key(lot_row(lot, lot.remaining)) for lot in book.lots}
+    have_lots = {
+        r["lot_id"]: (
+            r["points"],
+            r["remaining"],
+            r["earned_at"],
+            r["available_from"],
+            r["expires_at"],
+        )
+        for r in lots
+    }
+    for lot_id in sorted(want_lots.keys() | have_lots.keys()):
+        want_lot, have_lot = want_lots.get(lot_id), have_lots.get(lot_id)
+        if want_lot != have_lot:
+            out.append(
+                f"{m}: lot {lot_id} journal={_fmt_lot(want_lot)} read-model={_fmt_lot(have_lot)}"
+            )
+    return out
+
+
+def _fmt_lot(lot: tuple[Any, ...] | None) -> str:
+    if lot is None:
+        return "none"
+    points, remaining, _earned, available_from, expires = lot
+    return (
+        f"(remaining {remaining}/{points}, available_from {_iso(available_from)},"
+        f" expires {_iso(expires)})"
+    )
+
+
+def _iso(dt: datetime | None) -> str:
+    return dt.isoformat() if dt else "-"
+
+
+async def verify(dsn: str, progress: Progress | None = None) -> VerifyReport:
+    """Every difference between the fold of the journal and the read models."""
+    report = VerifyReport()
+    conn = await asyncpg.connect(dsn)
+    side = conn  # one snapshot: the cursor's FETCHes and the lookups interleave on it
+    try:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            chunk: list[acc.Book] = []
+
+            async def check(books: list[acc.Book]) -> None:
+                ids = [b.member_id for b in books]
+                members = {r["member_id"]: r for r in await side.fetch(MEMBER_ROWS, ids)}
+                lots: dict[str, list[Any]] = {}
+                for r in await side.fetch(MEMBER_LOTS, ids):
+                    lots.setdefault(r["member_id"], []).append(r)
+                for b in books:
+                    report.differences.extend(
+                        _compare(b, members.get(b.member_id), lots.get(b.member_id, []))
+                    )
+
+            async for book in _books(conn, JOURNAL, progress=progress):
+                report.members += 1
+                chunk.append(book)
+                if len(chunk) >= MEMBERS_CHUNK:
+                    await check(chunk)
+                    chunk = []
+            if chunk:
+                await check(chunk)
+            report.entries = await count_entries(conn)
+            for r in await conn.fetch(ORPHAN_TOTALS):
+                report.differences.append(
+                    f"{r['member_id']}: no journal entries but totals "
+                    + ", ".join(f"{c}={r[c]}" for c in TOTAL_COLUMNS if r[c])
+                )
+            for r in await conn.fetch(ORPHAN_LOTS):
+                report.differences.append(
+                    f"{r['member_id']}: lot {r['lot_id']} holds {r['remaining']}"
+                    " but the member has no journal entries"
+                )
+            for r in await conn.fetch(TIER_DIFFERENCES):
+                report.differences.append(
+                    f"{r['member_id']}: tier history says {r['h_tier']}"
+                    f" (spend {r['h_spend']}, valid until {_iso(r['h_valid'])}),"
+                    f" read-model says {r['tier']} (spend {r['qualifying_spend']},"
+                    f" valid until {_iso(r['tier_valid_until'])})"
+                )
+    finally:
+        await conn.close()
+    return report

@@ -1,0 +1,277 @@
+"""Redemptions and manual adjustments: the two writes the HTTP API makes to the journal.
+
+Both follow one recipe, in one transaction: look the request id up (idempotency), lock the
+member row (``FOR UPDATE``; the grants consumer and the sweeper lock members too, sorted,
+so every writer of a member is serialised and nothing can overspend), fold the command
+through the pure core (`accounting.decide`), journal the entries, keep the request and
+its answer under the caller's id, and put the ledger event in the outbox.
+
+Idempotency: the stored request is the *normalised* body (``cash`` "10" and "10.00" are
+the same request). The same id with the same body gets the first answer again, with the
+first status (201); the same id with another body is a `Conflict` (409). A refusal (short
+balance, minimum) is not stored: the caller may retry the same id once the balance allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, Final
+
+import asyncpg
+
+from schemas.grants import TIERS, Tier
+from services.common.outbox import write_outbox
+from services.ledger import accounting as acc
+from services.ledger.journal import ledger_event, load_books, outbox_rows, write_journal
+from services.ledger.redemption import DEFAULT_POLICY, RedemptionPolicy, UnknownReward
+
+SERVICE: Final = "ledger"
+
+LOCK_MEMBER: Final = "SELECT tier FROM ledger_members WHERE member_id = $1 FOR UPDATE"
+PRIOR_REDEMPTION: Final = """
+SELECT member_id, request, response FROM ledger_redemptions WHERE redemption_id = $1
+"""
+INSERT_REDEMPTION: Final = """
+INSERT INTO ledger_redemptions (redemption_id, member_id, request, response)
+VALUES ($1, $2, $3, $4)
+"""
+PRIOR_ADJUSTMENT: Final = """
+SELECT member_id, request, response FROM ledger_adjustments WHERE adjustment_id = $1
+"""
+INSERT_ADJUSTMENT: Final = """
+INSERT INTO ledger_adjustments (adjustment_id, member_id, request, response)
+VALUES ($1, $2, $3, $4)
+"""
+_CENT: Final = Decimal("0.01")
+
+
+class Refused(Exception):
+    """A request the ledger answers with a problem: ``status`` is the HTTP status."""
+
+    def __init__(self, status: int, title: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.extra = status, title, detail, extra
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: int
+    body: dict[str, Any]
+    fresh: bool  # False when this is the stored answer to an earlier identical request
+
+
+def normalise_cash(raw: str) -> Decimal:
+    """A CNY amount as the decimal string of the contract, to the fen."""
+    try:
+        value = Decimal(raw)
+    except InvalidOperation as exc:
+        raise Refused(422, "Invalid cash amount", f"{raw!r} is not a decimal CNY amount") from exc
+    if not value.is_finite() or value <= 0 or value != value.quantize(_CENT):
+        raise Refused(422, "Invalid cash amount", "cash must be positive CNY with at most 2 dp")
+    return value.quantize(_CENT)
+
+
+def tier_of(raw: str) -> Tier:
+    """The member row's tier as the policy's type; an unknown value counts as member."""
+    for tier in TIERS:
+        if tier == raw:
+            return tier
+    return "member"
+
+
+def _replay(prior: asyncpg.Record, request: dict[str, Any], what: str, key: str) -> Outcome:
+    if prior["request"] != request:
+        raise Refused(
+            409,
+            f"{what} id reused",
+            f"this {key} was already used with a different request",
+            first_request=prior["request"],
+        )
+    return Outcome(201, prior["response"], fresh=False)
+
+
+async def redeem(
+    conn: asyncpg.Connection,
+    topic: str,
+    member_id: str,
+    redemption_id: str,
+    *,
+    points: int | None,
+    reward: str | None,
+    cash: str | None,
+    store_id: str | None,
+    now: datetime,
+    policy: RedemptionPolicy = DEFAULT_POLICY,
+) -> Outcome:
+    """Spend points all-or-nothing, FIFO by expiry; see the module docstring."""
+    cash_value = normalise_cash(cash) if cash is not None else None
+    request = {
+        "member_id": member_id,
+        "points": points,
+        "reward": reward,
+        "cash": format(cash_value, "f") if cash_value is not None else None,
+        "store_id": store_id,
+    }
+    try:
+        async with conn.transaction():
+            prior = await conn.fetchrow(PRIOR_REDEMPTION, redemption_id)
+            if prior is not None:
+                return _replay(prior, request, "Redemption", "redemption_id")
+            member = await conn.fetchrow(LOCK_MEMBER, member_id)
+            if member is None:
+                raise Refused(404, "Member not found", f"no ledger record for member {member_id!r}")
+            # Re-read under the lock: a twin request may have committed while we waited.
+            prior = await conn.fetchrow(PRIOR_REDEMPTION, redemption_id)
+            if prior is not None:
+                return _replay(prior, request, "Redemption", "redemption_id")
+            tier = tier_of(member["tier"])
+            if reward is not None:
+                try:
+                    points = policy.reward(reward).points
+                except UnknownReward:
+                    raise Refused(
+                        422,
+                        "Unknown reward",
+                        f"{reward!r} is not in the catalogue",
+                        catalogue=sorted(policy.rewards),
+                    ) from None
+            elif cash_value is not None:
+                points = policy.points_for_cash(tier, cash_value)
+            assert points is not None
+            if cash_value is None:
+                cash_value = policy.cash_value(tier, points)
+            before = await load_books(conn, [member_id])
+            command = acc.Redeem(
+                entry_id=acc.derived_entry_id("redeem", redemption_id),
+                points=points,
+                at=now,
+                redemption_id=redemption_id,
+                min_balance=policy.min_balance,
+                store_id=store_id,
+            )
+            try:
+                entries = acc.decide(before[member_id], command)
+            except acc.BelowMinimum as exc:
+                raise Refused(
+                    422,
+                    "Below the redemption minimum",
+                    str(exc),
+                    available=exc.available,
+                    minimum=exc.minimum,
+                ) from None
+            except acc.InsufficientPoints as exc:
+                raise Refused(
+                    409,
+                    "Insufficient points",
+                    str(exc),
+                    available=exc.available,
+                    requested=exc.requested,
+                ) from None
+            book = before[member_id]
+            for entry in entries:
+                book = acc.evolve(book, entry)
+            await write_journal(conn, entries, before, {member_id: book})
+            body = {
+                "redemption_id": redemption_id,
+                "member_id": member_id,
+                "points": points,
+                "reward": reward,
+                "cash_value": format(cash_value, "f"),
+                "available_after": entries[-1].balance_after,
+                "store_id": store_id,
+                "entry_id": entries[-1].entry_id,
+                "redeemed_at": now.isoformat(),
+            }
+            await conn.execute(INSERT_REDEMPTION, redemption_id, member_id, request, body)
+            await write_outbox(conn, SERVICE, outbox_rows(topic, map(ledger_event, entries)))
+            return Outcome(201, body, fresh=True)
+    except asyncpg.UniqueViolationError:
+        # The same id was committed concurrently (for another member: the entry id or the
+        # redemption row collided). Answer from what was stored.
+        prior = await conn.fetchrow(PRIOR_REDEMPTION, redemption_id)
+        if prior is None:
+            raise
+        return _replay(prior, request, "Redemption", "redemption_id")
+
+
+async def adjust(
+    conn: asyncpg.Connection,
+    topic: str,
+    adjustment_id: str,
+    *,
+    member_id: str,
+    points: int,
+    reason: str,
+    operator: str,
+    allow_debt: bool,
+    now: datetime,
+) -> Outcome:
+    """A manual grant or deduction by ops: journaled with its reason and operator."""
+    request = {
+        "member_id": member_id,
+        "points": points,
+        "reason": reason,
+        "operator": operator,
+        "allow_debt": allow_debt,
+    }
+    try:
+        async with conn.transaction():
+            prior = await conn.fetchrow(PRIOR_ADJUSTMENT, adjustment_id)
+            if prior is not None:
+                return _replay(prior, request, "Adjustment", "adjustment_id")
+            member = await conn.fetchrow(LOCK_MEMBER, member_id)
+            if member is None:
+                raise Refused(404, "Member not found", f"no ledger record for member {member_id!r}")
+            prior = await conn.fetchrow(PRIOR_ADJUSTMENT, adjustment_id)
+            if prior is not None:
+                return _replay(prior, request, "Adjustment", "adjustment_id")
+            before = await load_books(conn, [member_id])
+            try:
+                command = acc.Adjust(
+                    entry_id=acc.derived_entry_id("adjust", adjustment_id),
+                    points=points,
+                    at=now,
+                    reason=reason,
+                    operator=operator,
+                    adjustment_id=adjustment_id,
+                    allow_debt=allow_debt,
+                )
+            except ValueError as exc:
+                raise Refused(422, "Invalid adjustment", str(exc)) from None
+            try:
+                entries = acc.decide(before[member_id], command)
+            except acc.InsufficientPoints as exc:
+                raise Refused(
+                    409,
+                    "Insufficient points",
+                    f"{exc}; send allow_debt=true to record the shortfall as debt",
+                    available=exc.available,
+                    requested=exc.requested,
+                ) from None
+            book = before[member_id]
+            for entry in entries:
+                book = acc.evolve(book, entry)
+            await write_journal(conn, entries, before, {member_id: book})
+            entry = entries[-1]
+            body = {
+                "adjustment_id": adjustment_id,
+                "member_id": member_id,
+                "points": points,
+                "reason": reason,
+                "operator": operator,
+                "entry_id": entry.entry_id,
+                "available_after": entry.balance_after,
+                "debt": book.debt,
+                "expires_at": entry.expires_at.isoformat() if entry.expires_at else None,
+                "adjusted_at": now.isoformat(),
+            }
+            await conn.execute(INSERT_ADJUSTMENT, adjustment_id, member_id, request, body)
+            await write_outbox(conn, SERVICE, outbox_rows(topic, map(ledger_event, entries)))
+            return Outcome(201, body, fresh=True)
+    except asyncpg.UniqueViolationError:
+        prior = await conn.fetchrow(PRIOR_ADJUSTMENT, adjustment_id)
+        if prior is None:
+            raise
+        return _replay(prior, request, "Adjustment", "adjustment_id")

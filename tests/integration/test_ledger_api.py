@@ -1,0 +1,313 @@
+"""The ledger's HTTP API end to end: redemptions, adjustments, pending points, reports,
+entries pages under concurrent writes, expiry, concurrency. Real broker, real Postgres, the
+real ledger process; grants go straight to the grants topic (the rules service is idle)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.ledger.accounting import add_months
+from tests.integration.harness import OPS_KEY, READER_KEY, Stack, wait_until
+from tests.integration.ledger_helpers import (
+    assert_problem,
+    assert_verified,
+    give,
+    grant,
+    member,
+    post,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def fast_sweeper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger process inherits the environment: sweep every second, not every minute."""
+    monkeypatch.setenv("EXPIRY_SWEEP_SECONDS", "1")
+
+
+async def ledger_events(stack: Stack, expect: int, timeout: float = 30) -> list[dict]:
+    records = await stack.read_topic(stack.topics.ledger, expect, timeout)
+    return [json.loads(r.value) for r in records]
+
+
+async def test_redemptions_adjustments_and_reports_through_the_api(stack: Stack) -> None:
+    now = datetime.now(UTC)
+    await give(
+        stack,
+        grant("m-r", 3000, now - timedelta(days=40), rule="base", store="sh-jingan"),
+        grant("m-r", 1000, now - timedelta(days=10), rule="big_ticket", store="sh-xuhui"),
+        grant("m-r", 700, now - timedelta(hours=1), rule="base", pending_days=7),
+        grant("m-poor", 300, now - timedelta(days=1)),
+    )
+    doc = await member(stack, "m-r")
+    assert doc["points"]["available"] == 4000
+    assert doc["points"]["pending"] == 700
+
+    path = "/v1/members/m-r/redemptions"
+    # Auth and validation errors are problem+json.
+    assert_problem(await post(stack, path, {"redemption_id": "x", "points": 500}, key=None), 401)
+    assert_problem(await post(stack, path, {"redemption_id": "x", "points": 500}, READER_KEY), 403)
+    assert_problem(
+        await post(stack, "/v1/members/nobody/redemptions", {"redemption_id": "x", "points": 500}),
+        404,
+    )
+    assert_problem(await post(stack, path, {"redemption_id": "x", "points": 5, "cash": "1"}), 422)
+    assert_problem(await post(stack, path, {"redemption_id": "x", "reward": "yacht"}), 422)
+    # Under the 500-point minimum balance: 422; more than available (pending excluded): 409.
+    low = assert_problem(
+        await post(
+            stack, "/v1/members/m-poor/redemptions", {"redemption_id": "r-low", "points": 100}
+        ),
+        422,
+    )
+    assert low["minimum"] == 500
+    short = assert_problem(await post(stack, path, {"redemption_id": "r-big", "points": 4001}), 409)
+    assert short["available"] == 4000
+
+    # By points: FIFO takes the 40-day-old lot first.
+    first = await post(stack, path, {"redemption_id": "r-1", "points": 1200, "store_id": "s1"})
+    assert first.status_code == 201, first.text
+    body = first.json()
+    assert body["points"] == 1200
+    assert body["available_after"] == 2800
+    assert body["cash_value"] == "12.00"
+    # The same id and body: the first answer again; another body: 409.
+    again = await post(stack, path, {"redemption_id": "r-1", "points": 1200, "store_id": "s1"})
+    assert again.status_code == 201
+    assert again.json() == body
+    assert again.headers["idempotent-replayed"] == "true"
+    assert_problem(await post(stack, path, {"redemption_id": "r-1", "points": 1300}), 409)
+    # By catalogue reward and by cash at the member rate (100 points per CNY, rounded up).
+    reward = await post(stack, path, {"redemption_id": "r-2", "reward": "face-mask"})
+    assert reward.json()["points"] == 500
+    cash = await post(stack, path, {"redemption_id": "r-3", "cash": "5.005"})
+    assert_problem(cash, 422)  # at most two decimals
+    cash = await post(stack, path, {"redemption_id": "r-3", "cash": "5.01"})
+    assert cash.status_code == 201, cash.text
+    assert cash.json()["points"] == 501
+    assert cash.json()["cash_value"] == "5.01"
+    doc = await member(stack, "m-r")
+    assert doc["points"]["available"] == 4000 - 1200 - 500 - 501
+    assert doc["points"]["redeemed"] == 2201
+    assert doc["points"]["pending"] == 700
+
+    # Adjustments: ops only, idempotent, journaled with reason and operator.
+    adj = {
+        "adjustment_id": "a-1",
+        "member_id": "m-r",
+        "points": -300,
+        "reason": "duplicate",
+        "operator": "ops-7",
+    }
+    assert_problem(await post(stack, "/v1/adjustments", adj, key=READER_KEY), 403)
+    assert_problem(await post(stack, "/v1/adjustments", {**adj, "points": 0}), 422)
+    assert_problem(await post(stack, "/v1/adjustments", {**adj, "reason": " "}), 422)
+    assert_problem(await post(stack, "/v1/adjustments", {**adj, "member_id": "nobody"}), 404)
+    assert_problem(
+        await post(stack, "/v1/adjustments", {**adj, "adjustment_id": "a-x", "points": -99999}), 409
+    )
+    made = await post(stack, "/v1/adjustments", adj)
+    assert made.status_code == 201, made.text
+    assert made.json()["available_after"] == 1799 - 300
+    assert (await post(stack, "/v1/adjustments", adj)).json() == made.json()
+    assert_problem(await post(stack, "/v1/adjustments", {**adj, "points": -301}), 409)
+    plus = await post(stack, "/v1/adjustments", {**adj, "adjustment_id": "a-2", "points": 50})
+    assert plus.status_code == 201
+    row = (
+        await stack.fetch(
+            "SELECT kind, points, reason, operator FROM ledger_entries WHERE adjustment_id = 'a-1'"
+        )
+    )[0]
+    assert dict(row) == {
+        "kind": "adjust",
+        "points": -300,
+        "reason": "duplicate",
+        "operator": "ops-7",
+    }
+
+    entries = (await stack.get("/v1/members/m-r/entries")).json()["entries"]
+    assert [e["kind"] for e in entries[:5]] == ["adjust", "adjust", "redeem", "redeem", "redeem"]
+    assert entries[2]["redemption_id"] == "r-3"
+
+    # Every movement is a ledger event, through the outbox.
+    events = await ledger_events(stack, expect=4 + 3 + 2)
+    kinds = [e["type"] for e in events if e["member_id"] == "m-r"]
+    assert kinds.count("points_redeemed") == 3
+    assert kinds.count("points_adjusted") == 2
+    redeemed = next(e for e in events if e["data"].get("redemption_id") == "r-1")
+    assert redeemed["data"]["points"] == -1200
+    assert redeemed["data"]["balance_after"] == 2800
+
+    # Reports: ops only; period and store filters.
+    assert_problem(await stack.get("/v1/reports/summary", key=READER_KEY), 403)
+    assert_problem(await stack.get("/v1/reports/summary?from=yesterday", key=OPS_KEY), 422)
+    rep = (await stack.get("/v1/reports/summary", key=OPS_KEY)).json()
+    assert rep["issued"] == 3000 + 1000 + 700 + 300
+    assert rep["redeemed"] == 2201
+    assert rep["expired"] == 0
+    assert rep["outstanding"] == 5000 - 2201 - 300 + 50
+    assert rep["liability_cny"] == "25.49"
+    assert rep["redemption_rate"] == round(2201 / 5000, 4)
+    assert rep["active_members"] == 2
+    assert rep["by_rule"] == {"base": 4000, "big_ticket": 1000}
+    assert rep["tiers"] == {"member": 2, "silver": 0, "gold": 0, "diamond": 0}
+    since = (now - timedelta(days=20)).isoformat()
+    rep = (
+        await stack.get(
+            f"/v1/reports/summary?from={since.replace('+', '%2B')}&store_id=sh-xuhui", key=OPS_KEY
+        )
+    ).json()
+    assert rep["issued"] == 1000
+    assert rep["by_rule"] == {"big_ticket": 1000}
+    assert rep["active_members"] == 1
+
+    await assert_verified(stack.dsn)
+
+
+async def test_fifty_concurrent_redemptions_never_overspend(stack: Stack) -> None:
+    now = datetime.now(UTC)
+    await give(stack, *(grant("m-c", 1000, now - timedelta(days=d)) for d in range(1, 11)))
+    # 10,000 points; 50 requests of 700 can pay at most 14 (9,800), leaving 200.
+    responses = await asyncio.gather(
+        *(
+            post(stack, "/v1/members/m-c/redemptions", {"redemption_id": f"c-{i}", "points": 700})
+            for i in range(50)
+        )
+    )
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(201) == 14, statuses
+    refused = [r for r in responses if r.status_code != 201]
+    # Once the balance is 400 (< 500) the refusal is the minimum, before that the shortfall.
+    assert {r.status_code for r in refused} <= {409, 422}
+    doc = await member(stack, "m-c")
+    assert doc["points"]["available"] == 200
+    assert doc["points"]["redeemed"] == 9800
+    afters = sorted(r.json()["available_after"] for r in responses if r.status_code == 201)
+    assert afters == [200 + 700 * k for k in range(14)]
+    assert await stack.scalar("SELECT count(*) FROM ledger_redemptions") == 14
+    await assert_verified(stack.dsn)
+
+
+async def test_entries_pages_are_stable_under_concurrent_writes(stack: Stack) -> None:
+    now = datetime.now(UTC)
+    await give(stack, *(grant("m-p", 100 + i, now - timedelta(days=30 - i)) for i in range(25)))
+    first = (await stack.get("/v1/members/m-p/entries?limit=7")).json()
+    seen = [e["entry_id"] for e in first["entries"]]
+    cursor = first["next_cursor"]
+
+    async def keep_writing() -> None:
+        for i in range(15):
+            resp = await post(
+                stack,
+                "/v1/adjustments",
+                {
+                    "adjustment_id": f"p-{i}",
+                    "member_id": "m-p",
+                    "points": 1 + i,
+                    "reason": "paging test",
+                    "operator": "ops-1",
+                },
+            )
+            assert resp.status_code == 201
+
+    writer = asyncio.create_task(keep_writing())
+    while cursor:
+        page = (await stack.get(f"/v1/members/m-p/entries?limit=7&cursor={cursor}")).json()
+        seen.extend(e["entry_id"] for e in page["entries"])
+        cursor = page["next_cursor"]
+    await writer
+    # Exactly the 25 entries that existed at the first page, each once, newest first.
+    assert len(seen) == len(set(seen)) == 25
+    old = [
+        r["entry_id"]
+        for r in await stack.fetch(
+            "SELECT entry_id FROM ledger_entries WHERE member_id = 'm-p' AND adjustment_id IS NULL"
+            " ORDER BY seq DESC"
+        )
+    ]
+    assert seen == old
+    assert_problem(await stack.get("/v1/members/m-p/entries?cursor=bogus!"), 422)
+    await assert_verified(stack.dsn)
+
+
+async def test_late_grants_expiry_sweeps_and_warnings(stack: Stack) -> None:
+    now = datetime.now(UTC)
+    late = grant("m-e", 400, add_months(now, -12) - timedelta(days=3), rule="late")
+    soon = grant("m-e", 900, add_months(now, -12) + timedelta(seconds=4), rule="soon")
+    week = grant("m-e", 800, add_months(now, -12) + timedelta(days=5), rule="week")
+    month = grant("m-e", 700, add_months(now, -12) + timedelta(days=20), rule="month")
+    fresh = grant("m-e", 600, now - timedelta(days=1), rule="fresh")
+    await give(stack, late, soon, week, month, fresh)
+    # The late grant is journaled as earned and, in the same batch, expired.
+    late_rows = await stack.fetch(
+        "SELECT kind, points FROM ledger_entries WHERE source_event_id = $1 ORDER BY seq",
+        late["data"]["source_event_id"],
+    )
+    assert [(r["kind"], r["points"]) for r in late_rows] == [("earn", 400), ("expire", -400)]
+
+    # The `soon` lot lapses seconds later: the sweeper journals it.
+    async def swept() -> bool:
+        return bool(
+            await stack.scalar(
+                "SELECT count(*) = 1 FROM ledger_entries WHERE kind = 'expire' AND rule_id = 'soon'"
+            )
+        )
+
+    await wait_until(swept, timeout=30, what="the sweeper to expire the lapsed lot")
+    doc = await member(stack, "m-e")
+    assert doc["points"]["available"] == 800 + 700 + 600
+    assert doc["points"]["expired"] == 400 + 900
+    assert [x["points"] for x in doc["expiring"]] == [800, 700]
+
+    # Warnings: the 5-day lot gets the 7-day warning only, the 20-day lot the 30-day one,
+    # each recorded so that later sweeps never send them again. (The `soon` lot may have
+    # been warned in the seconds before it lapsed; it is left out of the comparison.)
+    ours = [week["event_id"], month["event_id"]]
+
+    async def warned() -> list:
+        rows = await stack.fetch(
+            "SELECT lot_id, threshold_days FROM ledger_expiry_warnings"
+            " WHERE lot_id = ANY($1::text[])",
+            ours,
+        )
+        return rows if len(rows) == 3 else []
+
+    rows = await wait_until(warned, timeout=30, what="expiry warnings recorded")
+    assert sorted((r["lot_id"], r["threshold_days"]) for r in rows) == sorted(
+        [(week["event_id"], 7), (week["event_id"], 30), (month["event_id"], 30)]
+    )
+
+    events = await ledger_events(stack, expect=5 + 2 + 2)
+    expiring = [
+        e
+        for e in events
+        if e["type"] == "points_expiring" and e["data"]["rule_id"] in ("week", "month")
+    ]
+    assert sorted((e["data"]["rule_id"], e["data"]["points"]) for e in expiring) == [
+        ("month", 700),
+        ("week", 800),
+    ]
+    assert all(e["data"]["expires_at"] for e in expiring)
+    expired = [e for e in events if e["type"] == "points_expired"]
+    assert sorted(e["data"]["points"] for e in expired) == [-900, -400]
+    # Later sweeps (one a second) send nothing again: wait for two more sweeps to pass.
+    count = await stack.scalar("SELECT count(*) FROM ledger_expiry_warnings")
+    marker = grant("m-e2", 100, add_months(now, -12) + timedelta(days=6), rule="marker")
+    await give(stack, marker)
+    await wait_until(
+        lambda: stack.scalar(
+            "SELECT count(*) > 0 FROM ledger_expiry_warnings WHERE lot_id = $1", marker["event_id"]
+        ),
+        timeout=30,
+        what="a later sweep",
+    )
+    assert await stack.scalar("SELECT count(*) FROM ledger_expiry_warnings") == count + 2
+    again = await ledger_events(stack, expect=100, timeout=3)
+    warned_ids = [e["event_id"] for e in again if e["type"] == "points_expiring"]
+    assert len(warned_ids) == len(set(warned_ids))
+    await assert_verified(stack.dsn)
