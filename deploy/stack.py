@@ -22,7 +22,6 @@ the process command line so a stale pid reused by another process reads as "dead
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import secrets
 import sys
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 from deploy import local
+from services.common.migrations import apply_migrations as migrate
 
 ROOT = local.REPO_ROOT
 # STACK_RUN_DIR lets a second stack (a test of this module) live beside a developer's.
@@ -172,16 +172,9 @@ def ensure_broker(previous: dict[str, str]) -> tuple[str, str]:
 
 
 def apply_migrations(dsn: str) -> None:
-    """Run the project's migrations; lazily imported so the stack works before they exist."""
-    try:
-        from services.common.migrations import apply_migrations as migrate
-    except ImportError as exc:
-        say(f"migrations: skipped, services.common.migrations not importable ({exc})")
-        return
-    result = migrate(dsn)
-    if inspect.isawaitable(result):
-        result = local._run_coro(result)  # type: ignore[arg-type]
-    say(f"migrations: {result} applied" if isinstance(result, int) else "migrations: applied")
+    """The versioned SQL files of deploy/migrations, applied by yoyo like everywhere else."""
+    applied = migrate(dsn)
+    say(f"migrations: {applied} applied")
 
 
 def build_env(
