@@ -62,6 +62,7 @@ class Settings:
     webhook_url: str = ""
     webhook_secret: str = ""
     expiry_sweep_seconds: int = 60
+    session_timeout_ms: int = 10_000
 
     @property
     def group_prefix(self) -> str:
@@ -85,4 +86,5 @@ def load_settings() -> Settings:
         webhook_url=os.environ.get("NOTIFIER_WEBHOOK_URL", ""),
         webhook_secret=os.environ.get("NOTIFIER_WEBHOOK_SECRET", ""),
         expiry_sweep_seconds=_int("EXPIRY_SWEEP_SECONDS", 60),
+        session_timeout_ms=_int("KAFKA_SESSION_TIMEOUT_MS", 10_000),
     )

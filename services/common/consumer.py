@@ -94,7 +94,14 @@ class BatchConsumer:
         """Resources arrive at start-up; the subscriber exists earlier (AsyncAPI docs)."""
         self._pool, self._handler, self._on_commit = pool, handler, on_commit
 
-    def attach(self, broker: KafkaBroker, *, max_batch: int, batch_wait_ms: int) -> None:
+    def attach(
+        self,
+        broker: KafkaBroker,
+        *,
+        max_batch: int,
+        batch_wait_ms: int,
+        session_timeout_ms: int = 10_000,
+    ) -> None:
         consumer = self
 
         class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -116,6 +123,10 @@ class BatchConsumer:
             max_records=max_batch,
             batch_timeout_ms=batch_wait_ms,
             fetch_max_wait_ms=batch_wait_ms,
+            # A group join waits up to about half of this on some brokers (Tansu): shorter
+            # in tests, the Kafka default in production (a GC pause must not evict us).
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=max(1000, session_timeout_ms // 3),
             max_partition_fetch_bytes=4 * 1024 * 1024,
             auto_offset_reset="earliest",
             listener=_SeekToStored(),

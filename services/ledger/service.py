@@ -32,7 +32,10 @@ class LedgerService:
             dlq_topic=settings.topics.dlq,
         )
         self.consumer.attach(
-            self.broker, max_batch=settings.max_batch, batch_wait_ms=settings.batch_wait_ms
+            self.broker,
+            max_batch=settings.max_batch,
+            batch_wait_ms=settings.batch_wait_ms,
+            session_timeout_ms=settings.session_timeout_ms,
         )
         self._background = Background()
         self._pool: asyncpg.Pool | None = None

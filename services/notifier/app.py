@@ -74,7 +74,12 @@ def create_app(settings: Settings | None = None) -> FastStream:
         topic=settings.topics.ledger,
         dlq_topic=settings.topics.dlq,
     )
-    consumer.attach(broker, max_batch=settings.max_batch, batch_wait_ms=settings.batch_wait_ms)
+    consumer.attach(
+        broker,
+        max_batch=settings.max_batch,
+        batch_wait_ms=settings.batch_wait_ms,
+        session_timeout_ms=settings.session_timeout_ms,
+    )
     register_lag([consumer])
 
     @app.on_startup
