@@ -28,7 +28,7 @@ from services.common.runtime import Background, create_broker, create_pool, star
 from services.rules.engine import HeldEvent, evaluate
 from services.rules.rulebook_store import book_stamp, load_book
 from services.rules.ruleset import RuleBook, RuleSetError
-from services.rules.state import MemberState
+from services.rules.state import MemberState, dump_state, load_state
 
 SERVICE: Final = "rules"
 # How soon a published rule-set version reaches running instances (tests set it lower).
@@ -138,7 +138,7 @@ class RulesProcessor:
         states: dict[str, MemberState] = {}
         referrers: dict[str, str | None] = {}
         for r in await conn.fetch(SELECT_STATES, members):
-            states[r["member_id"]] = MemberState.model_validate_json(r["state"])
+            states[r["member_id"]] = load_state(r["state"])
             referrers[r["member_id"]] = r["referrer_id"]
         await self._load_referrer_chain(conn, referrers)
         grants: list[GrantEvent] = []
@@ -169,7 +169,7 @@ class RulesProcessor:
             UPSERT_STATES,
             ordered,
             [states[m].referrer_id for m in ordered],
-            [states[m].model_dump_json() for m in ordered],
+            [dump_state(states[m]).decode() for m in ordered],
         )
         topic = self.settings.topics.grants
         work.outbox.extend(
@@ -202,7 +202,12 @@ def create_app(settings: Settings | None = None) -> FastStream:
         topic=settings.topics.activity,
         dlq_topic=settings.topics.dlq,
     )
-    consumer.attach(broker, max_batch=settings.max_batch, batch_wait_ms=settings.batch_wait_ms)
+    consumer.attach(
+        broker,
+        max_batch=settings.max_batch,
+        batch_wait_ms=settings.batch_wait_ms,
+        session_timeout_ms=settings.session_timeout_ms,
+    )
     register_lag([consumer])
     processor = RulesProcessor(settings, consumer_name)
     background = Background()

@@ -5,6 +5,12 @@ snapshot while the live service keeps writing); live member state is never touch
 Rows come through a server-side cursor in chunks, so memory stays flat however long the
 period; payloads are the bytes as received, parsed with the same TypeAdapter as the
 live consumer.
+
+The two lanes are independent, so by default each runs in its own worker process
+(`LaneWorkers`): this process streams the raw payloads to both, each parses them and
+prices one lane, and the parent `combine`s the lane totals into the report a single
+process would make (a unit test pins that equality). Referral grants to other members
+are just rows keyed by recipient inside a lane, so nothing crosses lanes.
 """
 
 from __future__ import annotations
@@ -13,18 +19,31 @@ import csv
 import gc
 import io
 import json
-from collections.abc import AsyncIterator, Callable
+import multiprocessing
+import queue
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import asyncpg
 from pydantic import ValidationError
 
-from schemas.activity import Activity, activity_adapter
+from schemas.activity import activity_adapter
 from services.rules.rulebook_store import read_book
-from services.rules.ruleset import RuleSet
-from services.rules.simulate import Report, RuleRow, Simulation
+from services.rules.ruleset import RuleBook, RuleSet
+from services.rules.simulate import (
+    LANES,
+    Lane,
+    LaneResult,
+    Progress,
+    Report,
+    RuleRow,
+    Simulation,
+    combine,
+)
+
+Phase = Literal["warm", "feed"]
 
 CHUNK: Final = 5000
 COUNT: Final = """
@@ -46,6 +65,106 @@ async def _payloads(
         yield [r[0] for r in rows]
 
 
+def _take(sim: Simulation, phase: Phase, chunk: Iterable[bytes]) -> int:
+    """Parse and feed one chunk; returns how many payloads no longer parse (skipped)."""
+    take = sim.warm_up if phase == "warm" else sim.feed
+    skipped = 0
+    for raw in chunk:
+        try:
+            event = activity_adapter.validate_json(raw)
+        except ValidationError:
+            skipped += 1
+            continue
+        take(event)
+    return skipped
+
+
+def _lane_worker(book: RuleBook, candidate: RuleSet, lane: Lane, inbox: Any, outbox: Any) -> None:
+    """One lane in a worker process: chunks of raw payloads in, the lane's totals out."""
+    gc.disable()  # member states hold no cycles; the collector only costs time here
+    try:
+        sim = Simulation(book, candidate, lanes=(lane,))
+        skipped = 0
+        while True:
+            phase, chunk = inbox.get()
+            if phase == "end":
+                break
+            skipped += _take(sim, phase, chunk)
+        outbox.put(("ok", lane, sim.lane_results()[lane], sim.progress(), skipped))
+    except BaseException as exc:  # reported to the parent, which raises it
+        outbox.put(("error", lane, f"{type(exc).__name__}: {exc}", None, 0))
+        raise
+
+
+class LaneWorkerError(RuntimeError):
+    """A lane's worker process failed or died; the backtest has no report."""
+
+
+class LaneWorkers:
+    """Both lanes in worker processes ('forkserver': the caller may run threads, such as a
+    progress bar, which 'fork' would copy mid-flight). Use as a context manager."""
+
+    POLL_S: Final = 1.0
+
+    def __init__(self, book: RuleBook, candidate: RuleSet, context: str = "forkserver") -> None:
+        ctx: Any = multiprocessing.get_context(context)
+        if context == "forkserver":
+            ctx.set_forkserver_preload(["services.rules.backtest"])
+        self.candidate_version = candidate.version
+        # Bounded inboxes: reading Postgres is faster than pricing, so memory stays flat.
+        self._inboxes = {lane: ctx.Queue(maxsize=4) for lane in LANES}
+        self._outbox = ctx.Queue()
+        self._procs = [
+            ctx.Process(target=_lane_worker, name=f"backtest-{lane}", daemon=True,
+                        args=(book, candidate, lane, self._inboxes[lane], self._outbox))
+            for lane in LANES
+        ]  # fmt: skip
+
+    def __enter__(self) -> LaneWorkers:
+        for p in self._procs:
+            p.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self._procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+
+    def _check_alive(self) -> None:
+        dead = [p for p in self._procs if not p.is_alive() and p.exitcode not in (0, None)]
+        if dead:
+            raise LaneWorkerError(f"{dead[0].name} exited with {dead[0].exitcode}")
+
+    def send(self, phase: Phase | Literal["end"], chunk: list[bytes]) -> None:
+        for inbox in self._inboxes.values():
+            while True:
+                try:
+                    inbox.put((phase, chunk), timeout=self.POLL_S)
+                    break
+                except queue.Full:
+                    self._check_alive()
+
+    def finish(self) -> tuple[Report, int]:
+        """Ends the input and waits for both lanes; returns the report and skipped count."""
+        self.send("end", [])
+        results: dict[str, tuple[LaneResult, Progress, int]] = {}
+        while len(results) < len(LANES):
+            try:
+                status, lane, result, progress, skipped = self._outbox.get(timeout=self.POLL_S)
+            except queue.Empty:
+                self._check_alive()
+                if all(not p.is_alive() for p in self._procs) and self._outbox.empty():
+                    raise LaneWorkerError("lane workers ended without a result") from None
+                continue
+            if status != "ok":
+                raise LaneWorkerError(f"lane {lane} failed: {result}")
+            results[lane] = (result, progress, skipped)
+        a, progress, skipped = results["in_force"]
+        b = results["candidate"][0]
+        return combine(a, b, progress, self.candidate_version), skipped
+
+
 async def run_backtest(
     conn: asyncpg.Connection,
     candidate: RuleSet,
@@ -55,35 +174,41 @@ async def run_backtest(
     warmup: bool = True,
     on_total: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    workers: bool = True,
 ) -> tuple[Report, int]:
-    """Returns the report and how many recorded payloads no longer parse (skipped)."""
-    skipped = 0
+    """Returns the report and how many recorded payloads no longer parse (skipped).
+
+    `workers=False` prices both lanes in this process (same report, about half the speed).
+    """
     # Member states are acyclic: the cyclic GC only costs time here (~30% of a run).
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             book = await read_book(conn)
-            sim = Simulation(book, candidate)
             if on_total is not None:
                 total = await conn.fetchval(COUNT, None if warmup else start, end)
                 on_total(int(total))
-            phases: list[tuple[datetime | None, datetime, Callable[[Activity], None]]] = []
+            phases: list[tuple[datetime | None, datetime, Phase]] = []
             if warmup:
-                phases.append((None, start, sim.warm_up))
-            phases.append((start, end, sim.feed))
-            for lo, hi, take in phases:
+                phases.append((None, start, "warm"))
+            phases.append((start, end, "feed"))
+            if workers:
+                with LaneWorkers(book, candidate) as lanes:
+                    for lo, hi, phase in phases:
+                        async for chunk in _payloads(conn, lo, hi):
+                            lanes.send(phase, chunk)
+                            if on_progress is not None:
+                                on_progress(len(chunk))
+                    return lanes.finish()
+            sim = Simulation(book, candidate)
+            skipped = 0
+            for lo, hi, phase in phases:
                 async for chunk in _payloads(conn, lo, hi):
-                    for raw in chunk:
-                        try:
-                            event = activity_adapter.validate_json(raw)
-                        except ValidationError:
-                            skipped += 1
-                            continue
-                        take(event)
+                    skipped += _take(sim, phase, chunk)
                     if on_progress is not None:
                         on_progress(len(chunk))
-        return sim.report(), skipped
+            return sim.report(), skipped
     finally:
         if gc_was_enabled:
             gc.enable()

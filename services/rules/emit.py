@@ -2,14 +2,20 @@
 
 Ids come from `grant_id(source event, rule, member, kind)`: a replay or redelivery of the
 same activity yields byte-identical grants that the ledger dedupes.
+
+The rules themselves return plain `Payout` tuples (who, rule, points, ...): the backtest
+only sums those, and building contract models for millions of replayed events was most of
+its cost. `grant_events` turns payouts into the models the live service publishes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
 from decimal import Decimal
+from typing import Final, NamedTuple
 
 from schemas.activity import (
     CheckIn,
@@ -48,6 +54,39 @@ def fast_grant_id(source_event_id: str, rule_id: str, member_id: str, kind: str 
     h[8] = (h[8] & 0x3F) | 0x80
     x = h.hex()
     return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
+# (revoke, member_id, rule_id, points, order_id, ruleset version or None for the rule set's
+# own): a plain tuple, as cheap to build as it gets; points are always positive.
+Payout = tuple[bool, str, str, int, str | None, str | None]
+
+
+class TierChange(NamedTuple):
+    """What a `tier_evaluated` event reports (built only on the live path)."""
+
+    previous: Tier
+    tier: Tier
+    spend: Decimal
+    valid_until: datetime | None
+
+
+GRANT: Final = False
+REVOKE: Final = True
+
+
+def grant_events(
+    event: AnyActivity, ruleset: RuleSet, payouts: Iterable[Payout]
+) -> list[GrantEvent]:
+    """The contract models for payouts, in order (rules emit only positive points)."""
+    out: list[GrantEvent] = []
+    for revoke, member_id, rule_id, points, order_id, version in payouts:
+        if revoke:
+            out += revoked(event, rule_id, points, order_id=order_id or "",
+                           version=version or ruleset.version, member_id=member_id)  # fmt: skip
+        else:
+            out += granted(event, ruleset, rule_id, points, member_id=member_id,
+                           order_id=order_id, version=version)  # fmt: skip
+    return out
 
 
 def granted(

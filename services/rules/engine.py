@@ -3,13 +3,17 @@
 No I/O and no clock: time comes from the event, so replaying a stream under any rule
 set is deterministic and can be compared grant by grant. The adapter dedupes event ids,
 loads the member's state and the referrer map, and publishes what comes back.
+
+`step` is the core and returns plain payout tuples; `evaluate` (the live service) wraps
+them into contract models. The backtest calls `step` directly: it only sums points, and
+it skips the tier report, which changes no state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import date, datetime
 
 from schemas.activity import (
     Activity,
@@ -23,9 +27,9 @@ from schemas.activity import (
 )
 from schemas.grants import GrantEvent
 from services.rules import engagement_rules, purchase_rules, tiers
-from services.rules.emit import AnyActivity, tier_evaluated
-from services.rules.ruleset import RuleSet
-from services.rules.state import MemberState, evolve, prune
+from services.rules.emit import AnyActivity, Payout, TierChange, grant_events, tier_evaluated
+from services.rules.ruleset import RuleSet, derived
+from services.rules.state import MemberState, prune, replace
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,16 @@ class Evaluation:
     held: tuple[HeldEvent, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What `step` decided: the new state, payouts, the tier report if asked, a hold."""
+
+    state: MemberState
+    payouts: list[Payout]
+    tier: TierChange | None = None
+    held: HeldEvent | None = None
+
+
 def is_engagement(event: AnyActivity) -> bool:
     """Visits are staff-confirmed at the desk; only app-driven events can be flooded."""
     return isinstance(event, Review | Share) or (
@@ -54,13 +68,17 @@ def _burst(state: MemberState, event: AnyActivity, ruleset: RuleSet) -> tuple[Me
     limit = ruleset.engagement.burst_max_events
     if limit is None:
         return state, False
-    since = event.occurred_at - timedelta(seconds=ruleset.engagement.burst_window_seconds)
+    at = event.occurred_at
+    since = at - derived(ruleset).burst_window
     recent = [t for t in state.recent_engagement if t > since]
     held = len(recent) >= limit
     # The last `limit` stamps are enough to decide the next event; held ones count too,
-    # so a sustained flood stays held.
-    kept = tuple(sorted([*recent, event.occurred_at])[-limit:])
-    return evolve(state, recent_engagement=kept), held
+    # so a sustained flood stays held. Stamps are kept sorted: in-order events append.
+    if not recent or recent[-1] <= at:
+        recent.append(at)
+    else:
+        recent = sorted([*recent, at])
+    return replace(state, recent_engagement=tuple(recent[-limit:])), held
 
 
 def _register(state: MemberState, event: MemberRegistered | Referral) -> MemberState:
@@ -76,7 +94,7 @@ def _register(state: MemberState, event: MemberRegistered | Referral) -> MemberS
         and not state.first_purchase_done
     ):
         update["referrer_id"] = referrer
-    return evolve(state, **update) if update else state
+    return replace(state, **update) if update else state
 
 
 def _apply(
@@ -84,20 +102,68 @@ def _apply(
     event: AnyActivity,
     ruleset: RuleSet,
     referrers: Mapping[str, str | None],
-) -> tuple[MemberState, list[GrantEvent]]:
+    day: date,
+) -> tuple[MemberState, list[Payout]]:
     if isinstance(event, Purchase):
-        return purchase_rules.on_purchase(state, event, ruleset, referrers)
-    if isinstance(event, Refund):
-        return purchase_rules.on_refund(state, event, ruleset)
+        return purchase_rules.on_purchase(state, event, ruleset, referrers, day)
     if isinstance(event, CheckIn):
         if event.data.kind == "visit":
-            return engagement_rules.on_visit(state, event, ruleset)
-        return engagement_rules.on_sign_in(state, event, ruleset)
+            return engagement_rules.on_visit(state, event, ruleset, day)
+        return engagement_rules.on_sign_in(state, event, ruleset, day)
     if isinstance(event, Review):
-        return engagement_rules.on_review(state, event, ruleset)
+        return engagement_rules.on_review(state, event, ruleset, day)
     if isinstance(event, Share):
-        return engagement_rules.on_share(state, event, ruleset)
+        return engagement_rules.on_share(state, event, ruleset, day)
+    if isinstance(event, Refund):
+        return purchase_rules.on_refund(state, event, ruleset)
     return _register(state, event), []
+
+
+def step(
+    state: MemberState,
+    event: AnyActivity,
+    ruleset: RuleSet,
+    referrers: Mapping[str, str | None],
+    *,
+    check_burst: bool = True,
+    report_tier: bool = True,
+) -> Step:
+    """One event through the rules. `report_tier=False` skips only the tier report."""
+    if event.member_id != state.member_id:
+        raise ValueError(f"state of {state.member_id!r} given for {event.member_id!r}")
+    at, tier_rules = event.occurred_at, ruleset.tiers
+    current = state
+    until = state.tier_valid_until
+    if until is not None and until <= at:
+        current = tiers.catch_up(state, at, tier_rules)
+    if check_burst and is_engagement(event):
+        current, burst = _burst(current, event, ruleset)
+        if burst and isinstance(event, CheckIn | Review | Share):
+            held = HeldEvent(event=event, reason=derived(ruleset).burst_reason)
+            return Step(current, [], None, held)
+    hot = derived(ruleset)
+    day = event.occurred_at.astimezone(hot.zone).date()
+    new, payouts = _apply(current, event, ruleset, referrers, day)
+    change = None
+    if report_tier:
+        change = _tier_change(state, current, new, at, tier_rules.window_months)
+    return Step(prune(new, at, day, hot.keep_months), payouts, change)
+
+
+def _tier_change(
+    before: MemberState, current: MemberState, new: MemberState, at: datetime, window: int
+) -> TierChange | None:
+    """A tier report when the event moved qualifying spend, the tier, or its expiry."""
+    moved, spend_after = False, None
+    # Only purchases and refunds touch the orders; summing spend is skipped for the rest.
+    if new.orders is not current.orders:
+        spend_after = tiers.rolling_spend(new.orders, at, window)
+        moved = spend_after != tiers.rolling_spend(current.orders, at, window)
+    if moved or new.tier != before.tier or new.tier_valid_until != before.tier_valid_until:
+        if spend_after is None:
+            spend_after = tiers.rolling_spend(new.orders, at, window)
+        return TierChange(before.tier, new.tier, spend_after, new.tier_valid_until)
+    return None
 
 
 def _evaluate(
@@ -108,34 +174,17 @@ def _evaluate(
     *,
     check_burst: bool,
 ) -> Evaluation:
-    if event.member_id != state.member_id:
-        raise ValueError(f"state of {state.member_id!r} given for {event.member_id!r}")
-    at, window = event.occurred_at, ruleset.tiers.window_months
-    current = tiers.catch_up(state, at, ruleset.tiers)
-    if check_burst and is_engagement(event):
-        current, burst = _burst(current, event, ruleset)
-        if burst and isinstance(event, CheckIn | Review | Share):
-            reason = (
-                f"more than {ruleset.engagement.burst_max_events} engagement events "
-                f"in {ruleset.engagement.burst_window_seconds}s"
-            )
-            return Evaluation(state=current, held=(HeldEvent(event=event, reason=reason),))
-    new, grants = _apply(current, event, ruleset, referrers)
-    moved, spend_after = False, None
-    # Only purchases and refunds touch the orders; summing spend is skipped for the rest.
-    if new.orders is not current.orders:
-        spend_after = tiers.rolling_spend(new.orders, at, window)
-        moved = spend_after != tiers.rolling_spend(current.orders, at, window)
-    if moved or new.tier != state.tier or new.tier_valid_until != state.tier_valid_until:
-        if spend_after is None:
-            spend_after = tiers.rolling_spend(new.orders, at, window)
+    s = step(state, event, ruleset, referrers, check_burst=check_burst)
+    if s.held is not None:
+        return Evaluation(state=s.state, held=(s.held,))
+    grants = grant_events(event, ruleset, s.payouts)
+    if s.tier is not None:
+        t = s.tier
         grants.append(
-            tier_evaluated(event, ruleset, previous=state.tier, tier=new.tier,
-                           spend=spend_after, valid_until=new.tier_valid_until)
+            tier_evaluated(event, ruleset, previous=t.previous, tier=t.tier, spend=t.spend,
+                           valid_until=t.valid_until)
         )  # fmt: skip
-    keep = max(window, ruleset.expiry.lot_lifetime_months)
-    day = engagement_rules.local_day(event, ruleset)
-    return Evaluation(state=prune(new, at, day, keep), grants=tuple(grants))
+    return Evaluation(state=s.state, grants=tuple(grants))
 
 
 def evaluate(

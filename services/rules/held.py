@@ -20,7 +20,7 @@ from services.common.config import Settings
 from services.common.outbox import OutboxRow, write_outbox
 from services.rules.engine import HeldEvent, release
 from services.rules.rulebook_store import load_book
-from services.rules.state import MemberState
+from services.rules.state import MemberState, dump_state, load_state
 
 SERVICE: Final = "rules"
 
@@ -87,11 +87,7 @@ async def release_held(
         ruleset = (await load_book(conn)).at(event.occurred_at)
         # The rules consumer locks the same row per batch, so neither overwrites the other.
         raw = await conn.fetchval(LOCK_STATE, event.member_id)
-        state = (
-            MemberState.model_validate_json(raw)
-            if raw is not None
-            else MemberState(member_id=event.member_id)
-        )
+        state = load_state(raw) if raw is not None else MemberState(member_id=event.member_id)
         referrers: dict[str, str | None] = {event.member_id: state.referrer_id}
         if state.referrer_id is not None:
             for r in await conn.fetch(SELECT_REFERRERS, [state.referrer_id]):
@@ -101,7 +97,7 @@ async def release_held(
             UPSERT_STATE,
             event.member_id,
             result.state.referrer_id,
-            result.state.model_dump_json(),
+            dump_state(result.state).decode(),
         )
         topic = settings.topics.grants
         await write_outbox(

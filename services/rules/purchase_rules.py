@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from datetime import date
 from decimal import Decimal
+from typing import Final
 
 from schemas.activity import Purchase, Refund
-from schemas.grants import GrantEvent
 from services.rules import tiers
-from services.rules.emit import granted, revoked
-from services.rules.ruleset import PurchaseRules, RuleSet
-from services.rules.state import BigTicketSnapshot, MemberState, Order, OtherPaid, evolve, trusted
+from services.rules.emit import GRANT, REVOKE, Payout
+from services.rules.ruleset import PurchaseRules, RuleSet, derived
+from services.rules.state import BigTicketSnapshot, MemberState, Order, OtherPaid, replace
 
 _SNAPSHOTS: dict[int, tuple[PurchaseRules, tuple[BigTicketSnapshot, ...]]] = {}
+_ZERO: Final = Decimal(0)
+_ONE: Final = Decimal(1)
 
 
 def _snapshots(rules: PurchaseRules) -> tuple[BigTicketSnapshot, ...]:
@@ -58,114 +61,111 @@ def _campaign_factor(event: Purchase, ruleset: RuleSet) -> Decimal:
     A campaign limited to projects multiplies only the matching items' share of the
     amount paid (item amounts are used as weights, since discounts apply to the order).
     """
-    items_total = sum((i.amount for i in event.data.items), Decimal(0))
+    if not ruleset.campaigns:
+        return _ONE
+    items_total = sum((i.amount for i in event.data.items), _ZERO)
     best: Decimal | None = None
     for c in ruleset.campaigns:
         if not c.starts_at <= event.occurred_at < c.ends_at:
             continue
         if c.store_ids is not None and event.store_id not in c.store_ids:
             continue
-        share = Decimal(1)
+        share = _ONE
         if c.project_codes is not None:
             codes = set(c.project_codes)
-            matching = sum(
-                (i.amount for i in event.data.items if i.project_code in codes), Decimal(0)
-            )
-            share = min(matching / items_total, Decimal(1)) if items_total > 0 else Decimal(0)
+            matching = sum((i.amount for i in event.data.items if i.project_code in codes), _ZERO)
+            share = min(matching / items_total, _ONE) if items_total > 0 else _ZERO
             if share == 0:
                 continue
         factor = 1 + (c.multiplier - 1) * share
         best = factor if best is None else max(best, factor)
-    return Decimal(1) if best is None else best
+    return _ONE if best is None else best
 
 
-def _birthday_factor(state: MemberState, event: Purchase, ruleset: RuleSet) -> Decimal:
+def _birthday_factor(state: MemberState, day: date, ruleset: RuleSet) -> Decimal:
+    """`day` is the purchase's date in the rule set's zone (its month is the local month)."""
     if state.birthday is None:
-        return Decimal(1)
-    local = event.occurred_at.astimezone(ruleset.zone)
-    same_month = int(state.birthday[:2]) == local.month
-    return ruleset.purchase.birthday_multiplier if same_month else Decimal(1)
+        return _ONE
+    same_month = int(state.birthday[:2]) == day.month
+    return ruleset.purchase.birthday_multiplier if same_month else _ONE
 
 
 def on_purchase(
-    state: MemberState, event: Purchase, ruleset: RuleSet, referrers: Mapping[str, str | None]
-) -> tuple[MemberState, list[GrantEvent]]:
+    state: MemberState, event: Purchase, ruleset: RuleSet, referrers: Mapping[str, str | None],
+    day: date,
+) -> tuple[MemberState, list[Payout]]:  # fmt: skip
     """Earn at the tier held before this purchase; the upgrade applies from the next one."""
     d, ids, pr = event.data, ruleset.rule_ids, ruleset.purchase
-    if d.order_id in state.orders or d.amount <= 0:
+    oid, amount, orders = d.order_id, d.amount, state.orders
+    if oid in orders or amount <= 0:
         return state, []
+    hot, tier, member = derived(ruleset), state.tier, event.member_id
     factors = {
         "points_per_cny": pr.points_per_cny,
-        "tier": ruleset.tiers.multipliers[state.tier],
-        "birthday": _birthday_factor(state, event, ruleset),
+        "tier": ruleset.tiers.multipliers[tier],
+        "birthday": _birthday_factor(state, day, ruleset),
         "campaign": _campaign_factor(event, ruleset),
     }
-    rate = math.prod(factors.values(), start=Decimal(1))
+    rate = math.prod(factors.values(), start=_ONE)
     codes = {i.project_code for i in d.items}
-    fresh = sorted(c for c in codes & set(pr.new_projects) if c not in state.new_projects_bought)
+    bought = state.new_projects_bought
+    fresh = sorted(c for c in codes & hot.new_projects if c not in bought)
     fixed = {
         ids.first_purchase: 0 if state.first_purchase_done else pr.first_purchase_points,
         ids.new_project: pr.new_project_points * len(fresh),
-        ids.combo: sum(c.points for c in pr.combos if set(c.projects) <= codes),
+        ids.combo: sum(points for projects, points in hot.combos if projects <= codes),
     }
     steps = _snapshots(pr)
-    candidates = {ids.big_ticket: big_ticket_points(d.amount, steps), **fixed}
-    paid = {ids.base: floor_points(d.amount * rate)}
+    candidates = {ids.big_ticket: big_ticket_points(amount, steps), **fixed}
+    paid = {ids.base: floor_points(amount * rate)}
     paid.update(select_bonuses(candidates, pr.stack_purchase_bonuses))
 
     others: list[OtherPaid] = []
-    referral_due = state.referrer_id is not None and not state.referral_paid
+    referrer = state.referrer_id
+    referral_due = referrer is not None and not state.referral_paid
     referral_due = referral_due and not state.first_purchase_done
-    if referral_due and state.referrer_id is not None:
+    if referral_due and referrer is not None:
         rr = ruleset.referral
         paid[ids.referral_new_member] = rr.new_member_points
-        others.append(
-            trusted(
-                OtherPaid,
-                member_id=state.referrer_id,
-                rule_id=ids.referral_referrer,
-                points=rr.referrer_points,
-            )
-        )
-        indirect = referrers.get(state.referrer_id)
-        if indirect is not None and indirect not in {state.referrer_id, event.member_id}:
+        if rr.referrer_points > 0:
             others.append(
-                trusted(
-                    OtherPaid,
-                    member_id=indirect,
-                    rule_id=ids.referral_indirect,
-                    points=rr.indirect_points,
-                )
-            )
+                OtherPaid(member_id=referrer, rule_id=ids.referral_referrer,
+                          points=rr.referrer_points)
+            )  # fmt: skip
+        indirect = referrers.get(referrer)
+        if indirect is not None and indirect not in {referrer, member} and rr.indirect_points > 0:
+            others.append(
+                OtherPaid(member_id=indirect, rule_id=ids.referral_indirect,
+                          points=rr.indirect_points)
+            )  # fmt: skip
     paid = {k: v for k, v in paid.items() if v > 0}
-    others = [o for o in others if o.points > 0]
 
-    order = trusted(
-        Order, order_id=d.order_id, at=event.occurred_at, amount=d.amount,
-        ruleset_version=ruleset.version, store_id=event.store_id, base_rate=rate,
-        factors=factors, fixed_bonuses=fixed, big_ticket=steps, base_rule=ids.base,
-        big_ticket_rule=ids.big_ticket, stack=pr.stack_purchase_bonuses, paid=paid,
-        others=tuple(others), tier_before=state.tier, tier_after=state.tier,
-        valid_until_before=state.tier_valid_until,
+    # The tier after this purchase (an upgrade at once; qualifying again restarts the
+    # tier's months): rolling spend is the earlier orders' plus this order's amount.
+    at, tr = event.occurred_at, ruleset.tiers
+    q = tiers.qualified_tier(tiers.rolling_spend(orders, at, tr.window_months) + amount, tr)
+    new_tier, until = tier, state.tier_valid_until
+    if tiers.rank(q) >= tiers.rank(tier):
+        new_tier, until = q, tiers.hold_until(q, at, tr)
+    order = Order(
+        order_id=oid, at=at, amount=amount, ruleset_version=ruleset.version,
+        store_id=event.store_id, base_rate=rate, factors=factors, fixed_bonuses=fixed,
+        big_ticket=steps, base_rule=ids.base, big_ticket_rule=ids.big_ticket,
+        stack=pr.stack_purchase_bonuses, paid=paid, others=tuple(others), tier_before=tier,
+        tier_after=new_tier, valid_until_before=state.tier_valid_until,
     )  # fmt: skip
-    new = evolve(
+    new = replace(
         state,
-        orders={**state.orders, d.order_id: order},
+        orders={**orders, oid: order},
         first_purchase_done=True,
-        new_projects_bought=(*state.new_projects_bought, *fresh),
+        new_projects_bought=(*bought, *fresh) if fresh else bought,
         referral_paid=state.referral_paid or referral_due,
+        tier=new_tier,
+        tier_valid_until=until,
     )
-    new = tiers.after_purchase(new, event.occurred_at, ruleset.tiers)
-    order = evolve(order, tier_after=new.tier)
-    new = evolve(new, orders={**new.orders, d.order_id: order})
-
-    grants: list[GrantEvent] = []
-    for rule_id, points in paid.items():
-        grants += granted(event, ruleset, rule_id, points, order_id=d.order_id)
-    for o in others:
-        grants += granted(event, ruleset, o.rule_id, o.points, member_id=o.member_id,
-                          order_id=d.order_id)  # fmt: skip
-    return new, grants
+    payouts: list[Payout] = [(GRANT, member, r, p, oid, None) for r, p in paid.items()]
+    payouts += [(GRANT, o.member_id, o.rule_id, o.points, oid, None) for o in others]
+    return new, payouts
 
 
 def _targets(order: Order, net: Decimal) -> dict[str, int]:
@@ -184,7 +184,7 @@ def _targets(order: Order, net: Decimal) -> dict[str, int]:
 
 def on_refund(
     state: MemberState, event: Refund, ruleset: RuleSet
-) -> tuple[MemberState, list[GrantEvent]]:
+) -> tuple[MemberState, list[Payout]]:
     """Proportional take-back; refunds past the order's amount, or of unknown orders, do nothing."""
     order = state.orders.get(event.data.order_id)
     if order is None:
@@ -192,22 +192,21 @@ def on_refund(
     effective = min(event.data.amount, order.net)
     if effective <= 0:
         return state, []
-    order = evolve(order, refunded=order.refunded + effective)
-    targets = _targets(order, order.net)
-    grants: list[GrantEvent] = []
-    oid, version = order.order_id, order.ruleset_version
+    order = replace(order, refunded=order.refunded + effective)
+    net = order.net
+    targets = _targets(order, net)
+    payouts: list[Payout] = []
+    oid, version, member = order.order_id, order.ruleset_version, event.member_id
     for rule_id in sorted({*order.paid, *targets}):
         diff = targets.get(rule_id, 0) - order.paid.get(rule_id, 0)
         if diff < 0:
-            grants += revoked(event, rule_id, -diff, order_id=oid, version=version)
+            payouts.append((REVOKE, member, rule_id, -diff, oid, version))
         elif diff > 0:
-            grants += granted(event, ruleset, rule_id, diff, order_id=oid, version=version)
+            payouts.append((GRANT, member, rule_id, diff, oid, version))
     others = order.others
-    if order.net <= 0:
-        for o in others:
-            grants += revoked(event, o.rule_id, o.points, order_id=oid, version=version,
-                              member_id=o.member_id)  # fmt: skip
+    if net <= 0:
+        payouts += [(REVOKE, o.member_id, o.rule_id, o.points, oid, version) for o in others]
         others = ()
-    order = evolve(order, paid=targets, others=others)
-    new = evolve(state, orders={**state.orders, oid: order})
-    return tiers.after_refund(new, order, event.occurred_at, ruleset.tiers), grants
+    order = replace(order, paid=targets, others=others)
+    new = replace(state, orders={**state.orders, oid: order})
+    return tiers.after_refund(new, order, event.occurred_at, ruleset.tiers), payouts

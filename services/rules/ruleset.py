@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
@@ -258,6 +259,47 @@ class RuleSet(_Strict):
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True, slots=True)
+class Derived:
+    """Values the evaluator derives from a rule set on every event, computed once per set."""
+
+    zone: ZoneInfo
+    keep_months: int
+    burst_window: timedelta
+    burst_reason: str
+    min_booking_lead: timedelta
+    grace: timedelta
+    new_projects: frozenset[str]
+    combos: tuple[tuple[frozenset[str], int], ...]
+
+
+_DERIVED: dict[int, tuple[RuleSet, Derived]] = {}
+
+
+def derived(ruleset: RuleSet) -> Derived:
+    """Rule sets are immutable, so what they imply is cached by identity (few sets per run)."""
+    known = _DERIVED.get(id(ruleset))
+    if known is not None and known[0] is ruleset:
+        return known[1]
+    eng = ruleset.engagement
+    value = Derived(
+        zone=ruleset.zone,
+        keep_months=max(ruleset.tiers.window_months, ruleset.expiry.lot_lifetime_months),
+        burst_window=timedelta(seconds=eng.burst_window_seconds),
+        burst_reason=(
+            f"more than {eng.burst_max_events} engagement events in {eng.burst_window_seconds}s"
+        ),
+        min_booking_lead=timedelta(hours=float(ruleset.visit.min_booking_lead_hours)),
+        grace=timedelta(minutes=float(ruleset.visit.grace_minutes)),
+        new_projects=frozenset(ruleset.purchase.new_projects),
+        combos=tuple((frozenset(c.projects), c.points) for c in ruleset.purchase.combos),
+    )
+    if len(_DERIVED) > 64:  # rule sets are few; bound the cache anyway
+        _DERIVED.clear()
+    _DERIVED[id(ruleset)] = (ruleset, value)
+    return value
 
 
 def _readable(exc: ValidationError, origin: str) -> str:

@@ -11,23 +11,30 @@ book, and both lanes start from that state; nothing of the warm-up is counted.
 
 Cash liability values points at the redemption rate of the recipient's tier just
 before the event, from the rule set that priced it.
+
+The lanes are independent, so a `Simulation` may run only one of them (`lanes=`): the
+backtest adapter runs each lane in its own process and `combine`s their `LaneResult`s
+into the same report a single process makes.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Final, Literal
 
 from schemas.activity import Activity
-from schemas.grants import PointsGranted, PointsRevoked, Tier
-from services.rules.engine import evaluate
+from schemas.grants import Tier
+from services.rules.engine import step
 from services.rules.ruleset import RuleBook, RuleSet
 from services.rules.state import MemberState
 
 CENT = Decimal("0.01")
 TOTAL = "TOTAL"
+Lane = Literal["in_force", "candidate"]
+LANES: Final[tuple[Lane, Lane]] = ("in_force", "candidate")
 
 
 @dataclass
@@ -45,33 +52,59 @@ class _Lane:
 
     def step(self, event: Activity, ruleset: RuleSet, count: bool) -> None:
         member = event.member_id
-        state = self.states.get(member)
+        states = self.states
+        state = states.get(member)
         if state is None:
             state = MemberState(member_id=member)
-        result = evaluate(state, event, ruleset, self.referrers)
-        self.states[member] = result.state
-        if result.state.referrer_id is not None:
-            self.referrers[member] = result.state.referrer_id
+        # The tier report changes no state and is not counted: not built here.
+        result = step(state, event, ruleset, self.referrers, report_tier=False)
+        new = states[member] = result.state
+        if new.referrer_id is not None:
+            self.referrers[member] = new.referrer_id
         if not count:
             return
-        self.held += len(result.held)
+        if result.held is not None:
+            self.held += 1
+            return
         rates = ruleset.redemption.points_per_cny
-        for g in result.grants:
-            if isinstance(g, PointsGranted):
-                points = g.data.points
-            elif isinstance(g, PointsRevoked):
-                points = -g.data.points
-            else:
-                continue
-            rule = g.data.rule_id
-            who = g.member_id
+        points_of, by_rate = self.points, self.by_rate
+        for revoke, who, rule, points, _, _ in result.payouts:
+            if revoke:
+                points = -points
             tier = state.tier if who == member else self._tier(who)
-            self.points[(rule, who)] += points
-            self.by_rate[(rule, rates.get(tier, 0))] += points
+            points_of[(rule, who)] += points
+            by_rate[(rule, rates.get(tier, 0))] += points
+
+    def result(self) -> LaneResult:
+        return LaneResult(
+            points=dict(self.points),
+            by_rate=dict(self.by_rate),
+            held=self.held,
+            members=frozenset(self.states),
+        )
 
     def _tier(self, member: str) -> Tier:
         other = self.states.get(member)
         return "member" if other is None else other.tier
+
+
+@dataclass(frozen=True)
+class LaneResult:
+    """What one lane counted: all `combine` needs (picklable, for the worker processes)."""
+
+    points: Mapping[tuple[str, str], int]
+    by_rate: Mapping[tuple[str, int], int]
+    held: int
+    members: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Counters every lane computes identically, whichever lanes a Simulation runs."""
+
+    events: int
+    warmup_events: int
+    versions_in_force: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -109,13 +142,20 @@ def _cash(by_rate: Mapping[tuple[str, int], int], rule: str | None) -> Decimal:
 
 
 class Simulation:
-    """Feed warm-up events (optional), then the period's events, then take `report()`."""
+    """Feed warm-up events (optional), then the period's events, then take `report()`.
 
-    def __init__(self, book: RuleBook, candidate: RuleSet) -> None:
+    `lanes` picks the lanes to run (both by default); `lane_results()` and `progress()`
+    are what a worker process hands back for `combine`.
+    """
+
+    def __init__(self, book: RuleBook, candidate: RuleSet, lanes: Sequence[Lane] = LANES) -> None:
+        if not lanes or any(lane not in LANES for lane in lanes):
+            raise ValueError(f"lanes must be some of {LANES}, got {lanes!r}")
         self.book = book
         self.candidate = candidate
+        self.lanes: tuple[Lane, ...] = tuple(dict.fromkeys(lanes))
         self._warm = _Lane()
-        self._lanes: tuple[_Lane, _Lane] | None = None
+        self._lanes: dict[Lane, _Lane] | None = None
         self._seen: set[str] = set()
         self._versions: set[str] = set()
         self.events = 0
@@ -135,16 +175,24 @@ class Simulation:
             self._warm.step(event, self.book.at(event.occurred_at), count=False)
             self.warmup_events += 1
 
+    def _start(self) -> dict[Lane, _Lane]:
+        # The first lane takes the warm-up state over, any other starts from a copy of it.
+        lanes = {lane: self._warm if i == 0 else self._warm.fork()
+                 for i, lane in enumerate(self.lanes)}  # fmt: skip
+        self._lanes = lanes
+        return lanes
+
     def feed(self, event: Activity) -> None:
-        if self._lanes is None:
-            self._lanes = (self._warm, self._warm.fork())
+        lanes = self._lanes if self._lanes is not None else self._start()
         if not self._fresh(event):
             return
-        in_force, candidate = self._lanes
         ruleset = self.book.at(event.occurred_at)
         self._versions.add(ruleset.version)
-        in_force.step(event, ruleset, count=True)
-        candidate.step(event, self.candidate, count=True)
+        in_force, candidate = lanes.get("in_force"), lanes.get("candidate")
+        if in_force is not None:
+            in_force.step(event, ruleset, count=True)
+        if candidate is not None:
+            candidate.step(event, self.candidate, count=True)
         self.events += 1
 
     def feed_all(self, events: Iterable[Activity]) -> Simulation:
@@ -152,42 +200,58 @@ class Simulation:
             self.feed(e)
         return self
 
+    def lane_results(self) -> dict[Lane, LaneResult]:
+        # No period events yet: nothing counted (the warm-up alone is not reported).
+        lanes = self._lanes or {name: _Lane() for name in self.lanes}
+        return {name: lane.result() for name, lane in lanes.items()}
+
+    def progress(self) -> Progress:
+        return Progress(self.events, self.warmup_events, tuple(sorted(self._versions)))
+
     def report(self) -> Report:
-        a, b = self._lanes or (_Lane(), _Lane())
-        grid: defaultdict[str, defaultdict[str, list[int]]] = defaultdict(
-            lambda: defaultdict(lambda: [0, 0])
-        )
-        for lane, source in enumerate((a.points, b.points)):
-            for (rule, member), points in source.items():
-                grid[rule][member][lane] += points
-        rows = []
-        for rule in sorted(grid):
-            cells = grid[rule].values()
-            pa, pb = sum(c[0] for c in cells), sum(c[1] for c in cells)
-            affected = sum(1 for c in cells if c[0] != c[1])
-            ca, cb = _cash(a.by_rate, rule), _cash(b.by_rate, rule)
-            rows.append(RuleRow(rule, pa, pb, pb - pa, ca, cb, cb - ca, affected))
-        per_member_a: defaultdict[str, int] = defaultdict(int)
-        per_member_b: defaultdict[str, int] = defaultdict(int)
-        for (_, m), p in a.points.items():
-            per_member_a[m] += p
-        for (_, m), p in b.points.items():
-            per_member_b[m] += p
-        everyone = set(per_member_a) | set(per_member_b)
-        ta, tb = sum(per_member_a.values()), sum(per_member_b.values())
-        ca, cb = _cash(a.by_rate, None), _cash(b.by_rate, None)
-        total = RuleRow(
-            TOTAL, ta, tb, tb - ta, ca, cb, cb - ca,
-            sum(1 for m in everyone if per_member_a[m] != per_member_b[m]),
-        )  # fmt: skip
-        return Report(
-            rows=tuple(rows),
-            total=total,
-            events=self.events,
-            warmup_events=self.warmup_events,
-            members=len(set(a.states) | set(b.states)),
-            held_in_force=a.held,
-            held_candidate=b.held,
-            versions_in_force=tuple(sorted(self._versions)),
-            candidate_version=self.candidate.version,
-        )
+        results = self.lane_results()
+        if set(results) != set(LANES):
+            raise ValueError("a report needs both lanes: combine() the workers' results")
+        return combine(results["in_force"], results["candidate"], self.progress(),
+                       self.candidate.version)  # fmt: skip
+
+
+def combine(a: LaneResult, b: LaneResult, progress: Progress, candidate_version: str) -> Report:
+    """The report from the in-force lane `a` and the candidate lane `b`."""
+    grid: defaultdict[str, defaultdict[str, list[int]]] = defaultdict(
+        lambda: defaultdict(lambda: [0, 0])
+    )
+    for lane, source in enumerate((a.points, b.points)):
+        for (rule, member), points in source.items():
+            grid[rule][member][lane] += points
+    rows = []
+    for rule in sorted(grid):
+        cells = grid[rule].values()
+        pa, pb = sum(c[0] for c in cells), sum(c[1] for c in cells)
+        affected = sum(1 for c in cells if c[0] != c[1])
+        ca, cb = _cash(a.by_rate, rule), _cash(b.by_rate, rule)
+        rows.append(RuleRow(rule, pa, pb, pb - pa, ca, cb, cb - ca, affected))
+    per_member_a: defaultdict[str, int] = defaultdict(int)
+    per_member_b: defaultdict[str, int] = defaultdict(int)
+    for (_, m), p in a.points.items():
+        per_member_a[m] += p
+    for (_, m), p in b.points.items():
+        per_member_b[m] += p
+    everyone = set(per_member_a) | set(per_member_b)
+    ta, tb = sum(per_member_a.values()), sum(per_member_b.values())
+    ca, cb = _cash(a.by_rate, None), _cash(b.by_rate, None)
+    total = RuleRow(
+        TOTAL, ta, tb, tb - ta, ca, cb, cb - ca,
+        sum(1 for m in everyone if per_member_a[m] != per_member_b[m]),
+    )  # fmt: skip
+    return Report(
+        rows=tuple(rows),
+        total=total,
+        events=progress.events,
+        warmup_events=progress.warmup_events,
+        members=len(a.members | b.members),
+        held_in_force=a.held,
+        held_candidate=b.held,
+        versions_in_force=progress.versions_in_force,
+        candidate_version=candidate_version,
+    )

@@ -13,11 +13,13 @@ from decimal import Decimal
 
 from schemas.grants import TIERS, Tier
 from services.rules.ruleset import TierRules
-from services.rules.state import MemberState, Order, add_months, evolve
+from services.rules.state import MemberState, Order, add_months, replace
+
+_RANK: dict[str, int] = {t: i for i, t in enumerate(TIERS)}
 
 
 def rank(tier: Tier) -> int:
-    return TIERS.index(tier)
+    return _RANK[tier]
 
 
 def qualified_tier(spend: Decimal, rules: TierRules) -> Tier:
@@ -44,9 +46,12 @@ def rolling_spend(orders: Mapping[str, Order], at: datetime, window_months: int)
     return sum([o.amount - o.refunded for o in orders.values() if start < o.at <= at], Decimal(0))
 
 
-def _hold(tier: Tier, since: datetime, rules: TierRules) -> datetime | None:
-    # "member" is the floor: nothing to keep, nothing to expire.
+def hold_until(tier: Tier, since: datetime, rules: TierRules) -> datetime | None:
+    """When a tier reached at `since` expires; "member" is the floor: nothing to expire."""
     return None if tier == "member" else add_months(since, rules.keep_months)
+
+
+_hold = hold_until
 
 
 def catch_up(state: MemberState, at: datetime, rules: TierRules) -> MemberState:
@@ -59,7 +64,7 @@ def catch_up(state: MemberState, at: datetime, rules: TierRules) -> MemberState:
         until = _hold(tier, until, rules)
     if tier == state.tier and until == state.tier_valid_until:
         return state
-    return evolve(state, tier=tier, tier_valid_until=until)
+    return replace(state, tier=tier, tier_valid_until=until)
 
 
 def after_purchase(state: MemberState, at: datetime, rules: TierRules) -> MemberState:
@@ -67,7 +72,7 @@ def after_purchase(state: MemberState, at: datetime, rules: TierRules) -> Member
     q = qualified_tier(rolling_spend(state.orders, at, rules.window_months), rules)
     if rank(q) < rank(state.tier):
         return state
-    return evolve(state, tier=q, tier_valid_until=_hold(q, at, rules))
+    return replace(state, tier=q, tier_valid_until=_hold(q, at, rules))
 
 
 def after_refund(state: MemberState, order: Order, at: datetime, rules: TierRules) -> MemberState:
@@ -83,6 +88,6 @@ def after_refund(state: MemberState, order: Order, at: datetime, rules: TierRule
     if not caused:
         return state
     if rank(q) >= rank(order.tier_before):
-        return evolve(state, tier=q, tier_valid_until=_hold(q, at, rules))
+        return replace(state, tier=q, tier_valid_until=_hold(q, at, rules))
     until = order.valid_until_before if order.tier_before != "member" else None
-    return evolve(state, tier=order.tier_before, tier_valid_until=until)
+    return replace(state, tier=order.tier_before, tier_valid_until=until)

@@ -14,10 +14,11 @@ from test_rules_properties import fast, streams
 from bench.sim_speed import synthetic_history
 from schemas.activity import Activity, Refund, activity_adapter
 from schemas.grants import GrantData, PointsGranted, grant_adapter, grant_id
+from services.rules.backtest import LaneWorkers
 from services.rules.emit import fast_grant_id, granted
 from services.rules.ruleset import RuleBook
-from services.rules.simulate import Simulation
-from services.rules.state import MemberState, trusted
+from services.rules.simulate import LANES, Simulation, combine
+from services.rules.state import MemberState, dump_state, load_state, trusted
 
 
 def test_fast_grant_id_equals_the_contract_grant_id() -> None:
@@ -38,9 +39,10 @@ def test_trusted_builds_equal_validated_models_and_serialise_identically() -> No
                    source_type="purchase")  # fmt: skip
     assert data == GrantData(rule_id="r", ruleset_version="v", points=1, source_event_id="e",
                              source_type="purchase")  # fmt: skip
-    state = trusted(MemberState, member_id="m")
-    assert state == MemberState(member_id="m")
-    assert state.orders is not trusted(MemberState, member_id="m").orders  # fresh factories
+    state = MemberState(member_id="m")
+    assert load_state(dump_state(state)) == state
+    assert dump_state(state) == b'{"member_id":"m"}'  # defaults are not stored
+    assert state.orders is not MemberState(member_id="m").orders  # fresh factories
 
 
 @fast
@@ -121,3 +123,45 @@ def test_synthetic_history_parses_and_runs() -> None:
         per_rule[r.rule_id] += r.difference
     assert sum(per_rule.values()) == report.total.difference
     assert isinstance(PointsGranted, type)
+
+
+def test_lanes_run_apart_combine_to_the_single_process_report() -> None:
+    """Each lane alone (as the worker processes run them) gives the same report."""
+    raws = [json.dumps(e).encode() for e in synthetic_history(3000, members=60, seed=7)]
+    events = [activity_adapter.validate_json(r) for r in raws]
+    book = RuleBook([DEFAULT])
+    whole = Simulation(book, REF004)
+    for e in events[:1000]:
+        whole.warm_up(e)
+    whole.feed_all(events[1000:])
+    apart = {}
+    for lane in LANES:
+        sim = Simulation(book, REF004, lanes=(lane,))
+        for e in events[:1000]:
+            sim.warm_up(e)
+        sim.feed_all(events[1000:])
+        apart[lane] = sim
+    a, b = apart["in_force"], apart["candidate"]
+    assert a.progress() == b.progress() == whole.progress()
+    combined = combine(
+        a.lane_results()["in_force"], b.lane_results()["candidate"], a.progress(), "ref-004"
+    )
+    assert combined == whole.report()
+    assert combined.total.difference != 0
+
+
+def test_lane_worker_processes_give_the_single_process_report() -> None:
+    """The backtest's worker processes, fed raw payloads (one that no longer parses)."""
+    raws = [json.dumps(e).encode() for e in synthetic_history(4000, members=80, seed=3)]
+    raws.insert(1500, b'{"type": "gone"}')
+    whole = Simulation(RuleBook([DEFAULT]), REF004)
+    for r in raws[:1000]:
+        whole.warm_up(activity_adapter.validate_json(r))
+    whole.feed_all(activity_adapter.validate_json(r) for r in raws[1000:] if b"gone" not in r)
+    with LaneWorkers(RuleBook([DEFAULT]), REF004) as workers:
+        workers.send("warm", raws[:1000])
+        for i in range(1000, len(raws), 700):
+            workers.send("feed", raws[i : i + 700])
+        report, skipped = workers.finish()
+    assert skipped == 1
+    assert report == whole.report()
