@@ -10,6 +10,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from schemas.activity import Activity, Purchase, Refund, activity_adapter
 from schemas.grants import GrantEvent, PointsGranted, PointsRevoked, TierEvaluated
 from services.rules.engine import Evaluation, HeldEvent, evaluate
@@ -211,4 +213,4 @@ def order_of(event: Activity) -> str:
 
 
 def state_with(member: str = "m-1", **fields: Any) -> MemberState:
-    return MemberState(member_id=member).model_copy(update=fields)
+    return msgspec.structs.replace(MemberState(member_id=member), **fields)
