@@ -76,6 +76,9 @@ class OutboxRelay:
                 await asyncio.sleep(1.0)
             try:
                 while True:
+                    # Cleared before reading, not after: a commit that lands while a page
+                    # is in flight keeps its wake-up, instead of waiting out the idle poll.
+                    self._wake.clear()
                     try:
                         sent = await self.relay_once()
                     except Exception as exc:
@@ -85,7 +88,6 @@ class OutboxRelay:
                         await asyncio.sleep(1.0)
                         continue
                     if sent < RELAY_BATCH:
-                        self._wake.clear()
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._wake.wait(), RELAY_IDLE_POLL_S)
             finally:
