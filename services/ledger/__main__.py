@@ -1,5 +1,7 @@
 """`python -m services.ledger`: the grants consumer, the relay and the HTTP API in one process."""
 
+import os
+
 import uvicorn
 
 from services.common.config import load_settings
@@ -12,9 +14,10 @@ if __name__ == "__main__":
     settings = load_settings()
     uvicorn.run(
         create_app(settings),
-        host="127.0.0.1",
+        host=os.environ.get("LEDGER_HOST", "127.0.0.1"),
         port=settings.ledger_port,
         loop="uvloop",
+        http="httptools",
         access_log=False,
         log_config=None,
     )

@@ -15,10 +15,13 @@ import asyncpg
 
 EXPIRING_HORIZON: Final = timedelta(days=60)  # CONTRACT: `expiring` covers the next 60 days
 
-MEMBER_ROW: Final = "SELECT * FROM ledger_members WHERE member_id = $1"
-MEMBER_LOTS: Final = """
-SELECT remaining, available_from, expires_at FROM ledger_lots
-WHERE member_id = $1 AND remaining > 0
+# One round trip for the hottest call: the member row, repeated once per spendable lot.
+MEMBER_WITH_LOTS: Final = """
+SELECT m.*, l.remaining AS lot_remaining, l.available_from AS lot_available_from,
+       l.expires_at AS lot_expires_at
+FROM ledger_members m
+LEFT JOIN ledger_lots l ON l.member_id = m.member_id AND l.remaining > 0
+WHERE m.member_id = $1
 """
 ENTRIES_PAGE: Final = """
 SELECT seq, entry_id, kind, points, balance_after, rule_id, ruleset_version, source_event_id,
@@ -81,11 +84,15 @@ def member_document(
 async def member_view(
     conn: asyncpg.Connection, member_id: str, now: datetime
 ) -> dict[str, Any] | None:
-    member = await conn.fetchrow(MEMBER_ROW, member_id)
-    if member is None:
+    rows = await conn.fetch(MEMBER_WITH_LOTS, member_id)
+    if not rows:
         return None
-    lots = await conn.fetch(MEMBER_LOTS, member_id)
-    return member_document(member, lots, now)
+    lots = [
+        (r["lot_remaining"], r["lot_available_from"], r["lot_expires_at"])
+        for r in rows
+        if r["lot_remaining"] is not None
+    ]
+    return member_document(rows[0], lots, now)
 
 
 def encode_cursor(seq: int) -> str:
