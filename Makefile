@@ -55,7 +55,9 @@ schemas: setup ## regenerate schemas/json from the pydantic models
 docs: setup ## AsyncAPI documents of each service into docs/asyncapi/
 	@$(PY) -m deploy.asyncapi
 
-bench: setup ## benchmarks (never part of make test)
+bench: setup ## benchmarks (never part of make test); BENCH_QUICK=1 for a short run
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null) \
+		|| echo "bench: wrk could not be installed; the read benchmark will be skipped"
 	@$(PY) -m bench.run
 
 clean:
