@@ -1,16 +1,19 @@
 """Read models from the journal: `ledgerctl ledger rebuild` and `ledgerctl ledger verify`.
 
-Both stream the journal once, ordered by ``(member_id, seq)`` through a server-side cursor,
-and fold each member with `accounting.replay`: memory holds one member's entries at a time.
+**Rebuild** is set-based: member totals are sums over the journal and every lot is its
+creating entry minus what later entries took from it (their ``allocations``), each as one
+``INSERT … SELECT`` inside Postgres. **Verify** is the independent check: it streams the
+journal ordered by ``(member_id, seq)`` through a server-side cursor and folds each member
+with the pure `accounting.replay`, so the two implementations prove each other.
 
 **Rebuild** builds aside and swaps, so the API and the consumer keep serving:
 
 1. A consistent starting point: a short transaction takes ``SHARE`` on ``ledger_entries``
    (so no writer is half-way through appending), exports its snapshot and notes the highest
    ``seq``; a reader imports that snapshot and the lock is released at once.
-2. The reader folds every member in that snapshot; the books go by ``COPY`` into
-   ``ledger_members_rebuild`` / ``ledger_lots_rebuild`` (no indexes while loading), then
-   the indexes of the live tables are cloned onto them.
+2. In that snapshot, two statements fill ``ledger_members_rebuild`` and
+   ``ledger_lots_rebuild`` (no indexes while loading); then the indexes of the live tables
+   are cloned onto them.
 3. The swap, one transaction: ``ACCESS EXCLUSIVE`` on the live read models (every writer
    locks a member row before appending, so none is in flight once we hold it), refold the
    few members whose entries arrived after the snapshot, add members without entries,
@@ -46,6 +49,37 @@ SELECT * FROM ledger_entries
 WHERE member_id = ANY($1::text[]) ORDER BY member_id, seq
 """
 COUNT: Final = "SELECT count(*) FROM ledger_entries"
+# The same arithmetic as `accounting.evolve`, as sets (verify checks one against the other).
+BUILD_TOTALS: Final = """
+INSERT INTO ledger_members_rebuild (member_id, debt, earned, redeemed, revoked, expired, adjusted)
+SELECT member_id,
+       COALESCE(sum(debt_delta), 0),
+       COALESCE(sum(points) FILTER (WHERE kind = 'earn'), 0),
+       COALESCE(-sum(points) FILTER (WHERE kind = 'redeem'), 0),
+       COALESCE(-sum(points) FILTER (WHERE kind = 'revoke'), 0),
+       COALESCE(-sum(points) FILTER (WHERE kind = 'expire'), 0),
+       COALESCE(sum(points) FILTER (WHERE kind = 'adjust'), 0)
+FROM ledger_entries
+WHERE seq <= $1
+GROUP BY member_id
+"""
+BUILD_LOTS: Final = """
+INSERT INTO ledger_lots_rebuild (lot_id, member_id, points, remaining, earned_at, available_from,
+                                 expires_at, source_event_id, order_id, rule_id)
+SELECT e.entry_id, e.member_id, e.points, e.points + e.debt_delta - COALESCE(t.taken, 0),
+       e.occurred_at, COALESCE(e.available_from, e.occurred_at), e.expires_at,
+       COALESCE(e.source_event_id, e.adjustment_id, e.entry_id), e.order_id, e.rule_id
+FROM ledger_entries AS e
+LEFT JOIN (
+    SELECT a ->> 0 AS lot_id, sum((a ->> 1)::bigint) AS taken
+    FROM ledger_entries AS c, jsonb_array_elements(c.allocations) AS a
+    WHERE c.seq <= $1 AND jsonb_array_length(c.allocations) > 0
+    GROUP BY 1
+) AS t ON t.lot_id = e.entry_id
+WHERE e.seq <= $1
+  AND (e.kind = 'earn' OR (e.kind = 'adjust' AND e.points > 0))
+  AND e.points + e.debt_delta - COALESCE(t.taken, 0) > 0
+"""
 INDEXES: Final = """
 SELECT i.indexname, i.indexdef, c.conname
 FROM pg_indexes AS i
@@ -174,16 +208,15 @@ async def rebuild(dsn: str, progress: Progress | None = None) -> RebuildReport:
                 f" (LIKE {table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
             )
         high = await _snapshot_reader(dsn, read)
-        chunk: list[acc.Book] = []
-        async for book in _books(read, JOURNAL, progress=progress):
-            report.members += 1
-            chunk.append(book)
-            if len(chunk) >= MEMBERS_CHUNK:
-                report.lots += await _copy_books(write, "_rebuild", chunk)
-                chunk = []
-        if chunk:
-            report.lots += await _copy_books(write, "_rebuild", chunk)
         report.entries = await count_entries(read)
+        members = await read.execute(BUILD_TOTALS, high)
+        if progress is not None:
+            progress(report.entries // 2)
+        lots = await read.execute(BUILD_LOTS, high)
+        if progress is not None:
+            progress(report.entries - report.entries // 2)
+        report.members = int(members.rsplit(" ", 1)[-1])
+        report.lots = int(lots.rsplit(" ", 1)[-1])
         await read.execute("COMMIT")
         renames = await _clone_indexes(write)
         report.caught_up = await _swap(write, high, renames)
@@ -201,7 +234,8 @@ async def _snapshot_reader(dsn: str, read: asyncpg.Connection) -> int:
         await lock.execute("LOCK TABLE ledger_entries IN SHARE MODE")
         snapshot = await lock.fetchval("SELECT pg_export_snapshot()")
         high = int(await lock.fetchval("SELECT COALESCE(max(seq), 0) FROM ledger_entries"))
-        await read.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        # Read-write: the build's INSERT … SELECTs run in this snapshot.
+        await read.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         await read.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
         await lock.execute("COMMIT")
     finally:
