@@ -7,7 +7,9 @@ parsing the raw bytes with the activity TypeAdapter, as `ledgerctl rules simulat
 Those are CPU time of one process. (4) and (5) run the lanes in two worker processes,
 as `ledgerctl rules simulate` does, and are wall time (CPU time of one process would
 not count the workers): on parsed events (forked workers), and from raw bytes through
-the backtest's own `LaneWorkers` (each worker parses).
+the backtest's own `LaneWorkers` (each worker parses). (6) is what `ledgerctl rules
+simulate` runs: `MemberWorkers`, members split over two workers by referral component,
+each worker parsing a payload once and pricing both lanes (wall time, from raw bytes).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from schemas.activity import Activity, activity_adapter
-from services.rules.backtest import LaneWorkers
+from services.rules.backtest import LaneWorkers, MemberWorkers, referral_groups
 from services.rules.engine import evaluate
 from services.rules.rulebook_store import DEFAULT_RULESET, RULESETS_DIR
 from services.rules.ruleset import RuleBook, RuleSet, load_ruleset
@@ -131,6 +133,21 @@ def raw_lanes(book: RuleBook, candidate: RuleSet, raws: list[bytes]) -> float:
         return time.perf_counter() - t
 
 
+def raw_members(book: RuleBook, candidate: RuleSet, raws: list[bytes]) -> float:
+    """Wall seconds through MemberWorkers (what `ledgerctl rules simulate` runs): members
+    split over two workers by referral component, each parsing once for both lanes."""
+    members = [json.loads(r)["member_id"] for r in raws]
+    rows = list(zip(members, raws, strict=True))
+    with MemberWorkers(book, candidate, referral_groups(
+        (m, r) for m, r in rows if b"referrer_id" in r
+    )) as workers:  # fmt: skip
+        t = time.perf_counter()  # the forkserver's start-up is not the workers' speed
+        for i in range(0, len(rows), 5000):
+            workers.send("feed", rows[i : i + 5000])
+        workers.finish()
+        return time.perf_counter() - t
+
+
 def _rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("inf")
 
@@ -162,6 +179,7 @@ def measure(n: int, members: int) -> dict[str, float]:
     two_lanes_s = time.process_time() - t
     forked_s, busiest_cpu_s = forked_lanes(book, candidate, events)
     raw_s = raw_lanes(book, candidate, raws)
+    members_s = raw_members(book, candidate, raws)
     return {
         "events": n,
         "parse_per_s": _rate(n, parse_s),
@@ -171,6 +189,7 @@ def measure(n: int, members: int) -> dict[str, float]:
         "backtest_2_workers_wall_per_s": _rate(n, forked_s),
         "backtest_2_workers_busiest_cpu_per_s": _rate(n, busiest_cpu_s),
         "backtest_2_workers_raw_wall_per_s": _rate(n, raw_s),
+        "backtest_member_split_raw_wall_per_s": _rate(n, members_s),
     }
 
 

@@ -6,11 +6,13 @@ Rows come through a server-side cursor in chunks, so memory stays flat however l
 period; payloads are the bytes as received, parsed with the same TypeAdapter as the
 live consumer.
 
-The two lanes are independent, so by default each runs in its own worker process
-(`LaneWorkers`): this process streams the raw payloads to both, each parses them and
-prices one lane, and the parent `combine`s the lane totals into the report a single
-process would make (a unit test pins that equality). Referral grants to other members
-are just rows keyed by recipient inside a lane, so nothing crosses lanes.
+By default the members are split over two worker processes (`MemberWorkers`), each
+pricing both lanes of its members, so every payload is parsed once. The rules read
+another member's state only along referral links, so a referral component (found up
+front from the payloads that name a referrer) stays in one worker; the parent merges the
+workers' lane totals and `combine`s them into the report a single process would make (a
+unit test pins that equality). `LaneWorkers` (one process per lane, each parsing every
+payload) is kept for comparison in bench.sim_speed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import io
 import json
 import multiprocessing
 import queue
-from collections.abc import AsyncIterator, Callable, Iterable
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any, Final, Literal
@@ -41,6 +44,8 @@ from services.rules.simulate import (
     RuleRow,
     Simulation,
     combine,
+    merge_progress,
+    merge_results,
 )
 
 Phase = Literal["warm", "feed"]
@@ -51,18 +56,61 @@ SELECT count(*) FROM rules_activity
 WHERE occurred_at >= coalesce($1, '-infinity'::timestamptz) AND occurred_at < $2
 """
 STREAM: Final = """
-SELECT payload FROM rules_activity
+SELECT member_id, payload FROM rules_activity
 WHERE occurred_at >= coalesce($1, '-infinity'::timestamptz) AND occurred_at < $2
 ORDER BY occurred_at, partition, "offset"
 """
+# Every payload that may name a referrer (a bytes match, so nothing is parsed in SQL and a
+# malformed payload cannot fail the query; a false match only joins members needlessly).
+REFERRALS: Final = """
+SELECT member_id, payload FROM rules_activity
+WHERE occurred_at >= coalesce($1, '-infinity'::timestamptz) AND occurred_at < $2
+  AND position(convert_to('referrer_id', 'UTF8') in payload) > 0
+"""
 
 
-async def _payloads(
+async def _rows(
     conn: asyncpg.Connection, start: datetime | None, end: datetime
-) -> AsyncIterator[list[bytes]]:
+) -> AsyncIterator[list[asyncpg.Record]]:
     cursor = await conn.cursor(STREAM, start, end)
     while rows := await cursor.fetch(CHUNK):
-        yield [r[0] for r in rows]
+        yield rows
+
+
+def referral_groups(edges: Iterable[tuple[str, bytes]]) -> dict[str, str]:
+    """Member -> a representative of its referral component (union-find over every
+    (member, named referrer) pair). Only members in some pair are keys.
+
+    The rules read another member's state only along referral links (the referrer's
+    tier and own referrer, an indirect referrer's tier), so members of one component
+    must be priced by the same worker; everyone else is independent.
+    """
+    parent: dict[str, str] = {}
+
+    def find(m: str) -> str:
+        root = m
+        while (up := parent.setdefault(root, root)) != root:
+            root = up
+        while (up := parent[m]) != root:
+            parent[m], m = root, up
+        return root
+
+    for member, raw in edges:
+        try:
+            body = json.loads(raw)
+            referrer = body["data"]["referrer_id"]
+        except (ValueError, TypeError, KeyError):
+            continue
+        if isinstance(referrer, str):
+            a, b = find(member), find(referrer)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return {m: find(m) for m in list(parent)}
+
+
+def worker_of(member: str, groups: Mapping[str, str], workers: int) -> int:
+    """Deterministic (crc32, not the per-process salted `hash`) and per referral component."""
+    return zlib.crc32(groups.get(member, member).encode()) % workers
 
 
 def _take(sim: Simulation, phase: Phase, chunk: Iterable[bytes]) -> int:
@@ -93,6 +141,23 @@ def _lane_worker(book: RuleBook, candidate: RuleSet, lane: Lane, inbox: Any, out
         outbox.put(("ok", lane, sim.lane_results()[lane], sim.progress(), skipped))
     except BaseException as exc:  # reported to the parent, which raises it
         outbox.put(("error", lane, f"{type(exc).__name__}: {exc}", None, 0))
+        raise
+
+
+def _member_worker(book: RuleBook, candidate: RuleSet, inbox: Any, outbox: Any) -> None:
+    """Both lanes for a share of the members: each payload is parsed once, not per lane."""
+    gc.disable()  # member states hold no cycles; the collector only costs time here
+    try:
+        sim = Simulation(book, candidate)
+        skipped = 0
+        while True:
+            phase, chunk = inbox.get()
+            if phase == "end":
+                break
+            skipped += _take(sim, phase, chunk)
+        outbox.put(("ok", sim.lane_results(), sim.progress(), skipped))
+    except BaseException as exc:  # reported to the parent, which raises it
+        outbox.put(("error", f"{type(exc).__name__}: {exc}", None, 0))
         raise
 
 
@@ -165,6 +230,96 @@ class LaneWorkers:
         return combine(a, b, progress, self.candidate_version), skipped
 
 
+class MemberWorkers:
+    """Members split over worker processes by referral component, each worker pricing both
+    lanes of its members, so a payload is parsed once (`LaneWorkers` parse it per lane).
+    Use as a context manager; `send` takes (member_id, payload) rows in stream order.
+    """
+
+    POLL_S: Final = 1.0
+
+    def __init__(
+        self,
+        book: RuleBook,
+        candidate: RuleSet,
+        groups: Mapping[str, str],
+        workers: int = 2,
+        context: str = "forkserver",
+    ) -> None:
+        ctx: Any = multiprocessing.get_context(context)
+        if context == "forkserver":
+            ctx.set_forkserver_preload(["services.rules.backtest"])
+        self.candidate_version = candidate.version
+        self._groups = groups
+        self._n = workers
+        self._where: dict[str, int] = {}
+        # Bounded inboxes: reading Postgres is faster than pricing, so memory stays flat.
+        self._inboxes = [ctx.Queue(maxsize=4) for _ in range(workers)]
+        self._outbox = ctx.Queue()
+        self._procs = [
+            ctx.Process(target=_member_worker, name=f"backtest-{i}", daemon=True,
+                        args=(book, candidate, self._inboxes[i], self._outbox))
+            for i in range(workers)
+        ]  # fmt: skip
+
+    def __enter__(self) -> MemberWorkers:
+        for p in self._procs:
+            p.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self._procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+
+    def _check_alive(self) -> None:
+        dead = [p for p in self._procs if not p.is_alive() and p.exitcode not in (0, None)]
+        if dead:
+            raise LaneWorkerError(f"{dead[0].name} exited with {dead[0].exitcode}")
+
+    def _put(self, i: int, item: tuple[str, list[bytes]]) -> None:
+        while True:
+            try:
+                self._inboxes[i].put(item, timeout=self.POLL_S)
+                return
+            except queue.Full:
+                self._check_alive()
+
+    def send(self, phase: Phase, rows: Iterable[tuple[str, bytes]]) -> None:
+        shares: list[list[bytes]] = [[] for _ in range(self._n)]
+        where, groups, n = self._where, self._groups, self._n
+        for member, raw in rows:
+            i = where.get(member)
+            if i is None:
+                i = where[member] = worker_of(member, groups, n)
+            shares[i].append(raw)
+        for i, share in enumerate(shares):
+            if share:
+                self._put(i, (phase, share))
+
+    def finish(self) -> tuple[Report, int]:
+        """Ends the input and waits for every worker; returns the report and skipped count."""
+        for i in range(self._n):
+            self._put(i, ("end", []))
+        got: list[tuple[dict[Lane, LaneResult], Progress, int]] = []
+        while len(got) < self._n:
+            try:
+                status, results, progress, skipped = self._outbox.get(timeout=self.POLL_S)
+            except queue.Empty:
+                self._check_alive()
+                if all(not p.is_alive() for p in self._procs) and self._outbox.empty():
+                    raise LaneWorkerError("backtest workers ended without a result") from None
+                continue
+            if status != "ok":
+                raise LaneWorkerError(f"backtest worker failed: {results}")
+            got.append((results, progress, skipped))
+        a = merge_results(r["in_force"] for r, _, _ in got)
+        b = merge_results(r["candidate"] for r, _, _ in got)
+        progress = merge_progress(p for _, p, _ in got)
+        return combine(a, b, progress, self.candidate_version), sum(s for _, _, s in got)
+
+
 async def run_backtest(
     conn: asyncpg.Connection,
     candidate: RuleSet,
@@ -194,20 +349,22 @@ async def run_backtest(
                 phases.append((None, start, "warm"))
             phases.append((start, end, "feed"))
             if workers:
-                with LaneWorkers(book, candidate) as lanes:
+                edges = await conn.fetch(REFERRALS, phases[0][0], end)
+                groups = referral_groups((r[0], r[1]) for r in edges)
+                with MemberWorkers(book, candidate, groups) as pool:
                     for lo, hi, phase in phases:
-                        async for chunk in _payloads(conn, lo, hi):
-                            lanes.send(phase, chunk)
+                        async for rows in _rows(conn, lo, hi):
+                            pool.send(phase, rows)
                             if on_progress is not None:
-                                on_progress(len(chunk))
-                    return lanes.finish()
+                                on_progress(len(rows))
+                    return pool.finish()
             sim = Simulation(book, candidate)
             skipped = 0
             for lo, hi, phase in phases:
-                async for chunk in _payloads(conn, lo, hi):
-                    skipped += _take(sim, phase, chunk)
+                async for rows in _rows(conn, lo, hi):
+                    skipped += _take(sim, phase, [r[1] for r in rows])
                     if on_progress is not None:
-                        on_progress(len(chunk))
+                        on_progress(len(rows))
             return sim.report(), skipped
     finally:
         if gc_was_enabled:

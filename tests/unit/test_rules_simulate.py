@@ -14,7 +14,7 @@ from test_rules_properties import fast, streams
 from bench.sim_speed import synthetic_history
 from schemas.activity import Activity, Refund, activity_adapter
 from schemas.grants import GrantData, PointsGranted, grant_adapter, grant_id
-from services.rules.backtest import LaneWorkers
+from services.rules.backtest import LaneWorkers, MemberWorkers, referral_groups, worker_of
 from services.rules.emit import fast_grant_id, granted
 from services.rules.ruleset import RuleBook
 from services.rules.simulate import LANES, Simulation, combine
@@ -165,3 +165,69 @@ def test_lane_worker_processes_give_the_single_process_report() -> None:
         report, skipped = workers.finish()
     assert skipped == 1
     assert report == whole.report()
+
+
+def test_member_split_workers_with_referrals_give_the_single_process_report() -> None:
+    """Members split over two workers (both lanes each, one parse) by referral component:
+    referral grants and refunds cross members, and still the single-process report."""
+    raws = [json.dumps(e).encode() for e in synthetic_history(6000, members=300, seed=5)]
+    raws.insert(2500, b'{"type": "gone", "member_id": "m-00001"}')
+    members = [json.loads(r).get("member_id", "") for r in raws]
+    edges = [(m, r) for m, r in zip(members, raws, strict=True) if b"referrer_id" in r]
+    groups = referral_groups(edges)
+    assert any(g != m for m, g in groups.items())  # some referral links join members
+    split = {worker_of(m, groups, 2) for m in members}
+    assert split == {0, 1}
+    whole = Simulation(RuleBook([DEFAULT]), REF004)
+    for r in raws[:2000]:
+        whole.warm_up(activity_adapter.validate_json(r))
+    whole.feed_all(activity_adapter.validate_json(r) for r in raws[2000:] if b"gone" not in r)
+    expected = whole.report()
+    assert any(r.rule_id == "referral_referrer" and r.in_force for r in expected.rows)
+    rows = list(zip(members, raws, strict=True))
+    with MemberWorkers(RuleBook([DEFAULT]), REF004, groups) as workers:
+        workers.send("warm", rows[:2000])
+        for i in range(2000, len(rows), 700):
+            workers.send("feed", rows[i : i + 700])
+        report, skipped = workers.finish()
+    assert skipped == 1
+    assert report == expected
+
+
+def test_member_split_keeps_a_referral_chain_in_one_worker() -> None:
+    """m-d referred by m-a (gold), m-a by m-e: m-d's first purchase pays m-a at m-a's gold
+    cash rate and m-e the indirect bonus. Split by member alone (m-d and m-a land in
+    different workers) the report differs; split by referral component it does not."""
+    at = iter(T0 + timedelta(hours=i) for i in range(100))
+
+    def ev(member: str, kind: str, data: dict[str, object]) -> tuple[str, bytes]:
+        body = {"event_id": f"e-{member}-{kind}-{len(data)}-{next(at).isoformat()}",
+                "occurred_at": next(at).isoformat(), "member_id": member,
+                "store_id": "sh-jingan", "source": "test", "type": kind, "data": data}  # fmt: skip
+        return member, json.dumps(body).encode()
+
+    def buy(member: str, oid: str, amount: str) -> tuple[str, bytes]:
+        item = {"project_code": "thermage", "category": "t", "amount": amount}
+        return ev(member, "purchase", {"order_id": oid, "amount": amount, "items": [item]})
+
+    rows = [
+        ev("m-a", "member_registered", {"referrer_id": "m-e"}),
+        buy("m-a", "o-1", "35000.00"),
+        ev("m-d", "member_registered", {"referrer_id": "m-a"}),
+        buy("m-d", "o-2", "388.00"),
+        buy("m-f", "o-3", "680.00"),
+    ]
+    assert worker_of("m-d", {}, 2) != worker_of("m-a", {}, 2)
+    whole = Simulation(RuleBook([DEFAULT]), REF004)
+    whole.feed_all(activity_adapter.validate_json(raw) for _, raw in rows)
+    expected = whole.report()
+    assert {r.rule_id for r in expected.rows} >= {"referral_referrer", "referral_indirect"}
+    groups = referral_groups([r for r in rows if b"referrer_id" in r[1]])
+    assert worker_of("m-d", groups, 2) == worker_of("m-a", groups, 2) == worker_of("m-e", groups, 2)
+    reports = {}
+    for name, g in (("by_member", {}), ("by_component", groups)):
+        with MemberWorkers(RuleBook([DEFAULT]), REF004, g) as workers:
+            workers.send("feed", rows)
+            reports[name], _ = workers.finish()
+    assert reports["by_component"] == expected
+    assert reports["by_member"] != expected
