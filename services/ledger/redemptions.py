@@ -92,6 +92,42 @@ def _replay(prior: asyncpg.Record, request: dict[str, Any], what: str, key: str)
     return Outcome(201, prior["response"], fresh=False)
 
 
+async def _claim(
+    conn: asyncpg.Connection,
+    prior_sql: str,
+    request_id: str,
+    request: dict[str, Any],
+    what: str,
+    key: str,
+    member_id: str,
+) -> tuple[Outcome | None, str]:
+    """Idempotency and the member lock: (the stored answer, or None to go on; the tier)."""
+    prior = await conn.fetchrow(prior_sql, request_id)
+    if prior is not None:
+        return _replay(prior, request, what, key), ""
+    member = await conn.fetchrow(LOCK_MEMBER, member_id)
+    if member is None:
+        raise Refused(404, "Member not found", f"no ledger record for member {member_id!r}")
+    # Re-read under the lock: a twin request may have committed while we waited.
+    prior = await conn.fetchrow(prior_sql, request_id)
+    if prior is not None:
+        return _replay(prior, request, what, key), ""
+    return None, member["tier"]
+
+
+async def _journal(
+    conn: asyncpg.Connection, topic: str, before: dict[str, acc.Book], entries: list[acc.Entry]
+) -> acc.Book:
+    """Apply the decided entries: journal, lots, totals and the ledger events' outbox rows."""
+    (member_id,) = before
+    book = before[member_id]
+    for entry in entries:
+        book = acc.evolve(book, entry)
+    await write_journal(conn, entries, before, {member_id: book})
+    await write_outbox(conn, SERVICE, outbox_rows(topic, map(ledger_event, entries)))
+    return book
+
+
 async def redeem(
     conn: asyncpg.Connection,
     topic: str,
@@ -116,17 +152,18 @@ async def redeem(
     }
     try:
         async with conn.transaction():
-            prior = await conn.fetchrow(PRIOR_REDEMPTION, redemption_id)
-            if prior is not None:
-                return _replay(prior, request, "Redemption", "redemption_id")
-            member = await conn.fetchrow(LOCK_MEMBER, member_id)
-            if member is None:
-                raise Refused(404, "Member not found", f"no ledger record for member {member_id!r}")
-            # Re-read under the lock: a twin request may have committed while we waited.
-            prior = await conn.fetchrow(PRIOR_REDEMPTION, redemption_id)
-            if prior is not None:
-                return _replay(prior, request, "Redemption", "redemption_id")
-            tier = tier_of(member["tier"])
+            replayed, raw_tier = await _claim(
+                conn,
+                PRIOR_REDEMPTION,
+                redemption_id,
+                request,
+                "Redemption",
+                "redemption_id",
+                member_id,
+            )
+            if replayed is not None:
+                return replayed
+            tier = tier_of(raw_tier)
             if reward is not None:
                 try:
                     points = policy.reward(reward).points
@@ -169,10 +206,7 @@ async def redeem(
                     available=exc.available,
                     requested=exc.requested,
                 ) from None
-            book = before[member_id]
-            for entry in entries:
-                book = acc.evolve(book, entry)
-            await write_journal(conn, entries, before, {member_id: book})
+            await _journal(conn, topic, before, entries)
             body = {
                 "redemption_id": redemption_id,
                 "member_id": member_id,
@@ -185,7 +219,6 @@ async def redeem(
                 "redeemed_at": now.isoformat(),
             }
             await conn.execute(INSERT_REDEMPTION, redemption_id, member_id, request, body)
-            await write_outbox(conn, SERVICE, outbox_rows(topic, map(ledger_event, entries)))
             return Outcome(201, body, fresh=True)
     except asyncpg.UniqueViolationError:
         # The same id was committed concurrently (for another member: the entry id or the
@@ -218,15 +251,17 @@ async def adjust(
     }
     try:
         async with conn.transaction():
-            prior = await conn.fetchrow(PRIOR_ADJUSTMENT, adjustment_id)
-            if prior is not None:
-                return _replay(prior, request, "Adjustment", "adjustment_id")
-            member = await conn.fetchrow(LOCK_MEMBER, member_id)
-            if member is None:
-                raise Refused(404, "Member not found", f"no ledger record for member {member_id!r}")
-            prior = await conn.fetchrow(PRIOR_ADJUSTMENT, adjustment_id)
-            if prior is not None:
-                return _replay(prior, request, "Adjustment", "adjustment_id")
+            replayed, _tier = await _claim(
+                conn,
+                PRIOR_ADJUSTMENT,
+                adjustment_id,
+                request,
+                "Adjustment",
+                "adjustment_id",
+                member_id,
+            )
+            if replayed is not None:
+                return replayed
             before = await load_books(conn, [member_id])
             try:
                 command = acc.Adjust(
@@ -250,10 +285,7 @@ async def adjust(
                     available=exc.available,
                     requested=exc.requested,
                 ) from None
-            book = before[member_id]
-            for entry in entries:
-                book = acc.evolve(book, entry)
-            await write_journal(conn, entries, before, {member_id: book})
+            book = await _journal(conn, topic, before, entries)
             entry = entries[-1]
             body = {
                 "adjustment_id": adjustment_id,
@@ -268,7 +300,6 @@ async def adjust(
                 "adjusted_at": now.isoformat(),
             }
             await conn.execute(INSERT_ADJUSTMENT, adjustment_id, member_id, request, body)
-            await write_outbox(conn, SERVICE, outbox_rows(topic, map(ledger_event, entries)))
             return Outcome(201, body, fresh=True)
     except asyncpg.UniqueViolationError:
         prior = await conn.fetchrow(PRIOR_ADJUSTMENT, adjustment_id)
