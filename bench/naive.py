@@ -31,7 +31,7 @@ from services.ledger.journal import ledger_event, load_books, write_journal
 from services.ledger.projector import command_for
 from services.rules.engine import evaluate
 from services.rules.rulebook_store import load_book
-from services.rules.state import MemberState
+from services.rules.state import MemberState, dump_state, load_state
 
 STORE_OFFSET: Final = """
 INSERT INTO consumer_offsets AS o (consumer, topic, partition, next_offset)
@@ -100,11 +100,7 @@ def create_app() -> FastStream:
             )
             if fresh:
                 raw = await conn.fetchval(SELECT_STATE, event.member_id)
-                member = (
-                    MemberState.model_validate_json(raw)
-                    if raw
-                    else MemberState(member_id=event.member_id)
-                )
+                member = load_state(raw) if raw else MemberState(member_id=event.member_id)
                 referrers: dict[str, str | None] = {event.member_id: member.referrer_id}
                 if member.referrer_id:
                     referrers[member.referrer_id] = await conn.fetchval(
@@ -115,7 +111,7 @@ def create_app() -> FastStream:
                     UPSERT_STATE,
                     event.member_id,
                     result.state.referrer_id,
-                    result.state.model_dump_json(),
+                    dump_state(result.state).decode(),
                 )
                 grants = list(result.grants)
             await conn.execute(

@@ -58,7 +58,6 @@ class Settings:
     metrics_port: int = 0
     ledger_port: int = 8080
     api_keys: str = ""
-    ruleset_dir: str = ""
     webhook_url: str = ""
     webhook_secret: str = ""
     expiry_sweep_seconds: int = 60
@@ -82,7 +81,6 @@ def load_settings() -> Settings:
         metrics_port=_int("METRICS_PORT", 0),
         ledger_port=_int("LEDGER_PORT", 8080),
         api_keys=os.environ.get("LEDGER_API_KEYS", ""),
-        ruleset_dir=os.environ.get("RULESET_DIR", ""),
         webhook_url=os.environ.get("NOTIFIER_WEBHOOK_URL", ""),
         webhook_secret=os.environ.get("NOTIFIER_WEBHOOK_SECRET", ""),
         expiry_sweep_seconds=_int("EXPIRY_SWEEP_SECONDS", 60),

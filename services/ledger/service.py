@@ -8,7 +8,6 @@ from typing import Any
 import asyncpg
 import structlog
 from faststream.kafka import KafkaBroker
-from faststream.specification import AsyncAPI
 
 from services.common.config import Settings
 from services.common.consumer import BatchConsumer, register_lag
@@ -97,13 +96,3 @@ class LedgerService:
         self, conn: asyncpg.Connection, member_id: str, at: datetime
     ) -> dict[str, Any] | None:
         return await projector.member_as_of(conn, member_id, at)
-
-
-def asyncapi(settings: Settings) -> AsyncAPI:
-    """The AsyncAPI document of the ledger's Kafka side (`make docs`)."""
-    return AsyncAPI(
-        LedgerService(settings).broker,
-        title="loyalty ledger",
-        version="1",
-        description="Consumes grants, journals them, publishes ledger events via the outbox.",
-    )

@@ -13,7 +13,6 @@ two lanes, where pydantic's copies cost most of the time. The JSON (`dump_state`
 from __future__ import annotations
 
 import calendar
-from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from operator import attrgetter
@@ -180,18 +179,6 @@ class MemberState(
     referrer_id: str | None = None
     referral_paid: bool = False
     birthday: str | None = None
-
-    # The pydantic spellings, kept so callers written against the former model (bench
-    # baselines, test helpers) still work; new code uses dump_state/load_state/replace.
-    @classmethod
-    def model_validate_json(cls, raw: bytes | str) -> MemberState:
-        return load_state(raw)
-
-    def model_dump_json(self) -> str:
-        return dump_state(self).decode()
-
-    def model_copy(self, *, update: Mapping[str, Any] | None = None) -> MemberState:
-        return replace(self, **(update or {}))
 
 
 # Decimals as strings: "1.20" stays "1.20" (a JSON number would go through float).
