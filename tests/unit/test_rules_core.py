@@ -20,7 +20,7 @@ from rules_factories import (
 
 from schemas.grants import PointsGranted, PointsRevoked, TierEvaluated, grant_id
 from services.rules.engine import evaluate
-from services.rules.state import add_months
+from services.rules.state import add_months, dump_state, load_state
 
 
 def test_worked_example_gold_facial_package_3850() -> None:
@@ -222,4 +222,4 @@ def test_state_round_trips_through_json() -> None:
     run = Run()
     run.feed(purchase(amount=12000, items=["gold-rf-microneedle"]), visit())
     st = run.state()
-    assert type(st).model_validate_json(st.model_dump_json()) == st
+    assert load_state(dump_state(st)) == st
