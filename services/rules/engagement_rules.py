@@ -16,6 +16,7 @@ from typing import Final
 
 from schemas.activity import CheckIn, Review, Share
 from services.rules.emit import GRANT, AnyActivity, Payout
+from services.rules.pruning import put_count, put_day, put_review
 from services.rules.ruleset import RuleSet, derived
 from services.rules.state import MemberState, ReviewMark, replace
 
@@ -41,7 +42,7 @@ def pay_capped(
     paid = _capped(used, points, ruleset.engagement.daily_cap)
     if paid == 0:
         return state, []
-    new = replace(state, engagement_by_day={**state.engagement_by_day, day: used + paid})
+    new = replace(state, engagement_by_day=put_count(state.engagement_by_day, day, used + paid))
     return new, [(GRANT, event.member_id, rule_id, paid, None, None)]
 
 
@@ -51,7 +52,7 @@ def on_visit(state: MemberState, event: CheckIn, ruleset: RuleSet, day: date) ->
     key = d.booking_id or event.event_id
     if key in state.visits_seen or d.booked_at is None or d.slot_start is None:
         return state, []
-    seen = {**state.visits_seen, key: day}
+    seen = put_day(state.visits_seen, key, day)
     hot = derived(ruleset)
     if d.slot_start - d.booked_at < hot.min_booking_lead:
         return replace(state, visits_seen=seen), []
@@ -89,7 +90,7 @@ def on_sign_in(state: MemberState, event: CheckIn, ruleset: RuleSet, day: date) 
         return replace(state, sign_in_last_day=day, sign_in_streak=streak), payouts
     return replace(
         state, sign_in_last_day=day, sign_in_streak=streak,
-        engagement_by_day={**by_day, day: used},
+        engagement_by_day=put_count(by_day, day, used),
     ), payouts  # fmt: skip
 
 
@@ -112,7 +113,7 @@ def on_review(state: MemberState, event: Review, ruleset: RuleSet, day: date) ->
         points_due=max(due, mark.points_due),
         suggestion=mark.suggestion or d.suggestion_adopted,
     )
-    return replace(state, reviews={**state.reviews, d.review_id: mark}), payouts
+    return replace(state, reviews=put_review(state.reviews, d.review_id, mark)), payouts
 
 
 def on_share(state: MemberState, event: Share, ruleset: RuleSet, day: date) -> Outcome:
@@ -128,7 +129,7 @@ def on_share(state: MemberState, event: Share, ruleset: RuleSet, day: date) -> O
         return state, []
     state = replace(
         state,
-        shares_paid={**state.shares_paid, d.share_id: day},
-        shares_by_day={**state.shares_by_day, day: count + 1},
+        shares_paid=put_day(state.shares_paid, d.share_id, day),
+        shares_by_day=put_count(state.shares_by_day, day, count + 1),
     )
     return pay_capped(state, event, ruleset, ruleset.rule_ids.share, rules.points, day)

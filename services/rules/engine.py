@@ -28,8 +28,9 @@ from schemas.activity import (
 from schemas.grants import GrantEvent
 from services.rules import engagement_rules, purchase_rules, tiers
 from services.rules.emit import AnyActivity, Payout, TierChange, grant_events, tier_evaluated
+from services.rules.pruning import prune
 from services.rules.ruleset import RuleSet, derived
-from services.rules.state import MemberState, prune, replace
+from services.rules.state import MemberState, replace
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Final
 from schemas.activity import Purchase, Refund
 from services.rules import tiers
 from services.rules.emit import GRANT, REVOKE, Payout
+from services.rules.pruning import put_order
 from services.rules.ruleset import PurchaseRules, RuleSet, derived
 from services.rules.state import BigTicketSnapshot, MemberState, Order, OtherPaid, replace
 
@@ -156,7 +157,7 @@ def on_purchase(
     )  # fmt: skip
     new = replace(
         state,
-        orders={**orders, oid: order},
+        orders=put_order(orders, order),
         first_purchase_done=True,
         new_projects_bought=(*bought, *fresh) if fresh else bought,
         referral_paid=state.referral_paid or referral_due,
@@ -208,5 +209,5 @@ def on_refund(
         payouts += [(REVOKE, o.member_id, o.rule_id, o.points, oid, version) for o in others]
         others = ()
     order = replace(order, paid=targets, others=others)
-    new = replace(state, orders={**state.orders, oid: order})
+    new = replace(state, orders=put_order(state.orders, order))
     return tiers.after_refund(new, order, event.occurred_at, ruleset.tiers), payouts

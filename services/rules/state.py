@@ -12,10 +12,9 @@ two lanes, where pydantic's copies cost most of the time. The JSON (`dump_state`
 
 from __future__ import annotations
 
-import calendar
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from decimal import Decimal
-from operator import attrgetter
+from itertools import pairwise
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -193,71 +192,49 @@ def dump_state(state: MemberState) -> bytes:
 
 def load_state(raw: bytes | str) -> MemberState:
     """Raises msgspec.ValidationError / DecodeError on a row that is not a member state."""
-    return _DECODER.decode(raw)
+    return in_day_order(_DECODER.decode(raw))
 
 
-D = TypeVar("D", date, datetime)
-_AT = attrgetter("at")
-_DAY = attrgetter("day")
-_TWO_DAYS: Final = timedelta(days=2)
+def in_day_order(state: MemberState) -> MemberState:
+    """The state with every dated map oldest first, as `pruning.prune` expects.
 
-
-def add_months(dt: D, months: int) -> D:
-    """Calendar months, clipping to month end (31 Jan + 1 month = 28/29 Feb)."""
-    total = dt.month - 1 + months
-    year, month = dt.year + total // 12, total % 12 + 1
-    day = dt.day
-    if day > 28:
-        day = min(day, calendar.monthrange(year, month)[1])
-    return dt.replace(year=year, month=month, day=day)
-
-
-_DAY_BOUNDS: dict[tuple[date, int], tuple[date, date]] = {}
-
-
-def _day_bounds(today: date, keep_months: int) -> tuple[date, date]:
-    """(oldest day counter kept, newest id-dedupe day dropped) for `today`: the same for
-    every event of a day, so computed once per day (a pure function of its key)."""
-    key = (today, keep_months)
-    known = _DAY_BOUNDS.get(key)
-    if known is None:
-        if len(_DAY_BOUNDS) > 4096:
-            _DAY_BOUNDS.clear()
-        known = _DAY_BOUNDS[key] = (today - _TWO_DAYS, add_months(today, -keep_months))
-    return known
-
-
-def prune(state: MemberState, now: datetime, today: date, keep_months: int) -> MemberState:
-    """Forget what can no longer influence a rule, so the JSONB row stays small.
-
-    Most events prune nothing, so each map is rebuilt only when it holds something stale
-    (the result is the same as always rebuilding, at a fraction of the cost).
+    States built by the rules already are; this is for rows read back from storage
+    (written by any earlier version of the code), and costs a scan per map.
     """
     changes: dict[str, Any] = {}
-    by_day, shares_by_day = state.engagement_by_day, state.shares_by_day
-    shares_paid, reviews, visits = state.shares_paid, state.reviews, state.visits_seen
-    if by_day or shares_by_day or shares_paid or reviews or visits:
-        # Day counters: kept while (today - day).days <= 2, i.e. day >= today - 2 days.
-        oldest_counter, day_horizon = _day_bounds(today, keep_months)
-        if by_day and min(by_day) < oldest_counter:
-            changes["engagement_by_day"] = {d: v for d, v in by_day.items() if d >= oldest_counter}
-        if shares_by_day and min(shares_by_day) < oldest_counter:
-            changes["shares_by_day"] = {
-                d: v for d, v in shares_by_day.items() if d >= oldest_counter
-            }
-        if shares_paid and min(shares_paid.values()) <= day_horizon:
-            changes["shares_paid"] = {k: d for k, d in shares_paid.items() if d > day_horizon}
-        if reviews and min(map(_DAY, reviews.values())) <= day_horizon:
-            changes["reviews"] = {k: r for k, r in reviews.items() if r.day > day_horizon}
-        if visits and min(visits.values()) <= day_horizon:
-            changes["visits_seen"] = {k: d for k, d in visits.items() if d > day_horizon}
-    orders = state.orders
-    if orders:
-        oldest = min(map(_AT, orders.values()))
-        # `keep_months` back is at least 28 days a month (one day of slack for a DST hour):
-        # the exact calendar horizon is only worth computing past that.
-        if (now - oldest).days >= 28 * keep_months - 1:
-            horizon = add_months(now, -keep_months)
-            if oldest <= horizon:
-                changes["orders"] = {k: o for k, o in orders.items() if o.at > horizon}
+    if not _ascending(list(state.engagement_by_day)):
+        changes["engagement_by_day"] = dict(
+            sorted(state.engagement_by_day.items(), key=counter_day)
+        )
+    if not _ascending(list(state.shares_by_day)):
+        changes["shares_by_day"] = dict(sorted(state.shares_by_day.items(), key=counter_day))
+    if not _ascending(list(state.shares_paid.values())):
+        changes["shares_paid"] = dict(sorted(state.shares_paid.items(), key=seen_day))
+    if not _ascending(list(state.visits_seen.values())):
+        changes["visits_seen"] = dict(sorted(state.visits_seen.items(), key=seen_day))
+    if not _ascending([r.day for r in state.reviews.values()]):
+        changes["reviews"] = dict(sorted(state.reviews.items(), key=review_day))
+    if not _ascending([o.at for o in state.orders.values()]):
+        changes["orders"] = dict(sorted(state.orders.items(), key=order_at))
     return replace(state, **changes) if changes else state
+
+
+def _ascending(values: list[Any]) -> bool:
+    return all(a <= b for a, b in pairwise(values))
+
+
+# Sort keys of the dated maps' items (oldest first is what pruning reads).
+def counter_day(item: tuple[date, int]) -> date:
+    return item[0]
+
+
+def seen_day(item: tuple[str, date]) -> date:
+    return item[1]
+
+
+def review_day(item: tuple[str, ReviewMark]) -> date:
+    return item[1].day
+
+
+def order_at(item: tuple[str, Order]) -> datetime:
+    return item[1].at

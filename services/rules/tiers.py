@@ -12,8 +12,9 @@ from datetime import datetime
 from decimal import Decimal
 
 from schemas.grants import TIERS, Tier
+from services.rules.pruning import add_months
 from services.rules.ruleset import TierRules
-from services.rules.state import MemberState, Order, add_months, replace
+from services.rules.state import MemberState, Order, replace
 
 _RANK: dict[str, int] = {t: i for i, t in enumerate(TIERS)}
 

@@ -20,7 +20,8 @@ from rules_factories import (
 
 from schemas.grants import PointsGranted, PointsRevoked, TierEvaluated, grant_id
 from services.rules.engine import evaluate
-from services.rules.state import add_months, dump_state, load_state
+from services.rules.pruning import add_months
+from services.rules.state import dump_state, load_state
 
 
 def test_worked_example_gold_facial_package_3850() -> None:

@@ -1,0 +1,126 @@
+"""Forgetting what can no longer influence a rule, so a member's state stays small.
+
+Kept apart from the state types (`state.py`, msgspec structs) because this runs on every
+event and is compiled with the rest of the evaluator (see services/common/native.py);
+the struct definitions stay plain Python.
+"""
+
+from __future__ import annotations
+
+import calendar
+from datetime import date, datetime, timedelta
+from typing import Any, Final, TypeVar
+
+from services.rules.state import (
+    MemberState,
+    Order,
+    ReviewMark,
+    counter_day,
+    order_at,
+    replace,
+    review_day,
+    seen_day,
+)
+
+D = TypeVar("D", date, datetime)
+_TWO_DAYS: Final = timedelta(days=2)
+
+
+def add_months(dt: D, months: int) -> D:
+    """Calendar months, clipping to month end (31 Jan + 1 month = 28/29 Feb)."""
+    total = dt.month - 1 + months
+    year, month = dt.year + total // 12, total % 12 + 1
+    day = dt.day
+    if day > 28:
+        day = min(day, calendar.monthrange(year, month)[1])
+    return dt.replace(year=year, month=month, day=day)
+
+
+_DAY_BOUNDS: dict[tuple[date, int], tuple[date, date]] = {}
+
+
+def _day_bounds(today: date, keep_months: int) -> tuple[date, date]:
+    """(oldest day counter kept, newest id-dedupe day dropped) for `today`: the same for
+    every event of a day, so computed once per day (a pure function of its key)."""
+    key = (today, keep_months)
+    known = _DAY_BOUNDS.get(key)
+    if known is None:
+        if len(_DAY_BOUNDS) > 4096:
+            _DAY_BOUNDS.clear()
+        known = _DAY_BOUNDS[key] = (today - _TWO_DAYS, add_months(today, -keep_months))
+    return known
+
+
+def prune(state: MemberState, now: datetime, today: date, keep_months: int) -> MemberState:
+    """Forget what can no longer influence a rule, so the JSONB row stays small.
+
+    Every dated map of the state iterates oldest first (see `in_day_order`), so whether a
+    map holds anything stale is a look at its first entry, not a scan: this runs on every
+    event, and most events prune nothing. A map is rebuilt only when it holds something
+    stale (the same result as always rebuilding).
+    """
+    changes: dict[str, Any] = {}
+    by_day, shares_by_day = state.engagement_by_day, state.shares_by_day
+    shares_paid, reviews, visits = state.shares_paid, state.reviews, state.visits_seen
+    if by_day or shares_by_day or shares_paid or reviews or visits:
+        # Day counters: kept while (today - day).days <= 2, i.e. day >= today - 2 days.
+        oldest_counter, day_horizon = _day_bounds(today, keep_months)
+        if by_day and next(iter(by_day)) < oldest_counter:
+            changes["engagement_by_day"] = {d: v for d, v in by_day.items() if d >= oldest_counter}
+        if shares_by_day and next(iter(shares_by_day)) < oldest_counter:
+            changes["shares_by_day"] = {
+                d: v for d, v in shares_by_day.items() if d >= oldest_counter
+            }
+        if shares_paid and next(iter(shares_paid.values())) <= day_horizon:
+            changes["shares_paid"] = {k: d for k, d in shares_paid.items() if d > day_horizon}
+        if reviews and next(iter(reviews.values())).day <= day_horizon:
+            changes["reviews"] = {k: r for k, r in reviews.items() if r.day > day_horizon}
+        if visits and next(iter(visits.values())) <= day_horizon:
+            changes["visits_seen"] = {k: d for k, d in visits.items() if d > day_horizon}
+    orders = state.orders
+    if orders:
+        oldest = next(iter(orders.values())).at
+        # `keep_months` back is at least 28 days a month (one day of slack for a DST hour):
+        # the exact calendar horizon is only worth computing past that.
+        if (now - oldest).days >= 28 * keep_months - 1:
+            horizon = add_months(now, -keep_months)
+            if oldest <= horizon:
+                changes["orders"] = {k: o for k, o in orders.items() if o.at > horizon}
+    return replace(state, **changes) if changes else state
+
+
+# Inserting into the dated maps keeps them oldest first. Events mostly arrive in time
+# order, so an insert is an append; an event from the past re-sorts that one map.
+
+
+def put_count(counts: dict[date, int], day: date, value: int) -> dict[date, int]:
+    """A day counter map with `day` set (engagement and shares per day)."""
+    if day in counts or not counts or next(reversed(counts)) < day:
+        return {**counts, day: value}
+    return dict(sorted([*counts.items(), (day, value)], key=counter_day))
+
+
+def put_day(seen: dict[str, date], key: str, day: date) -> dict[str, date]:
+    """An id-dedupe map (visits, shares paid) with `key` seen on `day`."""
+    if key not in seen and (not seen or next(reversed(seen.values())) <= day):
+        return {**seen, key: day}
+    return dict(sorted({**seen, key: day}.items(), key=seen_day))
+
+
+def put_review(reviews: dict[str, ReviewMark], key: str, mark: ReviewMark) -> dict[str, ReviewMark]:
+    old = reviews.get(key)
+    if (old is not None and old.day == mark.day) or (
+        old is None and (not reviews or next(reversed(reviews.values())).day <= mark.day)
+    ):
+        return {**reviews, key: mark}
+    return dict(sorted({**reviews, key: mark}.items(), key=review_day))
+
+
+def put_order(orders: dict[str, Order], order: Order) -> dict[str, Order]:
+    key = order.order_id
+    old = orders.get(key)
+    if (old is not None and old.at == order.at) or (
+        old is None and (not orders or next(reversed(orders.values())).at <= order.at)
+    ):
+        return {**orders, key: order}
+    return dict(sorted({**orders, key: order}.items(), key=order_at))

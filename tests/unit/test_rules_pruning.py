@@ -1,0 +1,158 @@
+"""Pruning reads only the first entry of each dated map: the maps must stay oldest first.
+
+The reference below is the scan-based pruning `prune` replaced; over streams that span
+more than the kept months and arrive partly out of order, every state the evaluator
+produces keeps its maps in day order and holds nothing the reference would still drop.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rules_factories import DEFAULT, T0, Run, purchase, refund, review, share, sign_in, visit
+
+from schemas.activity import Activity
+from services.rules.pruning import add_months, put_count, put_day, put_order, put_review
+from services.rules.ruleset import derived
+from services.rules.state import (
+    MemberState,
+    Order,
+    ReviewMark,
+    dump_state,
+    in_day_order,
+    load_state,
+    replace,
+)
+
+KEEP = derived(DEFAULT).keep_months
+
+
+def reference_prune(state: MemberState, now: datetime, today: date) -> MemberState:
+    """Drop everything stale, scanning every entry (no reliance on order)."""
+    counter_floor, horizon = today - timedelta(days=2), add_months(today, -KEEP)
+    order_horizon = add_months(now, -KEEP)
+    return replace(
+        state,
+        engagement_by_day={d: v for d, v in state.engagement_by_day.items() if d >= counter_floor},
+        shares_by_day={d: v for d, v in state.shares_by_day.items() if d >= counter_floor},
+        shares_paid={k: d for k, d in state.shares_paid.items() if d > horizon},
+        reviews={k: r for k, r in state.reviews.items() if r.day > horizon},
+        visits_seen={k: d for k, d in state.visits_seen.items() if d > horizon},
+        orders={k: o for k, o in state.orders.items() if o.at > order_horizon},
+    )
+
+
+def oldest_first(state: MemberState) -> bool:
+    def ascending(values: list[Any]) -> bool:
+        return values == sorted(values)
+
+    return (
+        ascending(list(state.engagement_by_day))
+        and ascending(list(state.shares_by_day))
+        and ascending(list(state.shares_paid.values()))
+        and ascending(list(state.visits_seen.values()))
+        and ascending([r.day for r in state.reviews.values()])
+        and ascending([o.at for o in state.orders.values()])
+    )
+
+
+step = st.tuples(
+    st.sampled_from(["purchase", "refund", "visit", "sign_in", "review", "share"]),
+    st.integers(min_value=0, max_value=40 * 24 * 3600),  # up to 40 days after the last event
+    st.integers(min_value=0, max_value=400),  # days back, for an event from the past
+    st.booleans(),  # whether this event comes from the past
+    st.integers(min_value=0, max_value=20),
+)
+
+
+def build(steps: list[tuple[str, int, int, bool, int]]) -> list[Activity]:
+    events: list[Activity] = []
+    clock = T0
+    orders: list[str] = []
+    for i, (kind, gap, back, late, n) in enumerate(steps):
+        clock += timedelta(seconds=gap)
+        at = clock - timedelta(days=back) if late else clock
+        eid = f"ev-{i}"
+        if kind == "purchase":
+            orders.append(f"o-{i}")
+            events.append(purchase(amount=Decimal(100 + n), at=at, order_id=f"o-{i}", event_id=eid))
+        elif kind == "refund" and orders:
+            events.append(refund("m-1", orders[n % len(orders)], "10.00", at=at, event_id=eid))
+        elif kind == "visit":
+            lead = timedelta(hours=30)
+            events.append(visit(slot=at, lead=lead, late=None, booking_id=f"b-{i}", event_id=eid))
+        elif kind == "sign_in":
+            events.append(sign_in(at=at, event_id=eid))
+        elif kind == "review":
+            events.append(review(at=at, featured=n > 10, event_id=eid))
+        elif kind == "share":
+            events.append(share(at=at, approved=True, likes=n, share_id=f"s-{i}", event_id=eid))
+    return events
+
+
+streams = st.lists(step, min_size=1, max_size=60).map(build)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(streams)
+def test_states_stay_in_day_order_and_hold_nothing_stale(events: list[Activity]) -> None:
+    run = Run()
+    zone = derived(DEFAULT).zone
+    for event in events:
+        run.feed(event)
+        state = run.state()
+        assert oldest_first(state)
+        assert (
+            reference_prune(state, event.occurred_at, event.occurred_at.astimezone(zone).date())
+            == state
+        )
+        assert load_state(dump_state(state)) == state
+
+
+def test_inserting_from_the_past_keeps_day_order() -> None:
+    d = date(2026, 5, 10)
+    counts = put_count(put_count({}, d, 1), d - timedelta(days=1), 2)
+    assert list(counts) == [d - timedelta(days=1), d]
+    seen = put_day(put_day({"a": d}, "b", d - timedelta(days=3)), "c", d)
+    assert list(seen.items()) == [("b", d - timedelta(days=3)), ("a", d), ("c", d)]
+    reviews = put_review({"r1": ReviewMark(day=d)}, "r0", ReviewMark(day=d - timedelta(days=1)))
+    assert list(reviews) == ["r0", "r1"]
+    # Re-putting a known key with the same day keeps its place (a featured re-send).
+    assert list(put_review(reviews, "r0", ReviewMark(day=reviews["r0"].day, points_due=50))) == [
+        "r0",
+        "r1",
+    ]
+    early, later = (
+        Order(order_id=o, at=T0 + timedelta(days=k), amount=Decimal(1), ruleset_version="v",
+              base_rate=Decimal(1))
+        for o, k in (("early", 0), ("later", 5))
+    )  # fmt: skip
+    assert list(put_order(put_order({}, later), early)) == ["early", "later"]
+
+
+def test_a_stored_state_out_of_order_is_read_back_in_day_order() -> None:
+    d = date(2026, 5, 10)
+    state = MemberState(
+        member_id="m-1",
+        visits_seen={"late": d, "early": d - timedelta(days=30)},
+        engagement_by_day={d: 5, d - timedelta(days=1): 10},
+    )
+    assert not oldest_first(state)
+    loaded = load_state(dump_state(state))
+    assert oldest_first(loaded)
+    assert loaded.visits_seen == state.visits_seen  # same content, other order
+    assert list(loaded.visits_seen) == ["early", "late"]
+    assert in_day_order(loaded) is loaded  # already in order: no copy
+
+
+def test_an_order_is_forgotten_just_after_the_kept_months() -> None:
+    run = Run()
+    run.feed(purchase(amount=Decimal(500), at=T0, order_id="o-1"))
+    run.feed(sign_in(at=add_months(T0, KEEP) - timedelta(hours=1)))
+    assert list(run.state().orders) == ["o-1"]
+    run.feed(sign_in(at=add_months(T0, KEEP) + timedelta(hours=1)))
+    assert run.state().orders == {}
