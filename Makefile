@@ -7,7 +7,7 @@ PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup up down status demo test test-unit test-integration check fmt docs bench schemas clean
+.PHONY: setup native up down status demo test test-unit test-integration check fmt docs bench schemas clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
@@ -16,7 +16,10 @@ $(STAMP): requirements.lock pyproject.toml
 	@$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e .
 	@touch $(STAMP)
 
-setup: $(STAMP) ## venv + pinned packages
+setup: $(STAMP) native ## venv + pinned packages + the compiled cores
+
+native: $(STAMP) ## compile the pure cores with mypyc (skipped, with a message, without a C compiler)
+	@$(PY) -m deploy.native
 
 up: setup ## start broker, Postgres and the three services in the background
 	@$(PY) -m deploy.stack up
@@ -30,12 +33,14 @@ status: setup
 demo: setup ## a scripted week of a two-store clinic, end to end
 	@$(PY) -m deploy.demo
 
-test: setup ## the whole suite: unit, then integration against Tansu and Apache Kafka
+test: setup ## the whole suite: unit (compiled cores, then pure Python), integration on both brokers
 	@$(PY) -m pytest -q tests/unit
+	@LOYALTY_NATIVE=0 $(PY) -m pytest -q tests/unit
 	@$(PY) -m pytest -q -m integration tests/integration
 
 test-unit: setup
 	@$(PY) -m pytest -q tests/unit
+	@LOYALTY_NATIVE=0 $(PY) -m pytest -q tests/unit
 
 test-integration: setup
 	@$(PY) -m pytest -q -m integration tests/integration

@@ -19,6 +19,7 @@ from aiokafka.structs import ConsumerRecord
 from faststream import FastStream
 from faststream.specification import AsyncAPI
 
+import services.rules
 from schemas.activity import parse_activity
 from schemas.grants import GrantEvent
 from services.common.config import Settings, load_settings
@@ -80,7 +81,11 @@ class RulesProcessor:
                 return False
             self.book = await load_book(conn)
             self._stamp = await book_stamp(conn)
-        log.info("rulebook_loaded", versions=[r.version for r in self.book.versions])
+        log.info(
+            "rulebook_loaded",
+            versions=[r.version for r in self.book.versions],
+            compiled_core=services.rules.NATIVE,
+        )
         return True
 
     async def watch_book(self, pool: asyncpg.Pool) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta, tzinfo
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 from schemas.activity import Activity
 from schemas.grants import Tier
@@ -89,9 +89,9 @@ class _Lane:
         return "member" if other is None else other.tier
 
 
-@dataclass(frozen=True)
-class LaneResult:
-    """What one lane counted: all `combine` needs (picklable, for the worker processes)."""
+class LaneResult(NamedTuple):
+    """What one lane counted: all `combine` needs (picklable, for the worker processes;
+    a NamedTuple, as compiled frozen dataclasses do not unpickle)."""
 
     points: Mapping[tuple[str, str], int]
     by_rate: Mapping[tuple[str, int], int]
@@ -99,8 +99,7 @@ class LaneResult:
     members: frozenset[str]
 
 
-@dataclass(frozen=True)
-class Progress:
+class Progress(NamedTuple):
     """Counters every lane computes identically, whichever lanes a Simulation runs."""
 
     events: int
