@@ -29,7 +29,7 @@ from schemas.grants import GrantEvent
 from services.rules import engagement_rules, purchase_rules, tiers
 from services.rules.emit import AnyActivity, Payout, TierChange, grant_events, tier_evaluated
 from services.rules.pruning import prune
-from services.rules.ruleset import RuleSet, derived
+from services.rules.ruleset import Derived, RuleSet, derived
 from services.rules.state import MemberState, replace
 
 
@@ -48,14 +48,26 @@ class Evaluation:
     held: tuple[HeldEvent, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
 class Step:
-    """What `step` decided: the new state, payouts, the tier report if asked, a hold."""
+    """What `step` decided: the new state, payouts, the tier report if asked, a hold.
 
-    state: MemberState
-    payouts: list[Payout]
-    tier: TierChange | None = None
-    held: HeldEvent | None = None
+    A plain class rather than a dataclass: built once per event per lane, and compiled
+    (services/common/native.py) its __init__ is native code; a dataclass's is not.
+    """
+
+    __slots__ = ("held", "payouts", "state", "tier")
+
+    def __init__(
+        self,
+        state: MemberState,
+        payouts: list[Payout],
+        tier: TierChange | None = None,
+        held: HeldEvent | None = None,
+    ) -> None:
+        self.state = state
+        self.payouts = payouts
+        self.tier = tier
+        self.held = held
 
 
 def is_engagement(event: AnyActivity) -> bool:
@@ -65,12 +77,14 @@ def is_engagement(event: AnyActivity) -> bool:
     )
 
 
-def _burst(state: MemberState, event: AnyActivity, ruleset: RuleSet) -> tuple[MemberState, bool]:
+def _burst(
+    state: MemberState, event: AnyActivity, ruleset: RuleSet, hot: Derived
+) -> tuple[MemberState, bool]:
     limit = ruleset.engagement.burst_max_events
     if limit is None:
         return state, False
     at = event.occurred_at
-    since = at - derived(ruleset).burst_window
+    since = at - hot.burst_window
     recent = [t for t in state.recent_engagement if t > since]
     held = len(recent) >= limit
     # The last `limit` stamps are enough to decide the next event; held ones count too,
@@ -128,8 +142,13 @@ def step(
     *,
     check_burst: bool = True,
     report_tier: bool = True,
+    day: date | None = None,
 ) -> Step:
-    """One event through the rules. `report_tier=False` skips only the tier report."""
+    """One event through the rules. `report_tier=False` skips only the tier report.
+
+    `day` is the event's date in the rule set's zone, when the caller already knows it
+    (the backtest prices each event in two lanes); it is computed otherwise.
+    """
     if event.member_id != state.member_id:
         raise ValueError(f"state of {state.member_id!r} given for {event.member_id!r}")
     at, tier_rules = event.occurred_at, ruleset.tiers
@@ -137,13 +156,14 @@ def step(
     until = state.tier_valid_until
     if until is not None and until <= at:
         current = tiers.catch_up(state, at, tier_rules)
-    if check_burst and is_engagement(event):
-        current, burst = _burst(current, event, ruleset)
-        if burst and isinstance(event, CheckIn | Review | Share):
-            held = HeldEvent(event=event, reason=derived(ruleset).burst_reason)
-            return Step(current, [], None, held)
     hot = derived(ruleset)
-    day = event.occurred_at.astimezone(hot.zone).date()
+    if check_burst and is_engagement(event):
+        current, burst = _burst(current, event, ruleset, hot)
+        if burst and isinstance(event, CheckIn | Review | Share):
+            held = HeldEvent(event=event, reason=hot.burst_reason)
+            return Step(current, [], None, held)
+    if day is None:
+        day = event.occurred_at.astimezone(hot.zone).date()
     new, payouts = _apply(current, event, ruleset, referrers, day)
     change = None
     if report_tier:

@@ -361,3 +361,12 @@ class RuleBook:
         """The version in force at event time; events before the first use the first."""
         i = bisect.bisect_right(self._starts, occurred_at) - 1
         return self._versions[max(i, 0)]
+
+    def span(self, occurred_at: datetime) -> tuple[RuleSet, datetime | None, datetime | None]:
+        """`at(occurred_at)` with the times it is in force from (inclusive; None: from the
+        beginning) and until (exclusive; None: no later version), for callers that cache."""
+        starts = self._starts
+        i = max(bisect.bisect_right(starts, occurred_at) - 1, 0)
+        since = starts[i] if i > 0 else None
+        until = starts[i + 1] if i + 1 < len(starts) else None
+        return self._versions[i], since, until

@@ -22,14 +22,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta, tzinfo
+from datetime import date, datetime, timedelta, tzinfo
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Final, Literal, NamedTuple
 
 from schemas.activity import Activity
 from schemas.grants import Tier
 from services.rules.engine import step
-from services.rules.ruleset import RuleBook, RuleSet
+from services.rules.ruleset import RuleBook, RuleSet, derived
 from services.rules.state import MemberState
 
 CENT = Decimal("0.01")
@@ -43,22 +43,24 @@ class _Lane:
     states: dict[str, MemberState] = field(default_factory=dict)
     referrers: dict[str, str | None] = field(default_factory=dict)
     held: int = 0
-    # (rule id, member) -> points, and (rule id, points per CNY) -> points for the cash value.
-    points: defaultdict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
-    by_rate: defaultdict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))
+    # (rule id, member, points per CNY of the member's tier then) -> points: one count per
+    # payout; `result` sums it into points per (rule, member) and per (rule, rate).
+    counted: defaultdict[tuple[str, str, int], int] = field(
+        default_factory=lambda: defaultdict(int)
+    )
 
     def fork(self) -> _Lane:
         # States are frozen models: sharing them between lanes is safe, only the maps copy.
         return _Lane(states=dict(self.states), referrers=dict(self.referrers))
 
-    def step(self, event: Activity, ruleset: RuleSet, count: bool) -> None:
+    def step(self, event: Activity, ruleset: RuleSet, count: bool, day: date) -> None:
         member = event.member_id
         states = self.states
         state = states.get(member)
         if state is None:
             state = MemberState(member_id=member)
         # The tier report changes no state and is not counted: not built here.
-        result = step(state, event, ruleset, self.referrers, report_tier=False)
+        result = step(state, event, ruleset, self.referrers, report_tier=False, day=day)
         new = states[member] = result.state
         if new.referrer_id is not None:
             self.referrers[member] = new.referrer_id
@@ -68,18 +70,20 @@ class _Lane:
             self.held += 1
             return
         rates = ruleset.redemption.points_per_cny
-        points_of, by_rate = self.points, self.by_rate
+        counted = self.counted
         for revoke, who, rule, points, _, _ in result.payouts:
-            if revoke:
-                points = -points
             tier = state.tier if who == member else self._tier(who)
-            points_of[(rule, who)] += points
-            by_rate[(rule, rates.get(tier, 0))] += points
+            counted[(rule, who, rates.get(tier, 0))] += -points if revoke else points
 
     def result(self) -> LaneResult:
+        points: defaultdict[tuple[str, str], int] = defaultdict(int)
+        by_rate: defaultdict[tuple[str, int], int] = defaultdict(int)
+        for (rule, who, rate), p in self.counted.items():
+            points[(rule, who)] += p
+            by_rate[(rule, rate)] += p
         return LaneResult(
-            points=dict(self.points),
-            by_rate=dict(self.by_rate),
+            points=dict(points),
+            by_rate=dict(by_rate),
             held=self.held,
             members=frozenset(self.states),
         )
@@ -192,6 +196,11 @@ class Simulation:
         self._versions: set[str] = set()
         self.events = 0
         self.warmup_events = 0
+        self._span: tuple[datetime | None, datetime | None, RuleSet] | None = None
+        self._candidate_zone: tzinfo = derived(candidate).zone
+        self._day_event: Activity | None = None
+        self._day_zone: tzinfo | None = None
+        self._day_value = date.min
 
     def _fresh(self, event: Activity) -> bool:
         """As the live adapter does: an event id counts once, however often it was recorded."""
@@ -205,7 +214,8 @@ class Simulation:
             raise ValueError("warm-up events must come before the period's events")
         if self._fresh(event):
             event = _share_tz(event)
-            self._warm.step(event, self.book.at(event.occurred_at), count=False)
+            ruleset = self._rules_at(event.occurred_at)
+            self._warm.step(event, ruleset, False, self._day(event, derived(ruleset).zone))
             self.warmup_events += 1
 
     def _start(self) -> dict[Lane, _Lane]:
@@ -220,14 +230,40 @@ class Simulation:
         if not self._fresh(event):
             return
         event = _share_tz(event)
-        ruleset = self.book.at(event.occurred_at)
+        ruleset = self._rules_at(event.occurred_at)
         self._versions.add(ruleset.version)
         in_force, candidate = lanes.get("in_force"), lanes.get("candidate")
         if in_force is not None:
-            in_force.step(event, ruleset, count=True)
+            in_force.step(event, ruleset, True, self._day(event, derived(ruleset).zone))
         if candidate is not None:
-            candidate.step(event, self.candidate, count=True)
+            candidate.step(event, self.candidate, True, self._day(event, self._candidate_zone))
         self.events += 1
+
+    def _rules_at(self, at: datetime) -> RuleSet:
+        """`book.at(at)`, keeping the last version's span in `at`'s tzinfo: events come in
+        time order and share tzinfo objects (`_share_tz`), so this is usually two
+        comparisons that need no utcoffset() calls."""
+        span = self._span
+        if span is not None:
+            since, until, ruleset = span
+            if (since is None or since <= at) and (until is None or at < until):
+                return ruleset
+        ruleset, since, until = self.book.span(at)
+        tz = at.tzinfo
+        self._span = (
+            None if since is None else since.astimezone(tz),
+            None if until is None else until.astimezone(tz),
+            ruleset,
+        )
+        return ruleset
+
+    def _day(self, event: Activity, zone: tzinfo) -> date:
+        """The event's local date in `zone`, computed once per event for lanes that share it."""
+        if event is self._day_event and zone is self._day_zone:
+            return self._day_value
+        day = event.occurred_at.astimezone(zone).date()
+        self._day_event, self._day_zone, self._day_value = event, zone, day
+        return day
 
     def feed_all(self, events: Iterable[Activity]) -> Simulation:
         for e in events:
