@@ -23,7 +23,7 @@ from services.ledger import accounting as acc
 from services.ledger.journal import (
     SELECT_MEMBER_ENTRIES,
     entry_from_row,
-    ledger_event,
+    entry_outbox_rows,
     load_books,
     outbox_rows,
     write_journal,
@@ -118,10 +118,9 @@ def make_handler(settings: Settings, consumer_name: str):  # type: ignore[no-unt
                 entries.append(entry)
             after[member_id] = book
         await write_journal(conn, entries, before, after)
-        events: list[Any] = [ledger_event(e) for e in entries]
+        work.outbox.extend(entry_outbox_rows(settings.topics.ledger, entries))
         if tiers:
-            events.extend(await _apply_tiers(conn, tiers))
-        work.outbox.extend(outbox_rows(settings.topics.ledger, events))
+            work.outbox.extend(outbox_rows(settings.topics.ledger, await _apply_tiers(conn, tiers)))
 
     return handle
 
