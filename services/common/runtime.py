@@ -7,15 +7,17 @@ import gc
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
 import structlog
-from faststream.kafka import KafkaBroker
 from prometheus_client import start_http_server
 
 from services.common.config import Settings
+
+if TYPE_CHECKING:
+    from faststream.kafka import KafkaBroker
 
 log = structlog.get_logger()
 
@@ -80,6 +82,10 @@ async def create_pool(settings: Settings, min_size: int = 2) -> asyncpg.Pool:
 
 
 def create_broker(settings: Settings, service: str) -> KafkaBroker:
+    # Imported here: faststream is most of the import time of `ledgerctl`, which needs
+    # only the pool and the GC tuning from this module.
+    from faststream.kafka import KafkaBroker
+
     return KafkaBroker(
         settings.bootstrap_servers,
         client_id=service,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -20,9 +21,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+import services.rules
 from services.common.config import load_settings
 from services.rules import held as held_store
-from services.rules.backtest import report_csv, report_json, run_backtest
+from services.rules.backtest import report_csv, report_json, run_backtest, start_forkserver
 from services.rules.rulebook_store import VersionExists, list_versions, load_book, publish
 from services.rules.ruleset import RuleSetError, load_ruleset
 from services.rules.simulate import Report
@@ -271,12 +273,21 @@ def simulate_cmd(
             on_progress=lambda n: progress.advance(task, n),
         )
 
+    start_forkserver()  # its imports overlap with connecting and reading the rule book
+    started = time.perf_counter()
     try:
         with progress:
             report, skipped = _with_db(work)
     except RuleSetError as exc:
         raise _fail(str(exc)) from exc
+    seconds = time.perf_counter() - started
     out.print(_table(report, t1, t2))
+    replayed = report.events + report.warmup_events
+    err.print(
+        f"replayed {replayed:,} events in {seconds:.2f} s "
+        f"({replayed / seconds if seconds > 0 else 0:,.0f} events/s, both lanes, "
+        f"reading included; compiled core: {'yes' if services.rules.NATIVE else 'no'})"
+    )
     if skipped:
         err.print(f"[yellow]{skipped} recorded payloads no longer parse; skipped[/yellow]")
     if output is not None:
