@@ -14,8 +14,9 @@ of 3, CPU of this process, with the minor page faults of that run.
   parse     pydantic `parse_grant` (what the projector does); `orjson.loads` alone; and
             `orjson.loads` + building the two pydantic objects by hand without a single
             check: a floor for any "loads, check, trusted construction" fast path
-  account   `command_for` + `decide` + `evolve` per points granted / revoked (the books
-            start empty and grow over the run)
+  account   `command_for` + `apply` (`decide`, with the book after its entries, as the
+            projector runs it) per points granted / revoked (the books start empty and
+            grow over the run)
   publish   `ledger_event(...).model_dump_json()` (before) vs `ledger_event_json` (now) vs
             one bare `orjson.dumps` of a dict (floor)
   notify    `parse_ledger_event`; the notification payload through the jsonb codec,
@@ -69,9 +70,8 @@ def account() -> list[acc.Entry]:
     books: dict[str, acc.Book] = {}
     for g in moves:
         book = books.get(g.member_id) or acc.Book(member_id=g.member_id)
-        for entry in acc.decide(book, command_for(g)):
-            book = acc.evolve(book, entry)
-            entries.append(entry)
+        book, new = acc.apply(book, command_for(g))
+        entries.extend(new)
         books[g.member_id] = book
     return entries
 
@@ -186,7 +186,7 @@ print("per points_granted")
 print("  parse   pydantic parse_grant            ", per_item(parse_grant, granted))
 print("  parse   loads + unchecked construction  ", per_item(construct_unchecked, granted))
 print("per points granted / revoked")
-print("  account decide+evolve                   ", account_time())
+print("  account apply (decide+evolve)           ", account_time())
 print("per entry")
 print("  publish ledger_event + dump (before)    ", per_item(publish_pydantic, entries))
 print("  publish ledger_event_json (now)         ", per_item(ledger_event_json, entries))

@@ -103,9 +103,8 @@ def make_handler(settings: Settings, consumer_name: str):  # type: ignore[no-unt
         entries: list[acc.Entry] = []
         for grant in moves:
             book = after[grant.member_id]
-            for entry in acc.decide(book, command_for(grant)):
-                book = acc.evolve(book, entry)
-                entries.append(entry)
+            book, new = acc.apply(book, command_for(grant))
+            entries.extend(new)
             after[grant.member_id] = book
         # A late grant (occurred_at over 12 months ago) made a lot that is already past its
         # expiry: journal its expiry now, in the same transaction, rather than leave it for
@@ -113,9 +112,8 @@ def make_handler(settings: Settings, consumer_name: str):  # type: ignore[no-unt
         now = datetime.now(UTC)
         for member_id in {g.member_id for g in moves}:
             book = after[member_id]
-            for entry in acc.decide(book, acc.Expire(now)):
-                book = acc.evolve(book, entry)
-                entries.append(entry)
+            book, new = acc.apply(book, acc.Expire(now))
+            entries.extend(new)
             after[member_id] = book
         await write_journal(conn, entries, before, after)
         work.outbox.extend(entry_outbox_rows(settings.topics.ledger, entries))

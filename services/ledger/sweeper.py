@@ -22,7 +22,7 @@ from prometheus_client import Counter
 from schemas.ledger import MovementData, PointsExpiring
 from services.common.outbox import write_outbox
 from services.ledger import accounting as acc
-from services.ledger.journal import ledger_event, load_books, outbox_rows, write_journal
+from services.ledger.journal import entry_outbox_rows, load_books, outbox_rows, write_journal
 
 SERVICE: Final = "ledger"
 MEMBERS_PER_BATCH: Final = 500  # members locked per transaction: short transactions
@@ -119,12 +119,10 @@ class ExpirySweeper:
             after = dict(before)
             entries: list[acc.Entry] = []
             for member_id, book in before.items():
-                for entry in acc.decide(book, acc.Expire(now)):
-                    book = acc.evolve(book, entry)
-                    entries.append(entry)
-                after[member_id] = book
+                after[member_id], expired = acc.apply(book, acc.Expire(now))
+                entries.extend(expired)
             await write_journal(conn, entries, before, after)
-            await write_outbox(conn, SERVICE, outbox_rows(self._topic, map(ledger_event, entries)))
+            await write_outbox(conn, SERVICE, entry_outbox_rows(self._topic, entries))
         EXPIRED.inc(-sum(e.points for e in entries))
         return len(entries), len(members) == MEMBERS_PER_BATCH
 

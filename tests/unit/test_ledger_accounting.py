@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -20,8 +20,11 @@ from services.ledger.accounting import (
     Expiring,
     InsufficientPoints,
     JournalError,
+    Lot,
     Redeem,
     Revoke,
+    _with_balance,
+    _with_remaining,
     add_months,
     available,
     decide,
@@ -549,3 +552,36 @@ def _journal_of(book: Book, t0: datetime) -> list[Entry]:
         )
         for lot in book.lots
     ]
+
+
+# --------------------------------------------------------------------------- hand-written copies
+
+
+def _sentinels(cls: type[object]) -> dict[str, object]:
+    """A distinct object per field: equal to no default and to no other field."""
+    return {f.name: object() for f in fields(cls)}  # type: ignore[arg-type]
+
+
+def test_with_balance_copies_every_entry_field() -> None:
+    """`_with_balance` spells out Entry's fields: one added and not copied fails here."""
+    entry = Entry(**_sentinels(Entry))  # type: ignore[arg-type]
+    balance = object()
+    assert _with_balance(entry, balance) == replace(entry, balance_after=balance)  # type: ignore[arg-type]
+
+
+def test_with_remaining_copies_every_lot_field() -> None:
+    lot = Lot(**_sentinels(Lot))  # type: ignore[arg-type]
+    remaining = object()
+    assert _with_remaining(lot, remaining) == replace(lot, remaining=remaining)  # type: ignore[arg-type]
+
+
+def test_evolve_carries_over_every_book_field_it_does_not_compute() -> None:
+    """`evolve` builds its Book field by field: a field added to Book must survive it."""
+    computed = {"lots", "debt", "earned", "redeemed", "revoked", "expired", "adjusted"}
+    carried = {k: v for k, v in _sentinels(Book).items() if k not in computed}
+    assert "member_id" in carried
+    book = Book(**carried)  # type: ignore[arg-type]
+    [entry] = decide(Book(member_id=M), earn("e1", 100))
+    after = evolve(book, replace(entry, member_id=book.member_id))
+    assert after == replace(book, **{name: getattr(after, name) for name in computed})
+    assert after.earned == 100

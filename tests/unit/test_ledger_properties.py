@@ -20,13 +20,26 @@ The invariants checked after every step (time moves forward, as on one partition
 10. pending points (an earn with ``pending_days``) are never spent by a redemption or a
     debt-refusing deduction before their ``available_from``, and never counted in
     ``available``; ``available + pending`` is what the unexpired lots hold.
+
+And the fast paths equal the plain code they replaced, kept here as the reference:
+
+11. ``apply(book, command)`` is ``decide`` followed by the fold of ``evolve`` over its
+    entries (same book, same entries, same refusal), for every kind of command;
+12. `evolve` (lots kept in order, a new lot inserted in place) gives the same book as
+    rebuilding and re-sorting every lot, also for out-of-order times and for entries that
+    do not fit (the same `JournalError`); the reads that find the unexpired lots by
+    bisection (`available`, `pending`, `unexpired_lots`, `spendable_lots`, the due lots of
+    `Expire`) equal a scan of every lot, at and around every lot's expiry, in any zone.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,10 +52,15 @@ from services.ledger.accounting import (
     Entry,
     Expire,
     InsufficientPoints,
+    JournalError,
     LedgerError,
+    Lot,
     Redeem,
     Revoke,
+    _check_shape,
+    _fifo_key,
     add_months,
+    apply,
     available,
     decide,
     evolve,
@@ -296,3 +314,152 @@ def test_add_months_properties(moment: datetime, a: int, b: int) -> None:
         assert add_months(add_months(moment, a), b) == add_months(moment, a + b)
     if a > 0:
         assert shifted > moment
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+def attempt_apply(book: Book, command: Command) -> tuple[Book, list[Entry]] | LedgerError:
+    try:
+        return apply(book, command)
+    except LedgerError as refused:
+        return refused
+
+
+def fold(book: Book, entries: list[Entry]) -> Book:
+    for entry in entries:
+        book = evolve(book, entry)
+    return book
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+@settings(max_examples=150, deadline=None)
+@given(steps=history, last=st.data())
+def test_apply_is_decide_then_evolve(
+    kind: str, steps: list[tuple[int, tuple[Any, ...]]], last: st.DataObject
+) -> None:
+    """(11), at every step of a random history that ends with a command of ``kind``."""
+    steps = [*steps, (last.draw(st.integers(0, 60 * 24 * 90)), last.draw(SHAPES[kind]))]
+    book = Book(member_id=M)
+    now = T0
+    for n, (advance, spec) in enumerate(steps):
+        now = now + timedelta(minutes=advance)
+        command = command_for(n, now, spec)
+        decided = attempt(book, command)
+        applied = attempt_apply(book, command)
+        if isinstance(decided, LedgerError):
+            assert isinstance(applied, LedgerError)
+            assert (type(applied), applied.args) == (type(decided), decided.args)
+            continue
+        assert applied == (fold(book, decided), decided)
+        book, _ = applied
+
+
+def reference_evolve(book: Book, entry: Entry) -> Book:
+    """`evolve` as it was: every lot into a dict, then all of them re-sorted."""
+    if entry.member_id != book.member_id:
+        raise JournalError(f"{entry.entry_id}: belongs to {entry.member_id}, not {book.member_id}")
+    _check_shape(entry)
+
+    lots = {lot.lot_id: lot for lot in book.lots}
+    for lot_id, part in entry.allocations:
+        lot = lots.get(lot_id)
+        if lot is None or part > lot.remaining:
+            raise JournalError(f"{entry.entry_id}: takes {part} from lot {lot_id} it lacks")
+        lots[lot_id] = replace(lot, remaining=lot.remaining - part)
+
+    debt = book.debt + entry.debt_delta
+    if debt < 0:
+        raise JournalError(f"{entry.entry_id}: pays off more debt than is owed")
+
+    if entry.creates_lot:
+        if entry.entry_id in lots:
+            raise JournalError(f"{entry.entry_id}: lot already exists")
+        assert entry.expires_at is not None
+        remaining = entry.points + entry.debt_delta
+        if remaining > 0:
+            lots[entry.entry_id] = Lot(
+                lot_id=entry.entry_id,
+                member_id=entry.member_id,
+                points=entry.points,
+                remaining=remaining,
+                earned_at=entry.occurred_at,
+                expires_at=entry.expires_at,
+                source_event_id=entry.source_event_id or entry.adjustment_id or entry.entry_id,
+                order_id=entry.order_id,
+                rule_id=entry.rule_id,
+                available_from=entry.available_from,
+            )
+
+    moved = -entry.points
+    return replace(
+        book,
+        lots=tuple(sorted((lot for lot in lots.values() if lot.remaining > 0), key=_fifo_key)),
+        debt=debt,
+        earned=book.earned + (entry.points if entry.kind == "earn" else 0),
+        redeemed=book.redeemed + (moved if entry.kind == "redeem" else 0),
+        revoked=book.revoked + (moved if entry.kind == "revoke" else 0),
+        expired=book.expired + (moved if entry.kind == "expire" else 0),
+        adjusted=book.adjusted + (entry.points if entry.kind == "adjust" else 0),
+    )
+
+
+def evolve_outcome(step: Callable[[Book, Entry], Book], book: Book, entry: Entry) -> Book | str:
+    try:
+        return step(book, entry)
+    except JournalError as refused:
+        return str(refused)
+
+
+def check_reads_scan_every_lot(book: Book, at: datetime) -> None:
+    """The bisection reads against the plain scans they replaced."""
+    live = sorted(
+        (lot for lot in book.lots if lot.remaining > 0 and lot.expires_at > at), key=_fifo_key
+    )
+    assert unexpired_lots(book, at) == live
+    assert spendable_lots(book, at) == [lot for lot in live if not lot.pending_at(at)]
+    assert available(book, at) == sum(
+        lot.remaining for lot in book.lots if lot.expires_at > at and not lot.pending_at(at)
+    )
+    assert pending(book, at) == sum(
+        lot.remaining for lot in book.lots if lot.expires_at > at and lot.pending_at(at)
+    )
+    due = sorted(
+        (lot for lot in book.lots if lot.remaining > 0 and lot.expires_at <= at), key=_fifo_key
+    )
+    swept = decide(book, Expire(at))
+    assert [e.allocations for e in swept] == [((lot.lot_id, lot.remaining),) for lot in due]
+
+
+# Times also go back (up to ~13 months), so new lots land before, between and after others.
+unordered_history = st.lists(st.tuples(st.integers(-60 * 24 * 400, 60 * 24 * 90), op), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(unordered_history)
+def test_fast_paths_equal_the_plain_code(steps: list[tuple[int, tuple[Any, ...]]]) -> None:
+    """(12)"""
+    book = Book(member_id=M)
+    journal: list[Entry] = []
+    now = T0
+    for n, (advance, spec) in enumerate(steps):
+        now = now + timedelta(minutes=advance)
+        outcome = attempt(book, command_for(n, now, spec))
+        if isinstance(outcome, LedgerError):
+            continue
+        for entry in outcome:
+            after = evolve(book, entry)
+            assert after == reference_evolve(book, entry)
+            book = after
+            journal.append(entry)
+        # Every earlier entry again: lots that exist already, or lack the points taken.
+        for entry in journal:
+            assert evolve_outcome(evolve, book, entry) == evolve_outcome(
+                reference_evolve, book, entry
+            )
+        moments = {now, now.astimezone(UTC)}
+        for lot in book.lots:
+            for edge in (lot.expires_at, lot.available_from or lot.earned_at):
+                moments |= {edge, edge - timedelta(microseconds=1), edge.astimezone(UTC)}
+        for moment in moments:
+            check_reads_scan_every_lot(book, moment)
