@@ -17,20 +17,25 @@ from services.common.config import Settings, load_settings
 from services.common.consumer import BatchConsumer, BatchWork, register_lag, validate_records
 from services.common.outbox import OutboxRelay, make_producer
 from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
-from services.notifier.delivery import Deliverer
+from services.notifier.delivery import DELIVERED, Deliverer
 from services.notifier.render import render
 
 SERVICE: Final = "notifier"
 log = structlog.get_logger()
 
 INSERT_NOTIFICATIONS: Final = """
-INSERT INTO notifications (notification_id, member_id, kind, message, payload)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
+INSERT INTO notifications (notification_id, member_id, kind, message, payload, status)
+SELECT *, $6::text FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
 ON CONFLICT (notification_id) DO NOTHING
 """
 
 
 def make_handler(settings: Settings, consumer_name: str, deliverer: Deliverer):  # type: ignore[no-untyped-def]
+    # With no webhook there is nothing to deliver: record each notification as `skipped`
+    # at once, rather than as `pending` for the deliverer to select and update again
+    # (those two statements were a third of Postgres's time in the benchmark).
+    status = "pending" if settings.webhook_url else "skipped"
+
     async def handle(
         conn: asyncpg.Connection, records: Sequence[ConsumerRecord], work: BatchWork
     ) -> None:
@@ -47,15 +52,19 @@ def make_handler(settings: Settings, consumer_name: str, deliverer: Deliverer): 
                 rows[event.event_id] = (event.member_id, event.type, message, payload)
         if rows:
             ids = list(rows)
-            await conn.execute(
+            inserted = await conn.execute(
                 INSERT_NOTIFICATIONS,
                 ids,
                 [rows[i][0] for i in ids],
                 [rows[i][1] for i in ids],
                 [rows[i][2] for i in ids],
                 [rows[i][3] for i in ids],
+                status,
             )
-            deliverer.wake()
+            if status == "pending":
+                deliverer.wake()
+            else:
+                DELIVERED.labels("skipped").inc(int(inserted.rsplit(" ", 1)[1]))
 
     return handle
 

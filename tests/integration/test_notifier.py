@@ -106,3 +106,19 @@ async def test_points_and_tier_change_are_delivered_once_signed(
 
 async def _at_least(probe, n: int) -> bool:  # type: ignore[no-untyped-def]
     return (await probe()) >= n
+
+
+async def test_without_a_webhook_notifications_are_recorded_as_skipped(stack: Stack) -> None:
+    now = datetime.now(CST)
+    crossing = purchase("m-quiet", "10000.00", now - timedelta(hours=1))
+    await stack.produce([crossing, crossing])  # redelivered: still one of each
+
+    async def recorded() -> int:
+        return await stack.scalar("SELECT count(*) FROM notifications WHERE member_id = 'm-quiet'")
+
+    await wait_until(lambda: _at_least(recorded, 3), timeout=60, what="three notifications")
+    statuses = await stack.scalar(
+        "SELECT array_agg(DISTINCT status) FROM notifications WHERE member_id = 'm-quiet'"
+    )
+    assert statuses == ["skipped"]
+    assert await recorded() == 3
