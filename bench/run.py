@@ -849,7 +849,7 @@ async def simulate_cli(infra: Infra, events: list[Event]) -> dict[str, Any]:
         "method": "`ledgerctl rules simulate --no-warmup --ruleset reference-004.yaml`: each"
         " event priced under the book in force and the candidate; the rate it reports for"
         " the replay (reading Postgres, parsing, both lanes, worker start-up)",
-        "compiled_core": _compiled_core(),
+        "compiled_core": services_rules_native(),
         "events": len(events),
         "replay_eps": reported,
         "eps": statistics.median(reported),
@@ -900,10 +900,21 @@ def simulate(events: list[Event]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def _compiled_core() -> bool:
+def services_rules_native() -> bool:
     import services.rules
 
     return services.rules.NATIVE
+
+
+def _rules_core() -> str:
+    import services.rules
+    from services.common import native
+
+    if services.rules.NATIVE:
+        return "compiled (mypyc)"
+    if not native.enabled():
+        return "Python (LOYALTY_NATIVE=0)"
+    return f"Python ({native.stale_reason() or 'no native build'})"
 
 
 def machine(infra: Infra) -> dict[str, Any]:
@@ -918,7 +929,7 @@ def machine(infra: Infra) -> dict[str, Any]:
         "cpu": cpu,
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": platform.python_version(),
-        "rules_core": "compiled (mypyc)" if _compiled_core() else "Python (no native build)",
+        "rules_core": _rules_core(),
         "broker": f"Tansu ({Path(local.tansu_bin()).name}, memory storage),"
         f" {PARTITIONS} partitions",
         "postgres": infra.pg_version,

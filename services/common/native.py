@@ -1,12 +1,13 @@
 """Optional compiled builds of the pure cores (mypyc), used only when they match the source.
 
-The rules evaluator and the ledger's accounting are plain, strictly typed Python; mypyc
-compiles them to C extensions that run the same code 1.3-1.5x faster (measured in
-bench/README.md). The Python files stay the only source of truth: `deploy/native.py` builds
-the extensions into `.build/native/` with a manifest of the sources' SHA-256, and a package
-uses its compiled modules only when every listed source still hashes the same and the
-build is for this interpreter. An edited file, a missing compiler, another Python, or
-`LOYALTY_NATIVE=0` all mean: the Python modules, with the same behaviour.
+The rules evaluator is plain, strictly typed Python; mypyc compiles it to C extensions
+that run the same code 1.4-1.8x faster (measured in bench/README.md; the ledger's
+accounting was tried too and gained nothing, so it stays interpreted). The Python files
+stay the only source of truth: `deploy/native.py` builds the extensions into
+`.build/native/` with a manifest of the sources' SHA-256, and a package uses its compiled
+modules only when every listed source still hashes the same and the build is for this
+interpreter. An edited file, a missing compiler, another Python, or `LOYALTY_NATIVE=0`
+all mean: the Python modules, with the same behaviour.
 
 This module is imported from package `__init__` files, so it uses the standard library only.
 """
