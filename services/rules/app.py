@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any, Final
 
 import asyncpg
@@ -26,6 +27,7 @@ from services.common.config import Settings, load_settings
 from services.common.consumer import BatchConsumer, BatchWork, register_lag, validate_records
 from services.common.outbox import OutboxRelay, OutboxRow, make_producer
 from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
+from services.rules import referral_chain as chain
 from services.rules.engine import HeldEvent, evaluate
 from services.rules.rulebook_store import book_stamp, load_book
 from services.rules.ruleset import RuleBook, RuleSetError
@@ -45,11 +47,8 @@ ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
 """
 SELECT_STATES: Final = """
-SELECT member_id, referrer_id, state::text AS state FROM rules_member_state
+SELECT member_id, referrer_id, referrer_since, state::text AS state FROM rules_member_state
 WHERE member_id = ANY($1::text[]) ORDER BY member_id FOR UPDATE
-"""
-SELECT_REFERRERS: Final = """
-SELECT member_id, referrer_id FROM rules_member_state WHERE member_id = ANY($1::text[])
 """
 INSERT_HELD: Final = """
 INSERT INTO rules_held (event_id, member_id, type, occurred_at, payload, reason)
@@ -58,10 +57,13 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::
 ON CONFLICT (event_id) DO NOTHING
 """
 UPSERT_STATES: Final = """
-INSERT INTO rules_member_state AS s (member_id, referrer_id, state, updated_at)
-SELECT m, r, st::jsonb, now() FROM unnest($1::text[], $2::text[], $3::text[]) AS u(m, r, st)
+INSERT INTO rules_member_state AS s (member_id, referrer_id, referrer_since, state, updated_at)
+SELECT m, r, rs, st::jsonb, now()
+FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[]) AS u(m, r, rs, st)
 ON CONFLICT (member_id) DO UPDATE
-SET referrer_id = EXCLUDED.referrer_id, state = EXCLUDED.state, updated_at = now()
+SET referrer_id = EXCLUDED.referrer_id,
+    referrer_since = COALESCE(s.referrer_since, EXCLUDED.referrer_since),
+    state = EXCLUDED.state, updated_at = now()
 """
 
 
@@ -142,21 +144,36 @@ class RulesProcessor:
         members = sorted({e.member_id for _, e in fresh})
         states: dict[str, MemberState] = {}
         referrers: dict[str, str | None] = {}
+        since: dict[str, datetime | None] = {}
         for r in await conn.fetch(SELECT_STATES, members):
             states[r["member_id"]] = load_state(r["state"])
             referrers[r["member_id"]] = r["referrer_id"]
-        await self._load_referrer_chain(conn, referrers)
+            since[r["member_id"]] = r["referrer_since"]
+        # The referrers' own referrers (two hops at most), under their locks: see
+        # `referral_chain` for why, and why this order cannot deadlock.
+        await chain.lock(conn, chain.members_to_lock((e for _, e in fresh), referrers))
+        await self._load_referrer_chain(
+            conn, referrers, since, chain.named_referrers(e for _, e in fresh)
+        )
+        work_chain = chain.ChainWork()
         grants: list[GrantEvent] = []
         held: list[tuple[ConsumerRecord, HeldEvent]] = []
         touched: set[str] = set()
+        book = self.book
         for record, event in fresh:
-            state = states.get(event.member_id) or MemberState(member_id=event.member_id)
-            result = evaluate(state, event, self.book.at(event.occurred_at), referrers)
-            states[event.member_id] = result.state
-            referrers[event.member_id] = result.state.referrer_id
-            touched.add(event.member_id)
+            member = event.member_id
+            state = states.get(member) or MemberState(member_id=member)
+            refs = chain.as_of(referrers, since, state, event)
+            result = evaluate(state, event, book.at(event.occurred_at), refs)
+            new = states[member] = result.state
+            referrers[member] = new.referrer_id
+            if state.referrer_id is None and new.referrer_id is not None:
+                since[member] = event.occurred_at
+            work_chain.observe(state, new, event, book, result.grants)
+            touched.add(member)
             grants.extend(result.grants)
             held.extend((record, h) for h in result.held)
+        grants.extend(await work_chain.apply(conn, book, referrers))
         if held:
             # Kept for ops review (`ledgerctl rules held ...`) in the same transaction.
             await conn.execute(
@@ -174,6 +191,7 @@ class RulesProcessor:
             UPSERT_STATES,
             ordered,
             [states[m].referrer_id for m in ordered],
+            [since.get(m) for m in ordered],
             [dump_state(states[m]).decode() for m in ordered],
         )
         topic = self.settings.topics.grants
@@ -182,13 +200,19 @@ class RulesProcessor:
         )
 
     async def _load_referrer_chain(
-        self, conn: asyncpg.Connection, referrers: dict[str, str | None]
+        self,
+        conn: asyncpg.Connection,
+        referrers: dict[str, str | None],
+        since: dict[str, datetime | None],
+        named: Iterable[str],
     ) -> None:
-        """Referrers' own referrers, for the indirect referral bonus (two hops at most)."""
-        wanted = {r for r in referrers.values() if r and r not in referrers}
+        """Referrers' own referrers, for the indirect referral bonus (two hops at most):
+        of the referrers already known and of those the batch's own sign-ups name."""
+        wanted = {r for r in (*referrers.values(), *named) if r and r not in referrers}
         if wanted:
-            for row in await conn.fetch(SELECT_REFERRERS, sorted(wanted)):
+            for row in await conn.fetch(chain.SELECT_CHAIN, sorted(wanted)):
                 referrers[row["member_id"]] = row["referrer_id"]
+                since[row["member_id"]] = row["referrer_since"]
 
 
 def create_app(settings: Settings | None = None) -> FastStream:

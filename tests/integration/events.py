@@ -56,3 +56,27 @@ def refund(member: str, order_id: str, amount: str, at: datetime) -> dict[str, A
         "source": "pos",
         "data": {"order_id": order_id, "amount": amount},
     }
+
+
+def registered(member: str, at: datetime, referrer: str | None = None) -> dict[str, Any]:
+    return {
+        "event_id": str(uuid.uuid4()),
+        "type": "member_registered",
+        "occurred_at": at.isoformat(),
+        "member_id": member,
+        "store_id": "sh-jingan",
+        "source": "crm",
+        "data": {"referrer_id": referrer},
+    }
+
+
+def referral(member: str, referrer: str, at: datetime) -> dict[str, Any]:
+    return {
+        "event_id": str(uuid.uuid4()),
+        "type": "referral",
+        "occurred_at": at.isoformat(),
+        "member_id": member,
+        "store_id": None,
+        "source": "app",
+        "data": {"referrer_id": referrer},
+    }

@@ -56,9 +56,13 @@ async def test_the_same_event_delivered_three_times_pays_once(stack: Stack) -> N
     await stack.produce([event, marker])  # a later redelivery, in another batch
 
     async def marker_paid() -> dict | None:
-        doc = await _member(stack, "m-dup")
+        # Entries first: once the marker's entry is visible its batch has committed, so the
+        # member read after it includes it (read the other way round, a commit landing
+        # between the two reads gave a stale total).
         entries = (await stack.get("/v1/members/m-dup/entries")).json()["entries"]
-        return doc if any(e["source_event_id"] == marker["event_id"] for e in entries) else None
+        if not any(e["source_event_id"] == marker["event_id"] for e in entries):
+            return None
+        return await _member(stack, "m-dup")
 
     doc = await wait_until(marker_paid, what="the marker purchase")
     # 800 base + 200 first purchase, then 100 base for the marker: once each.
