@@ -138,13 +138,17 @@ async def start_infra() -> Infra:
         await asyncio.to_thread(local.stop_postgres, pg_dir)
         dsn = await asyncio.to_thread(local.start_postgres, pg_dir, port, RUN / "postgres.log")
     _, bootstrap = await asyncio.to_thread(local.start_tansu, local.free_port(), RUN / "tansu.log")
-    pid = _tansu_pid(bootstrap)
-    conn = await asyncpg.connect(dsn)
+    infra = Infra(dsn, bootstrap, _tansu_pid(bootstrap), pg_dir)
     try:
-        version = await conn.fetchval("SHOW server_version")
-    finally:
-        await conn.close()
-    return Infra(dsn, bootstrap, pid, pg_dir, version)
+        conn = await asyncpg.connect(dsn)
+        try:
+            infra.pg_version = await conn.fetchval("SHOW server_version")
+        finally:
+            await conn.close()
+    except BaseException:
+        await asyncio.to_thread(stop_infra, infra)  # nothing left running on a failed start
+        raise
+    return infra
 
 
 def _tansu_pid(bootstrap: str) -> int:
