@@ -54,6 +54,8 @@ RUN = ROOT / ".run" / "bench"
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 PARTITIONS = 6
+# `kafka`: Apache Kafka (KRaft, one node, the jars `make test` fetched) instead of Tansu.
+BROKER = os.environ.get("BENCH_BROKER", "tansu")
 OPS_KEY, READER_KEY = "bench-ops", "bench-reader"
 
 
@@ -96,7 +98,7 @@ def say(msg: str) -> None:
 class Infra:
     admin_dsn: str
     bootstrap: str
-    tansu_pid: int
+    broker_pid: int
     pg_dir: Path
     pg_version: str = ""
 
@@ -137,8 +139,21 @@ async def start_infra() -> Infra:
     if needs_restart:
         await asyncio.to_thread(local.stop_postgres, pg_dir)
         dsn = await asyncio.to_thread(local.start_postgres, pg_dir, port, RUN / "postgres.log")
-    _, bootstrap = await asyncio.to_thread(local.start_tansu, local.free_port(), RUN / "tansu.log")
-    infra = Infra(dsn, bootstrap, _tansu_pid(bootstrap), pg_dir)
+    if BROKER == "kafka":
+        shutil.rmtree(RUN / "kafka", ignore_errors=True)  # an empty broker every bench
+        pid, bootstrap = await asyncio.to_thread(
+            local.start_kafka,
+            local.free_port(),
+            local.free_port(),
+            RUN / "kafka",
+            RUN / "kafka.log",
+        )
+    else:
+        _, bootstrap = await asyncio.to_thread(
+            local.start_tansu, local.free_port(), RUN / "tansu.log"
+        )
+        pid = _tansu_pid(bootstrap)
+    infra = Infra(dsn, bootstrap, pid, pg_dir)
     try:
         conn = await asyncpg.connect(dsn)
         try:
@@ -161,7 +176,7 @@ def _tansu_pid(bootstrap: str) -> int:
 def stop_infra(infra: Infra | None) -> None:
     if infra is None:
         return
-    local.stop_pid(infra.tansu_pid, 10)
+    local.stop_pid(infra.broker_pid, 30)
     local.stop_postgres(infra.pg_dir)
 
 
@@ -266,9 +281,9 @@ def _cpu(pid: int, reaped: bool = False) -> float:
 
 
 def cpu_snapshot(infra: Infra, svc: Services) -> dict[str, float]:
-    """CPU seconds so far of each service, of Tansu, and of all Postgres processes."""
+    """CPU seconds so far of each service, of the broker, and of all Postgres processes."""
     out = {name: _cpu(proc.pid) for name, proc in svc.procs.items()}
-    out["tansu"] = _cpu(infra.tansu_pid)
+    out[BROKER] = _cpu(infra.broker_pid)
     master = local.postgres_pid(infra.pg_dir) or 0
     pg = _cpu(master, reaped=True)  # backends that exited are in the postmaster's cutime
     for d in Path("/proc").iterdir():
@@ -934,8 +949,12 @@ def machine(infra: Infra) -> dict[str, Any]:
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": platform.python_version(),
         "rules_core": _rules_core(),
-        "broker": f"Tansu ({Path(local.tansu_bin()).name}, memory storage),"
-        f" {PARTITIONS} partitions",
+        "broker": (
+            f"Apache Kafka {local.KAFKA_VERSION} (KRaft, one node)"
+            if BROKER == "kafka"
+            else f"Tansu ({Path(local.tansu_bin()).name}, memory storage)"
+        )
+        + f", {PARTITIONS} partitions",
         "postgres": infra.pg_version,
         "synchronous_commit": "on",
         "fsync": "on",
