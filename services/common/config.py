@@ -62,6 +62,9 @@ class Settings:
     webhook_secret: str = ""
     expiry_sweep_seconds: int = 60
     session_timeout_ms: int = 10_000
+    # How often each service looks for tables that outgrew their planner statistics
+    # (services/common/planner_stats.py); 0 leaves it all to autovacuum.
+    planner_stats_seconds: float = 2.0
 
     @property
     def group_prefix(self) -> str:
@@ -85,4 +88,5 @@ def load_settings() -> Settings:
         webhook_secret=os.environ.get("NOTIFIER_WEBHOOK_SECRET", ""),
         expiry_sweep_seconds=_int("EXPIRY_SWEEP_SECONDS", 60),
         session_timeout_ms=_int("KAFKA_SESSION_TIMEOUT_MS", 10_000),
+        planner_stats_seconds=float(os.environ.get("PLANNER_STATS_SECONDS") or 2.0),
     )

@@ -12,6 +12,7 @@ from faststream.kafka import KafkaBroker
 from services.common.config import Settings
 from services.common.consumer import BatchConsumer, register_lag
 from services.common.outbox import OutboxRelay, make_producer
+from services.common.planner_stats import keep_planner_stats
 from services.common.runtime import Background, create_broker, create_pool
 from services.ledger import projector
 from services.ledger.sweeper import ExpirySweeper
@@ -68,6 +69,10 @@ class LedgerService:
             self.relay.wake,
         )
         self._background.spawn("expiry-sweeper", self.sweeper.run)
+        pool = self._pool
+        self._background.spawn(
+            "planner-stats", lambda: keep_planner_stats(pool, self.settings.planner_stats_seconds)
+        )
 
     async def stop(self) -> None:
         await self.broker.stop()

@@ -16,6 +16,7 @@ from schemas.ledger import parse_ledger_event
 from services.common.config import Settings, load_settings
 from services.common.consumer import BatchConsumer, BatchWork, register_lag, validate_records
 from services.common.outbox import OutboxRelay, make_producer
+from services.common.planner_stats import keep_planner_stats
 from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
 from services.notifier.delivery import DELIVERED, Deliverer
 from services.notifier.render import render
@@ -104,6 +105,9 @@ def create_app(settings: Settings | None = None) -> FastStream:
         state.update(pool=pool, producer=producer)
         background.spawn("outbox-relay", relay.run)
         background.spawn("webhook-delivery", deliverer.run)
+        background.spawn(
+            "planner-stats", lambda: keep_planner_stats(pool, settings.planner_stats_seconds)
+        )
         start_metrics_server(settings.metrics_port)
 
     @app.on_shutdown

@@ -26,6 +26,7 @@ from schemas.grants import GrantEvent
 from services.common.config import Settings, load_settings
 from services.common.consumer import BatchConsumer, BatchWork, register_lag, validate_records
 from services.common.outbox import OutboxRelay, OutboxRow, make_producer
+from services.common.planner_stats import keep_planner_stats
 from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
 from services.rules import referral_chain as chain
 from services.rules.engine import HeldEvent, evaluate
@@ -253,6 +254,9 @@ def create_app(settings: Settings | None = None) -> FastStream:
         resources.update(pool=pool, producer=producer)
         background.spawn("outbox-relay", relay.run)
         background.spawn("rulebook-watch", lambda: processor.watch_book(pool))
+        background.spawn(
+            "planner-stats", lambda: keep_planner_stats(pool, settings.planner_stats_seconds)
+        )
         start_metrics_server(settings.metrics_port)
 
     @app.on_shutdown
