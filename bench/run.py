@@ -44,6 +44,7 @@ import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from bench import machine_probe
 from bench.workload import Event, describe, generate
 from deploy import local
 from services.common.config import Topics
@@ -961,6 +962,9 @@ def machine(infra: Infra) -> dict[str, Any]:
         "consumer_max_batch": int(os.environ.get("CONSUMER_MAX_BATCH", "5000")),
         "consumer_batch_wait_ms": int(os.environ.get("CONSUMER_BATCH_WAIT_MS", "5")),
         "load_average_at_start": os.getloadavg()[0],
+        # bench/machine_probe.py: what makes runs on different days comparable.
+        "wakeup_rtt_us": round(machine_probe.wakeup_rtt_us(), 1),
+        "python_loop_us": round(machine_probe.python_loop_us(), 2),
     }
 
 

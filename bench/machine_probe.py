@@ -1,0 +1,48 @@
+"""Two quick probes that tell one day's machine from another's.
+
+The same code measured 2.4x more CPU per event on 2026-11-28 than on 2026-11-24, while a
+pure-Python loop was only ~20 % slower: what changed was how long it takes to wake another
+process (the pipeline hands every batch across five processes and Postgres backends).
+Recording both figures with every run keeps results from different days comparable.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import timeit
+
+
+def wakeup_rtt_us(round_trips: int = 5_000) -> float:
+    """Mean µs for one byte to go to a child process and back."""
+    a, b = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # child: echo
+        a.close()
+        try:
+            for _ in range(round_trips):
+                b.recv(1)
+                b.send(b"y")
+        finally:
+            os._exit(0)
+    b.close()
+    try:
+        started = time.perf_counter()
+        for _ in range(round_trips):
+            a.send(b"x")
+            a.recv(1)
+        return (time.perf_counter() - started) / round_trips * 1e6
+    finally:
+        a.close()
+        os.waitpid(pid, 0)
+
+
+def python_loop_us() -> float:
+    """Best of 5: µs for `sum(range(1000))`, the interpreter's raw speed."""
+    best = min(timeit.repeat("sum(range(1000))", number=5_000, repeat=5))
+    return best / 5_000 * 1e6
+
+
+if __name__ == "__main__":
+    print(f"wakeup_rtt_us={wakeup_rtt_us():.1f} python_loop_us={python_loop_us():.2f}")
