@@ -7,6 +7,7 @@ operator can pipe every line of every service into one log system.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -19,7 +20,11 @@ _SHARED: list[Any] = [
 ]
 
 
-def configure_logging(service: str, level: str = "INFO") -> structlog.stdlib.BoundLogger:
+def configure_logging(service: str, level: str | None = None) -> structlog.stdlib.BoundLogger:
+    """JSON logs on stderr at `level`, else `LOG_LEVEL` from the environment, else INFO."""
+    level = (level or os.environ.get("LOG_LEVEL") or "INFO").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise ValueError(f"LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
