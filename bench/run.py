@@ -961,6 +961,7 @@ def machine(infra: Infra) -> dict[str, Any]:
         "fsync": "on",
         "consumer_max_batch": int(os.environ.get("CONSUMER_MAX_BATCH", "5000")),
         "consumer_batch_wait_ms": int(os.environ.get("CONSUMER_BATCH_WAIT_MS", "5")),
+        "planner_stats_seconds": float(os.environ.get("PLANNER_STATS_SECONDS") or 2.0),
         "load_average_at_start": os.getloadavg()[0],
         # bench/machine_probe.py: what makes runs on different days comparable.
         "wakeup_rtt_us": round(machine_probe.wakeup_rtt_us(), 1),
