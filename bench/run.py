@@ -367,12 +367,22 @@ async def wait_drained(
 
         await wait_until(rules_done, limit_s, "rules to consume every activity")
         grants_end = await end_offsets(svc.bootstrap, svc.topics.grants)
+        while True:
+            end = grants_end
 
-        async def ledger_done() -> bool:
-            check()
-            return await offsets(prefix + "ledger") >= grants_end
+            async def ledger_done(end: int = end) -> bool:
+                check()
+                return await offsets(prefix + "ledger") >= end
 
-        await wait_until(ledger_done, limit_s, "ledger to journal every grant")
+            await wait_until(ledger_done, limit_s, "ledger to journal every grant")
+            # The grants' end offset read once, right after the rules' outbox emptied, was
+            # sometimes short of the final one (2026-11-28: a run counted 206,686 entries
+            # and its journal, dumped at the end, held 206,846): read it again until the
+            # ledger has reached an end that no longer moves.
+            grants_end = await end_offsets(svc.bootstrap, svc.topics.grants)
+            if grants_end == end:
+                break
+            say(f"grants end offset moved {end:,} -> {grants_end:,} after the ledger reached it")
         row = await conn.fetchrow(
             "SELECT (SELECT min(received_at) FROM rules_activity) AS t0,"
             " (SELECT max(pg_xact_commit_timestamp(xmin)) FROM consumer_offsets"
@@ -394,6 +404,24 @@ async def wait_drained(
 # --------------------------------------------------------------------------------------
 # 1 + 2: throughput
 # --------------------------------------------------------------------------------------
+
+
+DUMP_JOURNALS = os.environ.get("BENCH_DUMP_JOURNALS") == "1"
+
+
+async def dump_journal(dsn: str, path: Path) -> None:
+    """BENCH_DUMP_JOURNALS=1: the journal in id order, to diff runs of one invocation."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.copy_from_query(
+            "SELECT entry_id, member_id, kind, points, balance_after, occurred_at, rule_id,"
+            " source_event_id, order_id, allocations FROM ledger_entries ORDER BY entry_id",
+            output=str(path),
+        )
+    finally:
+        await conn.close()
+    say(f"journal dumped: {path}")
 
 
 async def throughput_run(
@@ -419,6 +447,8 @@ async def throughput_run(
         cpu1 = cpu_snapshot(infra, svc)
     finally:
         svc.stop()
+    if DUMP_JOURNALS:
+        await dump_journal(dsn, RUN / "journals" / f"{tag}.tsv")
     await infra.drop_db(db)
     result["eps"] = len(events) / result["seconds"]
     # CPU time per 1,000 events by component: independent of what else the machine ran.
