@@ -15,8 +15,9 @@ least `min_rows` live rows and more than twice what the planner last recorded
 (`pg_class.reltuples`, -1 when never analyzed), and analyzes them. `ANALYZE` invalidates
 the cached plans on those tables, so the next execution plans with real numbers. A table
 growing from empty is analyzed about log2(rows / min_rows) times (at 500, 1,000, 2,000, …
-rows); in a steady production database nothing qualifies and the check is one catalog
-query. One process at a time does the work (an advisory lock), the others skip the round.
+rows); in a steady production database nothing qualifies and a round is two small
+queries (the lock, the catalog). One process at a time does the work (an advisory lock),
+the others skip the round.
 """
 
 from __future__ import annotations
