@@ -1,9 +1,11 @@
 """Two quick probes that tell one day's machine from another's.
 
-The same code measured 2.4x more CPU per event on 2026-11-28 than on 2026-11-24, while a
-pure-Python loop was only ~20 % slower: what changed was how long it takes to wake another
-process (the pipeline hands every batch across five processes and Postgres backends).
-Recording both figures with every run keeps results from different days comparable.
+On 2026-11-28 the same code gave about half of every benchmark figure of 2026-11-24
+(1.6-2.4x the CPU per event end to end, half the backtesting rate), and the same
+pure-Python loop ran 60 % slower at one moment than half an hour earlier: the host's speed
+varies. Recording these two figures with every run (a process wake-up round trip, the
+pipeline's way of handing work between processes; and the interpreter's speed) lets runs
+from different days be compared, or at least be told apart.
 """
 
 from __future__ import annotations
