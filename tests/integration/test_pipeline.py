@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-import random
 from datetime import datetime, timedelta
 
 import httpx
 import pytest
 
-from schemas.activity import parse_activity
-from services.rules.engine import evaluate
-from services.rules.rulebook_store import DEFAULT_RULESET
-from services.rules.ruleset import load_ruleset
-from services.rules.state import MemberState
-from tests.integration.events import CST, purchase, refund, sign_in
+from tests.integration.events import CST, purchase
 from tests.integration.harness import OPS_KEY, Stack, wait_until
+from tests.integration.streams import expected_points, mixed_stream
 
 pytestmark = pytest.mark.integration
 NOW = datetime.now(CST).replace(microsecond=0)
@@ -70,51 +65,12 @@ async def test_the_same_event_delivered_three_times_pays_once(stack: Stack) -> N
     assert await stack.scalar("SELECT count(*) FROM rules_activity WHERE member_id = 'm-dup'") == 2
 
 
-def _expected_points(events: list[dict]) -> dict[str, int]:
-    """What the pure evaluator pays for the stream: the oracle the pipeline must match."""
-    ruleset = load_ruleset(DEFAULT_RULESET)
-    states: dict[str, MemberState] = {}
-    totals: dict[str, int] = {}
-    seen: set[str] = set()
-    for raw in events:
-        event = parse_activity(json.dumps(raw))
-        if event.event_id in seen:
-            continue
-        seen.add(event.event_id)
-        state = states.get(event.member_id) or MemberState(member_id=event.member_id)
-        result = evaluate(state, event, ruleset, {})
-        states[event.member_id] = result.state
-        for g in result.grants:
-            if g.type == "points_granted":
-                totals[g.member_id] = totals.get(g.member_id, 0) + g.data.points
-            elif g.type == "points_revoked":
-                totals[g.member_id] = totals.get(g.member_id, 0) - g.data.points
-    return totals
-
-
 @pytest.mark.parametrize("victim", ["rules", "ledger"])
 async def test_sigkill_mid_stream_loses_nothing_and_pays_nothing_twice(
     stack: Stack, victim: str
 ) -> None:
-    rng = random.Random(7)
-    members = [f"m-{i:03d}" for i in range(200)]
-    start = NOW - timedelta(days=30)
-    events: list[dict] = []
-    orders: list[tuple[str, str, str]] = []
-    for i in range(5000):
-        member = rng.choice(members)
-        at = start + timedelta(seconds=i * 300)
-        if orders and rng.random() < 0.05:
-            m, order_id, amount = orders.pop(rng.randrange(len(orders)))
-            events.append(refund(m, order_id, amount, at))
-        elif rng.random() < 0.3:
-            events.append(sign_in(member, at))
-        else:
-            amount = f"{rng.choice([88, 388, 999, 1280, 2500, 3600])}.00"
-            event = purchase(member, amount, at)
-            orders.append((member, event["data"]["order_id"], amount))
-            events.append(event)
-    expected = _expected_points(events)
+    events = mixed_stream(5000, members=200, start=NOW - timedelta(days=30))
+    expected = expected_points(events)
 
     await stack.produce(events[:2500])
     consumer = "rules" if victim == "rules" else "ledger"
