@@ -90,20 +90,26 @@ class Stack:
         env.update(self.extra_env)
         return env
 
-    def start(self, service: str) -> None:
+    def start(self, service: str, instance: str = "", **env: str) -> None:
+        """Start `service`; a non-empty `instance` names a further process of it (its
+        name is service + instance, its `env` overrides ports and the like)."""
         LOGS.mkdir(parents=True, exist_ok=True)
-        log = (LOGS / f"{self.name}-{service}.log").open("ab")
-        self.procs[service] = subprocess.Popen(
+        name = service + instance
+        log = self.log_path(name).open("ab")
+        self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", f"services.{service}"],
             cwd=ROOT,
-            env=self.env(service),
+            env={**self.env(service), **env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
-    def kill(self, service: str, sig: int = signal.SIGKILL) -> None:
-        proc = self.procs.pop(service)
+    def log_path(self, name: str) -> Path:
+        return LOGS / f"{self.name}-{name}.log"
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(name)
         proc.send_signal(sig)
         proc.wait(timeout=30)
 
