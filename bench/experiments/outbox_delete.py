@@ -35,6 +35,21 @@ async def fill(conn: asyncpg.Connection, rows: int) -> None:
     )
 
 
+async def delete_page(conn: asyncpg.Connection, rows: list[asyncpg.Record], by_ctid: bool) -> None:
+    """The relay's statement (by id), or the same rows named by their physical address."""
+    if by_ctid:
+        await conn.execute(
+            "DELETE FROM outbox WHERE ctid = ANY($1::tid[])", [r["ctid"] for r in rows]
+        )
+    else:
+        await conn.execute(
+            "DELETE FROM outbox WHERE service = $1 AND id <= $2 AND id = ANY($3::bigint[])",
+            "rules",
+            rows[-1]["id"],
+            [r["id"] for r in rows],
+        )
+
+
 async def drain(conn: asyncpg.Connection, by_ctid: bool) -> float:
     """Seconds spent in the DELETE statements while draining the outbox page by page."""
     spent = 0.0
@@ -48,17 +63,7 @@ async def drain(conn: asyncpg.Connection, by_ctid: bool) -> float:
         if not rows:
             return spent
         started = time.perf_counter()
-        if by_ctid:
-            await conn.execute(
-                "DELETE FROM outbox WHERE ctid = ANY($1::tid[])", [r["ctid"] for r in rows]
-            )
-        else:
-            await conn.execute(
-                "DELETE FROM outbox WHERE service = $1 AND id <= $2 AND id = ANY($3::bigint[])",
-                "rules",
-                rows[-1]["id"],
-                [r["id"] for r in rows],
-            )
+        await delete_page(conn, rows, by_ctid)
         spent += time.perf_counter() - started
 
 
@@ -78,17 +83,7 @@ async def churn(conn: asyncpg.Connection, rows: int, by_ctid: bool) -> tuple[flo
         )
         selecting += time.perf_counter() - started
         started = time.perf_counter()
-        if by_ctid:
-            await conn.execute(
-                "DELETE FROM outbox WHERE ctid = ANY($1::tid[])", [r["ctid"] for r in page]
-            )
-        else:
-            await conn.execute(
-                "DELETE FROM outbox WHERE service = $1 AND id <= $2 AND id = ANY($3::bigint[])",
-                "rules",
-                page[-1]["id"],
-                [r["id"] for r in page],
-            )
+        await delete_page(conn, page, by_ctid)
         deleting += time.perf_counter() - started
     await conn.execute("DELETE FROM outbox")
     return selecting, deleting

@@ -1,4 +1,5 @@
-"""A mixed clinic stream (purchases, sign-ins, refunds) and the oracle it must pay.
+"""A mixed clinic stream (purchases, sign-ins, refunds), the oracle it must pay, and the
+check that the pipeline paid exactly that.
 
 The oracle is the pure evaluator run over the stream in order: whatever the pipeline does
 with processes, partitions and crashes, each member's net points must come out the same.
@@ -17,6 +18,7 @@ from services.rules.rulebook_store import DEFAULT_RULESET
 from services.rules.ruleset import load_ruleset
 from services.rules.state import MemberState
 from tests.integration.events import purchase, refund, sign_in
+from tests.integration.harness import Stack, wait_until
 
 
 def mixed_stream(n: int, members: int, start: datetime, seed: int = 7) -> list[dict[str, Any]]:
@@ -61,3 +63,24 @@ def expected_points(events: list[dict[str, Any]]) -> dict[str, int]:
             elif g.type == "points_revoked":
                 totals[g.member_id] = totals.get(g.member_id, 0) - g.data.points
     return totals
+
+
+async def assert_paid_exactly_once(
+    stack: Stack, events: list[dict[str, Any]], timeout: float = 120
+) -> None:
+    """Waits until every member's net points equal the oracle's, then checks that no
+    grant or revoke was journaled twice and every activity was stored once."""
+    expected = {m: p for m, p in expected_points(events).items() if p}
+
+    async def all_journaled() -> bool:
+        stack.assert_running()
+        got = await stack.fetch("SELECT member_id, earned - revoked AS net FROM ledger_members")
+        return {r["member_id"]: r["net"] for r in got if r["net"]} == expected
+
+    await wait_until(all_journaled, timeout=timeout, what="totals equal to the pure evaluator's")
+    dupes = await stack.scalar(
+        "SELECT count(*) FROM (SELECT source_event_id, rule_id, member_id FROM ledger_entries"
+        " WHERE kind IN ('earn', 'revoke') GROUP BY 1, 2, 3, kind HAVING count(*) > 1) d"
+    )
+    assert dupes == 0
+    assert await stack.scalar("SELECT count(*) FROM rules_activity") == len(events)
