@@ -1,17 +1,23 @@
-"""The services' planner-statistics keeper against a real Postgres (no autovacuum racing it)."""
+"""The services' planner-statistics keeper against a real Postgres: the rule with no
+autovacuum racing it, then its wiring in the running services."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 
 import asyncpg
 import pytest
 
 from services.common.planner_stats import _LOCK_KEY, analyze_grown_tables
+from tests.integration.events import CST
+from tests.integration.harness import Stack, wait_until
+from tests.integration.streams import assert_paid_exactly_once, mixed_stream
 
 pytestmark = pytest.mark.integration
 TABLE = "planner_probe"
+NOW = datetime.now(CST).replace(microsecond=0)
 
 
 @pytest.fixture
@@ -90,3 +96,20 @@ async def test_another_process_analyzing_means_this_one_skips_the_round(
         assert await analyze_grown_tables(pool, min_rows=500) == [TABLE]
     finally:
         await other.close()
+
+
+async def test_the_running_services_analyze_the_tables_they_fill(stack: Stack) -> None:
+    """Wiring: the keeper runs in the services. `last_analyze` is set by a manual ANALYZE
+    only (autovacuum sets `last_autoanalyze`), so this is the services' doing."""
+    events = mixed_stream(1500, members=100, start=NOW - timedelta(days=20), seed=5)
+    await stack.produce(events)
+    await assert_paid_exactly_once(stack, events)
+
+    async def analyzed() -> bool:
+        rows = await stack.fetch(
+            "SELECT relname FROM pg_stat_user_tables WHERE last_analyze IS NOT NULL"
+            " AND relname IN ('ledger_entries', 'ledger_lots', 'rules_activity')"
+        )
+        return len(rows) == 3
+
+    await wait_until(analyzed, timeout=30, what="the services to analyze the tables they filled")
