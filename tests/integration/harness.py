@@ -95,7 +95,7 @@ class Stack:
         name is service + instance, its `env` overrides ports and the like)."""
         LOGS.mkdir(parents=True, exist_ok=True)
         name = service + instance
-        log = self.log_path(name).open("ab")
+        log = (LOGS / f"{self.name}-{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", f"services.{service}"],
             cwd=ROOT,
@@ -104,9 +104,6 @@ class Stack:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-
-    def log_path(self, name: str) -> Path:
-        return LOGS / f"{self.name}-{name}.log"
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.pop(name)

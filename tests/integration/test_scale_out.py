@@ -9,10 +9,7 @@ process killed mid-batch must lose nothing.
 
 from __future__ import annotations
 
-import asyncio
-import re
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,27 +20,27 @@ from tests.integration.streams import assert_paid_exactly_once, mixed_stream
 
 pytestmark = pytest.mark.integration
 NOW = datetime.now(CST).replace(microsecond=0)
-ASSIGNED = re.compile(r'"partitions": \[\d')
 
 
-def assigned_some(log: Path) -> bool:
-    """The process logged an assignment of at least one partition."""
-    return log.exists() and any(
-        '"partitions_assigned"' in line and ASSIGNED.search(line)
-        for line in log.read_text(errors="replace").splitlines()
-    )
-
-
-async def consumed(metrics_url: str) -> float:
-    """`loyalty_consumed_total` of a process, from its Prometheus endpoint (0 if down)."""
+async def metrics(url: str) -> list[str]:
+    """The sample lines of a process's Prometheus endpoint (none while it is not up)."""
     try:
         async with httpx.AsyncClient(timeout=2) as client:
-            text = (await client.get(metrics_url)).text
+            text = (await client.get(url)).text
     except httpx.HTTPError:
-        return 0.0
+        return []
+    return [line for line in text.splitlines() if not line.startswith("#")]
+
+
+async def assigned(url: str) -> bool:
+    """The lag gauge has a sample for every partition the process holds."""
+    return any(line.startswith("loyalty_consumer_lag{") for line in await metrics(url))
+
+
+async def consumed(url: str) -> float:
     return sum(
         float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
+        for line in await metrics(url)
         if line.startswith("loyalty_consumed_total{")
     )
 
@@ -57,19 +54,18 @@ async def test_a_second_process_shares_the_work_and_takes_over_when_the_first_di
     rules2_metrics, ledger2_port = free_port(), free_port()
     stack.start("rules", "2", METRICS_PORT=str(rules2_metrics))
     stack.start("ledger", "2", LEDGER_PORT=str(ledger2_port))
-    for name in ("rules2", "ledger2"):
+    second = {
+        "rules2": f"http://127.0.0.1:{rules2_metrics}/metrics",
+        "ledger2": f"http://127.0.0.1:{ledger2_port}/metrics",
+    }
+    for name, url in second.items():
         await wait_until(
-            lambda name=name: asyncio.to_thread(assigned_some, stack.log_path(name)),
-            timeout=90,
-            what=f"{name} to be assigned partitions",
+            lambda url=url: assigned(url), timeout=90, what=f"{name} to hold partitions"
         )
 
     await stack.produce(events[2000:4000])
-    for url in (
-        f"http://127.0.0.1:{rules2_metrics}/metrics",
-        f"http://127.0.0.1:{ledger2_port}/metrics",
-    ):
-        await wait_until(lambda url=url: consumed(url), timeout=90, what=f"records applied: {url}")
+    for name, url in second.items():
+        await wait_until(lambda url=url: consumed(url), timeout=90, what=f"{name} to apply records")
 
     # The first processes die mid-stream; the second ones must take over their partitions.
     stack.kill("rules")
