@@ -12,9 +12,10 @@ book, and both lanes start from that state; nothing of the warm-up is counted.
 Cash liability values points at the redemption rate of the recipient's tier just
 before the event, from the rule set that priced it.
 
-The lanes are independent, so a `Simulation` may run only one of them (`lanes=`): the
-backtest adapter runs each lane in its own process and `combine`s their `LaneResult`s
-into the same report a single process makes.
+The lanes are independent, so a `Simulation` may run only one of them (`lanes=`), and
+members are independent outside referral chains: the backtest adapter prices shares of
+the members in worker processes and adds their `Summary`s (`report_of`) into the same
+report a single process makes.
 """
 
 from __future__ import annotations
@@ -286,21 +287,41 @@ class Simulation:
                        self.candidate.version)  # fmt: skip
 
 
-def combine(a: LaneResult, b: LaneResult, progress: Progress, candidate_version: str) -> Report:
-    """The report from the in-force lane `a` and the candidate lane `b`."""
+class Summary(NamedTuple):
+    """A share of the members' report before cash: what a backtest worker hands back.
+
+    Per rule, not per member, so it stays small however many members a worker priced, and
+    the parent adds summaries instead of receiving every member's points and merging them.
+    Adding is exact only for workers with disjoint members whose payouts stay among
+    themselves: the backtest splits members by referral component, and a payout's
+    recipient is the member or someone in its referral chain. Cash is left to
+    `report_of`, which prices the added points-per-rate totals once.
+    """
+
+    # rule -> (points in force, points under the candidate, members whose points differ)
+    rules: Mapping[str, tuple[int, int, int]]
+    total: tuple[int, int, int]
+    by_rate: tuple[Mapping[tuple[str, int], int], Mapping[tuple[str, int], int]]
+    held: tuple[int, int]
+    members: int
+
+
+def summarize(a: LaneResult, b: LaneResult) -> Summary:
+    """The summary of the in-force lane `a` and the candidate lane `b` of the same members."""
     grid: defaultdict[str, defaultdict[str, list[int]]] = defaultdict(
         lambda: defaultdict(lambda: [0, 0])
     )
     for lane, source in enumerate((a.points, b.points)):
         for (rule, member), points in source.items():
             grid[rule][member][lane] += points
-    rows = []
-    for rule in sorted(grid):
-        cells = grid[rule].values()
-        pa, pb = sum(c[0] for c in cells), sum(c[1] for c in cells)
-        affected = sum(1 for c in cells if c[0] != c[1])
-        ca, cb = _cash(a.by_rate, rule), _cash(b.by_rate, rule)
-        rows.append(RuleRow(rule, pa, pb, pb - pa, ca, cb, cb - ca, affected))
+    rules: dict[str, tuple[int, int, int]] = {}
+    for rule, by_member in grid.items():
+        cells = by_member.values()
+        rules[rule] = (
+            sum(c[0] for c in cells),
+            sum(c[1] for c in cells),
+            sum(1 for c in cells if c[0] != c[1]),
+        )
     per_member_a: defaultdict[str, int] = defaultdict(int)
     per_member_b: defaultdict[str, int] = defaultdict(int)
     for (_, m), p in a.points.items():
@@ -308,42 +329,64 @@ def combine(a: LaneResult, b: LaneResult, progress: Progress, candidate_version:
     for (_, m), p in b.points.items():
         per_member_b[m] += p
     everyone = set(per_member_a) | set(per_member_b)
-    ta, tb = sum(per_member_a.values()), sum(per_member_b.values())
-    ca, cb = _cash(a.by_rate, None), _cash(b.by_rate, None)
-    total = RuleRow(
-        TOTAL, ta, tb, tb - ta, ca, cb, cb - ca,
+    total = (
+        sum(per_member_a.values()),
+        sum(per_member_b.values()),
         sum(1 for m in everyone if per_member_a[m] != per_member_b[m]),
-    )  # fmt: skip
+    )
+    return Summary(
+        rules=rules,
+        total=total,
+        by_rate=(a.by_rate, b.by_rate),
+        held=(a.held, b.held),
+        members=len(a.members | b.members),
+    )
+
+
+def report_of(summaries: Iterable[Summary], progress: Progress, candidate_version: str) -> Report:
+    """The report from the summaries of disjoint shares of the members (see `Summary`)."""
+    rules: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    total = [0, 0, 0]
+    rate_a: defaultdict[tuple[str, int], int] = defaultdict(int)
+    rate_b: defaultdict[tuple[str, int], int] = defaultdict(int)
+    held = [0, 0]
+    members = 0
+    for part in summaries:
+        for rule, counts in part.rules.items():
+            cell = rules[rule]
+            for i, n in enumerate(counts):
+                cell[i] += n
+        for i, n in enumerate(part.total):
+            total[i] += n
+        for target, source in ((rate_a, part.by_rate[0]), (rate_b, part.by_rate[1])):
+            for key, p in source.items():
+                target[key] += p
+        held[0] += part.held[0]
+        held[1] += part.held[1]
+        members += part.members
+    rows = []
+    for rule in sorted(rules):
+        pa, pb, affected = rules[rule]
+        ca, cb = _cash(rate_a, rule), _cash(rate_b, rule)
+        rows.append(RuleRow(rule, pa, pb, pb - pa, ca, cb, cb - ca, affected))
+    ta, tb, affected = total
+    ca, cb = _cash(rate_a, None), _cash(rate_b, None)
     return Report(
         rows=tuple(rows),
-        total=total,
+        total=RuleRow(TOTAL, ta, tb, tb - ta, ca, cb, cb - ca, affected),
         events=progress.events,
         warmup_events=progress.warmup_events,
-        members=len(a.members | b.members),
-        held_in_force=a.held,
-        held_candidate=b.held,
+        members=members,
+        held_in_force=held[0],
+        held_candidate=held[1],
         versions_in_force=progress.versions_in_force,
         candidate_version=candidate_version,
     )
 
 
-def merge_results(parts: Iterable[LaneResult]) -> LaneResult:
-    """One lane's result from workers that each priced a disjoint set of members.
-
-    Sums are exact (integers), so merging before `combine` gives the single-process report.
-    """
-    points: defaultdict[tuple[str, str], int] = defaultdict(int)
-    by_rate: defaultdict[tuple[str, int], int] = defaultdict(int)
-    held = 0
-    members: set[str] = set()
-    for part in parts:
-        for key, p in part.points.items():
-            points[key] += p
-        for rate_key, p in part.by_rate.items():
-            by_rate[rate_key] += p
-        held += part.held
-        members |= part.members
-    return LaneResult(dict(points), dict(by_rate), held, frozenset(members))
+def combine(a: LaneResult, b: LaneResult, progress: Progress, candidate_version: str) -> Report:
+    """The report from the in-force lane `a` and the candidate lane `b`."""
+    return report_of([summarize(a, b)], progress, candidate_version)
 
 
 def merge_progress(parts: Iterable[Progress]) -> Progress:

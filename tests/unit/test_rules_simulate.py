@@ -7,6 +7,7 @@ from collections import defaultdict
 from datetime import timedelta
 from decimal import Decimal
 
+import pytest
 from hypothesis import given
 from rules_factories import DEFAULT, REF004, T0, Run, purchase, refund, review, ruleset
 from test_rules_properties import fast, streams
@@ -17,7 +18,14 @@ from schemas.grants import GrantData, PointsGranted, grant_adapter, grant_id
 from services.rules.backtest import LaneWorkers, MemberWorkers, referral_groups, worker_of
 from services.rules.emit import fast_grant_id, granted
 from services.rules.ruleset import RuleBook
-from services.rules.simulate import LANES, Simulation, combine
+from services.rules.simulate import (
+    LANES,
+    Simulation,
+    combine,
+    merge_progress,
+    report_of,
+    summarize,
+)
 from services.rules.state import MemberState, dump_state, load_state, trusted
 
 
@@ -192,6 +200,45 @@ def test_member_split_workers_with_referrals_give_the_single_process_report() ->
         report, skipped = workers.finish()
     assert skipped == 1
     assert report == expected
+
+
+def test_summaries_of_disjoint_members_add_up_to_the_single_process_report() -> None:
+    """What a worker hands back is a per-rule summary; the parent adds them. Split by
+    referral component, the sum is the report of one process over everyone."""
+    raws = [json.dumps(e).encode() for e in synthetic_history(5000, members=200, seed=11)]
+    events = [activity_adapter.validate_json(r) for r in raws]
+    groups = referral_groups((e.member_id, r) for e, r in zip(events, raws, strict=True)
+                             if b"referrer_id" in r)  # fmt: skip
+    book = RuleBook([DEFAULT])
+    whole = Simulation(book, REF004).feed_all(events)
+    parts = [Simulation(book, REF004) for _ in range(3)]
+    for e in events:
+        parts[worker_of(e.member_id, groups, 3)].feed(e)
+    assert all(p.events for p in parts)
+    summaries = []
+    for p in parts:
+        lanes = p.lane_results()
+        summaries.append(summarize(lanes["in_force"], lanes["candidate"]))
+    progress = merge_progress(p.progress() for p in parts)
+    expected = whole.report()
+    assert report_of(summaries, progress, REF004.version) == expected
+    assert expected.total.members_affected > 0
+    assert sum(s.members for s in summaries) == expected.members
+
+
+def test_member_workers_take_rows_only_once_they_know_the_referral_components() -> None:
+    """The workers start before the referral links are read (`route_by` comes later);
+    rows sent before would be split blindly, and routing cannot change after rows."""
+    member, raw = "m-00001", json.dumps(next(synthetic_history(1, members=1))).encode()
+    with MemberWorkers(RuleBook([DEFAULT]), REF004) as workers:
+        with pytest.raises(RuntimeError, match="route_by"):
+            workers.send("feed", [(member, raw)])
+        workers.route_by({})
+        workers.send("feed", [(member, raw)])
+        with pytest.raises(RuntimeError, match="cannot change"):
+            workers.route_by({member: "m-00002"})
+        report, skipped = workers.finish()
+    assert (report.events, skipped) == (1, 0)
 
 
 def test_member_split_keeps_a_referral_chain_in_one_worker() -> None:
