@@ -11,12 +11,14 @@ pricing both lanes of its members, so every payload is parsed once. The rules re
 another member's state only along referral links, so a referral component (found up
 front from the payloads that name a referrer) stays in one worker. Each worker hands back
 a per-rule `Summary` of its members (a kilobyte, however many members), and the parent
-adds them into the report a single process would make (unit tests pin that equality). `LaneWorkers` (one process per lane, each parsing every
-payload) is kept for comparison in bench.sim_speed.
+adds them into the report a single process would make (unit tests pin that equality).
+`LaneWorkers` (one process per lane, each parsing every payload) is kept for comparison
+in bench.sim_speed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import gc
 import io
@@ -288,16 +290,25 @@ class MemberWorkers:
             for i in range(workers)
         ]  # fmt: skip
 
-    def __enter__(self) -> MemberWorkers:
+    def start(self) -> None:
+        """Blocks until the forkserver has done its imports (~0.3 s after it was started):
+        `run_backtest` calls it in a thread and reads the referral links meanwhile."""
         for p in self._procs:
             p.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         for p in self._procs:
             if p.is_alive():
                 p.terminate()
-            p.join()
+            if p.pid is not None:  # started
+                p.join()
+
+    def __enter__(self) -> MemberWorkers:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _check_alive(self) -> None:
         dead = [p for p in self._procs if not p.is_alive() and p.exitcode not in (0, None)]
@@ -383,16 +394,23 @@ async def run_backtest(
                 phases.append((None, start, "warm"))
             phases.append((start, end, "feed"))
             if workers:
-                # The workers boot (~0.3 s) while the referral links are read.
-                with MemberWorkers(book, candidate) as pool:
-                    edges = await conn.fetch(REFERRALS, phases[0][0], end)
-                    pool.route_by(referral_groups((r[0], r[1]) for r in edges))
+                pool = MemberWorkers(book, candidate)
+                try:
+                    # The workers boot in a thread while the referral links are read.
+                    booting = asyncio.ensure_future(asyncio.to_thread(pool.start))
+                    try:
+                        edges = await conn.fetch(REFERRALS, phases[0][0], end)
+                        pool.route_by(referral_groups((r[0], r[1]) for r in edges))
+                    finally:
+                        await booting
                     for lo, hi, phase in phases:
                         async for rows in _rows(conn, lo, hi):
                             pool.send(phase, rows)
                             if on_progress is not None:
                                 on_progress(len(rows))
                     return pool.finish()
+                finally:
+                    pool.close()
             sim = Simulation(book, candidate)
             skipped = 0
             for lo, hi, phase in phases:
