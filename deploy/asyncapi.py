@@ -1,10 +1,10 @@
 """Writes the AsyncAPI document of each service to docs/asyncapi/ (`make docs`).
 
 FastStream generates the documents from the services' real brokers and subscribers. Our
-subscribers take raw batches (so bad input can be dead-lettered rather than raise), which
-FastStream cannot see a payload type in; the payloads are filled in here from the same
-pydantic models that validate the messages, and the output topics are declared as
-publishers with their models. A unit test keeps the committed files current.
+subscribers take raw batches (so bad input can be dead-lettered rather than raise), an
+untyped body FastStream cannot see a payload type in; the payloads are filled in here from
+the same pydantic models that validate the messages, and the output topics are declared
+as publishers with their models. A unit test keeps the committed files current.
 """
 
 from __future__ import annotations
@@ -84,7 +84,11 @@ def render(service: str, broker: KafkaBroker, outputs: list[str], description: s
         for ref in channel.get("messages", {}).values():
             name = ref["$ref"].rsplit("/", 1)[-1]
             message = spec["components"]["messages"][name]
-            if message.get("payload", {}).get("$ref", "").endswith("/EmptyPayload"):
+            untyped = message.get("payload", {}).get("$ref", "").rsplit("/", 1)[-1]
+            # The subscribers' handlers take the raw batch as an untyped body: FastStream
+            # writes a schema with nothing but a title for it (or EmptyPayload).
+            if untyped == "EmptyPayload" or set(schemas.get(untyped, {"": 0})) == {"title"}:
+                schemas.pop(untyped, None)
                 model_schema = TypeAdapter(MODELS[topic]).json_schema(
                     ref_template="#/components/schemas/{model}"
                 )

@@ -20,7 +20,6 @@ import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from faststream.kafka import KafkaBroker
-from faststream.kafka.annotations import KafkaMessage
 from faststream.middlewares import AckPolicy
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -113,8 +112,9 @@ class BatchConsumer:
 
         async def _raw(msg: Any) -> Any:
             # Skip FastStream's JSON decoding: we validate bytes ourselves so that a bad
-            # message becomes a dead letter rather than an exception.
-            return None
+            # message becomes a dead letter rather than an exception. The handler gets the
+            # batch's records as its body (the broker does no dependency injection).
+            return msg.raw_message
 
         self.subscriber = broker.subscriber(
             self.topic,
@@ -136,8 +136,8 @@ class BatchConsumer:
         )
 
         @self.subscriber  # type: ignore[untyped-decorator]
-        async def on_batch(msg: KafkaMessage) -> None:
-            await consumer.process(list(msg.raw_message))
+        async def on_batch(records: Any) -> None:  # the batch (`_raw`)
+            await consumer.process(list(records))
 
     async def _seek_to_stored(self, assigned: set[TopicPartition]) -> None:
         tps = sorted(assigned)

@@ -93,6 +93,10 @@ def create_broker(settings: Settings, service: str) -> KafkaBroker:
         logger=structlog.get_logger(),
         # Per-message "Received/Processed" lines would drown the logs at 20k events/s.
         log_level=logging.DEBUG,
+        # No dependency injection: the batch handlers take the records as their body.
+        # With it, resolving `msg: KafkaMessage` (a sync custom field) sent every batch
+        # through a worker thread and back (bench/README.md, step 17).
+        apply_types=False,
     )
 
 
