@@ -204,6 +204,7 @@ class Services:
             LOG_LEVEL=os.environ.get("BENCH_SERVICE_LOG_LEVEL", "WARNING"),
             # Reads run with many members and no sweeps wanted mid-measurement.
             EXPIRY_SWEEP_SECONDS="3600",
+            **local.consumer_env(BROKER),
         )
         return env
 
@@ -991,6 +992,7 @@ def machine(infra: Infra) -> dict[str, Any]:
         "fsync": "on",
         "consumer_max_batch": int(os.environ.get("CONSUMER_MAX_BATCH", "5000")),
         "consumer_batch_wait_ms": int(os.environ.get("CONSUMER_BATCH_WAIT_MS", "5")),
+        "consumer_fetch_wait_ms": int(local.consumer_env(BROKER)["CONSUMER_FETCH_WAIT_MS"]),
         "planner_stats_seconds": float(os.environ.get("PLANNER_STATS_SECONDS") or 2.0),
         "load_average_at_start": os.getloadavg()[0],
         # bench/machine_probe.py: what makes runs on different days comparable.

@@ -38,6 +38,20 @@ from deploy.processes import (
 KAFKA_VERSION = os.environ.get("KAFKA_VERSION", "4.1.1")
 KAFKA_POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
 
+#: How long the services' consumers let the broker hold a fetch that finds nothing
+#: (CONSUMER_FETCH_WAIT_MS). The services default to Apache Kafka's own 500 ms: Kafka
+#: answers a held fetch as soon as a record arrives, so the hold costs no latency and
+#: spares an idle consumer two hundred empty fetches a second. Tansu answers only when the
+#: hold ends, so on Tansu the hold is latency: stacks this project starts on Tansu use 5.
+FETCH_WAIT_MS = {"tansu": "5", "kafka": "500"}
+
+
+def consumer_env(broker_kind: str) -> dict[str, str]:
+    """The services' CONSUMER_FETCH_WAIT_MS for a broker kind; one set by hand wins."""
+    chosen = os.environ.get("CONSUMER_FETCH_WAIT_MS") or FETCH_WAIT_MS.get(broker_kind, "500")
+    return {"CONSUMER_FETCH_WAIT_MS": chosen}
+
+
 # --------------------------------------------------------------------------------------
 # Tansu
 # --------------------------------------------------------------------------------------

@@ -195,6 +195,7 @@ def build_env(
         "LEDGER_READER_KEY": reader_key,
         "LEDGER_API_KEYS": f"{ops_key}:ops,{reader_key}:reader",
         "TOPIC_PARTITIONS": os.environ.get("TOPIC_PARTITIONS", "6"),
+        **local.consumer_env(broker_kind),
         # The ledger serves /metrics on its API port; the others get a port of their own.
         "RULES_METRICS_PORT": os.environ.get("RULES_METRICS_PORT", "9101"),
         "NOTIFIER_METRICS_PORT": os.environ.get("NOTIFIER_METRICS_PORT", "9102"),

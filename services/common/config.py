@@ -54,6 +54,11 @@ class Settings:
     max_batch: int = 5000
     # How long a consumer waits for a batch to fill: low, so latency stays low at low load.
     batch_wait_ms: int = 5
+    # How long the broker may hold a fetch that finds no new records: Apache Kafka's
+    # default. Kafka answers a held fetch as soon as a record arrives, so the hold costs no
+    # latency and spares an idle consumer's empty fetches; Tansu answers only when the
+    # hold ends, so stacks on Tansu set 5 (deploy/brokers.py, FETCH_WAIT_MS).
+    fetch_wait_ms: int = 500
     pool_size: int = 8
     metrics_port: int = 0
     ledger_port: int = 8080
@@ -80,6 +85,7 @@ def load_settings() -> Settings:
         topics=Topics(prefix=os.environ.get("LOYALTY_TOPIC_PREFIX", "")),
         max_batch=_int("CONSUMER_MAX_BATCH", 5000),
         batch_wait_ms=_int("CONSUMER_BATCH_WAIT_MS", 5),
+        fetch_wait_ms=_int("CONSUMER_FETCH_WAIT_MS", 500),
         pool_size=_int("DB_POOL_SIZE", 8),
         metrics_port=_int("METRICS_PORT", 0),
         ledger_port=_int("LEDGER_PORT", 8080),

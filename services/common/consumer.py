@@ -99,6 +99,7 @@ class BatchConsumer:
         *,
         max_batch: int,
         batch_wait_ms: int,
+        fetch_wait_ms: int = 500,
         session_timeout_ms: int = 10_000,
     ) -> None:
         consumer = self
@@ -122,7 +123,7 @@ class BatchConsumer:
             batch=True,
             max_records=max_batch,
             batch_timeout_ms=batch_wait_ms,
-            fetch_max_wait_ms=batch_wait_ms,
+            fetch_max_wait_ms=fetch_wait_ms,
             # A group join waits up to about half of this on some brokers (Tansu): shorter
             # in tests, the Kafka default in production (a GC pause must not evict us).
             session_timeout_ms=session_timeout_ms,

@@ -35,6 +35,7 @@ class LedgerService:
             self.broker,
             max_batch=settings.max_batch,
             batch_wait_ms=settings.batch_wait_ms,
+            fetch_wait_ms=settings.fetch_wait_ms,
             session_timeout_ms=settings.session_timeout_ms,
         )
         self._background = Background()

@@ -90,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
         broker,
         max_batch=settings.max_batch,
         batch_wait_ms=settings.batch_wait_ms,
+        fetch_wait_ms=settings.fetch_wait_ms,
         session_timeout_ms=settings.session_timeout_ms,
     )
     register_lag([consumer])

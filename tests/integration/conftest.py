@@ -7,13 +7,13 @@ from tests.integration.harness import Stack, make_stack
 
 
 @pytest.fixture
-async def stack(broker: str, fresh_database: str) -> AsyncIterator[Stack]:
+async def stack(broker: str, broker_name: str, fresh_database: str) -> AsyncIterator[Stack]:
     """The three services as real processes on a real broker and a fresh database.
 
     Whatever a test did, the read models must still equal a fold of the journal at the
     end: `ledger verify` runs after every test that used a stack.
     """
-    s = await make_stack(broker, fresh_database)
+    s = await make_stack(broker, fresh_database, broker_name)
     try:
         await s.wait_ready()
         yield s

@@ -25,6 +25,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from deploy import local
 from services.common.config import Topics
 from services.common.migrations import apply_migrations
 
@@ -213,7 +214,9 @@ async def _has_topics(admin: AIOKafkaAdminClient, names: list[str]) -> bool:
     return set(names) <= set(await admin.list_topics())
 
 
-async def make_stack(bootstrap: str, dsn: str, extra_env: dict[str, str] | None = None) -> Stack:
+async def make_stack(
+    bootstrap: str, dsn: str, broker_kind: str, extra_env: dict[str, str] | None = None
+) -> Stack:
     name = uuid.uuid4().hex[:10]
     topics = Topics(prefix=f"t{name}.")
     await asyncio.to_thread(apply_migrations, dsn)
@@ -225,7 +228,7 @@ async def make_stack(bootstrap: str, dsn: str, extra_env: dict[str, str] | None 
         ledger_port=free_port(),
         metrics_ports={"rules": free_port(), "notifier": free_port()},
         name=name,
-        extra_env=extra_env or {},
+        extra_env={**local.consumer_env(broker_kind), **(extra_env or {})},
     )
     for service in SERVICES:
         stack.start(service)

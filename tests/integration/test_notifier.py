@@ -60,12 +60,13 @@ async def receiver() -> AsyncIterator[tuple[Receiver, int]]:
 
 @pytest.fixture
 async def notifying_stack(
-    broker: str, fresh_database: str, receiver: tuple[Receiver, int]
+    broker: str, broker_name: str, fresh_database: str, receiver: tuple[Receiver, int]
 ) -> AsyncIterator[Stack]:
     _, port = receiver
     s = await make_stack(
         broker,
         fresh_database,
+        broker_name,
         {
             "NOTIFIER_WEBHOOK_URL": f"http://127.0.0.1:{port}/hook",
             "NOTIFIER_WEBHOOK_SECRET": SECRET,
