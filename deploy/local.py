@@ -10,7 +10,6 @@ variants exist for callers already inside an event loop.
 from __future__ import annotations
 
 from deploy.brokers import (
-    FETCH_WAIT_MS,
     KAFKA_VERSION,
     consumer_env,
     create_topics,
@@ -50,7 +49,6 @@ from deploy.processes import (  # noqa: F401 - _CHILDREN, _run_coro: for bench a
 
 __all__ = [
     "CACHE_DIR",
-    "FETCH_WAIT_MS",
     "KAFKA_VERSION",
     "PG_DATABASE",
     "PG_PASSWORD",
