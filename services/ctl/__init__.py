@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
+if sys.argv[1:3] == ["rules", "simulate"] and "--help" not in sys.argv:
+    # Its workers' forkserver does its imports while this process does its own.
+    from services.rules.forkserver import start_forkserver
+
+    start_forkserver()
+
 import typer
 
 from services.ctl import ledger_cmds, rules_cmds

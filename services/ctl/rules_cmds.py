@@ -24,7 +24,8 @@ from rich.table import Table
 import services.rules
 from services.common.config import load_settings
 from services.rules import held as held_store
-from services.rules.backtest import report_csv, report_json, run_backtest, start_forkserver
+from services.rules.backtest import report_csv, report_json, run_backtest
+from services.rules.forkserver import start_forkserver
 from services.rules.rulebook_store import VersionExists, list_versions, load_book, publish
 from services.rules.ruleset import RuleSetError, load_ruleset
 from services.rules.simulate import Report
@@ -273,7 +274,9 @@ def simulate_cmd(
             on_progress=lambda n: progress.advance(task, n),
         )
 
-    start_forkserver()  # its imports overlap with connecting and reading the rule book
+    # Already running when this came in as `ledgerctl rules simulate` (services/ctl); if
+    # not, its imports overlap with connecting and reading the rule book.
+    start_forkserver()
     started = time.perf_counter()
     try:
         with progress:

@@ -30,13 +30,13 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import asdict
 from datetime import datetime
-from multiprocessing import forkserver
 from typing import Any, Final, Literal
 
 import asyncpg
 from pydantic import ValidationError
 
 from schemas.activity import activity_adapter
+from services.rules.forkserver import PRELOAD
 from services.rules.rulebook_store import read_book
 from services.rules.ruleset import RuleBook, RuleSet
 from services.rules.simulate import (
@@ -172,17 +172,6 @@ def _member_worker(book: RuleBook, candidate: RuleSet, inbox: Any, outbox: Any) 
     outbox.close()
     outbox.join_thread()
     os._exit(0)
-
-
-PRELOAD: Final = ["services.rules.backtest"]
-
-
-def start_forkserver() -> None:
-    """Start the workers' forkserver and its imports (~0.5 s) now, while the caller goes
-    on connecting to Postgres and reading the rule book; the pools below would otherwise
-    start it on their first worker."""
-    multiprocessing.set_forkserver_preload(PRELOAD)
-    forkserver.ensure_running()
 
 
 class LaneWorkerError(RuntimeError):
