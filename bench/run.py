@@ -817,8 +817,9 @@ def simulate_available() -> bool:
 async def simulate_cli(infra: Infra, events: list[Event]) -> dict[str, Any]:
     """`ledgerctl rules simulate` over recorded activity (rows COPYed in): the rule book in
     force (default) vs the reference-004 candidate. The figure is the rate the command
-    reports for its replay (reading, parsing, both lanes, worker start-up); the wall time
-    of the whole process, start-up and connecting included, is kept beside it."""
+    reports for its replay (reading, parsing, both lanes, what is left of the workers'
+    start-up); the wall time of the whole process, start-up and connecting included, is
+    kept beside it."""
     import orjson
 
     db = "bench_sim"
@@ -899,7 +900,8 @@ async def simulate_cli(infra: Infra, events: list[Event]) -> dict[str, Any]:
         "available": True,
         "method": "`ledgerctl rules simulate --no-warmup --ruleset reference-004.yaml`: each"
         " event priced under the book in force and the candidate; the rate it reports for"
-        " the replay (reading Postgres, parsing, both lanes, worker start-up)",
+        " the replay (reading Postgres, parsing, both lanes, what is left of the workers'"
+        " start-up)",
         "compiled_core": services_rules_native(),
         "events": len(events),
         "replay_eps": reported,
