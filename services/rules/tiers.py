@@ -42,9 +42,18 @@ def next_tier(tier: Tier, rules: TierRules) -> tuple[Tier, Decimal] | None:
 
 
 def rolling_spend(orders: Mapping[str, Order], at: datetime, window_months: int) -> Decimal:
-    """Net spend of orders in (at - window, at]: refunds already reduce each order."""
+    """Net spend of orders in (at - window, at]: refunds already reduce each order.
+
+    Every purchase sums a member's orders (in both lanes of a backtest), so the loop skips
+    the subtraction for orders with nothing refunded, most of them.
+    """
     start = add_months(at, -window_months)
-    return sum([o.amount - o.refunded for o in orders.values() if start < o.at <= at], Decimal(0))
+    total = Decimal(0)
+    for o in orders.values():
+        if start < o.at <= at:
+            refunded = o.refunded
+            total += o.amount - refunded if refunded else o.amount
+    return total
 
 
 def hold_until(tier: Tier, since: datetime, rules: TierRules) -> datetime | None:
