@@ -99,7 +99,7 @@ class BatchConsumer:
         *,
         max_batch: int,
         batch_wait_ms: int,
-        fetch_wait_ms: int = 500,
+        fetch_wait_ms: int,
         session_timeout_ms: int = 10_000,
     ) -> None:
         consumer = self
