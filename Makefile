@@ -12,7 +12,9 @@ export PYTHONPATH := $(CURDIR)
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check uv==0.13.9
-	@$(VENV)/bin/uv pip install -q --python $(PY) -r requirements.lock
+	@# Bytecode compiled once here: with PYTHONDONTWRITEBYTECODE set (as on our CI machines)
+	@# nothing is cached on import, and every process start compiled its libraries again.
+	@$(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode -r requirements.lock
 	@$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e .
 	@touch $(STAMP)
 
