@@ -44,12 +44,13 @@ def make_handler(settings: Settings, consumer_name: str, deliverer: Deliverer): 
             records, parse_ledger_event, work, consumer_name, settings.topics.dlq
         )
         rows: dict[str, tuple[str, str, str, object]] = {}
-        for _record, event in good:
+        for record, event in good:
             message = render(event)
             if message is not None:
-                # The jsonb codec (orjson.dumps) writes a Fragment's JSON text verbatim: the
-                # same jsonb as the dict `orjson.loads` would give, without the round trip.
-                payload = orjson.Fragment(event.model_dump_json())
+                # The event as the ledger published it, which just passed the strict
+                # contract model (no extra fields). The jsonb codec (orjson.dumps) writes a
+                # Fragment's JSON text verbatim, so nothing is serialized again here.
+                payload = orjson.Fragment(record.value)
                 rows[event.event_id] = (event.member_id, event.type, message, payload)
         if rows:
             ids = list(rows)

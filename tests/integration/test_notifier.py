@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from schemas.ledger import parse_ledger_event
 from tests.integration.events import CST, purchase
 from tests.integration.harness import Stack, free_port, make_stack, wait_until
 
@@ -100,6 +101,10 @@ async def test_points_and_tier_change_are_delivered_once_signed(
     messages = {b["message"] for b, _, _ in rec.received}
     assert "恭喜您由普通会员升级为银卡会员！" in messages
     assert "您获得10000积分（消费积分），当前可用积分10000。" in messages
+    # Each carries the ledger event as published, still a valid contract event.
+    events = [parse_ledger_event(json.dumps(b["event"])) for b, _, _ in rec.received]
+    assert sorted(e.type for e in events) == kinds
+    assert {e.member_id for e in events} == {"m-note"}
     ids = [b["notification_id"] for b, _, _ in rec.received]
     assert len(ids) == len(set(ids))
     assert await notifying_stack.scalar("SELECT count(*) FROM notifications") == 3
