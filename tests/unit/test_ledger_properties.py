@@ -35,13 +35,13 @@ And the fast paths equal the plain code they replaced, kept here as the referenc
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 from services.ledger.accounting import (
     Adjust,
