@@ -46,7 +46,7 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING RETURN
 SELECT_STATE: Final = "SELECT state::text FROM rules_member_state WHERE member_id = $1 FOR UPDATE"
 SELECT_REFERRER: Final = "SELECT referrer_id FROM rules_member_state WHERE member_id = $1"
 UPSERT_STATE: Final = """
-INSERT INTO rules_member_state (member_id, referrer_id, state) VALUES ($1, $2, $3::text::jsonb)
+INSERT INTO rules_member_state (member_id, referrer_id, state) VALUES ($1, $2, $3::text::json)
 ON CONFLICT (member_id) DO UPDATE SET referrer_id = EXCLUDED.referrer_id,
     state = EXCLUDED.state, updated_at = now()
 """

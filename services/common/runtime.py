@@ -23,12 +23,20 @@ log = structlog.get_logger()
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    # jsonb in and out as Python objects through orjson. Binary format (a version byte,
-    # then the JSON text) so that COPY, which is binary-only in asyncpg, can write jsonb too.
+    # jsonb and json in and out as Python objects through orjson. Binary format (for jsonb
+    # a version byte, then the JSON text; for json the text alone) so that COPY, which is
+    # binary-only in asyncpg, can write them too.
     await conn.set_type_codec(
         "jsonb",
         encoder=lambda v: b"\x01" + orjson.dumps(v),
         decoder=lambda b: orjson.loads(b[1:]),
+        schema="pg_catalog",
+        format="binary",
+    )
+    await conn.set_type_codec(
+        "json",
+        encoder=orjson.dumps,
+        decoder=orjson.loads,
         schema="pg_catalog",
         format="binary",
     )

@@ -26,7 +26,7 @@ log = structlog.get_logger()
 
 INSERT_NOTIFICATIONS: Final = """
 INSERT INTO notifications (notification_id, member_id, kind, message, payload, status)
-SELECT *, $6::text FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
+SELECT *, $6::text FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::json[])
 ON CONFLICT (notification_id) DO NOTHING
 """
 
@@ -48,7 +48,7 @@ def make_handler(settings: Settings, consumer_name: str, deliverer: Deliverer): 
             message = render(event)
             if message is not None:
                 # The event as the ledger published it, which just passed the strict
-                # contract model (no extra fields). The jsonb codec (orjson.dumps) writes a
+                # contract model (no extra fields). The json codec (orjson.dumps) writes a
                 # Fragment's JSON text verbatim, so nothing is serialized again here.
                 payload = orjson.Fragment(record.value)
                 rows[event.event_id] = (event.member_id, event.type, message, payload)

@@ -59,7 +59,7 @@ ON CONFLICT (event_id) DO NOTHING
 """
 UPSERT_STATES: Final = """
 INSERT INTO rules_member_state AS s (member_id, referrer_id, referrer_since, state, updated_at)
-SELECT m, r, rs, st::jsonb, now()
+SELECT m, r, rs, st::json, now()
 FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[]) AS u(m, r, rs, st)
 ON CONFLICT (member_id) DO UPDATE
 SET referrer_id = EXCLUDED.referrer_id,

@@ -38,7 +38,7 @@ SELECT member_id, referrer_id FROM rules_member_state WHERE member_id = ANY($1::
 """
 UPSERT_STATE: Final = """
 INSERT INTO rules_member_state AS s (member_id, referrer_id, state, updated_at)
-VALUES ($1, $2, $3::jsonb, now())
+VALUES ($1, $2, $3::json, now())
 ON CONFLICT (member_id) DO UPDATE
 SET referrer_id = EXCLUDED.referrer_id, state = EXCLUDED.state, updated_at = now()
 """

@@ -1,7 +1,8 @@
-"""The notifier's payload: the event's JSON handed to the jsonb codec as it is.
+"""The notifier's payload: the event's JSON handed to the column's codec as it is.
 
 It used to go through `orjson.loads` to a dict that the codec dumped again; an
-`orjson.Fragment` is written verbatim, and Postgres parses the same JSON value either way.
+`orjson.Fragment` is written verbatim, and Postgres stores the same JSON value either way
+(the column is `json` since migration 0013: the text as sent).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ SH = timezone(timedelta(hours=8))
 AT = datetime(2026, 3, 1, 9, 30, 15, 250000, tzinfo=SH)
 
 
-def jsonb(value: object) -> bytes:
-    """What the pool's jsonb encoder sends (services/common/runtime.py)."""
-    return b"\x01" + orjson.dumps(value)
+def json_codec(value: object) -> bytes:
+    """What the pool's json encoder sends (services/common/runtime.py)."""
+    return orjson.dumps(value)
 
 
 EVENTS: list[LedgerEvent] = [
@@ -71,7 +72,7 @@ EVENTS: list[LedgerEvent] = [
 def test_the_codec_sends_the_events_json_verbatim_and_the_same_value_as_before() -> None:
     for event in EVENTS:
         text = event.model_dump_json()
-        now = jsonb(orjson.Fragment(text))
-        before = jsonb(orjson.loads(text))
-        assert now == b"\x01" + text.encode()
-        assert orjson.loads(now[1:]) == orjson.loads(before[1:])
+        now = json_codec(orjson.Fragment(text))
+        before = json_codec(orjson.loads(text))
+        assert now == text.encode()
+        assert orjson.loads(now) == orjson.loads(before)
