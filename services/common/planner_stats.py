@@ -18,6 +18,13 @@ growing from empty is analyzed about log2(rows / min_rows) times (at 500, 1,000,
 rows); in a steady production database nothing qualifies and a round is two small
 queries (the lock, the catalog). One process at a time does the work (an advisory lock),
 the others skip the round.
+
+Its ANALYZEs sample 3,000 rows (`STATISTICS_TARGET` 10) instead of Postgres's 30,000:
+what goes wrong on a new database is the row count, which a small sample gets within a
+fraction of a per cent, and autovacuum analyzes again with the full sample once a tenth of
+the table has changed. With the full sample these ANALYZEs were 15 % of Postgres's
+statement time in the end-to-end benchmark (0.14-0.17 s each on a 200,000-row table,
+against 0.012 s with this one).
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ import structlog
 log = structlog.get_logger()
 
 MIN_ROWS: Final = 500
+# default_statistics_target for the keeper's own ANALYZEs (Postgres's default is 100;
+# the sample is 300 rows per point).
+STATISTICS_TARGET: Final = 10
 # pg_advisory lock key for "someone is analyzing": any constant unique to this purpose.
 _LOCK_KEY: Final = 0x706C_616E_7374  # "planst"
 
@@ -54,6 +64,7 @@ async def analyze_grown_tables(pool: asyncpg.Pool, min_rows: int = MIN_ROWS) -> 
             return []
         # ANALYZE waits for a running autovacuum of the same table; never for long.
         await conn.execute("SET LOCAL lock_timeout = '2s'")
+        await conn.execute(f"SET LOCAL default_statistics_target = {STATISTICS_TARGET}")
         done: list[str] = []
         for row in rows:
             name = row["relname"]

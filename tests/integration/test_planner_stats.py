@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 import asyncpg
 import pytest
 
-from services.common.planner_stats import _LOCK_KEY, analyze_grown_tables
+from services.common.planner_stats import _LOCK_KEY, STATISTICS_TARGET, analyze_grown_tables
 from tests.integration.events import CST
 from tests.integration.harness import Stack, wait_until
 from tests.integration.streams import assert_paid_exactly_once, mixed_stream
@@ -83,6 +83,28 @@ async def test_a_table_is_analyzed_when_it_doubles_past_the_floor(pool: asyncpg.
     await grow_to(pool, 2_100)
     assert await analyze_grown_tables(pool, min_rows=500) == [TABLE]
     assert await planner_rows(pool) == 2_100
+
+
+async def test_the_keeper_samples_few_rows_and_still_counts_them(pool: asyncpg.Pool) -> None:
+    """Its ANALYZE keeps a coarse histogram (a small sample: cheap on big tables), while the
+    row count, what the keeper is for, stays close."""
+    await grow_to(pool, 20_000)
+    assert await analyze_grown_tables(pool, min_rows=500) == [TABLE]
+    assert abs(await planner_rows(pool) - 20_000) <= 1_000
+    async with pool.acquire() as conn:
+        bounds = await conn.fetchval(
+            "SELECT array_length(histogram_bounds::text::bigint[], 1) FROM pg_stats"
+            " WHERE tablename = $1 AND attname = 'id'",
+            TABLE,
+        )
+        await conn.execute(f"ANALYZE {TABLE}")  # Postgres's own default target
+        full = await conn.fetchval(
+            "SELECT array_length(histogram_bounds::text::bigint[], 1) FROM pg_stats"
+            " WHERE tablename = $1 AND attname = 'id'",
+            TABLE,
+        )
+    assert bounds == STATISTICS_TARGET + 1
+    assert full > bounds
 
 
 async def test_another_process_analyzing_means_this_one_skips_the_round(
