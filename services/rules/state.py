@@ -1,4 +1,4 @@
-"""Per-member memory the rules need between events, stored by the adapter as JSONB.
+"""Per-member memory the rules need between events, stored by the adapter as JSON (a `json` column).
 
 Everything here is what a later event must know about earlier ones (streaks, first
 purchase, paid share ids, what an order earned so a refund can be recomputed). It is
@@ -12,10 +12,11 @@ two lanes, where pydantic's copies cost most of the time. The JSON (`dump_state`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date, datetime
 from decimal import Decimal
 from itertools import pairwise
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import msgspec
 from msgspec.structs import replace
@@ -24,23 +25,39 @@ from pydantic import BaseModel
 from schemas.grants import Tier
 
 B = TypeVar("B", bound=BaseModel)
-_DEFAULTS: dict[type[BaseModel], tuple[dict[str, Any], dict[str, Any], frozenset[str]]] = {}
+
+
+class _Shape(NamedTuple):
+    """What `trusted` needs of a model class, computed once per class."""
+
+    template: dict[str, Any]  # every field in declaration order, plain defaults filled in
+    factories: tuple[tuple[str, Callable[[], Any]], ...]
+    required: frozenset[str]
+    known: frozenset[str]
+
+
+_SHAPES: dict[type[BaseModel], _Shape] = {}
 
 __all__ = ["replace"]
 
 
-def _defaults(cls: type[BaseModel]) -> tuple[dict[str, Any], dict[str, Any], frozenset[str]]:
-    known = _DEFAULTS.get(cls)
+def _shape(cls: type[BaseModel]) -> _Shape:
+    known = _SHAPES.get(cls)
     if known is None:
         fields = cls.model_fields
-        plain = {
-            n: f.default
-            for n, f in fields.items()
-            if not f.is_required() and f.default_factory is None
-        }
-        factories = {n: f.default_factory for n, f in fields.items() if f.default_factory}
-        required = frozenset(n for n, f in fields.items() if f.is_required())
-        known = _DEFAULTS[cls] = (plain, factories, required)
+        known = _SHAPES[cls] = _Shape(
+            template={
+                n: None if f.is_required() or f.default_factory else f.default
+                for n, f in fields.items()
+            },
+            factories=tuple(
+                (n, f.default_factory)  # type: ignore[misc]
+                for n, f in fields.items()
+                if f.default_factory
+            ),
+            required=frozenset(n for n, f in fields.items() if f.is_required()),
+            known=frozenset(fields),
+        )
     return known
 
 
@@ -51,18 +68,18 @@ def trusted(cls: type[B], **values: Any) -> B:
     (mypy strict) cost most of its time. A unit test checks that what this builds equals
     the validated model and serialises identically.
     """
-    plain, factories, required = _defaults(cls)
-    if not required <= values.keys():
-        raise TypeError(f"{cls.__name__}: missing {sorted(required - values.keys())}")
+    shape = _SHAPES.get(cls) or _shape(cls)
+    if not shape.required <= values.keys() <= shape.known:
+        missing = sorted(shape.required - values.keys())
+        unknown = sorted(values.keys() - shape.known)
+        raise TypeError(f"{cls.__name__}: missing {missing}, unknown {unknown}")
     # Field order matters: it is the order of the serialised JSON (byte-identical grants).
-    fields: dict[str, Any] = {}
-    for name in cls.model_fields:
-        if name in values:
-            fields[name] = values[name]
-        elif name in plain:
-            fields[name] = plain[name]
-        else:
-            fields[name] = factories[name]()
+    # The template has every field in order, so `update` keeps that order.
+    fields = shape.template.copy()
+    fields.update(values)
+    for name, factory in shape.factories:
+        if name not in values:
+            fields[name] = factory()
     new = cls.__new__(cls)
     object.__setattr__(new, "__dict__", fields)
     object.__setattr__(new, "__pydantic_fields_set__", set(values))

@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import pytest
 from hypothesis import given
+from pydantic import BaseModel, Field
 from rules_factories import DEFAULT, REF004, T0, Run, purchase, refund, review, ruleset
 from test_rules_properties import fast, streams
 
@@ -51,6 +52,27 @@ def test_trusted_builds_equal_validated_models_and_serialise_identically() -> No
     assert load_state(dump_state(state)) == state
     assert dump_state(state) == b'{"member_id":"m"}'  # defaults are not stored
     assert state.orders is not MemberState(member_id="m").orders  # fresh factories
+
+
+class _Probe(BaseModel):
+    first: str
+    tags: list[str] = Field(default_factory=list)
+    level: int = 3
+    last: str | None = None
+
+
+def test_trusted_keeps_field_order_fills_defaults_and_refuses_wrong_names() -> None:
+    a = trusted(_Probe, last="z", first="a")
+    assert a == _Probe(first="a", last="z")
+    assert a.model_dump_json() == _Probe(first="a", last="z").model_dump_json()
+    assert list(a.__dict__) == ["first", "tags", "level", "last"]
+    b = trusted(_Probe, first="b")
+    a.tags.append("x")
+    assert b.tags == []  # each build its own factory value
+    with pytest.raises(TypeError, match="missing \\['first'\\]"):
+        trusted(_Probe, level=1)
+    with pytest.raises(TypeError, match="unknown \\['levle'\\]"):
+        trusted(_Probe, first="c", levle=1)
 
 
 @fast
