@@ -15,18 +15,15 @@ alternating, and reports the Postgres backend's CPU (from /proc) per event.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
 import asyncpg
 
+from bench.experiments._pg import backend_cpu_seconds, fresh_databases
 from bench.workload import generate
-from deploy import local
 from schemas.activity import parse_activity
 from schemas.grants import PointsGranted, PointsRevoked
-from services.common.migrations import apply_migrations
 from services.common.runtime import tune_gc
 from services.ledger import accounting as acc
 from services.ledger.journal import ledger_event_json
@@ -36,7 +33,6 @@ from services.rules.rulebook_store import DEFAULT_RULESET
 from services.rules.ruleset import load_ruleset
 from services.rules.state import MemberState, dump_state
 
-RUN = Path(".run/bench")
 END = datetime(2026, 11, 23, tzinfo=UTC)
 BATCH = 5_000
 SELECT_STATES = """
@@ -84,11 +80,6 @@ def batches(events: int) -> list[Batch]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def run(conn: asyncpg.Connection, kind: str, work: list[Batch]) -> tuple[float, float]:
     """Backend CPU seconds: (states read and upserted, notifications inserted)."""
     await conn.execute("TRUNCATE rules_member_state, notifications")
@@ -97,15 +88,15 @@ async def run(conn: asyncpg.Connection, kind: str, work: list[Batch]) -> tuple[f
     upsert = UPSERT_STATES.format(t=kind)
     insert = INSERT_NOTIFICATIONS.format(t=kind)
     for members, docs, rows in work:
-        before = cpu_seconds(pid)
+        before = backend_cpu_seconds(pid)
         async with conn.transaction():
             await conn.fetch(SELECT_STATES, members)
             await conn.execute(upsert, members, docs)
-        middle = cpu_seconds(pid)
+        middle = backend_cpu_seconds(pid)
         async with conn.transaction():
             await conn.execute(insert, *([r[i] for r in rows] for i in range(5)))
         states += middle - before
-        notes += cpu_seconds(pid) - middle
+        notes += backend_cpu_seconds(pid) - middle
     return states, notes
 
 
@@ -117,41 +108,25 @@ async def main(events: int) -> None:
         f" {sum(len(d) for b in work for d in b[1]) / sum(len(b[1]) for b in work):.0f} bytes"
         f" on average), {sum(len(b[2]) for b in work):,} notifications"
     )
-    dsn = await asyncio.to_thread(
-        local.start_postgres, RUN / "pg", local.free_port(), RUN / "postgres.log"
-    )
-    admin = await asyncpg.connect(dsn)
-    conns: dict[str, asyncpg.Connection] = {}
-    try:
-        for kind in ("jsonb", "json"):
-            await admin.execute(f"DROP DATABASE IF EXISTS columns_{kind} WITH (FORCE)")
-            await admin.execute(f"CREATE DATABASE columns_{kind}")
-            db = dsn.rsplit("/", 1)[0] + f"/columns_{kind}"
-            await asyncio.to_thread(apply_migrations, db)
-            conns[kind] = conn = await asyncpg.connect(db)
+    async with fresh_databases(["columns_jsonb", "columns_json"]) as dbs:
+        kinds = {"jsonb": dbs["columns_jsonb"], "json": dbs["columns_json"]}
+        for kind, conn in kinds.items():
             await conn.execute(
                 f"ALTER TABLE rules_member_state ALTER COLUMN state TYPE {kind};"
                 f" ALTER TABLE notifications ALTER COLUMN payload TYPE {kind}"
             )
         spent: dict[str, list[tuple[float, float]]] = {"jsonb": [], "json": []}
         for _ in range(3):
-            for kind, conn in conns.items():
+            for kind, conn in kinds.items():
                 spent[kind].append(await run(conn, kind, work))
-        for kind, runs in spent.items():
-            s = sorted(r[0] for r in runs)[1] / events * 1e6
-            n = sorted(r[1] for r in runs)[1] / events * 1e6
-            each = [tuple(round(x / events * 1e6, 2) for x in r) for r in runs]
-            print(
-                f"{kind:5}: states {s:.2f} µs, notifications {n:.2f} µs of backend CPU per"
-                f" event (median of 3; runs {each})"
-            )
-    finally:
-        for conn in conns.values():
-            await conn.close()
-        for kind in ("jsonb", "json"):
-            await admin.execute(f"DROP DATABASE IF EXISTS columns_{kind} WITH (FORCE)")
-        await admin.close()
-        await asyncio.to_thread(local.stop_postgres, RUN / "pg")
+    for kind, runs in spent.items():
+        s = sorted(r[0] for r in runs)[1] / events * 1e6
+        n = sorted(r[1] for r in runs)[1] / events * 1e6
+        each = [tuple(round(x / events * 1e6, 2) for x in r) for r in runs]
+        print(
+            f"{kind:5}: states {s:.2f} µs, notifications {n:.2f} µs of backend CPU per"
+            f" event (median of 3; runs {each})"
+        )
 
 
 if __name__ == "__main__":

@@ -15,16 +15,12 @@ them; the two layouts alternate.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
-from pathlib import Path
 
 import asyncpg
 
-from deploy import local
-from services.common.migrations import apply_migrations
+from bench.experiments._pg import backend_cpu_seconds, fresh_databases
 
-RUN = Path(".run/bench")
 PAGE = 5000
 # The layout before migration 0012.
 TWO_INDEXES = """
@@ -34,16 +30,11 @@ CREATE INDEX outbox_service_id ON outbox (service, id);
 """
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def cycle(conn: asyncpg.Connection, rows: int) -> float:
     """Backend CPU seconds to write, relay and vacuum `rows` outbox rows."""
     pid = await conn.fetchval("SELECT pg_backend_pid()")
     payload = b"x" * 300
-    before = cpu_seconds(pid)
+    before = backend_cpu_seconds(pid)
     for start in range(0, rows, PAGE):
         records = [
             ("rules", "loyalty.grants.v1", f"m-{(start + i) % 50_000:07d}", payload)
@@ -65,44 +56,28 @@ async def cycle(conn: asyncpg.Connection, rows: int) -> float:
             [r["id"] for r in page],
         )
     await conn.execute("VACUUM outbox")
-    return cpu_seconds(pid) - before
+    return backend_cpu_seconds(pid) - before
 
 
 async def main(rows: int) -> None:
-    dsn = await asyncio.to_thread(
-        local.start_postgres, RUN / "pg", local.free_port(), RUN / "postgres.log"
-    )
-    admin = await asyncpg.connect(dsn)
-    conns: dict[str, asyncpg.Connection] = {}
-    try:
-        for name in ("two", "one"):
-            await admin.execute(f"DROP DATABASE IF EXISTS outbox_{name} WITH (FORCE)")
-            await admin.execute(f"CREATE DATABASE outbox_{name}")
-            db = dsn.rsplit("/", 1)[0] + f"/outbox_{name}"
-            await asyncio.to_thread(apply_migrations, db)
-            conns[name] = await asyncpg.connect(db)
-            await conns[name].execute("ALTER TABLE outbox SET (autovacuum_enabled = off)")
+    async with fresh_databases(["outbox_two", "outbox_one"]) as dbs:
+        layouts = {"two": dbs["outbox_two"], "one": dbs["outbox_one"]}
+        for name, conn in layouts.items():
+            await conn.execute("ALTER TABLE outbox SET (autovacuum_enabled = off)")
             if name == "two":
-                await conns[name].execute(TWO_INDEXES)
+                await conn.execute(TWO_INDEXES)
         spent: dict[str, list[float]] = {"two": [], "one": []}
         for _ in range(4):
-            for name, conn in conns.items():
+            for name, conn in layouts.items():
                 spent[name].append(await cycle(conn, rows))
-        for name, runs in spent.items():
-            runs.sort()
-            median = runs[len(runs) // 2]
-            print(
-                f"{name} index(es): {rows:,} rows written, relayed, vacuumed: backend CPU"
-                f" {median / rows * 1e6:.2f} µs/row (median of {len(runs)};"
-                f" runs {[round(r / rows * 1e6, 2) for r in runs]})"
-            )
-    finally:
-        for conn in conns.values():
-            await conn.close()
-        for name in ("two", "one"):
-            await admin.execute(f"DROP DATABASE IF EXISTS outbox_{name} WITH (FORCE)")
-        await admin.close()
-        await asyncio.to_thread(local.stop_postgres, RUN / "pg")
+    for name, runs in spent.items():
+        runs.sort()
+        median = runs[len(runs) // 2]
+        print(
+            f"{name} index(es): {rows:,} rows written, relayed, vacuumed: backend CPU"
+            f" {median / rows * 1e6:.2f} µs/row (median of {len(runs)};"
+            f" runs {[round(r / rows * 1e6, 2) for r in runs]})"
+        )
 
 
 if __name__ == "__main__":
