@@ -1,0 +1,80 @@
+"""Migrations that change existing tables keep what those tables hold (an upgrade, not
+only a fresh install): 0012 (the outbox's key) and 0013 (json documents)."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+import pytest
+from yoyo import get_backend, read_migrations
+
+from services.common.migrations import MIGRATIONS_DIR, _yoyo_url, apply_migrations
+
+pytestmark = pytest.mark.integration
+
+STATE = {"member_id": "m-1", "tier": "silver", "orders": {"o-1": {"amount": "12.50"}}}
+PAYLOAD = {"event_id": "e-1", "type": "points_earned", "data": {"points": 7, "reason": "补偿"}}
+
+
+def apply_until(dsn: str, first_not_applied: str) -> None:
+    backend = get_backend(_yoyo_url(dsn))
+    migrations = read_migrations(str(MIGRATIONS_DIR))
+    with backend.lock():
+        backend.apply_migrations(
+            backend.to_apply(migrations.filter(lambda m: m.id < first_not_applied))
+        )
+
+
+async def test_an_existing_database_keeps_its_rows_through_0012_and_0013(
+    fresh_database: str,
+) -> None:
+    apply_until(fresh_database, "0012")
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        await conn.execute(
+            "INSERT INTO outbox (service, topic, key, payload) VALUES"
+            " ('rules', 'g', 'm-1', 'a'), ('ledger', 'l', 'm-1', 'b'), ('rules', 'g', 'm-2', 'c')"
+        )
+        await conn.execute(
+            "INSERT INTO rules_member_state (member_id, state) VALUES ('m-1', $1::jsonb)",
+            json.dumps(STATE),
+        )
+        await conn.execute(
+            "INSERT INTO notifications (notification_id, member_id, kind, message, payload)"
+            " VALUES ('e-1', 'm-1', 'points_earned', '您获得7积分', $1::jsonb)",
+            json.dumps(PAYLOAD),
+        )
+        assert apply_migrations(fresh_database) >= 2
+
+        key = await conn.fetchval(
+            "SELECT pg_get_indexdef(indexrelid) FROM pg_index"
+            " WHERE indrelid = 'outbox'::regclass AND indisprimary"
+        )
+        assert key.endswith("(service, id)")
+        assert (
+            await conn.fetchval("SELECT count(*) FROM pg_index WHERE indrelid = 'outbox'::regclass")
+            == 1
+        )
+        rows = await conn.fetch(
+            "SELECT service, key, payload FROM outbox WHERE service = 'rules' ORDER BY id"
+        )
+        assert [(r["service"], r["key"], r["payload"]) for r in rows] == [
+            ("rules", "m-1", b"a"),
+            ("rules", "m-2", b"c"),
+        ]
+
+        types = dict(
+            await conn.fetch(
+                "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns"
+                " WHERE (table_name, column_name) IN"
+                " (('rules_member_state', 'state'), ('notifications', 'payload'))"
+            )
+        )
+        assert types == {"rules_member_state.state": "json", "notifications.payload": "json"}
+        state = await conn.fetchval("SELECT state::text FROM rules_member_state")
+        assert json.loads(state) == STATE
+        payload = await conn.fetchval("SELECT payload::text FROM notifications")
+        assert json.loads(payload) == PAYLOAD
+    finally:
+        await conn.close()
