@@ -170,6 +170,11 @@ def _require_positive(name: str, value: int) -> None:
 
 # --------------------------------------------------------------------------- state
 
+# The values here are frozen msgspec Structs: immutable and compared by value like frozen
+# dataclasses, but built in C. A frozen dataclass's __init__ sets each field through
+# object.__setattr__, and the ledger builds several values per grant (an Entry 2.1 against
+# 0.15 us). gc=False: they hold only immutable values, so they cannot be part of a cycle.
+
 
 class Lot(msgspec.Struct, frozen=True, gc=False):
     """Points from one earning entry; ``lot_id`` is that entry's id."""
