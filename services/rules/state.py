@@ -42,23 +42,22 @@ __all__ = ["replace"]
 
 
 def _shape(cls: type[BaseModel]) -> _Shape:
-    known = _SHAPES.get(cls)
-    if known is None:
-        fields = cls.model_fields
-        known = _SHAPES[cls] = _Shape(
-            template={
-                n: None if f.is_required() or f.default_factory else f.default
-                for n, f in fields.items()
-            },
-            factories=tuple(
-                (n, f.default_factory)  # type: ignore[misc]
-                for n, f in fields.items()
-                if f.default_factory
-            ),
-            required=frozenset(n for n, f in fields.items() if f.is_required()),
-            known=frozenset(fields),
-        )
-    return known
+    """Computed on a class's first `trusted` build, then read from `_SHAPES`."""
+    fields = cls.model_fields
+    shape = _SHAPES[cls] = _Shape(
+        template={
+            n: None if f.is_required() or f.default_factory else f.default
+            for n, f in fields.items()
+        },
+        factories=tuple(
+            (n, f.default_factory)  # type: ignore[misc]
+            for n, f in fields.items()
+            if f.default_factory
+        ),
+        required=frozenset(n for n, f in fields.items() if f.is_required()),
+        known=frozenset(fields),
+    )
+    return shape
 
 
 def trusted(cls: type[B], **values: Any) -> B:
