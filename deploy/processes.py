@@ -32,11 +32,23 @@ T = TypeVar("T")
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that is free right now (the OS picks it; racy but fine locally)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """Return a TCP port that is free right now (the OS picks it; racy but fine locally).
+
+    Never the same port twice in one process: the OS may offer a port again as soon as
+    the probe socket closes, and a caller picking several ports before starting anything
+    on them (a stack's API and metrics ports) once got one port for two services.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:

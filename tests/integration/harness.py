@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from deploy import local
+from deploy.local import free_port
 from services.common.config import Topics
 from services.common.migrations import apply_migrations
 
@@ -36,12 +36,6 @@ OPS_KEY = "test-ops-key"
 READER_KEY = "test-reader-key"
 REDEEMER_KEY = "test-redeemer-key"
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_until(
