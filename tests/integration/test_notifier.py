@@ -128,3 +128,20 @@ async def test_without_a_webhook_notifications_are_recorded_as_skipped(stack: St
     )
     assert statuses == ["skipped"]
     assert await recorded() == 3
+
+    # The same ledger events delivered to the notifier again: recorded once, none refused.
+    ledger = stack.topics.ledger
+    records = await stack.read_topic(ledger, expect=3)
+    await stack.produce([json.loads(r.value) for r in records], topic=ledger)
+
+    async def consumed() -> bool:
+        n = await stack.scalar(
+            "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets"
+            " WHERE topic = $1 AND consumer LIKE '%notifier'",
+            ledger,
+        )
+        return bool(n >= 2 * len(records))
+
+    await wait_until(consumed, timeout=60, what="the notifier to consume the re-sent events")
+    assert await recorded() == 3
+    assert await stack.scalar("SELECT count(*) FROM dead_letters") == 0
