@@ -17,11 +17,13 @@ import sys
 from datetime import UTC, datetime
 
 import asyncpg
+import orjson
 
 from bench.experiments._pg import backend_cpu_seconds, fresh_databases
 from bench.experiments.json_columns import batches
 from bench.workload import generate
 from schemas.activity import parse_activity
+from services.common.runtime import init_connection
 
 INSERT_NOTIFICATIONS = """
 INSERT INTO notifications (notification_id, member_id, kind, message, payload, status)
@@ -97,21 +99,14 @@ async def run(conn: asyncpg.Connection, table: str, how: str, work: list[Rows]) 
 
 async def main(events: int) -> None:
     work: dict[str, list[Rows]] = {
-        "notifications": [list(b[2]) for b in batches(events)],
+        # Payloads as the notifier hands them to the codec: the JSON text as a Fragment.
+        "notifications": [[(*n[:4], orjson.Fragment(n[4])) for n in b[2]] for b in batches(events)],
         "rules_activity": activity_batches(events),
     }
     async with fresh_databases(["dedupe_unnest", "dedupe_copy"]) as dbs:
         ways = {"unnest": dbs["dedupe_unnest"], "copy": dbs["dedupe_copy"]}
         for conn in ways.values():
-            # The services' codec is binary too (COPY is binary-only in asyncpg); the
-            # payloads here are JSON text already.
-            await conn.set_type_codec(
-                "json",
-                encoder=str.encode,
-                decoder=bytes.decode,
-                schema="pg_catalog",
-                format="binary",
-            )
+            await init_connection(conn)  # the services' codecs (binary: COPY needs them)
         for table, batches_of_table in work.items():
             count = sum(len(w) for w in batches_of_table)
             spent: dict[str, list[float]] = {how: [] for how in ways}

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: asyncpg.Connection) -> None:
     # jsonb and json in and out as Python objects through orjson. Binary format (for jsonb
     # a version byte, then the JSON text; for json the text alone) so that COPY, which is
     # binary-only in asyncpg, can write them too.
@@ -77,7 +77,7 @@ async def create_pool(settings: Settings, min_size: int = 2) -> asyncpg.Pool:
                 settings.database_url,
                 min_size=min_size,
                 max_size=settings.pool_size,
-                init=_init_connection,
+                init=init_connection,
                 command_timeout=60,
             )
             assert pool is not None
