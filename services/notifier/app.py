@@ -24,13 +24,9 @@ from services.notifier.render import render
 SERVICE: Final = "notifier"
 log = structlog.get_logger()
 
-# A redelivered event is already recorded: those ids are skipped, the rest COPYed in (as
-# the ledger's journal is written). Two consumers of one partition are serialized by the
-# batch's lock on its offsets row; should they still race (a partition's first batch has
-# no row yet), the COPY fails on the key and the consumer applies the batch again record
-# by record, which then finds those ids recorded.
-# bench/experiments/dedupe_writes.py: 8.9 -> 6.6 us of Postgres backend CPU per
-# notification against `INSERT ... SELECT FROM unnest ... ON CONFLICT DO NOTHING`.
+# A redelivered event is already recorded: those ids are skipped, the rest COPYed in (why
+# that is safe: services/common/consumer.py; bench/experiments/dedupe_writes.py: 8.9 -> 6.6
+# us of Postgres backend CPU per notification against INSERT ... unnest ... ON CONFLICT).
 SELECT_RECORDED: Final = (
     "SELECT notification_id FROM notifications WHERE notification_id = ANY($1::text[])"
 )

@@ -40,11 +40,9 @@ RULEBOOK_POLL_S: Final = float(os.environ.get("RULEBOOK_POLL_SECONDS") or 5.0)
 log = structlog.get_logger()
 
 # Every activity is kept (for backtests); a redelivered one is found by its id and only the
-# new ones are COPYed in, as the ledger writes its journal (bench/experiments/
-# dedupe_writes.py: 5.7 -> 3.8 us of Postgres backend CPU per row against INSERT ... unnest
-# ... ON CONFLICT DO NOTHING RETURNING). Two consumers of one partition are serialized by the
-# batch's lock on its offsets row; should they still race (a partition's first batch has no
-# row yet), the COPY fails on the key and the batch is applied again record by record.
+# new ones are COPYed in (why that is safe: services/common/consumer.py;
+# bench/experiments/dedupe_writes.py: 5.7 -> 3.8 us of Postgres backend CPU per row against
+# INSERT ... unnest ... ON CONFLICT DO NOTHING RETURNING).
 SELECT_RECORDED: Final = "SELECT event_id FROM rules_activity WHERE event_id = ANY($1::text[])"
 ACTIVITY_COLUMNS: Final = [
     "event_id", "member_id", "type", "occurred_at", "topic", "partition", "offset", "payload"
