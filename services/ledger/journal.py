@@ -79,6 +79,13 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::tim
                      $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[], $10::text[])
 ON CONFLICT (lot_id) DO UPDATE SET remaining = EXCLUDED.remaining
 """
+# Lots the batch loaded and spent from (or expired): only `remaining` changes, so a plain
+# UPDATE; INSERT … ON CONFLICT would try the insert and probe the key first.
+UPDATE_LOTS: Final = """
+UPDATE ledger_lots AS l SET remaining = u.remaining
+FROM unnest($1::text[], $2::bigint[]) AS u(lot_id, remaining)
+WHERE l.lot_id = u.lot_id
+"""
 UPDATE_TOTALS: Final = """
 UPDATE ledger_members AS m SET
     debt = u.debt, earned = u.earned, redeemed = u.redeemed, revoked = u.revoked,
@@ -209,19 +216,27 @@ async def write_journal(
             "ledger_entries", records=[entry_record(e) for e in entries], columns=ENTRY_COLUMNS
         )
     lot_rows: list[tuple[Any, ...]] = []
+    changed_ids: list[str] = []
+    changed_remaining: list[int] = []
     for member_id, book in after.items():
         old = {lot.lot_id: lot for lot in before[member_id].lots}
         new = {lot.lot_id: lot for lot in book.lots}
         for lot in book.lots:
             prior = old.get(lot.lot_id)
-            if prior is None or prior.remaining != lot.remaining:
+            if prior is None:
                 lot_rows.append(lot_row(lot, lot.remaining))
-        for lot_id, lot in old.items():
+            elif prior.remaining != lot.remaining:
+                changed_ids.append(lot.lot_id)
+                changed_remaining.append(lot.remaining)
+        for lot_id in old:
             if lot_id not in new:
-                lot_rows.append(lot_row(lot, 0))
+                changed_ids.append(lot_id)
+                changed_remaining.append(0)
     if lot_rows:
         columns = list(zip(*lot_rows, strict=True))
         await conn.execute(UPSERT_LOTS, *[list(c) for c in columns])
+    if changed_ids:
+        await conn.execute(UPDATE_LOTS, changed_ids, changed_remaining)
     members = sorted(after)
     if members:
         books = [after[m] for m in members]
