@@ -108,6 +108,8 @@ ENTRY_KINDS: tuple[EntryKind, ...] = ("earn", "redeem", "revoke", "expire", "adj
 DEFAULT_LIFETIME_MONTHS = 12
 DEFAULT_MIN_BALANCE = 500
 DEFAULT_EXPIRING_HORIZON_DAYS = 60
+# DOMAIN.md: members are warned 30 and 7 days before points expire (widest first).
+WARNING_DAYS: tuple[int, ...] = (30, 7)
 
 # Fixed namespace: changing it would change every derived entry id and break dedupe.
 _LEDGER_NAMESPACE = uuid.UUID("3d6b0c7e-52a1-4f0e-9c2b-8e41a7d9f5c3")

@@ -23,7 +23,7 @@ from schemas.ledger import (
     PointsRevoked,
 )
 from services.common.outbox import OutboxRow
-from services.ledger.accounting import Allocation, Book, Entry, Lot
+from services.ledger.accounting import WARNING_DAYS, Allocation, Book, Entry, Lot
 
 ENTRY_COLUMNS: Final = (
     "entry_id",
@@ -72,11 +72,16 @@ FROM ledger_lots WHERE member_id = ANY($1::text[]) AND remaining > 0
 ENSURE_MEMBERS: Final = """
 INSERT INTO ledger_members (member_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING
 """
-UPSERT_LOTS: Final = """
+# A new lot's `sweep_at` is its first expiry warning (migration 0014); an existing lot keeps
+# whatever the sweeper set.
+UPSERT_LOTS: Final = f"""
 INSERT INTO ledger_lots (lot_id, member_id, points, remaining, earned_at, available_from,
-                         expires_at, source_event_id, order_id, rule_id)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[],
-                     $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[], $10::text[])
+                         expires_at, source_event_id, order_id, rule_id, sweep_at)
+SELECT u.*, u.expires_at - interval '{max(WARNING_DAYS)} days'
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[],
+            $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[], $10::text[])
+     AS u(lot_id, member_id, points, remaining, earned_at, available_from, expires_at,
+          source_event_id, order_id, rule_id)
 ON CONFLICT (lot_id) DO UPDATE SET remaining = EXCLUDED.remaining
 """
 # Lots the batch loaded and spent from (or expired): only `remaining` changes, so a plain

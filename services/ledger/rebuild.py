@@ -65,10 +65,13 @@ GROUP BY member_id
 """
 BUILD_LOTS: Final = """
 INSERT INTO ledger_lots_rebuild (lot_id, member_id, points, remaining, earned_at, available_from,
-                                 expires_at, source_event_id, order_id, rule_id)
+                                 expires_at, source_event_id, order_id, rule_id, sweep_at)
 SELECT e.entry_id, e.member_id, e.points, e.points + e.debt_delta - COALESCE(t.taken, 0),
        e.occurred_at, COALESCE(e.available_from, e.occurred_at), e.expires_at,
-       COALESCE(e.source_event_id, e.adjustment_id, e.entry_id), e.order_id, e.rule_id
+       COALESCE(e.source_event_id, e.adjustment_id, e.entry_id), e.order_id, e.rule_id,
+       -- The first warning's moment; the sweeper skips a warning already sent (its table
+       -- is not rebuilt) and moves the lot on.
+       e.expires_at - make_interval(days => $2)
 FROM ledger_entries AS e
 LEFT JOIN (
     SELECT a ->> 0 AS lot_id, sum((a ->> 1)::bigint) AS taken
@@ -212,7 +215,7 @@ async def rebuild(dsn: str, progress: Progress | None = None) -> RebuildReport:
         members = await read.execute(BUILD_TOTALS, high)
         if progress is not None:
             progress(report.entries // 2)
-        lots = await read.execute(BUILD_LOTS, high)
+        lots = await read.execute(BUILD_LOTS, high, max(acc.WARNING_DAYS))
         if progress is not None:
             progress(report.entries - report.entries // 2)
         report.members = int(members.rsplit(" ", 1)[-1])

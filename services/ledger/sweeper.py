@@ -6,11 +6,17 @@ journal entry and a public event. It is safe to run in several processes at once
 are locked (sorted) like every other writer, expire entry ids are deterministic
 (`accounting.expire_entry_id`), and a warning is recorded in `ledger_expiry_warnings`
 before it is published, in the same transaction, so it goes out once per lot and threshold.
+
+A sweep reads only the lots whose `sweep_at` has come (migration 0014): a new lot's is its
+first warning; a warning moves it to the next one, then to the lot's expiry. How many lots
+wait inside the warning windows does not matter to an idle sweep. The moment is a hint: a
+lot due too early (a rebuild, the migration) is looked at, sends nothing twice and moves on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Final
@@ -25,44 +31,87 @@ from services.ledger import accounting as acc
 from services.ledger.journal import entry_outbox_rows, load_books, outbox_rows, write_journal
 
 SERVICE: Final = "ledger"
-MEMBERS_PER_BATCH: Final = 500  # members locked per transaction: short transactions
-WARNINGS_PER_BATCH: Final = 5000
-WARNING_DAYS: Final = (30, 7)  # DOMAIN.md: members are warned 30 and 7 days ahead
+LAPSED_PER_BATCH: Final = 2500  # lapsed lots per transaction (their members locked)
+WARNINGS_PER_BATCH: Final = 5000  # lots looked at per warning transaction
+PROGRESS_LOG_SECONDS: Final = 5.0
 
-DUE_MEMBERS: Final = """
-SELECT DISTINCT member_id FROM ledger_lots
-WHERE remaining > 0 AND expires_at <= $1
-ORDER BY member_id LIMIT $2
+Cursor = tuple[datetime | None, str]  # (sweep_at, lot_id) of the last lot done; None: start
+
+# Both scans read `ledger_lots_sweep` in order, a page at a time, from a cursor (the last
+# lot's moment and id) rather than from the start again, where the rows just swept still
+# sit in the index until vacuum: restarting each page made a large sweep quadratic
+# (bench/README.md, "Expiry sweeps"). A lapsed lot is always due (a CHECK: sweep_at <=
+# expires_at), so one index serves expiry and warnings.
+_DUE: Final = """
+SELECT sweep_at, lot_id, member_id FROM ledger_lots
+WHERE remaining > 0 AND sweep_at <= $1 AND expires_at {} $1
+  AND sweep_at >= COALESCE($2::timestamptz, '-infinity')
+  AND (sweep_at, lot_id) > (COALESCE($2::timestamptz, '-infinity'), $3)
+ORDER BY sweep_at, lot_id LIMIT $4
 """
-# Every (lot, threshold) pair now inside its window and not warned yet, claimed in one go.
+DUE_LAPSED: Final = _DUE.format("<=")  # to expire
+DUE_WARNINGS: Final = _DUE.format(">")  # a warning may be due
+LOCK_MEMBERS: Final = """
+SELECT member_id FROM ledger_members
+WHERE member_id = ANY($1::text[]) ORDER BY member_id FOR UPDATE
+"""
+# For the page's lots (checked again now that their members are locked): every threshold
+# whose window the lot is inside, recorded (one warned before conflicts on the key and is
+# not returned), with where the lot came from; the lot's next moment becomes the widest
+# window it has not entered yet, else its expiry.
 CLAIM_WARNINGS: Final = """
-WITH due AS (
-    SELECT l.lot_id, t.days, l.member_id, l.remaining, l.expires_at
-    FROM ledger_lots AS l CROSS JOIN unnest($2::int[]) AS t(days)
-    WHERE l.remaining > 0 AND l.expires_at > $1
-      AND l.expires_at <= $1 + make_interval(days => t.days)
-      AND NOT EXISTS (SELECT 1 FROM ledger_expiry_warnings AS w
-                      WHERE w.lot_id = l.lot_id AND w.threshold_days = t.days)
-    ORDER BY l.expires_at
-    LIMIT $3
+WITH page AS (
+    SELECT lot_id, member_id, remaining, expires_at, source_event_id, rule_id, order_id
+    FROM ledger_lots
+    WHERE lot_id = ANY($3::text[]) AND remaining > 0 AND sweep_at <= $1 AND expires_at > $1
+), moved AS (
+    UPDATE ledger_lots AS l SET sweep_at = COALESCE(
+        (SELECT l.expires_at - make_interval(days => max(t.days))
+         FROM unnest($2::int[]) AS t(days)
+         WHERE l.expires_at > $1 + make_interval(days => t.days)),
+        l.expires_at)
+    FROM page WHERE l.lot_id = page.lot_id
+), claimed AS (
+    INSERT INTO ledger_expiry_warnings (lot_id, threshold_days, member_id, points, expires_at)
+    SELECT p.lot_id, t.days, p.member_id, p.remaining, p.expires_at
+    FROM page AS p CROSS JOIN unnest($2::int[]) AS t(days)
+    WHERE p.expires_at <= $1 + make_interval(days => t.days)
+    ON CONFLICT DO NOTHING
+    RETURNING lot_id, threshold_days, member_id, points, expires_at
 )
-INSERT INTO ledger_expiry_warnings (lot_id, threshold_days, member_id, points, expires_at)
-SELECT * FROM due
-ON CONFLICT DO NOTHING
-RETURNING lot_id, threshold_days, member_id, points, expires_at
+SELECT c.lot_id, c.threshold_days, c.member_id, c.points, c.expires_at,
+       p.source_event_id, p.rule_id, p.order_id
+FROM claimed AS c JOIN page AS p USING (lot_id)
 """
 AVAILABLE_NOW: Final = """
 SELECT member_id, sum(remaining)::bigint AS available FROM ledger_lots
 WHERE member_id = ANY($1::text[]) AND remaining > 0 AND expires_at > $2 AND available_from <= $2
 GROUP BY member_id
 """
-LOT_SOURCES: Final = """
-SELECT lot_id, source_event_id, rule_id, order_id FROM ledger_lots WHERE lot_id = ANY($1::text[])
-"""
 
 EXPIRED = Counter("loyalty_points_expired_total", "Points journaled as expired by the sweeper")
 WARNED = Counter("loyalty_expiry_warnings_total", "points_expiring warnings published")
 log = structlog.get_logger()
+
+
+class _Progress:
+    """A month-end sweep of a large chain runs for minutes: the relay is woken after every
+    page, so publishing starts with the first, and ops get a log line every few seconds."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._logged = time.monotonic()
+
+    def page(self, expired: int, warned: int) -> None:
+        self._wake()
+        if time.monotonic() - self._logged >= PROGRESS_LOG_SECONDS:
+            self._logged = time.monotonic()
+            log.info("expiry_sweep_progress", expired_entries=expired, warnings=warned)
+
+
+def _next_cursor(page: Sequence[asyncpg.Record], size: int) -> Cursor | None:
+    """Where the next page starts: after this page's last lot; None if the page was short."""
+    return (page[-1]["sweep_at"], page[-1]["lot_id"]) if len(page) == size else None
 
 
 def warning_id(lot_id: str, days: int) -> str:
@@ -76,11 +125,16 @@ class ExpirySweeper:
         topic: str,
         interval_s: float,
         wake: Callable[[], None],
+        *,
+        lapsed_per_batch: int = LAPSED_PER_BATCH,
+        warnings_per_batch: int = WARNINGS_PER_BATCH,
     ) -> None:
         self._pool = pool
         self._topic = topic
         self._interval = interval_s
         self._wake = wake
+        self._lapsed_per_batch = lapsed_per_batch
+        self._warnings_per_batch = warnings_per_batch
 
     async def run(self) -> None:
         while True:
@@ -91,31 +145,40 @@ class ExpirySweeper:
             await asyncio.sleep(self._interval)
 
     async def sweep_once(self, now: datetime) -> tuple[int, int]:
-        """Expire every lapsed lot, then send the warnings due; returns (entries, warnings)."""
+        """Expire every lapsed lot, then send the warnings due; returns (entries, warnings).
+
+        Each page is its own short transaction. A lot that lapses, or enters a warning
+        window, behind the cursor while a sweep runs is left to the next sweep.
+        """
         expired = warned = 0
-        while True:
-            n, full = await self._expire_batch(now)
+        progress = _Progress(self._wake)
+        cursor: Cursor | None = (None, "")
+        while cursor is not None:
+            n, cursor = await self._expire_batch(now, cursor)
             expired += n
-            if not full:
-                break
-        while True:
-            n, full = await self._warn_batch(now)
+            if cursor is not None:
+                progress.page(expired, warned)
+        cursor = (None, "")
+        while cursor is not None:
+            n, cursor = await self._warn_batch(now, cursor)
             warned += n
-            if not full:
-                break
+            if cursor is not None:
+                progress.page(expired, warned)
         if expired or warned:
             self._wake()
             log.info("expiry_sweep", expired_entries=expired, warnings=warned)
         return expired, warned
 
-    async def _expire_batch(self, now: datetime) -> tuple[int, bool]:
+    async def _expire_batch(self, now: datetime, cursor: Cursor) -> tuple[int, Cursor | None]:
+        """Expires the lapsed lots of the members on the next page of lapsed lots; returns
+        the entries written and the page's last key, or None after the last page."""
         async with self._pool.acquire() as conn, conn.transaction():
-            members: Sequence[str] = [
-                r["member_id"] for r in await conn.fetch(DUE_MEMBERS, now, MEMBERS_PER_BATCH)
-            ]
-            if not members:
-                return 0, False
-            before = await load_books(conn, members)
+            page = await conn.fetch(DUE_LAPSED, now, *cursor, self._lapsed_per_batch)
+            if not page:
+                return 0, None
+            # Their books, locked sorted; a member's other lapsed lots go in the same entry
+            # set, and a later page no longer finds them (remaining 0).
+            before = await load_books(conn, sorted({r["member_id"] for r in page}))
             after = dict(before)
             entries: list[acc.Entry] = []
             for member_id, book in before.items():
@@ -124,13 +187,23 @@ class ExpirySweeper:
             await write_journal(conn, entries, before, after)
             await write_outbox(conn, SERVICE, entry_outbox_rows(self._topic, entries))
         EXPIRED.inc(-sum(e.points for e in entries))
-        return len(entries), len(members) == MEMBERS_PER_BATCH
+        return len(entries), _next_cursor(page, self._lapsed_per_batch)
 
-    async def _warn_batch(self, now: datetime) -> tuple[int, bool]:
+    async def _warn_batch(self, now: datetime, cursor: Cursor) -> tuple[int, Cursor | None]:
+        """Claims and publishes the warnings due on the next page of lots after `cursor`;
+        returns the warnings sent and the page's last key, or None after the last page."""
         async with self._pool.acquire() as conn, conn.transaction():
-            claimed = await conn.fetch(CLAIM_WARNINGS, now, list(WARNING_DAYS), WARNINGS_PER_BATCH)
+            page = await conn.fetch(DUE_WARNINGS, now, *cursor, self._warnings_per_batch)
+            if not page:
+                return 0, None
+            end = _next_cursor(page, self._warnings_per_batch)
+            # Sorted, like every other writer: moving `sweep_at` updates the lots.
+            await conn.execute(LOCK_MEMBERS, sorted({r["member_id"] for r in page}))
+            claimed = await conn.fetch(
+                CLAIM_WARNINGS, now, list(acc.WARNING_DAYS), [r["lot_id"] for r in page]
+            )
             if not claimed:
-                return 0, False
+                return 0, end
             # A lot inside both windows at once (a late grant, a sweeper that was down) gets
             # one warning, the nearest threshold; both are recorded as done.
             nearest: dict[str, asyncpg.Record] = {}
@@ -143,7 +216,6 @@ class ExpirySweeper:
                 r["member_id"]: r["available"]
                 for r in await conn.fetch(AVAILABLE_NOW, members, now)
             }
-            sources = {r["lot_id"]: r for r in await conn.fetch(LOT_SOURCES, list(nearest))}
             events = [
                 PointsExpiring(
                     event_id=warning_id(row["lot_id"], row["threshold_days"]),
@@ -152,9 +224,9 @@ class ExpirySweeper:
                     data=MovementData(
                         points=row["points"],
                         balance_after=balance.get(row["member_id"], 0),
-                        rule_id=sources[row["lot_id"]]["rule_id"],
-                        source_event_id=sources[row["lot_id"]]["source_event_id"],
-                        order_id=sources[row["lot_id"]]["order_id"],
+                        rule_id=row["rule_id"],
+                        source_event_id=row["source_event_id"],
+                        order_id=row["order_id"],
                         expires_at=row["expires_at"],
                     ),
                 )
@@ -162,4 +234,4 @@ class ExpirySweeper:
             ]
             await write_outbox(conn, SERVICE, outbox_rows(self._topic, events))
         WARNED.inc(len(events))
-        return len(events), len(claimed) == WARNINGS_PER_BATCH
+        return len(events), end

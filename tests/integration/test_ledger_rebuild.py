@@ -108,7 +108,7 @@ async def test_rebuild_then_verify_on_100k_entries_while_writes_go_on(
                 "ledger_members_pkey",
                 "ledger_lots_pkey",
                 "ledger_lots_member",
-                "ledger_lots_expiry",
+                "ledger_lots_sweep",
             } <= indexes
 
             # Corrupt the read models: verify names each difference.

@@ -1,5 +1,6 @@
 """Migrations that change existing tables keep what those tables hold (an upgrade, not
-only a fresh install): 0012 (the outbox's key) and 0013 (json documents)."""
+only a fresh install): 0012 (the outbox's key), 0013 (json documents), 0014 (lots' sweep
+moment)."""
 
 from __future__ import annotations
 
@@ -76,5 +77,33 @@ async def test_an_existing_database_keeps_its_rows_through_0012_and_0013(
         assert json.loads(state) == STATE
         payload = await conn.fetchval("SELECT payload::text FROM notifications")
         assert json.loads(payload) == PAYLOAD
+    finally:
+        await conn.close()
+
+
+async def test_0014_makes_every_existing_lot_due_for_one_sweep(fresh_database: str) -> None:
+    apply_until(fresh_database, "0014")
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        await conn.execute(
+            "INSERT INTO ledger_lots (lot_id, member_id, points, remaining, earned_at,"
+            " available_from, expires_at, source_event_id)"
+            " VALUES ('l-1', 'm-1', 100, 60, now(), now(), now() + interval '1 year', 'e-1')"
+        )
+        assert apply_migrations(fresh_database) >= 1
+
+        lot = await conn.fetchrow("SELECT remaining, sweep_at::text FROM ledger_lots")
+        assert (lot["remaining"], lot["sweep_at"]) == (60, "-infinity")
+        indexes = {
+            r["indexname"]
+            for r in await conn.fetch(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'ledger_lots'"
+            )
+        }
+        assert "ledger_lots_sweep" in indexes
+        assert "ledger_lots_expiry" not in indexes
+        # A lot is never due after its expiry: the expiry scan relies on it.
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("UPDATE ledger_lots SET sweep_at = expires_at + interval '1 second'")
     finally:
         await conn.close()
