@@ -16,6 +16,9 @@ fresh topic prefix:
 4. rebuild: `ledgerctl ledger rebuild` on a generated journal, when that command exists.
 5. reads: `wrk` against GET /v1/members/{id} with 1,000,000 members in the read models.
 6. backtesting: `ledgerctl rules simulate` if present, else the pure evaluator in-process.
+7. expiry sweep (not a target of the issue; ops ask how long a large sweep takes): the
+   ledger's `ExpirySweeper`, in this process, over N lots lapsed at once (a sweeper that
+   was down, a backfill), then N lots inside the warning windows, then an idle sweep.
 
 BENCH_QUICK=1 runs each once on smaller sizes (about two minutes).
 """
@@ -78,6 +81,7 @@ READ_MEMBERS = _int("BENCH_READ_MEMBERS", 1_000_000, 100_000)
 READ_SECONDS = _int("BENCH_READ_SECONDS", 15, 5)
 READ_CLIENTS = 32
 SIM_EVENTS = _int("BENCH_SIM_EVENTS", 200_000, 20_000)
+SWEEP_LOTS = _int("BENCH_SWEEP_LOTS", 300_000, 30_000)
 REBUILD_MAX_S = 60.0  # one run only when a run takes longer than this (budget)
 ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
 
@@ -689,6 +693,98 @@ async def rebuild_runs(infra: Infra) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------
+# 7: expiry sweep (run after rebuild, before reads)
+# --------------------------------------------------------------------------------------
+
+SWEEP_LOTS_PER_MEMBER = 5
+# $3 names the lots apart; $4 is the first lot's expiry, the others an hour or a day later;
+# `sweep_at` as the ledger writes a lot: its first warning's moment.
+GEN_SWEEP_LOTS = """
+INSERT INTO ledger_lots (lot_id, member_id, points, remaining, earned_at, available_from,
+                         expires_at, source_event_id, rule_id, sweep_at)
+SELECT lot_id, member_id, 100, 100, earned, earned, expires, source, 'base',
+       expires - interval '30 days'
+FROM (
+    SELECT $3::text || g || '-' || k AS lot_id, 'm' || lpad(g::text, 7, '0') AS member_id,
+           $4::timestamptz - interval '365 days' AS earned,
+           $4::timestamptz + k * interval '1 day' + (g % 17) * interval '1 hour' AS expires,
+           'e' || g || '-' || k AS source
+    FROM generate_series(0, $1 - 1) AS g, generate_series(0, $2 - 1) AS k
+) AS lots
+"""
+GEN_SWEEP_MEMBERS = """
+INSERT INTO ledger_members (member_id, earned)
+SELECT 'm' || lpad(g::text, 7, '0'), 200 * $2 FROM generate_series(0, $1 - 1) AS g
+"""
+
+
+async def sweep_run(infra: Infra, lots: int, tag: str) -> dict[str, Any]:
+    """One sweep of `lots` lapsed lots, one of `lots` lots to warn about, one idle sweep."""
+    from services.common.runtime import init_connection, tune_gc
+    from services.ledger.sweeper import ExpirySweeper
+
+    tune_gc()  # as the ledger process runs
+    db = f"bench_sweep_{tag}"
+    dsn = await infra.fresh_db(db)
+    members = max(1, lots // SWEEP_LOTS_PER_MEMBER)
+    now = datetime.now(UTC)
+    out: dict[str, Any] = {"lots": members * SWEEP_LOTS_PER_MEMBER, "members": members}
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2, init=init_connection)
+    try:
+        sweeper = ExpirySweeper(pool, "bench.ledger", 60, lambda: None)
+        async with pool.acquire() as conn:
+            await conn.execute(GEN_SWEEP_MEMBERS, members, SWEEP_LOTS_PER_MEMBER)
+            # Lapsed 1-35 days ago.
+            await conn.execute(
+                GEN_SWEEP_LOTS, members, SWEEP_LOTS_PER_MEMBER, "x", now - timedelta(days=35)
+            )
+            await conn.execute("ANALYZE")
+        t = time.perf_counter()
+        expired, _ = await sweeper.sweep_once(now)
+        out["expire_seconds"] = time.perf_counter() - t
+        out["expired_entries"] = expired
+        async with pool.acquire() as conn:
+            # 10-15 days ahead: inside the 30-day window, not the 7-day one.
+            await conn.execute(
+                GEN_SWEEP_LOTS, members, SWEEP_LOTS_PER_MEMBER, "w", now + timedelta(days=10)
+            )
+            await conn.execute("ANALYZE")
+        t = time.perf_counter()
+        _, warned = await sweeper.sweep_once(now)
+        out["warn_seconds"] = time.perf_counter() - t
+        out["warnings"] = warned
+        async with pool.acquire() as conn:
+            await conn.execute("ANALYZE ledger_lots")  # as autovacuum would after the sweeps
+        t = time.perf_counter()
+        assert await sweeper.sweep_once(now) == (0, 0)
+        out["idle_seconds"] = time.perf_counter() - t
+    finally:
+        await pool.close()
+        await infra.drop_db(db)
+    out["expire_eps"] = expired / out["expire_seconds"]
+    out["warn_eps"] = warned / out["warn_seconds"]
+    say(
+        f"sweep {tag}: {expired:,} lapsed lots expired in {out['expire_seconds']:.1f}s"
+        f" ({out['expire_eps']:,.0f}/s), {warned:,} warnings in {out['warn_seconds']:.1f}s"
+        f" ({out['warn_eps']:,.0f}/s), idle sweep over them {out['idle_seconds']:.2f}s"
+    )
+    return out
+
+
+async def sweep_runs(infra: Infra) -> dict[str, Any]:
+    runs = [await sweep_run(infra, SWEEP_LOTS, str(i)) for i in range(RUNS)]
+    return {
+        "lots": runs[0]["lots"],
+        "method": "ExpirySweeper.sweep_once in the bench process (the ledger's own code), pages"
+        " of 500 members / 5,000 lots, relay not running (outbox rows written, not published)",
+        "runs": runs,
+        "expire_eps": statistics.median(r["expire_eps"] for r in runs),
+        "warn_eps": statistics.median(r["warn_eps"] for r in runs),
+        "idle_seconds": statistics.median(r["idle_seconds"] for r in runs),
+    }
+
+
+# --------------------------------------------------------------------------------------
 # 5: reads
 # --------------------------------------------------------------------------------------
 
@@ -1105,6 +1201,8 @@ async def main() -> int:
             }
         if want("rebuild"):
             results["rebuild"] = await rebuild_runs(infra)
+        if want("sweep"):
+            results["sweep"] = await sweep_runs(infra)
         if want("reads"):
             results["reads"] = await read_runs(infra)
         if want("sim"):
@@ -1164,6 +1262,16 @@ async def main() -> int:
         ),
         ("backtesting", f"{_fmt(s['sim_eps'])} events/s", "≥ 100,000"),
     ]
+    sweep = results.get("sweep")
+    if sweep:
+        rows.append(
+            (
+                "expiry sweep",
+                f"{sweep['lots']:,} lots: expire {_fmt(sweep['expire_eps'])}/s,"
+                f" warn {_fmt(sweep['warn_eps'])}/s, idle {_fmt(sweep['idle_seconds'], 2)} s",
+                "(context)",
+            )
+        )
     print()
     print(f"{'measure':<22} {'result':<44} target")
     for name, val, target in rows:
