@@ -732,32 +732,29 @@ async def sweep_run(infra: Infra, lots: int, tag: str) -> dict[str, Any]:
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2, init=init_connection)
     try:
         sweeper = ExpirySweeper(pool, "bench.ledger", 60, lambda: None)
-        async with pool.acquire() as conn:
-            await conn.execute(GEN_SWEEP_MEMBERS, members, SWEEP_LOTS_PER_MEMBER)
-            # Lapsed 1-35 days ago.
-            await conn.execute(
-                GEN_SWEEP_LOTS, members, SWEEP_LOTS_PER_MEMBER, "x", now - timedelta(days=35)
-            )
-            await conn.execute("ANALYZE")
-        t = time.perf_counter()
-        expired, _ = await sweeper.sweep_once(now)
-        out["expire_seconds"] = time.perf_counter() - t
-        out["expired_entries"] = expired
-        async with pool.acquire() as conn:
-            # 10-15 days ahead: inside the 30-day window, not the 7-day one.
-            await conn.execute(
-                GEN_SWEEP_LOTS, members, SWEEP_LOTS_PER_MEMBER, "w", now + timedelta(days=10)
-            )
-            await conn.execute("ANALYZE")
-        t = time.perf_counter()
-        _, warned = await sweeper.sweep_once(now)
-        out["warn_seconds"] = time.perf_counter() - t
-        out["warnings"] = warned
-        async with pool.acquire() as conn:
-            await conn.execute("ANALYZE ledger_lots")  # as autovacuum would after the sweeps
-        t = time.perf_counter()
-        assert await sweeper.sweep_once(now) == (0, 0)
-        out["idle_seconds"] = time.perf_counter() - t
+
+        async def analyze(sql: str = "", *args: Any) -> None:
+            async with pool.acquire() as conn:
+                if sql:
+                    await conn.execute(sql, *args)
+                await conn.execute("ANALYZE ledger_members, ledger_lots")  # as autovacuum would
+
+        async def timed_sweep() -> tuple[float, tuple[int, int]]:
+            t = time.perf_counter()
+            done = await sweeper.sweep_once(now)
+            return time.perf_counter() - t, done
+
+        await analyze(GEN_SWEEP_MEMBERS, members, SWEEP_LOTS_PER_MEMBER)
+        # Lapsed 1-35 days ago.
+        await analyze(GEN_SWEEP_LOTS, members, SWEEP_LOTS_PER_MEMBER, "x", now - timedelta(35))
+        out["expire_seconds"], (expired, _) = await timed_sweep()
+        # 10-15 days ahead: inside the 30-day window, not the 7-day one.
+        await analyze(GEN_SWEEP_LOTS, members, SWEEP_LOTS_PER_MEMBER, "w", now + timedelta(10))
+        out["warn_seconds"], (_, warned) = await timed_sweep()
+        await analyze()
+        out["idle_seconds"], idle = await timed_sweep()
+        assert idle == (0, 0), idle
+        out["expired_entries"], out["warnings"] = expired, warned
     finally:
         await pool.close()
         await infra.drop_db(db)
