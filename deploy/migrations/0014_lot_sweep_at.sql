@@ -11,5 +11,7 @@
 ALTER TABLE ledger_lots ADD COLUMN sweep_at timestamptz NOT NULL DEFAULT '-infinity';
 -- The expiry scan relies on it: a lapsed lot is always due.
 ALTER TABLE ledger_lots ADD CONSTRAINT ledger_lots_sweep_by_expiry CHECK (sweep_at <= expires_at);
-CREATE INDEX ledger_lots_sweep ON ledger_lots (sweep_at) WHERE remaining > 0;
+-- lot_id in the key: the scans page by (sweep_at, lot_id), and lots due at the same moment
+-- (all of them at '-infinity' after this migration) must still come in index order.
+CREATE INDEX ledger_lots_sweep ON ledger_lots (sweep_at, lot_id) WHERE remaining > 0;
 DROP INDEX ledger_lots_expiry;
