@@ -5,6 +5,8 @@ moment)."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest
@@ -18,21 +20,26 @@ STATE = {"member_id": "m-1", "tier": "silver", "orders": {"o-1": {"amount": "12.
 PAYLOAD = {"event_id": "e-1", "type": "points_earned", "data": {"points": 7, "reason": "补偿"}}
 
 
-def apply_until(dsn: str, first_not_applied: str) -> None:
+@asynccontextmanager
+async def migrated_until(dsn: str, first_not_applied: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the database with the migrations before `first_not_applied` applied."""
     backend = get_backend(_yoyo_url(dsn))
     migrations = read_migrations(str(MIGRATIONS_DIR))
     with backend.lock():
         backend.apply_migrations(
             backend.to_apply(migrations.filter(lambda m: m.id < first_not_applied))
         )
+    conn = await asyncpg.connect(dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 async def test_an_existing_database_keeps_its_rows_through_0012_and_0013(
     fresh_database: str,
 ) -> None:
-    apply_until(fresh_database, "0012")
-    conn = await asyncpg.connect(fresh_database)
-    try:
+    async with migrated_until(fresh_database, "0012") as conn:
         await conn.execute(
             "INSERT INTO outbox (service, topic, key, payload) VALUES"
             " ('rules', 'g', 'm-1', 'a'), ('ledger', 'l', 'm-1', 'b'), ('rules', 'g', 'm-2', 'c')"
@@ -77,14 +84,10 @@ async def test_an_existing_database_keeps_its_rows_through_0012_and_0013(
         assert json.loads(state) == STATE
         payload = await conn.fetchval("SELECT payload::text FROM notifications")
         assert json.loads(payload) == PAYLOAD
-    finally:
-        await conn.close()
 
 
 async def test_0014_makes_every_existing_lot_due_for_one_sweep(fresh_database: str) -> None:
-    apply_until(fresh_database, "0014")
-    conn = await asyncpg.connect(fresh_database)
-    try:
+    async with migrated_until(fresh_database, "0014") as conn:
         await conn.execute(
             "INSERT INTO ledger_lots (lot_id, member_id, points, remaining, earned_at,"
             " available_from, expires_at, source_event_id)"
@@ -105,5 +108,3 @@ async def test_0014_makes_every_existing_lot_due_for_one_sweep(fresh_database: s
         # A lot is never due after its expiry: the expiry scan relies on it.
         with pytest.raises(asyncpg.CheckViolationError):
             await conn.execute("UPDATE ledger_lots SET sweep_at = expires_at + interval '1 second'")
-    finally:
-        await conn.close()
