@@ -108,7 +108,7 @@ ENTRY_KINDS: tuple[EntryKind, ...] = ("earn", "redeem", "revoke", "expire", "adj
 DEFAULT_LIFETIME_MONTHS = 12
 DEFAULT_MIN_BALANCE = 500
 DEFAULT_EXPIRING_HORIZON_DAYS = 60
-# DOMAIN.md: members are warned 30 and 7 days before points expire (widest first).
+# DOMAIN.md: members are warned 30 and 7 days before points expire.
 WARNING_DAYS: tuple[int, ...] = (30, 7)
 
 # Fixed namespace: changing it would change every derived entry id and break dedupe.

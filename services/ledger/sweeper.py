@@ -45,7 +45,6 @@ Cursor = tuple[datetime | None, str]  # (sweep_at, lot_id) of the last lot done;
 _DUE: Final = """
 SELECT sweep_at, lot_id, member_id FROM ledger_lots
 WHERE remaining > 0 AND sweep_at <= $1 AND expires_at {} $1
-  AND sweep_at >= COALESCE($2::timestamptz, '-infinity')
   AND (sweep_at, lot_id) > (COALESCE($2::timestamptz, '-infinity'), $3)
 ORDER BY sweep_at, lot_id LIMIT $4
 """
