@@ -64,14 +64,21 @@ def hold_until(tier: Tier, since: datetime, rules: TierRules) -> datetime | None
 _hold = hold_until
 
 
-def catch_up(state: MemberState, at: datetime, rules: TierRules) -> MemberState:
-    """Apply every tier expiry up to `at`, each re-evaluated on the spend at its moment."""
-    tier, until = state.tier, state.tier_valid_until
+def _caught_up(
+    tier: Tier, until: datetime | None, orders: Mapping[str, Order], at: datetime,
+    rules: TierRules,
+) -> tuple[Tier, datetime | None]:  # fmt: skip
+    """Every tier expiry up to `at`, each re-evaluated on the spend at its own moment."""
     while until is not None and until <= at:
-        spend = rolling_spend(state.orders, until, rules.window_months)
-        q = qualified_tier(spend, rules)
+        q = qualified_tier(rolling_spend(orders, until, rules.window_months), rules)
         tier = q if rank(q) < rank(tier) else tier
         until = _hold(tier, until, rules)
+    return tier, until
+
+
+def catch_up(state: MemberState, at: datetime, rules: TierRules) -> MemberState:
+    """Apply every tier expiry up to `at`, each re-evaluated on the spend at its moment."""
+    tier, until = _caught_up(state.tier, state.tier_valid_until, state.orders, at, rules)
     if tier == state.tier and until == state.tier_valid_until:
         return state
     return replace(state, tier=tier, tier_valid_until=until)
@@ -86,18 +93,35 @@ def after_purchase(state: MemberState, at: datetime, rules: TierRules) -> Member
 
 
 def after_refund(state: MemberState, order: Order, at: datetime, rules: TierRules) -> MemberState:
-    """A refund cannot leave a tier standing on spend that no longer exists.
+    """The tier re-decided as if the refunded money had never been paid.
 
-    Only the upgrade the refunded order itself caused is undone; a tier reached earlier
-    keeps its 12 months of grace, as any tier does when old spend leaves the window.
+    Tier follows spend net of refunds, so the refund reaches back to its order: from the
+    tier the member held just before that order (recorded on it), every order from then
+    on is replayed at its own moment with its amount net of refunds (an order refunded in
+    full as if never placed), with the expiries between them as `catch_up` applies them.
+    So an upgrade that needed the refunded money is undone whichever order crossed the
+    threshold, and a refund does not restart a tier's 12 months. The replayed orders
+    record the tiers of the replay, so a later refund of one of them starts right.
     """
-    q = qualified_tier(rolling_spend(state.orders, at, rules.window_months), rules)
-    if rank(q) >= rank(state.tier):
-        return after_purchase(state, at, rules)
-    caused = order.tier_after == state.tier and rank(order.tier_after) > rank(order.tier_before)
-    if not caused:
+    orders = state.orders
+    tier, until = order.tier_before, order.valid_until_before
+    replayed: dict[str, Order] = {}
+    started = False
+    for key, o in orders.items():  # oldest first: the refunded order, then those after it
+        started = started or key == order.order_id
+        if not started or o.amount - o.refunded <= 0:
+            continue
+        tier, until = _caught_up(tier, until, orders, o.at, rules)
+        before, until_before = tier, until
+        q = qualified_tier(rolling_spend(orders, o.at, rules.window_months), rules)
+        if rank(q) >= rank(tier):
+            tier, until = q, _hold(q, o.at, rules)
+        if (o.tier_before, o.tier_after, o.valid_until_before) != (before, tier, until_before):
+            replayed[key] = replace(o, tier_before=before, tier_after=tier,
+                                    valid_until_before=until_before)  # fmt: skip
+    tier, until = _caught_up(tier, until, orders, at, rules)
+    if replayed:
+        state = replace(state, orders={k: replayed.get(k, o) for k, o in orders.items()})
+    if tier == state.tier and until == state.tier_valid_until:
         return state
-    if rank(q) >= rank(order.tier_before):
-        return replace(state, tier=q, tier_valid_until=_hold(q, at, rules))
-    until = order.valid_until_before if order.tier_before != "member" else None
-    return replace(state, tier=order.tier_before, tier_valid_until=until)
+    return replace(state, tier=tier, tier_valid_until=until)

@@ -208,6 +208,48 @@ def test_refund_undoes_the_upgrade_it_caused() -> None:
     )
 
 
+def test_refund_of_an_earlier_order_undoes_an_upgrade_that_needed_its_money() -> None:
+    # 20,000 makes silver; 10,000 more crosses 30,000 to gold. Refunding the 20,000 leaves
+    # 10,000 of spend: the gold upgrade stood on money that was given back, so the member
+    # is silver, as if the 20,000 had never been paid, and earns at 1.2 again.
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    run.feed(purchase(amount=20000, order_id="o-20k"))
+    run.feed(purchase(amount=10000, order_id="o-10k", at=T0 + timedelta(days=1)))
+    assert run.state().tier == "gold"
+    result = run.feed(refund("m-1", "o-20k", 20000, at=T0 + timedelta(days=2)))
+    assert run.state().tier == "silver"
+    assert run.state().tier_valid_until == add_months(T0 + timedelta(days=1), 12)
+    t = next(g for g in result.grants if isinstance(g, TierEvaluated))
+    assert (t.data.previous_tier, t.data.tier) == ("gold", "silver")
+    # The 10,000 order now records the tiers of that replay, for any later refund of it.
+    assert run.state().orders["o-10k"].tier_before == "member"
+    assert run.state().orders["o-10k"].tier_after == "silver"
+    later = run.feed(purchase(amount=1000, order_id="o-1k", at=T0 + timedelta(days=3)))
+    assert by_rule(later.grants)["base"] == 1200
+
+
+def test_small_refund_does_not_restart_the_tiers_months() -> None:
+    # Gold from one 50,000 order, kept 12 months. A 100 CNY refund in month 11 leaves
+    # 49,900, still gold, but it is not a new qualification: gold still ends at month 12.
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    run.feed(purchase(amount=50000, order_id="o-big"))
+    result = run.feed(refund("m-1", "o-big", 100, at=add_months(T0, 11)))
+    assert (run.state().tier, run.state().tier_valid_until) == ("gold", add_months(T0, 12))
+    # Reported, since qualifying spend moved; the tier and its end did not.
+    t = next(g for g in result.grants if isinstance(g, TierEvaluated))
+    assert (t.data.previous_tier, t.data.tier, t.data.qualifying_spend) == (
+        "gold",
+        "gold",
+        Decimal(49900),
+    )
+    assert t.data.tier_valid_until == add_months(T0, 12)
+    after = run.feed(purchase(amount=1000, order_id="o-later", at=add_months(T0, 13)))
+    assert run.state().tier == "member"
+    assert by_rule(after.grants)["base"] == 1000
+
+
 def test_grant_ids_are_deterministic_and_carry_version() -> None:
     p = purchase(amount=100, event_id="evt-1")
     a = evaluate(state_with(), p, DEFAULT, {})
