@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Final
 
 import asyncpg
@@ -30,6 +31,7 @@ from services.ledger.journal import (
 )
 from services.ledger.reads import member_document
 
+NO_SPEND: Final = Decimal("0.00")  # as a member row with no tier report shows it
 KNOWN_ENTRIES: Final = "SELECT entry_id FROM ledger_entries WHERE entry_id = ANY($1::text[])"
 INSERT_TIERS: Final = """
 INSERT INTO ledger_tier_history (event_id, member_id, occurred_at, tier, previous_tier,
@@ -47,7 +49,8 @@ FROM unnest($1::text[], $2::text[], $3::numeric[], $4::timestamptz[], $5::text[]
 WHERE m.member_id = u.member_id
 """
 TIER_AS_OF: Final = """
-SELECT tier, qualifying_spend, tier_valid_until FROM ledger_tier_history
+SELECT tier, qualifying_spend, tier_valid_until, next_tier, next_tier_spend
+FROM ledger_tier_history
 WHERE member_id = $1 AND occurred_at <= $2 ORDER BY occurred_at DESC, seq DESC LIMIT 1
 """
 
@@ -177,13 +180,20 @@ async def _apply_tiers(conn: asyncpg.Connection, tiers: list[TierEvaluated]) -> 
 async def member_as_of(
     conn: asyncpg.Connection, member_id: str, at: datetime
 ) -> dict[str, Any] | None:
-    """The member exactly as at `at`, folded from the journal (not from read models)."""
+    """The member exactly as at `at`, folded from the journal (not from read models).
+
+    Everything comes from `at` or before: the book from the journal, the tier and the next
+    tier from the tier report in force then. A member with neither yet is not found, as
+    it was not then.
+    """
     member = await conn.fetchrow("SELECT * FROM ledger_members WHERE member_id = $1", member_id)
     if member is None:
         return None
     rows = await conn.fetch(SELECT_MEMBER_ENTRIES, member_id, at)
-    book = acc.replay(member_id, (entry_from_row(r) for r in rows))
     tier = await conn.fetchrow(TIER_AS_OF, member_id, at)
+    if not rows and tier is None:
+        return None
+    book = acc.replay(member_id, (entry_from_row(r) for r in rows))
     snapshot = dict(member)
     snapshot.update(
         debt=book.debt,
@@ -191,8 +201,10 @@ async def member_as_of(
         redeemed=book.redeemed,
         expired=book.expired,
         tier=tier["tier"] if tier else "member",
-        qualifying_spend=tier["qualifying_spend"] if tier else 0,
+        qualifying_spend=tier["qualifying_spend"] if tier else NO_SPEND,
         tier_valid_until=tier["tier_valid_until"] if tier else None,
+        next_tier=tier["next_tier"] if tier else None,
+        next_tier_spend=tier["next_tier_spend"] if tier else None,
     )
     lots = [
         (lot.remaining, lot.available_from or lot.earned_at, lot.expires_at) for lot in book.lots

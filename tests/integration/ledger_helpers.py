@@ -6,12 +6,13 @@ from __future__ import annotations
 import random
 import uuid
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import httpx
 
-from schemas.grants import GrantData, PointsGranted
+from schemas.grants import GrantData, PointsGranted, Tier, TierData, TierEvaluated
 from services.common.config import Settings
 from services.common.runtime import create_pool
 from services.ledger import accounting as acc
@@ -43,6 +44,34 @@ def grant(
             store_id=store,
             order_id=f"o-{uuid.uuid4().hex[:10]}",
             pending_days=pending_days,
+        ),
+    )
+    return event.model_dump(mode="json")
+
+
+def tier_report(
+    member: str,
+    at: datetime,
+    previous: Tier,
+    tier: Tier,
+    spend: str,
+    next_tier: tuple[Tier, str] | None,
+    valid_until: datetime | None,
+) -> dict[str, Any]:
+    """A rules service's tier report (`tier_evaluated`), as a purchase would send it."""
+    event = TierEvaluated(
+        event_id=str(uuid.uuid4()),
+        occurred_at=at,
+        member_id=member,
+        data=TierData(
+            tier=tier,
+            previous_tier=previous,
+            qualifying_spend=Decimal(spend),
+            tier_valid_until=valid_until,
+            ruleset_version="test-v1",
+            source_event_id=str(uuid.uuid4()),
+            next_tier=next_tier[0] if next_tier else None,
+            next_tier_spend=Decimal(next_tier[1]) if next_tier else None,
         ),
     )
     return event.model_dump(mode="json")

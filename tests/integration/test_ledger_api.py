@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, datetime, timedelta
+from urllib.parse import quote
 
 import pytest
 
@@ -19,6 +20,7 @@ from tests.integration.ledger_helpers import (
     grant,
     member,
     post,
+    tier_report,
 )
 
 pytestmark = pytest.mark.integration
@@ -167,6 +169,64 @@ async def test_redemptions_adjustments_and_reports_through_the_api(stack: Stack)
     assert rep["active_members"] == 1
 
     await assert_verified(stack.dsn)
+
+
+async def test_member_as_of_a_past_moment(stack: Stack) -> None:
+    """`?as_of=` answers with what stood then: points, tier and next tier of that moment."""
+    t0 = datetime.now(UTC) - timedelta(days=30)
+    until_silver, until_gold = t0 + timedelta(days=366), t0 + timedelta(days=375)
+    await give(stack, grant("m-asof", 1000, t0), grant("m-asof", 500, t0 + timedelta(days=10)))
+    await stack.produce(
+        [
+            tier_report(
+                "m-asof",
+                t0 + timedelta(days=1),
+                "member",
+                "silver",
+                "12000.00",
+                ("gold", "30000.00"),
+                until_silver,
+            ),
+            tier_report(
+                "m-asof",
+                t0 + timedelta(days=10),
+                "silver",
+                "gold",
+                "31000.00",
+                ("diamond", "100000.00"),
+                until_gold,
+            ),
+        ],
+        topic=stack.topics.grants,
+    )
+    await wait_until(
+        lambda: stack.scalar("SELECT tier = 'gold' FROM ledger_members WHERE member_id = 'm-asof'"),
+        what="tier reports projected",
+    )
+
+    async def as_of(at: datetime) -> dict:
+        resp = await stack.get(f"/v1/members/m-asof?as_of={quote(at.isoformat())}")
+        assert resp.status_code == 200, resp.text
+        return dict(resp.json())
+
+    assert_problem(
+        await stack.get(f"/v1/members/m-asof?as_of={quote((t0 - timedelta(hours=1)).isoformat())}"),
+        404,
+    )
+    first = await as_of(t0 + timedelta(hours=1))
+    assert (first["tier"], first["qualifying_spend"], first["next_tier"]) == (
+        "member",
+        "0.00",
+        None,
+    )
+    assert first["points"]["available"] == 1000
+    silver = await as_of(t0 + timedelta(days=5))
+    assert (silver["tier"], silver["qualifying_spend"]) == ("silver", "12000.00")
+    assert silver["next_tier"] == {"tier": "gold", "spend_needed": "18000.00"}
+    assert datetime.fromisoformat(silver["tier_valid_until"]) == until_silver
+    now = await member(stack, "m-asof")
+    assert now["next_tier"] == {"tier": "diamond", "spend_needed": "69000.00"}
+    assert now["points"]["available"] == 1500
 
 
 async def test_fifty_concurrent_redemptions_never_overspend(stack: Stack) -> None:
