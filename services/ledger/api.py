@@ -20,7 +20,7 @@ from typing import Any, Self
 import asyncpg
 import orjson
 import structlog
-from fastapi import FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -29,12 +29,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.config import Settings, load_settings
 from services.ledger import redemptions, reports
-from services.ledger.auth import AuthError, KeyRing
+from services.ledger.auth import AuthError, KeyRing, Role
 from services.ledger.reads import entries_page, member_view
 from services.ledger.service import LedgerService
 
 log = structlog.get_logger()
 PROBLEM = "application/problem+json"
+# Database trouble a caller should retry (503), as opposed to a bug (500): the server is
+# unreachable or restarting, a connection broke mid-call, a statement was cancelled.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    OSError,
+)
+# Far beyond any real movement, well inside bigint sums: a typo, not an adjustment.
+MAX_POINTS = 1_000_000_000
 
 
 def _default(value: Any) -> str:
@@ -90,7 +100,7 @@ class RedemptionBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     redemption_id: str = _ID
-    points: int | None = Field(default=None, gt=0)
+    points: int | None = Field(default=None, gt=0, le=MAX_POINTS)
     reward: str | None = Field(default=None, min_length=1)
     cash: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]{1,2})?$")
     store_id: str | None = None
@@ -107,7 +117,9 @@ class AdjustmentBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     adjustment_id: str = _ID
     member_id: str = _ID
-    points: int = Field(description="signed: positive grants, negative deducts")
+    points: int = Field(
+        ge=-MAX_POINTS, le=MAX_POINTS, description="signed: positive grants, negative deducts"
+    )
     reason: str = Field(min_length=1, max_length=500)
     operator: str = Field(min_length=1, max_length=200)
     allow_debt: bool = False
@@ -128,10 +140,33 @@ def _written(outcome: redemptions.Outcome) -> JSONResponse:
     return resp
 
 
+class Needs:
+    """The role a route needs, as a route dependency: FastAPI calls it before it validates
+    the query and body, so a caller without the right key learns that (401/403), not what
+    the request should have looked like (422)."""
+
+    def __init__(self, keys: KeyRing, role: Role) -> None:
+        self.keys, self.role = keys, role
+
+    def __call__(self, authorization: str | None = Header(default=None)) -> None:
+        self.keys.require(authorization, self.role)
+
+
+def needed_role(request: Request) -> Needs | None:
+    """The `Needs` of the route a request matched (None: an open route, or none matched)."""
+    for dep in getattr(request.scope.get("route"), "dependencies", ()):
+        if isinstance(dep.dependency, Needs):
+            return dep.dependency
+    return None
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     keys = KeyRing.parse(settings.api_keys)
     ledger = LedgerService(settings)
+
+    def needs(role: Role) -> list[Any]:
+        return [Depends(Needs(keys, role))]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -166,6 +201,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # A body that is not JSON fails before any dependency runs: the key is checked here.
+        route = needed_role(request)
+        if route is not None:
+            try:
+                route(request.headers.get("authorization"))
+            except AuthError as refused:
+                return await _auth(request, refused)
         errors = [
             {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()
         ]
@@ -176,37 +218,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return problem_response(request, exc.status_code, str(exc.detail), str(exc.detail))
 
-    @app.exception_handler(asyncpg.PostgresConnectionError)
-    async def _db_down(request: Request, exc: Exception) -> JSONResponse:
-        return problem_response(request, 503, "Database unavailable", "retry shortly")
+    @app.exception_handler(Exception)
+    async def _failed(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, UNAVAILABLE):
+            log.warning("api_database_unavailable", path=request.url.path, error=repr(exc))
+            return problem_response(request, 503, "Database unavailable", "retry shortly")
+        log.exception("api_failed", path=request.url.path)
+        return problem_response(
+            request, 500, "Internal error", "the ledger could not answer; this was logged"
+        )
 
     def pool() -> asyncpg.Pool:
         return ledger.pool
 
-    @app.get("/v1/members/{member_id}")
+    @app.get("/v1/members/{member_id}", dependencies=needs("reader"))
     async def get_member(
         member_id: str,
         as_of: str | None = Query(default=None, description="RFC 3339 instant"),
-        authorization: str | None = Header(default=None),
     ) -> JSONResponse:
-        keys.require(authorization, "reader")
+        at = parse_instant(as_of) if as_of is not None else None
         async with pool().acquire() as conn:
-            if as_of is not None:
-                doc = await ledger.member_as_of(conn, member_id, parse_instant(as_of))
+            if at is not None:
+                doc = await ledger.member_as_of(conn, member_id, at)
             else:
                 doc = await member_view(conn, member_id, datetime.now(UTC))
         if doc is None:
             raise Problem(404, "Member not found", f"no ledger record for member {member_id!r}")
         return FastJSON(doc)
 
-    @app.get("/v1/members/{member_id}/entries")
+    @app.get("/v1/members/{member_id}/entries", dependencies=needs("reader"))
     async def get_entries(
         member_id: str,
         limit: int = Query(default=50, ge=1, le=500),
         cursor: str | None = None,
-        authorization: str | None = Header(default=None),
     ) -> JSONResponse:
-        keys.require(authorization, "reader")
         try:
             async with pool().acquire() as conn:
                 page = await entries_page(conn, member_id, limit, cursor)
@@ -214,13 +259,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise Problem(422, "Invalid cursor", "cursor was not issued by this API") from exc
         return FastJSON(page)
 
-    @app.post("/v1/members/{member_id}/redemptions", status_code=201)
-    async def post_redemption(
-        member_id: str,
-        body: RedemptionBody,
-        authorization: str | None = Header(default=None),
-    ) -> JSONResponse:
-        keys.require(authorization, "redeemer")
+    @app.post(
+        "/v1/members/{member_id}/redemptions", status_code=201, dependencies=needs("redeemer")
+    )
+    async def post_redemption(member_id: str, body: RedemptionBody) -> JSONResponse:
         async with pool().acquire() as conn:
             outcome = await redemptions.redeem(
                 conn,
@@ -237,11 +279,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ledger.wake_relay()
         return _written(outcome)
 
-    @app.post("/v1/adjustments", status_code=201)
-    async def post_adjustment(
-        body: AdjustmentBody, authorization: str | None = Header(default=None)
-    ) -> JSONResponse:
-        keys.require(authorization, "ops")
+    @app.post("/v1/adjustments", status_code=201, dependencies=needs("ops"))
+    async def post_adjustment(body: AdjustmentBody) -> JSONResponse:
         async with pool().acquire() as conn:
             outcome = await redemptions.adjust(
                 conn,
@@ -258,14 +297,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ledger.wake_relay()
         return _written(outcome)
 
-    @app.get("/v1/reports/summary")
+    @app.get("/v1/reports/summary", dependencies=needs("ops"))
     async def get_summary(
         from_: str | None = Query(default=None, alias="from", description="RFC 3339, inclusive"),
         to: str | None = Query(default=None, description="RFC 3339, exclusive; default now"),
         store_id: str | None = None,
-        authorization: str | None = Header(default=None),
     ) -> JSONResponse:
-        keys.require(authorization, "ops")
         now = datetime.now(UTC)
         start = parse_instant(from_, "from") if from_ else datetime(1970, 1, 1, tzinfo=UTC)
         end = parse_instant(to, "to") if to else now

@@ -1,0 +1,114 @@
+"""The ledger API's error answers, in process: the database is never reached (or is a stub
+that fails on purpose), so these are about the HTTP layer, not the ledger's behaviour."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from fastapi.testclient import TestClient
+
+from services.common.config import Settings
+from services.ledger.api import create_app
+
+KEYS = "ops-key:ops,reader-key:reader,redeemer-key:redeemer"
+OPS = {"Authorization": "Bearer ops-key"}
+READER = {"Authorization": "Bearer reader-key"}
+
+
+class FailingPool:
+    """Hands out a connection whose every query raises `error`."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, timeout: float | None = None) -> AsyncIterator[Any]:
+        error = self.error
+
+        class Conn:
+            async def fetch(self, *args: Any) -> Any:
+                raise error
+
+            async def fetchrow(self, *args: Any) -> Any:
+                raise error
+
+        yield Conn()
+
+
+def client(error: BaseException | None = None) -> TestClient:
+    """No `with`: the lifespan (Postgres, Kafka) never starts."""
+    app = create_app(
+        Settings(database_url="postgresql://nobody@127.0.0.1:1/none",
+                 bootstrap_servers="127.0.0.1:1", api_keys=KEYS)
+    )  # fmt: skip
+    if error is not None:
+        app.state.ledger._pool = FailingPool(error)
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def problem(resp: Any, status: int) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    body = dict(resp.json())
+    assert body["status"] == status
+    return body
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "headers", "status"),
+    [
+        ("get", "/v1/members/m-1/entries?limit=0", {}, {}, 401),
+        ("get", "/v1/members/m-1?as_of=yesterday", {}, {}, 401),
+        ("post", "/v1/members/m-1/redemptions", {"json": {}}, {}, 401),
+        ("post", "/v1/members/m-1/redemptions",
+         {"content": b"not json", "headers": {"content-type": "application/json"}}, {}, 401),
+        ("post", "/v1/adjustments", {"json": {}}, READER, 403),
+        ("post", "/v1/adjustments", {"content": b"{", "headers": {
+            "content-type": "application/json", **READER}}, {}, 403),
+        ("get", "/v1/reports/summary?from=never", {}, READER, 403),
+    ],
+)  # fmt: skip
+def test_the_key_is_checked_before_the_request_is_validated(
+    method: str, path: str, kwargs: dict[str, Any], headers: dict[str, str], status: int
+) -> None:
+    """A caller without the right key learns that, not what a valid request looks like."""
+    if headers:
+        kwargs = {**kwargs, "headers": {**kwargs.get("headers", {}), **headers}}
+    body = problem(getattr(client(), method)(path, **kwargs), status)
+    assert "errors" not in body
+    if status == 401:
+        assert getattr(client(), method)(path, **kwargs).headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_with_the_right_key_an_invalid_request_is_a_422_naming_the_fields() -> None:
+    body = problem(client().post("/v1/adjustments", json={"points": 10**10}, headers=OPS), 422)
+    fields = {e["field"] for e in body["errors"]}
+    assert {"body.points", "body.adjustment_id", "body.reason"} <= fields
+    problem(client().get("/v1/members/m-1?as_of=yesterday", headers=READER), 422)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        asyncpg.exceptions.CannotConnectNowError("the database system is shutting down"),
+        asyncpg.exceptions.QueryCanceledError("canceling statement due to statement timeout"),
+        asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"),
+        asyncpg.PostgresConnectionError("connection failure"),
+        ConnectionResetError(104, "Connection reset by peer"),
+        TimeoutError(),
+    ],
+    ids=type,
+)
+def test_database_trouble_is_a_503_to_retry(error: BaseException) -> None:
+    body = problem(client(error).get("/v1/members/m-1", headers=READER), 503)
+    assert body["title"] == "Database unavailable"
+
+
+def test_any_other_failure_is_a_500_problem_without_internals() -> None:
+    body = problem(client(KeyError("secret-internal-name")).get("/v1/members/m-1",
+                                                                  headers=READER), 500)  # fmt: skip
+    assert "secret-internal-name" not in str(body)
