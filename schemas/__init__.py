@@ -1,6 +1,6 @@
 """Event contracts shared by every service (CONTRACT.md is the source of truth).
 
-Inbound models (activity) tolerate unknown fields so upstream systems can add fields
-without breaking us; internal models (grants, ledger events) forbid them so a typo in our
-own code fails loudly.
+Every model tolerates fields it does not know, as the contract lets producers add them:
+inbound models (activity) keep them, internal models (grants, ledger events) ignore them;
+mypy's pydantic plugin refuses unknown fields where our own code builds a model.
 """

@@ -29,9 +29,12 @@ class Inbound(BaseModel):
 
 
 class Internal(BaseModel):
-    """Strict: our own events must match the contract exactly."""
+    """Our own events (grants, ledger events). Read tolerantly: CONTRACT.md lets a producer
+    add fields, so a consumer ignores one it does not know rather than dead-lettering the
+    event, and the published JSON schemas do not forbid them. A typo in our own code that
+    builds one is caught by mypy instead (pydantic plugin, `init_forbid_extra`)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
 
 EventTime = AwareDatetime

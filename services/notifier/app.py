@@ -49,9 +49,10 @@ def make_handler(settings: Settings, consumer_name: str, deliverer: Deliverer): 
         for record, event in good:
             message = render(event)
             if message is not None and event.event_id not in rows:
-                # The event as the ledger published it, which just passed the strict
-                # contract model (no extra fields). The json codec (orjson.dumps) writes a
-                # Fragment's JSON text verbatim, so nothing is serialized again here.
+                # The event as the ledger published it, which just passed the contract
+                # model (fields a newer ledger added are kept, as published). The json
+                # codec (orjson.dumps) writes a Fragment's JSON text verbatim, so nothing
+                # is serialized again here.
                 payload = orjson.Fragment(record.value)
                 rows[event.event_id] = (
                     event.event_id, event.member_id, event.type, message, payload, status

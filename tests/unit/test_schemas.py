@@ -7,7 +7,8 @@ from pydantic import ValidationError
 
 from schemas.activity import Purchase, parse_activity
 from schemas.generate import JSON_DIR, render_all
-from schemas.grants import grant_id
+from schemas.grants import PointsGranted, grant_id, parse_grant
+from schemas.ledger import PointsEarned, parse_ledger_event
 
 
 def test_committed_json_schemas_are_up_to_date() -> None:
@@ -25,6 +26,30 @@ def test_activity_keeps_unknown_fields_and_parses_decimal_amounts() -> None:
     assert isinstance(event, Purchase)
     assert event.data.amount == Decimal("2500.10")
     assert event.model_extra == {"new_field": 1}
+
+
+def test_grants_and_ledger_events_with_added_fields_still_parse() -> None:
+    """CONTRACT.md: adding fields is fine. A consumer (the ledger reading grants, the
+    notifier reading ledger events) ignores one it does not know instead of dead-lettering
+    the event, and the published schemas do not forbid them either."""
+    grant = parse_grant(
+        b'{"event_id":"g","type":"points_granted","occurred_at":"2026-11-20T15:04:05+08:00",'
+        b'"member_id":"m","schema_version":1,"added":true,"data":{"rule_id":"base",'
+        b'"ruleset_version":"2026.1","points":10,"source_event_id":"e","source_type":"purchase",'
+        b'"added_too":[1]}}'
+    )
+    assert isinstance(grant, PointsGranted)
+    assert grant.data.points == 10
+    event = parse_ledger_event(
+        b'{"event_id":"l","type":"points_earned","occurred_at":"2026-11-20T15:04:05+08:00",'
+        b'"member_id":"m","schema_version":1,"added":1,"data":{"entry_id":"l","points":10,'
+        b'"balance_after":10,"rule_id":"base","ruleset_version":"2026.1",'
+        b'"source_event_id":"e","added_too":"x"}}'
+    )
+    assert isinstance(event, PointsEarned)
+    assert event.data.balance_after == 10
+    for filename, text in render_all().items():
+        assert '"additionalProperties": false' not in text, filename
 
 
 @pytest.mark.parametrize(
