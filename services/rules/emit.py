@@ -164,12 +164,30 @@ def tier_evaluated(
     spend: Decimal,
     valid_until: datetime | None,
 ) -> TierEvaluated:
+    return tier_report(
+        event.event_id, event.occurred_at, event.member_id, ruleset, previous=previous,
+        tier=tier, spend=spend, valid_until=valid_until,
+    )  # fmt: skip
+
+
+def tier_report(
+    source_event_id: str,
+    at: datetime,
+    member_id: str,
+    ruleset: RuleSet,
+    *,
+    previous: Tier,
+    tier: Tier,
+    spend: Decimal,
+    valid_until: datetime | None,
+) -> TierEvaluated:
+    """A tier report caused by `source_event_id` (an activity, or a tier's own expiry)."""
     up = next_tier(tier, ruleset.tiers)
     return trusted(
         TierEvaluated,
-        event_id=fast_grant_id(event.event_id, ruleset.rule_ids.tier, event.member_id, "tier"),
-        occurred_at=event.occurred_at,
-        member_id=event.member_id,
+        event_id=fast_grant_id(source_event_id, ruleset.rule_ids.tier, member_id, "tier"),
+        occurred_at=at,
+        member_id=member_id,
         data=trusted(
             TierData,
             tier=tier,
@@ -177,7 +195,7 @@ def tier_evaluated(
             qualifying_spend=max(spend, Decimal(0)),
             tier_valid_until=valid_until,
             ruleset_version=ruleset.version,
-            source_event_id=event.event_id,
+            source_event_id=source_event_id,
             next_tier=up[0] if up else None,
             next_tier_spend=up[1] if up else None,
         ),

@@ -25,9 +25,16 @@ from schemas.activity import (
     Review,
     Share,
 )
-from schemas.grants import GrantEvent
+from schemas.grants import GrantEvent, TierEvaluated
 from services.rules import engagement_rules, purchase_rules, tiers
-from services.rules.emit import AnyActivity, Payout, TierChange, grant_events, tier_evaluated
+from services.rules.emit import (
+    AnyActivity,
+    Payout,
+    TierChange,
+    grant_events,
+    tier_evaluated,
+    tier_report,
+)
 from services.rules.pruning import prune
 from services.rules.ruleset import Derived, RuleSet, derived
 from services.rules.state import MemberState, replace
@@ -216,6 +223,34 @@ def evaluate(
 ) -> Evaluation:
     """Grants for other members (referrers) carry their member_id; state is the event's member."""
     return _evaluate(state, event, ruleset, referrers, check_burst=True)
+
+
+def tier_expiry_id(member_id: str, until: datetime) -> str:
+    """The source id of a tier expiry: one per member and moment, so a repeated sweep (or
+    a replay) reports it under the same grant id and the ledger keeps it once."""
+    return f"tier-expiry|{member_id}|{until.isoformat()}"
+
+
+def expire_tier(state: MemberState, ruleset: RuleSet) -> tuple[MemberState, TierEvaluated] | None:
+    """The member's tier expiry, decided at its own moment as the next event would decide
+    it (`tiers.catch_up`): for members who have gone quiet, whose next event may never come.
+
+    `ruleset` is the rule set in force at `state.tier_valid_until`. None: no tier to expire.
+    Exactly one expiry is applied (the tier's months then restart from it, or it ends), and
+    reported at that moment like any tier change: the new tier, spend, and months.
+    """
+    until = state.tier_valid_until
+    if until is None:
+        return None
+    rules = ruleset.tiers
+    new = tiers.catch_up(state, until, rules)
+    report = tier_report(
+        tier_expiry_id(state.member_id, until), until, state.member_id, ruleset,
+        previous=state.tier, tier=new.tier,
+        spend=tiers.rolling_spend(new.orders, until, rules.window_months),
+        valid_until=new.tier_valid_until,
+    )  # fmt: skip
+    return new, report
 
 
 def release(

@@ -19,7 +19,7 @@ from rules_factories import (
 )
 
 from schemas.grants import PointsGranted, PointsRevoked, TierEvaluated, grant_id
-from services.rules.engine import evaluate
+from services.rules.engine import evaluate, expire_tier, tier_expiry_id
 from services.rules.pruning import add_months
 from services.rules.state import dump_state, load_state
 
@@ -248,6 +248,46 @@ def test_small_refund_does_not_restart_the_tiers_months() -> None:
     after = run.feed(purchase(amount=1000, order_id="o-later", at=add_months(T0, 13)))
     assert run.state().tier == "member"
     assert by_rule(after.grants)["base"] == 1000
+
+
+def test_a_quiet_members_tier_expires_at_its_own_moment_as_the_next_event_would() -> None:
+    # Gold from 30,000 at T0, then nothing: at T0 + 12 months the spend in the window is 0.
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    run.feed(purchase(amount=30000))
+    until = add_months(T0, 12)
+    expired = expire_tier(run.state(), DEFAULT)
+    assert expired is not None
+    new, report = expired
+    assert (new.tier, new.tier_valid_until) == ("member", None)
+    assert report.occurred_at == until
+    assert (report.data.previous_tier, report.data.tier) == ("gold", "member")
+    assert report.data.qualifying_spend == 0
+    assert report.data.source_event_id == tier_expiry_id("m-1", until)
+    assert report.event_id == grant_id(tier_expiry_id("m-1", until), "tier", "m-1", "tier")
+    # The same decision as the member's next event makes when it comes first.
+    after = run.feed(purchase(amount=100, at=until + timedelta(days=3)))
+    assert (run.state().tier, run.state().tier_valid_until) == (new.tier, new.tier_valid_until)
+    assert by_rule(after.grants)["base"] == 100
+    assert expire_tier(new, DEFAULT) is None
+
+
+def test_a_lapsed_gold_with_silver_spend_in_its_window_expires_to_silver_for_12_months() -> None:
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    run.feed(purchase(amount=30000))
+    run.feed(purchase(amount=100, at=add_months(T0, 11)))  # 30,100: gold again, to T0 + 23m
+    run.feed(purchase(amount=12000, at=add_months(T0, 13)))  # 12,100 in the window: no gold
+    state = run.state()
+    assert (state.tier, state.tier_valid_until) == ("gold", add_months(T0, 23))
+    expired = expire_tier(state, DEFAULT)
+    assert expired is not None
+    new, report = expired
+    # At T0 + 23 months the 12,000 of month 13 is in the window: silver, 12 months from then.
+    assert (new.tier, new.tier_valid_until) == ("silver", add_months(T0, 35))
+    assert (report.data.previous_tier, report.data.tier) == ("gold", "silver")
+    assert report.data.qualifying_spend == Decimal(12000)
+    assert report.data.tier_valid_until == add_months(T0, 35)
 
 
 def test_grant_ids_are_deterministic_and_carry_version() -> None:
