@@ -46,9 +46,10 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING RETURN
 SELECT_STATE: Final = "SELECT state::text FROM rules_member_state WHERE member_id = $1 FOR UPDATE"
 SELECT_REFERRER: Final = "SELECT referrer_id FROM rules_member_state WHERE member_id = $1"
 UPSERT_STATE: Final = """
-INSERT INTO rules_member_state (member_id, referrer_id, state) VALUES ($1, $2, $3::text::json)
+INSERT INTO rules_member_state (member_id, referrer_id, state, tier_valid_until)
+VALUES ($1, $2, $3::text::json, $4)
 ON CONFLICT (member_id) DO UPDATE SET referrer_id = EXCLUDED.referrer_id,
-    state = EXCLUDED.state, updated_at = now()
+    state = EXCLUDED.state, tier_valid_until = EXCLUDED.tier_valid_until, updated_at = now()
 """
 KNOWN_ENTRY: Final = "SELECT 1 FROM ledger_entries WHERE entry_id = $1"
 INSERT_TIER: Final = """
@@ -112,6 +113,7 @@ def create_app() -> FastStream:
                     event.member_id,
                     result.state.referrer_id,
                     dump_state(result.state).decode(),
+                    result.state.tier_valid_until,
                 )
                 grants = list(result.grants)
             await conn.execute(

@@ -66,6 +66,10 @@ class Settings:
     webhook_url: str = ""
     webhook_secret: str = ""
     expiry_sweep_seconds: int = 60
+    # The rules service's sweep of lapsed tiers (services/rules/tier_sweeper.py): how often,
+    # and how old an expiry must be before it is applied (late events land first).
+    tier_sweep_seconds: int = 60
+    tier_sweep_grace_seconds: int = 3600
     session_timeout_ms: int = 10_000
     # How often each service looks for tables that outgrew their planner statistics
     # (services/common/planner_stats.py); 0 leaves it all to autovacuum.
@@ -93,6 +97,8 @@ def load_settings() -> Settings:
         webhook_url=os.environ.get("NOTIFIER_WEBHOOK_URL", ""),
         webhook_secret=os.environ.get("NOTIFIER_WEBHOOK_SECRET", ""),
         expiry_sweep_seconds=_int("EXPIRY_SWEEP_SECONDS", 60),
+        tier_sweep_seconds=_int("TIER_SWEEP_SECONDS", 60),
+        tier_sweep_grace_seconds=_int("TIER_SWEEP_GRACE_SECONDS", 3600),
         session_timeout_ms=_int("KAFKA_SESSION_TIMEOUT_MS", 10_000),
         planner_stats_seconds=float(os.environ.get("PLANNER_STATS_SECONDS") or 2.0),
     )

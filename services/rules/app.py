@@ -33,6 +33,7 @@ from services.rules.engine import HeldEvent, evaluate
 from services.rules.rulebook_store import book_stamp, load_book
 from services.rules.ruleset import RuleBook, RuleSetError
 from services.rules.state import MemberState, dump_state, load_state
+from services.rules.tier_sweeper import TierSweeper
 
 SERVICE: Final = "rules"
 # How soon a published rule-set version reaches running instances (tests set it lower).
@@ -58,13 +59,15 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::
 ON CONFLICT (event_id) DO NOTHING
 """
 UPSERT_STATES: Final = """
-INSERT INTO rules_member_state AS s (member_id, referrer_id, referrer_since, state, updated_at)
-SELECT m, r, rs, st::json, now()
-FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[]) AS u(m, r, rs, st)
+INSERT INTO rules_member_state AS s (member_id, referrer_id, referrer_since, state,
+                                     tier_valid_until, updated_at)
+SELECT m, r, rs, st::json, tu, now()
+FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::timestamptz[])
+    AS u(m, r, rs, st, tu)
 ON CONFLICT (member_id) DO UPDATE
 SET referrer_id = EXCLUDED.referrer_id,
     referrer_since = COALESCE(s.referrer_since, EXCLUDED.referrer_since),
-    state = EXCLUDED.state, updated_at = now()
+    state = EXCLUDED.state, tier_valid_until = EXCLUDED.tier_valid_until, updated_at = now()
 """
 
 
@@ -191,6 +194,7 @@ class RulesProcessor:
             [states[m].referrer_id for m in ordered],
             [since.get(m) for m in ordered],
             [dump_state(states[m]).decode() for m in ordered],
+            [states[m].tier_valid_until for m in ordered],
         )
         topic = self.settings.topics.grants
         work.outbox.extend(
@@ -211,6 +215,12 @@ class RulesProcessor:
             for row in await conn.fetch(chain.SELECT_CHAIN, sorted(wanted)):
                 referrers[row["member_id"]] = row["referrer_id"]
                 since[row["member_id"]] = row["referrer_since"]
+
+
+def caught_up(consumer: BatchConsumer) -> bool:
+    """Every partition this instance owns is applied up to the broker's end (none: no)."""
+    lag = consumer.lag()
+    return bool(lag) and len(lag) == len(consumer.assigned) and not any(lag.values())
 
 
 def create_app(settings: Settings | None = None) -> FastStream:
@@ -252,6 +262,16 @@ def create_app(settings: Settings | None = None) -> FastStream:
         resources.update(pool=pool, producer=producer)
         background.spawn("outbox-relay", relay.run)
         background.spawn("rulebook-watch", lambda: processor.watch_book(pool))
+        sweeper = TierSweeper(
+            pool,
+            settings.topics.grants,
+            lambda: processor.book,
+            lambda: caught_up(consumer),
+            relay.wake,
+            interval_s=settings.tier_sweep_seconds,
+            grace_s=settings.tier_sweep_grace_seconds,
+        )
+        background.spawn("tier-sweep", sweeper.run)
         background.spawn(
             "planner-stats", lambda: keep_planner_stats(pool, settings.planner_stats_seconds)
         )

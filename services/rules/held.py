@@ -37,10 +37,11 @@ SELECT_REFERRERS: Final = """
 SELECT member_id, referrer_id FROM rules_member_state WHERE member_id = ANY($1::text[])
 """
 UPSERT_STATE: Final = """
-INSERT INTO rules_member_state AS s (member_id, referrer_id, state, updated_at)
-VALUES ($1, $2, $3::json, now())
+INSERT INTO rules_member_state AS s (member_id, referrer_id, state, tier_valid_until, updated_at)
+VALUES ($1, $2, $3::json, $4, now())
 ON CONFLICT (member_id) DO UPDATE
-SET referrer_id = EXCLUDED.referrer_id, state = EXCLUDED.state, updated_at = now()
+SET referrer_id = EXCLUDED.referrer_id, state = EXCLUDED.state,
+    tier_valid_until = EXCLUDED.tier_valid_until, updated_at = now()
 """
 DECIDE: Final = """
 UPDATE rules_held SET status = $2, decided_at = now(), decided_by = $3, grants = $4
@@ -98,6 +99,7 @@ async def release_held(
             event.member_id,
             result.state.referrer_id,
             dump_state(result.state).decode(),
+            result.state.tier_valid_until,
         )
         topic = settings.topics.grants
         await write_outbox(

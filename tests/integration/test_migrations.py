@@ -1,6 +1,6 @@
 """Migrations that change existing tables keep what those tables hold (an upgrade, not
 only a fresh install): 0012 (the outbox's key), 0013 (json documents), 0014 (lots' sweep
-moment)."""
+moment), 0015 (members' tier end)."""
 
 from __future__ import annotations
 
@@ -108,3 +108,36 @@ async def test_0014_makes_every_existing_lot_due_for_one_sweep(fresh_database: s
         # A lot is never due after its expiry: the expiry scan relies on it.
         with pytest.raises(asyncpg.CheckViolationError):
             await conn.execute("UPDATE ledger_lots SET sweep_at = expires_at + interval '1 second'")
+
+
+async def test_0015_copies_each_members_tier_end_out_of_the_state(fresh_database: str) -> None:
+    async with migrated_until(fresh_database, "0015") as conn:
+        await conn.execute(
+            "INSERT INTO rules_member_state (member_id, state) VALUES"
+            " ('m-gold', $1::json), ('m-plain', $2::json)",
+            json.dumps({"member_id": "m-gold", "tier": "gold",
+                        "tier_valid_until": "2026-03-02T10:00:00+08:00"}),
+            json.dumps({"member_id": "m-plain"}),
+        )  # fmt: skip
+        assert apply_migrations(fresh_database) >= 1
+
+        rows = dict(
+            await conn.fetch(
+                "SELECT member_id, tier_valid_until::text FROM rules_member_state"
+                " ORDER BY member_id"
+            )
+        )
+        await conn.execute("SET TIME ZONE 'UTC'")
+        assert (
+            await conn.fetchval(
+                "SELECT tier_valid_until::text FROM rules_member_state WHERE member_id = 'm-gold'"
+            )
+            == "2026-03-02 02:00:00+00"
+        )
+        assert rows["m-plain"] is None
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_indexes WHERE indexname = 'rules_member_state_tier_due'"
+            )
+            == 1
+        )

@@ -1,0 +1,133 @@
+"""Tier expiries of members who have gone quiet.
+
+A reached tier is kept 12 months, then re-decided on the rolling spend at that moment
+(DOMAIN.md, Tiers). The evaluator applies a due expiry when the member's next event
+arrives (`tiers.catch_up`), but a member who stops coming may never send one: the ledger
+would show the lapsed tier, and redeem cash at its rate, for as long as they stay away.
+This sweep, in the rules service every ``TIER_SWEEP_SECONDS`` (default 60), applies each
+expiry at its own moment exactly as that next event would (`engine.expire_tier`), and
+reports it like any tier change: the ledger updates the tier, the notifier tells the
+member. The report's id comes from the member and the moment, so a sweep repeated after a
+crash, or a second instance, reports it under the same id and the ledger keeps it once.
+
+It decides by event time, so it waits for the events that could still change the answer:
+only while this instance's consumer has caught up with its partitions (a replay or a
+backlog may hold a purchase from before the expiry that qualifies again), and only for
+expiries at least ``TIER_SWEEP_GRACE_SECONDS`` old (default 3600) to let late deliveries
+land first. Rows are taken ``FOR UPDATE SKIP LOCKED``: a member whose batch holds its lock
+is left to that batch (its event applies the same expiry) or to the next sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+import asyncpg
+import structlog
+from prometheus_client import Counter
+
+from services.common.outbox import OutboxRow, write_outbox
+from services.rules.engine import expire_tier
+from services.rules.ruleset import RuleBook
+from services.rules.state import dump_state, load_state
+
+SERVICE: Final = "rules"
+PER_PAGE: Final = 500
+
+DUE: Final = """
+SELECT member_id, state::text AS state FROM rules_member_state
+WHERE tier_valid_until <= $1
+ORDER BY tier_valid_until, member_id LIMIT $2
+FOR UPDATE SKIP LOCKED
+"""
+UPDATE_STATES: Final = """
+UPDATE rules_member_state AS s
+SET state = u.st::json, tier_valid_until = u.tu, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS u(m, st, tu)
+WHERE s.member_id = u.m
+"""
+
+EXPIRED: Final = Counter("loyalty_tier_expiries_total", "Tier expiries applied by the sweep")
+log = structlog.get_logger()
+
+
+class TierSweeper:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        topic: str,
+        book: Callable[[], RuleBook | None],
+        caught_up: Callable[[], bool],
+        wake: Callable[[], None],
+        *,
+        interval_s: float,
+        grace_s: float,
+        per_page: int = PER_PAGE,
+    ) -> None:
+        self._pool = pool
+        self._topic = topic
+        self._book = book
+        self._caught_up = caught_up
+        self._wake = wake
+        self._interval = interval_s
+        self._grace = timedelta(seconds=grace_s)
+        self._per_page = per_page
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                if self._caught_up():
+                    await self.sweep_once(datetime.now(UTC))
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("tier_sweep_retry", error=str(exc))
+
+    async def sweep_once(self, now: datetime) -> int:
+        """Apply every tier expiry due by `now` less the grace; returns how many.
+
+        Page by page, each its own short transaction. An expiry whose tier is kept (the
+        member still qualifies) moves 12 months on, so no member comes back in one sweep
+        unless it has more than one expiry due (away for years).
+        """
+        book = self._book()
+        if book is None:
+            return 0
+        cutoff, done = now - self._grace, 0
+        while True:
+            async with self._pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(DUE, cutoff, self._per_page)
+                members, states, untils, outbox = [], [], [], []
+                for row in rows:
+                    state = load_state(row["state"])
+                    until = state.tier_valid_until
+                    members.append(row["member_id"])
+                    if until is None or until > cutoff:
+                        # The column disagrees with the document (the document wins): only
+                        # the column is put right.
+                        states.append(row["state"])
+                        untils.append(until)
+                        continue
+                    expired = expire_tier(state, book.at(until))
+                    assert expired is not None  # a tier with an end always expires
+                    new, report = expired
+                    states.append(dump_state(new).decode())
+                    untils.append(new.tier_valid_until)
+                    outbox.append(
+                        OutboxRow(self._topic, report.member_id, report.model_dump_json().encode())
+                    )
+                if members:
+                    await conn.execute(UPDATE_STATES, members, states, untils)
+                    await write_outbox(conn, SERVICE, outbox)
+            if not rows:
+                break
+            done += len(outbox)
+            EXPIRED.inc(len(outbox))
+            self._wake()
+            if len(rows) < self._per_page:
+                break
+        if done:
+            log.info("tier_sweep", expiries=done)
+        return done
