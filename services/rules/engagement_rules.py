@@ -33,11 +33,20 @@ def _capped(used: int, points: int, cap: int | None) -> int:
     return max(points, 0) if cap is None else max(0, min(points, cap - used))
 
 
+def counted(state: MemberState, day: date) -> bool:
+    """Whether `day`'s counters are still kept, so its caps can be checked (pruning)."""
+    since = state.counters_since
+    return since is None or day >= since
+
+
 def pay_capped(
     state: MemberState, event: AnyActivity, ruleset: RuleSet, rule_id: str, points: int,
     day: date,
 ) -> Outcome:  # fmt: skip
-    """Pay what is left of today's budget, then nothing."""
+    """Pay what is left of today's budget, then nothing; nothing for a day whose budget is
+    no longer known (more than `pruning.COUNTER_DAYS` before the member's latest events)."""
+    if not counted(state, day):
+        return state, []
     used = state.engagement_by_day.get(day, 0)
     paid = _capped(used, points, ruleset.engagement.daily_cap)
     if paid == 0:
@@ -77,6 +86,8 @@ def on_sign_in(state: MemberState, event: CheckIn, ruleset: RuleSet, day: date) 
     cap, by_day, member = ruleset.engagement.daily_cap, state.engagement_by_day, event.member_id
     before = used = by_day.get(day, 0)
     payouts: list[Payout] = []
+    if not counted(state, day):  # the streak still counts the day; its budget is unknown
+        return replace(state, sign_in_last_day=day, sign_in_streak=streak), payouts
     paid = _capped(used, rules.points, cap)
     if paid:
         used += paid
@@ -125,7 +136,7 @@ def on_share(state: MemberState, event: Share, ruleset: RuleSet, day: date) -> O
     if not (by_likes or (d.approved and rules.pays_on_approval)):
         return state, []
     count = state.shares_by_day.get(day, 0)
-    if rules.max_per_day is not None and count >= rules.max_per_day:
+    if not counted(state, day) or (rules.max_per_day is not None and count >= rules.max_per_day):
         return state, []
     state = replace(
         state,

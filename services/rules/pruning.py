@@ -23,7 +23,11 @@ from services.rules.state import (
 )
 
 D = TypeVar("D", date, datetime)
-_TWO_DAYS: Final = timedelta(days=2)
+# Day counters (engagement points, shares) are kept this long after their day, so an
+# engagement event that comes late, or a burst that ops release after review, still meets
+# the day's cap. An event for a day older than the counters kept earns no capped points
+# (`MemberState.counters_since`).
+COUNTER_DAYS: Final = timedelta(days=35)
 
 
 def add_months(dt: D, months: int) -> D:
@@ -47,7 +51,7 @@ def _day_bounds(today: date, keep_months: int) -> tuple[date, date]:
     if known is None:
         if len(_DAY_BOUNDS) > 4096:
             _DAY_BOUNDS.clear()
-        known = _DAY_BOUNDS[key] = (today - _TWO_DAYS, add_months(today, -keep_months))
+        known = _DAY_BOUNDS[key] = (today - COUNTER_DAYS, add_months(today, -keep_months))
     return known
 
 
@@ -63,7 +67,8 @@ def prune(state: MemberState, now: datetime, today: date, keep_months: int) -> M
     by_day, shares_by_day = state.engagement_by_day, state.shares_by_day
     shares_paid, reviews, visits = state.shares_paid, state.reviews, state.visits_seen
     if by_day or shares_by_day or shares_paid or reviews or visits:
-        # Day counters: kept while (today - day).days <= 2, i.e. day >= today - 2 days.
+        # Day counters: kept while day >= today - COUNTER_DAYS. Dropping one moves
+        # `counters_since` up: the days before it have lost their counts.
         oldest_counter, day_horizon = _day_bounds(today, keep_months)
         if by_day and next(iter(by_day)) < oldest_counter:
             changes["engagement_by_day"] = {d: v for d, v in by_day.items() if d >= oldest_counter}
@@ -71,6 +76,9 @@ def prune(state: MemberState, now: datetime, today: date, keep_months: int) -> M
             changes["shares_by_day"] = {
                 d: v for d, v in shares_by_day.items() if d >= oldest_counter
             }
+        since = state.counters_since
+        if changes and (since is None or since < oldest_counter):  # only counters so far
+            changes["counters_since"] = oldest_counter
         if shares_paid and next(iter(shares_paid.values())) <= day_horizon:
             changes["shares_paid"] = {k: d for k, d in shares_paid.items() if d > day_horizon}
         if reviews and next(iter(reviews.values())).day <= day_horizon:

@@ -190,6 +190,9 @@ class MemberState(
     shares_by_day: dict[date, int] = msgspec.field(default_factory=dict)
     reviews: dict[str, ReviewMark] = msgspec.field(default_factory=dict)
     engagement_by_day: dict[date, int] = msgspec.field(default_factory=dict)
+    # The oldest day whose counters (engagement_by_day, shares_by_day) are still complete;
+    # None: none dropped yet. A capped payout for an earlier day cannot check its cap.
+    counters_since: date | None = None
     recent_engagement: tuple[datetime, ...] = ()
     referrer_id: str | None = None
     referral_paid: bool = False

@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 from rules_factories import DEFAULT, T0, Run, purchase, refund, review, share, sign_in, visit
 
 from schemas.activity import Activity
-from services.rules.pruning import add_months, put_count, put_day, put_order, put_review
+from services.rules.pruning import (
+    COUNTER_DAYS,
+    add_months,
+    put_count,
+    put_day,
+    put_order,
+    put_review,
+)
 from services.rules.ruleset import derived
 from services.rules.state import (
     MemberState,
@@ -33,12 +40,18 @@ KEEP = derived(DEFAULT).keep_months
 
 def reference_prune(state: MemberState, now: datetime, today: date) -> MemberState:
     """Drop everything stale, scanning every entry (no reliance on order)."""
-    counter_floor, horizon = today - timedelta(days=2), add_months(today, -KEEP)
+    counter_floor, horizon = today - COUNTER_DAYS, add_months(today, -KEEP)
     order_horizon = add_months(now, -KEEP)
+    by_day = {d: v for d, v in state.engagement_by_day.items() if d >= counter_floor}
+    shares_by_day = {d: v for d, v in state.shares_by_day.items() if d >= counter_floor}
+    since = state.counters_since
+    if by_day != state.engagement_by_day or shares_by_day != state.shares_by_day:
+        since = counter_floor if since is None else max(since, counter_floor)
     return replace(
         state,
-        engagement_by_day={d: v for d, v in state.engagement_by_day.items() if d >= counter_floor},
-        shares_by_day={d: v for d, v in state.shares_by_day.items() if d >= counter_floor},
+        engagement_by_day=by_day,
+        shares_by_day=shares_by_day,
+        counters_since=since,
         shares_paid={k: d for k, d in state.shares_paid.items() if d > horizon},
         reviews={k: r for k, r in state.reviews.items() if r.day > horizon},
         visits_seen={k: d for k, d in state.visits_seen.items() if d > horizon},

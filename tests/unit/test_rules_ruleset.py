@@ -7,9 +7,21 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from rules_factories import CST, DEFAULT, REF004, RULESETS, T0, Run, by_rule, review, ruleset
+from rules_factories import (
+    CST,
+    DEFAULT,
+    REF004,
+    RULESETS,
+    T0,
+    Run,
+    by_rule,
+    review,
+    ruleset,
+    sign_in,
+)
 
 from services.rules.engine import release
+from services.rules.pruning import COUNTER_DAYS
 from services.rules.ruleset import RuleBook, RuleSetError, load_ruleset
 
 MINIMAL = "version: v\neffective_from: 2026-01-01T00:00:00+08:00\n"
@@ -96,6 +108,31 @@ def test_rule_book_picks_version_in_force() -> None:
         RuleBook([DEFAULT, DEFAULT])
     with pytest.raises(RuleSetError):
         RuleBook([])
+
+
+def test_a_burst_released_days_later_still_meets_its_days_cap() -> None:
+    # 25 featured reviews in a minute: 200 paid (the cap), 5 held. The member signs in on
+    # the next three days; ops then release the held reviews: day one's cap is used up.
+    run = Run()
+    run.feed([review(at=T0 + timedelta(seconds=i), featured=True) for i in range(25)])
+    assert by_rule(run.grants) == {"featured_review": 200}
+    assert len(run.held) == 5
+    run.feed([sign_in(at=T0 + timedelta(days=d)) for d in (1, 2, 3)])
+    for held in run.held:
+        assert release(run.state(), held, run.rules).grants == ()
+
+
+def test_an_engagement_event_older_than_the_kept_counters_earns_no_capped_points() -> None:
+    run = Run()
+    run.feed(review(at=T0))
+    run.feed(sign_in(at=T0 + timedelta(days=50)))  # drops day one's counter
+    assert run.state().counters_since == (T0 + timedelta(days=50)).date() - COUNTER_DAYS
+    # A review from day one comes now: its day's budget is no longer known.
+    late = run.feed(review(at=T0 + timedelta(hours=2)))
+    assert late.grants == ()
+    # Within the kept counters a late review pays as it would have on time.
+    within = run.feed(review(at=T0 + timedelta(days=30)))
+    assert by_rule(within.grants) == {"review": 50}
 
 
 def test_burst_holds_excess_and_release_pays_it() -> None:
