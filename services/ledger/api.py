@@ -263,6 +263,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/v1/members/{member_id}/redemptions", status_code=201, dependencies=needs("redeemer")
     )
     async def post_redemption(member_id: str, body: RedemptionBody) -> JSONResponse:
+        now = datetime.now(UTC)
         async with pool().acquire() as conn:
             outcome = await redemptions.redeem(
                 conn,
@@ -273,7 +274,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 reward=body.reward,
                 cash=body.cash,
                 store_id=body.store_id,
-                now=datetime.now(UTC),
+                now=now,
+                policy=await ledger.rules.policy_at(conn, now),
             )
         if outcome.fresh:
             ledger.wake_relay()
@@ -281,6 +283,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/adjustments", status_code=201, dependencies=needs("ops"))
     async def post_adjustment(body: AdjustmentBody) -> JSONResponse:
+        now = datetime.now(UTC)
         async with pool().acquire() as conn:
             outcome = await redemptions.adjust(
                 conn,
@@ -291,7 +294,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 reason=body.reason.strip(),
                 operator=body.operator.strip(),
                 allow_debt=body.allow_debt,
-                now=datetime.now(UTC),
+                now=now,
+                lifetime_months=await ledger.rules.lifetime_at(conn, now),
             )
         if outcome.fresh:
             ledger.wake_relay()
@@ -309,7 +313,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if end < start:
             raise Problem(422, "Invalid period", "`to` is before `from`")
         async with pool().acquire() as conn:
-            doc = await reports.summary(conn, start, end, store_id, now)
+            policy = await ledger.rules.policy_at(conn, now)
+            doc = await reports.summary(conn, start, end, store_id, now, policy)
         return FastJSON(doc)
 
     @app.get("/healthz")

@@ -30,6 +30,7 @@ from services.ledger.journal import (
     write_journal,
 )
 from services.ledger.reads import member_document
+from services.ledger.rulebook import LedgerRules
 
 NO_SPEND: Final = Decimal("0.00")  # as a member row with no tier report shows it
 KNOWN_ENTRIES: Final = "SELECT entry_id FROM ledger_entries WHERE entry_id = ANY($1::text[])"
@@ -55,10 +56,14 @@ WHERE member_id = $1 AND occurred_at <= $2 ORDER BY occurred_at DESC, seq DESC L
 """
 
 
-def command_for(grant: PointsGranted | PointsRevoked) -> acc.Earn | acc.Revoke:
+def command_for(
+    grant: PointsGranted | PointsRevoked, lifetime_months: int = acc.DEFAULT_LIFETIME_MONTHS
+) -> acc.Earn | acc.Revoke:
+    """`lifetime_months`: of the rule-set version that priced the grant (`LedgerRules`)."""
     d = grant.data
     if isinstance(grant, PointsGranted):
         return acc.Earn(
+            lifetime_months=lifetime_months,
             entry_id=grant.event_id,
             points=d.points,
             occurred_at=grant.occurred_at,
@@ -81,7 +86,7 @@ def command_for(grant: PointsGranted | PointsRevoked) -> acc.Earn | acc.Revoke:
     )
 
 
-def make_handler(settings: Settings, consumer_name: str):  # type: ignore[no-untyped-def]
+def make_handler(settings: Settings, consumer_name: str, rules: LedgerRules):  # type: ignore[no-untyped-def]
     async def handle(
         conn: asyncpg.Connection, records: Sequence[ConsumerRecord], work: BatchWork
     ) -> None:
@@ -104,9 +109,12 @@ def make_handler(settings: Settings, consumer_name: str):  # type: ignore[no-unt
         before = await load_books(conn, members)
         after = dict(before)
         entries: list[acc.Entry] = []
+        if moves:
+            await rules.refresh(conn)
         for grant in moves:
             book = after[grant.member_id]
-            book, new = acc.apply(book, command_for(grant))
+            lifetime = rules.lifetime_months(grant.data.ruleset_version)
+            book, new = acc.apply(book, command_for(grant, lifetime))
             entries.extend(new)
             after[grant.member_id] = book
         # A late grant (occurred_at over 12 months ago) made a lot that is already past its

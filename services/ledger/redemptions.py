@@ -240,8 +240,11 @@ async def adjust(
     operator: str,
     allow_debt: bool,
     now: datetime,
+    lifetime_months: int = acc.DEFAULT_LIFETIME_MONTHS,
 ) -> Outcome:
-    """A manual grant or deduction by ops: journaled with its reason and operator."""
+    """A manual grant or deduction by ops: journaled with its reason and operator.
+
+    A grant's points live `lifetime_months` (the rule set in force now: `LedgerRules`)."""
     request = {
         "member_id": member_id,
         "points": points,
@@ -272,6 +275,7 @@ async def adjust(
                     operator=operator,
                     adjustment_id=adjustment_id,
                     allow_debt=allow_debt,
+                    lifetime_months=lifetime_months,
                 )
             except ValueError as exc:
                 raise Refused(422, "Invalid adjustment", str(exc)) from None

@@ -15,6 +15,7 @@ from services.common.outbox import OutboxRelay, make_producer
 from services.common.planner_stats import keep_planner_stats
 from services.common.runtime import Background, create_broker, create_pool
 from services.ledger import projector
+from services.ledger.rulebook import LedgerRules
 from services.ledger.sweeper import ExpirySweeper
 
 SERVICE = "ledger"
@@ -43,6 +44,7 @@ class LedgerService:
         self._producer: Any = None
         self.relay: OutboxRelay | None = None
         self.sweeper: ExpirySweeper | None = None
+        self.rules = LedgerRules()
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -57,7 +59,7 @@ class LedgerService:
         self.relay = OutboxRelay(self._pool, self._producer, SERVICE)
         self.consumer.bind(
             self._pool,
-            projector.make_handler(self.settings, self.consumer.name),
+            projector.make_handler(self.settings, self.consumer.name, self.rules),
             self.relay.wake,
         )
         register_lag([self.consumer])

@@ -203,8 +203,22 @@ class RedemptionRules(_Strict):
 
 
 class ExpiryRules(_Strict):
+    """`lot_lifetime_months` is the ledger's: a grant's points live as long as the version
+    that priced it says. The ledger's expiry sweep warns 30 and 7 days ahead, for every
+    version alike, so other warning days are refused rather than silently not kept."""
+
     lot_lifetime_months: int = Field(default=12, ge=1)
     warn_days_before: list[int] = Field(default_factory=lambda: [30, 7])
+
+    @field_validator("warn_days_before")
+    @classmethod
+    def _warned_as_the_ledger_warns(cls, days: list[int]) -> list[int]:
+        if sorted(days, reverse=True) != [30, 7]:
+            raise ValueError(
+                "the ledger warns 30 and 7 days before points expire; other warning days"
+                " are not supported yet (give [30, 7] or leave the key out)"
+            )
+        return days
 
 
 class RuleIds(_Strict):

@@ -9,9 +9,12 @@ import json
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
+import asyncpg
 import pytest
+import yaml
 
 from services.ledger.accounting import add_months
+from services.rules.rulebook_store import DEFAULT_RULESET, publish
 from tests.integration.harness import OPS_KEY, READER_KEY, Stack, wait_until
 from tests.integration.ledger_helpers import (
     assert_problem,
@@ -227,6 +230,66 @@ async def test_member_as_of_a_past_moment(stack: Stack) -> None:
     now = await member(stack, "m-asof")
     assert now["next_tier"] == {"tier": "diamond", "spend_needed": "69000.00"}
     assert now["points"]["available"] == 1500
+
+
+async def test_the_ledger_follows_the_published_rule_set(stack: Stack) -> None:
+    """Lot lifetime, cash rates, minimum balance and catalogue are the rule book's data: a
+    clinic publishes other numbers and the ledger keeps them, without a code change."""
+    now = datetime.now(UTC)
+    rules = yaml.safe_load(DEFAULT_RULESET.read_text(encoding="utf-8"))
+    rules.update(version="clinic-b", effective_from=now - timedelta(days=1))
+    rules["expiry"]["lot_lifetime_months"] = 6
+    rules["redemption"] = {
+        "min_balance": 100,
+        "points_per_cny": {"member": 50, "silver": 50, "gold": 40, "diamond": 30},
+        "catalogue": {"spa-day": 700},
+    }
+    conn = await asyncpg.connect(stack.dsn)
+    try:
+        await publish(conn, yaml.safe_dump(rules), "test")
+    finally:
+        await conn.close()
+
+    priced = grant("m-b", 1500, now - timedelta(hours=1))
+    priced["data"]["ruleset_version"] = "clinic-b"
+    foreign = grant("m-b", 100, now - timedelta(hours=1))  # "test-v1": not in the book
+    await give(stack, priced, foreign)
+    lifetimes = dict(
+        await stack.fetch(
+            "SELECT lot_id, expires_at FROM ledger_lots WHERE member_id = 'm-b'",
+        )
+    )
+    assert lifetimes[priced["event_id"]] == add_months(now - timedelta(hours=1), 6)
+    assert lifetimes[foreign["event_id"]] == add_months(now - timedelta(hours=1), 12)
+
+    path = "/v1/members/m-b/redemptions"
+    cash = await post(stack, path, {"redemption_id": "rb-1", "cash": "10.00"})
+    assert cash.status_code == 201, cash.text
+    assert cash.json()["points"] == 500  # 50 points per CNY for a member, not 100
+    spa = await post(stack, path, {"redemption_id": "rb-2", "reward": "spa-day"})
+    assert spa.status_code == 201, spa.text
+    assert spa.json()["points"] == 700
+    unknown = assert_problem(
+        await post(stack, path, {"redemption_id": "rb-3", "reward": "face-mask"}), 422
+    )
+    assert unknown["catalogue"] == ["spa-day"]
+    # 400 left: below the default minimum of 500, above this clinic's 100.
+    small = await post(stack, path, {"redemption_id": "rb-4", "points": 150})
+    assert small.status_code == 201, small.text
+    adjusted = await post(
+        stack,
+        "/v1/adjustments",
+        {
+            "adjustment_id": "adj-b",
+            "member_id": "m-b",
+            "points": 300,
+            "reason": "goodwill",
+            "operator": "ops-1",
+        },
+    )
+    assert adjusted.status_code == 201, adjusted.text
+    expires = datetime.fromisoformat(adjusted.json()["expires_at"])
+    assert abs(expires - add_months(now, 6)) < timedelta(minutes=5)
 
 
 async def test_fifty_concurrent_redemptions_never_overspend(stack: Stack) -> None:

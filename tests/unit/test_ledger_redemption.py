@@ -141,3 +141,24 @@ def test_cash_value_never_overpays(tier: Tier, points: int) -> None:
     assert value * rate <= points
     assert (value + Decimal("0.01")) * rate > points
     assert points_for_cash(tier, value) <= points
+
+
+def test_a_rule_sets_redemption_section_becomes_the_ledgers_policy() -> None:
+    from services.ledger.rulebook import policy_of
+    from services.rules.ruleset import RedemptionRules
+
+    policy = policy_of(
+        RedemptionRules(
+            min_balance=100,
+            points_per_cny={"member": 50, "silver": 50, "gold": 40, "diamond": 30},
+            catalogue={"face-mask": 400, "spa-day": 700},
+        )
+    )
+    assert policy.min_balance == 100
+    assert policy.points_for_cash("gold", Decimal("10")) == 400
+    assert policy.reward("face-mask") == Reward("face-mask", 400, "Face mask", "面膜")
+    assert policy.reward("spa-day").points == 700
+    with pytest.raises(UnknownReward):
+        policy.reward("lucky-draw")
+    # The default rule set's section is the ledger's default policy.
+    assert policy_of(RedemptionRules()) == DEFAULT_POLICY

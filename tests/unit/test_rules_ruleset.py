@@ -76,6 +76,7 @@ def test_reference_file_loads_from_str_path() -> None:
             "ends_at must be after",
         ),
         ("purchase:\n  stack_purchase_bonuses: 'yes'\n", "purchase.stack_purchase_bonuses", "bool"),
+        ("expiry:\n  warn_days_before: [14]\n", "expiry.warn_days_before", "30 and 7 days"),
     ],
 )
 def test_bad_file_names_field_and_reason(extra: str, field: str, reason: str) -> None:

@@ -1,0 +1,75 @@
+"""The rule book as the ledger needs it: how long a grant's points live, how points redeem.
+
+Rules are data (DOMAIN.md): a clinic's published rule set decides, besides earning, the
+lot lifetime (`expiry.lot_lifetime_months`) and redemption (`redemption`: minimum
+balance, cash rates per tier, catalogue). The ledger reads the same published versions
+the rules service does (`rules_rulesets`), without writing: a grant's points live as
+long as the version that priced it says (`ruleset_version` on the grant; a version the
+book does not hold, e.g. a grant from another system, gets the default 12 months), and
+a redemption or adjustment follows the version in force when it is made.
+
+A new version is picked up by the next batch or call: each looks at the book's stamp
+(one tiny query) and re-reads it only when it changed.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+import structlog
+
+from services.ledger.accounting import DEFAULT_LIFETIME_MONTHS
+from services.ledger.redemption import DEFAULT_CATALOGUE, RedemptionPolicy, Reward
+from services.rules.rulebook_store import book_stamp, read_book
+from services.rules.ruleset import RedemptionRules, RuleBook
+
+log = structlog.get_logger()
+_NAMES = {r.code: (r.name, r.name_zh) for r in DEFAULT_CATALOGUE}
+
+
+def policy_of(rules: RedemptionRules) -> RedemptionPolicy:
+    """A rule set's redemption section as the ledger's policy (known rewards keep their
+    display names; a clinic's own codes are named by their code)."""
+    return RedemptionPolicy(
+        min_balance=rules.min_balance,
+        cash_rates=dict(rules.points_per_cny),
+        catalogue=tuple(
+            Reward(code, points, *_NAMES.get(code, (code, code)))
+            for code, points in rules.catalogue.items()
+        ),
+    )
+
+
+class LedgerRules:
+    """The published rule book, cached until its stamp changes."""
+
+    def __init__(self) -> None:
+        self._stamp: tuple[int, object] | None = None
+        self._book: RuleBook | None = None
+        self._lifetimes: dict[str, int] = {}
+        self._policies: dict[str, RedemptionPolicy] = {}
+
+    async def refresh(self, conn: asyncpg.Connection) -> RuleBook:
+        stamp = await book_stamp(conn)
+        if self._book is None or stamp != self._stamp:
+            book = await read_book(conn)
+            self._book, self._stamp = book, stamp
+            self._lifetimes = {r.version: r.expiry.lot_lifetime_months for r in book.versions}
+            self._policies = {r.version: policy_of(r.redemption) for r in book.versions}
+            log.info("ledger_rulebook_loaded", versions=sorted(self._lifetimes))
+        return self._book
+
+    def lifetime_months(self, version: str | None) -> int:
+        """Call after `refresh`. A version the book does not hold: the default."""
+        if version is None:
+            return DEFAULT_LIFETIME_MONTHS
+        return self._lifetimes.get(version, DEFAULT_LIFETIME_MONTHS)
+
+    async def policy_at(self, conn: asyncpg.Connection, at: datetime) -> RedemptionPolicy:
+        book = await self.refresh(conn)
+        return self._policies[book.at(at).version]
+
+    async def lifetime_at(self, conn: asyncpg.Connection, at: datetime) -> int:
+        book = await self.refresh(conn)
+        return self._lifetimes[book.at(at).version]
