@@ -314,7 +314,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise Problem(422, "Invalid period", "`to` is before `from`")
         async with pool().acquire() as conn:
             policy = await ledger.rules.policy_at(conn, now)
-            doc = await reports.summary(conn, start, end, store_id, now, policy)
+            zone = (await ledger.rules.refresh(conn)).at(now).zone
+            doc = await reports.summary(conn, start, end, store_id, now, policy, zone)
         return FastJSON(doc)
 
     @app.get("/healthz")

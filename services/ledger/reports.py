@@ -5,6 +5,8 @@ Definitions (documented in the API description too):
 * ``issued`` / ``redeemed`` / ``expired``: points of earn / redeem / expire entries whose
   ``occurred_at`` is in ``[from, to)`` (positive numbers). With ``store_id``, an expiry
   counts for the store of the lot's earning entry.
+* ``revoked``: points taken back by refunds in the period (positive), so that
+  ``issued - revoked - redeemed - expired + adjusted`` accounts for the period's movement.
 * ``adjusted``: the signed sum of manual adjustments in the period (ops' own number).
 * ``outstanding``: points held now (unexpired lots, pending included) minus debt; with
   ``store_id``, the lots earned at that store. A snapshot of *now*, not of ``to``: the
@@ -15,17 +17,22 @@ Definitions (documented in the API description too):
 * ``active_members``: members with at least one entry in the period (at the store).
 * ``by_rule``: points issued per rule id in the period; ``tiers``: members per tier now
   (with ``store_id``: members who ever had an entry at that store).
+* ``expiring_next_month``: points of unexpired lots that expire in the calendar month after
+  the current one, in the rule set's time zone (``month``, ``points``): the owner's "points
+  expiring next month"; with ``store_id``, lots earned at that store.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, tzinfo
 from decimal import Decimal
 from typing import Any, Final
+from zoneinfo import ZoneInfo
 
 import asyncpg
 
 from schemas.grants import TIERS
+from services.ledger.accounting import add_months
 from services.ledger.redemption import DEFAULT_POLICY, RedemptionPolicy
 from services.ledger.redemptions import tier_of
 
@@ -42,17 +49,21 @@ ACTIVE_MEMBERS: Final = """
 SELECT count(DISTINCT member_id) FROM ledger_entries
 WHERE occurred_at >= $1 AND occurred_at < $2 AND ($3::text IS NULL OR store_id = $3)
 """
-# Points held per tier now: unexpired lots (pending included) less each member's debt.
+# Points held per tier now: unexpired lots (pending included) less each member's debt;
+# and, in the same scan, the points of those lots that expire in [$3, $4).
 OUTSTANDING_BY_TIER: Final = """
 WITH held AS (
-    SELECT l.member_id, sum(l.remaining)::bigint AS points
+    SELECT l.member_id, sum(l.remaining)::bigint AS points,
+           (sum(l.remaining) FILTER (WHERE l.expires_at >= $3 AND l.expires_at < $4))::bigint
+               AS expiring
     FROM ledger_lots AS l
     LEFT JOIN ledger_entries AS src ON $2::text IS NOT NULL AND src.entry_id = l.lot_id
     WHERE l.remaining > 0 AND l.expires_at > $1 AND ($2::text IS NULL OR src.store_id = $2)
     GROUP BY l.member_id
 )
 SELECT m.tier, sum(GREATEST(h.points - CASE WHEN $2::text IS NULL THEN m.debt ELSE 0 END, 0))
-           ::bigint AS points
+           ::bigint AS points,
+       COALESCE(sum(h.expiring), 0)::bigint AS expiring
 FROM held AS h JOIN ledger_members AS m USING (member_id)
 GROUP BY m.tier
 """
@@ -64,6 +75,15 @@ WHERE $1::text IS NULL
 GROUP BY tier
 """
 _CENT: Final = Decimal("0.01")
+SHANGHAI: Final = ZoneInfo("Asia/Shanghai")
+
+
+def next_month(now: datetime, zone: tzinfo) -> tuple[datetime, datetime]:
+    """The calendar month after `now`'s, in `zone`: [its first midnight, the next one)."""
+    local = now.astimezone(zone)
+    first = datetime(local.year, local.month, 1, tzinfo=zone)
+    start = add_months(first, 1)
+    return start, add_months(start, 1)
 
 
 async def summary(
@@ -73,8 +93,9 @@ async def summary(
     store_id: str | None,
     now: datetime,
     policy: RedemptionPolicy = DEFAULT_POLICY,
+    zone: tzinfo = SHANGHAI,
 ) -> dict[str, Any]:
-    issued = redeemed = expired = adjusted = 0
+    issued = redeemed = expired = adjusted = revoked = 0
     by_rule: dict[str, int] = {}
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         for r in await conn.fetch(PERIOD_TOTALS, start, end, store_id):
@@ -89,14 +110,18 @@ async def summary(
                 expired += -points
             elif r["kind"] == "adjust":
                 adjusted += points
+            elif r["kind"] == "revoke":
+                revoked += -points
         active = await conn.fetchval(ACTIVE_MEMBERS, start, end, store_id)
-        held = await conn.fetch(OUTSTANDING_BY_TIER, now, store_id)
+        month, month_after = next_month(now, zone)
+        held = await conn.fetch(OUTSTANDING_BY_TIER, now, store_id, month, month_after)
         tier_rows = await conn.fetch(TIERS_COUNT, store_id)
-    outstanding = 0
+    outstanding = expiring = 0
     liability = Decimal(0)
     for r in held:
         tier = tier_of(r["tier"])
         outstanding += int(r["points"])
+        expiring += int(r["expiring"])
         liability += Decimal(int(r["points"])) / policy.rate(tier)
     tiers = dict.fromkeys(TIERS, 0)
     for r in tier_rows:
@@ -109,6 +134,7 @@ async def summary(
         "issued": issued,
         "redeemed": redeemed,
         "expired": expired,
+        "revoked": revoked,
         "adjusted": adjusted,
         "outstanding": outstanding,
         "liability_cny": format(liability.quantize(_CENT), "f"),
@@ -116,5 +142,6 @@ async def summary(
         "active_members": int(active or 0),
         "by_rule": dict(sorted(by_rule.items())),
         "tiers": tiers,
+        "expiring_next_month": {"month": month.strftime("%Y-%m"), "points": expiring},
         "as_of": now.isoformat(),
     }

@@ -12,7 +12,15 @@ from typing import Any
 import asyncpg
 import httpx
 
-from schemas.grants import GrantData, PointsGranted, Tier, TierData, TierEvaluated
+from schemas.grants import (
+    GrantData,
+    PointsGranted,
+    PointsRevoked,
+    RevokeData,
+    Tier,
+    TierData,
+    TierEvaluated,
+)
 from services.common.config import Settings
 from services.common.runtime import create_pool
 from services.ledger import accounting as acc
@@ -44,6 +52,23 @@ def grant(
             store_id=store,
             order_id=f"o-{uuid.uuid4().hex[:10]}",
             pending_days=pending_days,
+        ),
+    )
+    return event.model_dump(mode="json")
+
+
+def revoke(member: str, points: int, at: datetime, order_id: str) -> dict[str, Any]:
+    """A refund's take-back, as the rules service sends it."""
+    event = PointsRevoked(
+        event_id=str(uuid.uuid4()),
+        occurred_at=at,
+        member_id=member,
+        data=RevokeData(
+            rule_id="base",
+            ruleset_version="test-v1",
+            points=points,
+            source_event_id=str(uuid.uuid4()),
+            order_id=order_id,
         ),
     )
     return event.model_dump(mode="json")

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from services.ledger.accounting import add_months
+from services.ledger.reports import SHANGHAI, next_month
 from services.rules.rulebook_store import DEFAULT_RULESET, publish
 from tests.integration.harness import OPS_KEY, READER_KEY, Stack, wait_until
 from tests.integration.ledger_helpers import (
@@ -23,6 +24,7 @@ from tests.integration.ledger_helpers import (
     grant,
     member,
     post,
+    revoke,
     tier_report,
 )
 
@@ -290,6 +292,28 @@ async def test_the_ledger_follows_the_published_rule_set(stack: Stack) -> None:
     assert adjusted.status_code == 201, adjusted.text
     expires = datetime.fromisoformat(adjusted.json()["expires_at"])
     assert abs(expires - add_months(now, 6)) < timedelta(minutes=5)
+
+
+async def test_the_summary_counts_refunds_and_the_points_expiring_next_month(
+    stack: Stack,
+) -> None:
+    now = datetime.now(UTC)
+    month, month_after = next_month(now, SHANGHAI)
+    # Lots live 12 months: earned a year before a moment of next month, they expire then.
+    inside = grant("m-x", 400, add_months(month + timedelta(days=2), -12))
+    last_moment = grant("m-x", 50, add_months(month_after - timedelta(minutes=1), -12))
+    later = grant("m-x", 300, add_months(month_after + timedelta(days=1), -12))
+    bought = grant("m-y", 1000, now - timedelta(days=3))
+    await give(stack, inside, last_moment, later, bought)
+    await give(stack, revoke("m-y", 250, now - timedelta(days=1), bought["data"]["order_id"]))
+
+    rep = (await stack.get("/v1/reports/summary", key=OPS_KEY)).json()
+    assert rep["expiring_next_month"] == {"month": month.strftime("%Y-%m"), "points": 450}
+    assert rep["revoked"] == 250
+    assert rep["issued"] == 400 + 50 + 300 + 1000
+    assert rep["outstanding"] == (
+        rep["issued"] - rep["revoked"] - rep["redeemed"] - rep["expired"] + rep["adjusted"]
+    )
 
 
 async def test_fifty_concurrent_redemptions_never_overspend(stack: Stack) -> None:
