@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 import structlog
+from aiokafka.errors import KafkaError
 from faststream.kafka import KafkaBroker
 
 from services.common.config import Settings
@@ -98,7 +100,22 @@ class LedgerService:
                     db = await conn.fetchval("SELECT true")
             except (OSError, asyncpg.PostgresError, TimeoutError):
                 db = False
-        return {"database": bool(db), "consumer_assigned": bool(self.consumer.assigned)}
+        return {
+            "database": bool(db),
+            "broker": await self._broker_reachable(),
+            "consumer_assigned": bool(self.consumer.assigned),
+        }
+
+    async def _broker_reachable(self) -> bool:
+        """A metadata round trip to the brokers (the consumer's assignment alone outlives
+        a broker outage): what the relay needs to publish and the consumer to fetch."""
+        if self._producer is None:
+            return False
+        try:
+            await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout=2)
+        except (KafkaError, OSError, TimeoutError):
+            return False
+        return True
 
     async def member_as_of(
         self, conn: asyncpg.Connection, member_id: str, at: datetime

@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from fastapi.testclient import TestClient
 
 from services.common.config import Settings
@@ -112,3 +113,51 @@ def test_any_other_failure_is_a_500_problem_without_internals() -> None:
     body = problem(client(KeyError("secret-internal-name")).get("/v1/members/m-1",
                                                                   headers=READER), 500)  # fmt: skip
     assert "secret-internal-name" not in str(body)
+
+
+class _Client:
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+
+    async def fetch_all_metadata(self) -> object:
+        if self.error is not None:
+            raise self.error
+        return object()
+
+
+class _Producer:
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.client = _Client(error)
+
+
+class _ReadyPool:
+    @contextlib.asynccontextmanager
+    async def acquire(self, timeout: float | None = None) -> AsyncIterator[Any]:
+        class Conn:
+            async def fetchval(self, *args: Any) -> Any:
+                return True
+
+        yield Conn()
+
+
+@pytest.mark.parametrize(
+    ("producer", "ready"),
+    [
+        (_Producer(), True),
+        (_Producer(KafkaConnectionError("no broker")), False),
+        (_Producer(ConnectionRefusedError(111, "refused")), False),
+        (None, False),
+    ],
+    ids=["reachable", "kafka error", "refused", "not started"],
+)
+def test_readyz_needs_the_broker_reachable(producer: Any, ready: bool) -> None:
+    """CONTRACT.md: readiness is broker and database reachable, consumers assigned. The
+    consumer's assignment outlives a broker outage, so the broker is asked each time."""
+    c = client()
+    ledger = c.app.state.ledger  # type: ignore[attr-defined]
+    ledger._pool = _ReadyPool()
+    ledger._producer = producer
+    ledger.consumer.assigned = {("loyalty.grants.v1", 0)}
+    resp = c.get("/readyz")
+    assert resp.json()["checks"] == {"database": True, "broker": ready, "consumer_assigned": True}
+    assert resp.status_code == (200 if ready else 503)
