@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from deploy import local
+from services.common.config import Topics
 from services.common.migrations import apply_migrations as migrate
 
 ROOT = local.REPO_ROOT
@@ -39,7 +40,10 @@ STACK_ENV = RUN / "stack.env"
 PG_DATA = RUN / "pgdata"
 KAFKA_DATA = RUN / "kafka-data"
 
-TOPICS = ["loyalty.activity.v1", "loyalty.grants.v1", "loyalty.ledger.v1", "loyalty.dlq.v1"]
+# The contract's topics, with LOYALTY_TOPIC_PREFIX in front when it is set (as the
+# services read it), so `make up` creates the topics the services will use.
+TOPIC_PREFIX = os.environ.get("LOYALTY_TOPIC_PREFIX", "")
+TOPICS = Topics(prefix=TOPIC_PREFIX).all()
 
 #: (name, python module) of each service process, started in this order, stopped in reverse.
 SERVICES: list[tuple[str, str]] = [
@@ -195,6 +199,7 @@ def build_env(
         "LEDGER_READER_KEY": reader_key,
         "LEDGER_API_KEYS": f"{ops_key}:ops,{reader_key}:reader",
         "TOPIC_PARTITIONS": os.environ.get("TOPIC_PARTITIONS", "6"),
+        "LOYALTY_TOPIC_PREFIX": TOPIC_PREFIX,
         **local.consumer_env(broker_kind),
         # The ledger serves /metrics on its API port; the others get a port of their own.
         "RULES_METRICS_PORT": os.environ.get("RULES_METRICS_PORT", "9101"),
