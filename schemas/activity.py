@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, model_validator
 
 from schemas.envelope import EventTime, Inbound, Money
 
@@ -19,7 +19,9 @@ class PurchaseItem(Inbound):
 
 class _Activity(Inbound):
     event_id: str = Field(min_length=1, max_length=200)
-    schema_version: int = 1
+    # A different version is a breaking change, which the contract puts on a new topic:
+    # on this one it is refused (dead-lettered) rather than read as version 1.
+    schema_version: Literal[1] = 1
     occurred_at: EventTime
     member_id: str = Field(min_length=1, max_length=200)
     store_id: str | None = None
@@ -62,7 +64,18 @@ class CheckInData(Inbound):
     booking_id: str | None = None
     booked_at: EventTime | None = None
     slot_start: EventTime | None = None
-    arrived_at: EventTime | None = None
+    arrived_at: EventTime | None = None  # a visit's: None = missed
+
+    @model_validator(mode="after")
+    def _a_visit_names_its_booking(self) -> Self:
+        """A visit is judged against its booking (lead time, punctuality): without one it
+        could only be paid nothing, silently, so it is refused (dead-lettered) instead."""
+        if self.kind == "visit":
+            missing = [n for n in ("booking_id", "booked_at", "slot_start")
+                       if getattr(self, n) is None]  # fmt: skip
+            if missing:
+                raise ValueError(f"a visit needs {', '.join(missing)}")
+        return self
 
 
 class CheckIn(_Activity):

@@ -71,12 +71,43 @@ def test_grants_and_ledger_events_with_added_fields_still_parse() -> None:
             b'"member_id":"m","data":{"order_id":"o","amount":"-1"}}',
             "value_error",
         ),
+        (
+            b'{"event_id":"e","type":"purchase","schema_version":2,'
+            b'"occurred_at":"2026-11-20T15:04:05+08:00",'
+            b'"member_id":"m","data":{"order_id":"o","amount":"1"}}',
+            "literal_error",
+        ),
+        (
+            b'{"event_id":"e","type":"check_in","occurred_at":"2026-11-20T15:04:05+08:00",'
+            b'"member_id":"m","data":{"kind":"visit","booking_id":"b-1",'
+            b'"arrived_at":"2026-11-20T15:04:05+08:00"}}',
+            "value_error",
+        ),
     ],
 )
 def test_bad_activity_is_refused_with_a_reason(raw: bytes, fragment: str) -> None:
     with pytest.raises(ValidationError) as info:
         parse_activity(raw)
     assert fragment in {e["type"] for e in info.value.errors()}
+
+
+def test_a_visit_without_its_booking_names_what_is_missing() -> None:
+    with pytest.raises(ValidationError, match="a visit needs booked_at, slot_start"):
+        parse_activity(
+            b'{"event_id":"e","type":"check_in","occurred_at":"2026-11-20T15:04:05+08:00",'
+            b'"member_id":"m","data":{"kind":"visit","booking_id":"b-1"}}'
+        )
+    # A missed visit (no arrival) and a sign-in (no booking) are valid.
+    parse_activity(
+        b'{"event_id":"e","type":"check_in","occurred_at":"2026-11-20T15:04:05+08:00",'
+        b'"member_id":"m","data":{"kind":"visit","booking_id":"b-1",'
+        b'"booked_at":"2026-11-18T15:00:00+08:00","slot_start":"2026-11-20T15:00:00+08:00",'
+        b'"arrived_at":null}}'
+    )
+    parse_activity(
+        b'{"event_id":"e","type":"check_in","occurred_at":"2026-11-20T15:04:05+08:00",'
+        b'"member_id":"m","data":{"kind":"sign_in"}}'
+    )
 
 
 def test_grant_ids_are_deterministic_and_distinct_per_rule_and_member() -> None:
