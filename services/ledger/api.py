@@ -11,11 +11,12 @@ same process, started and stopped by the FastAPI lifespan.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Self
+from typing import Any, Final, Self
 
 import asyncpg
 import orjson
@@ -80,16 +81,25 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
 
 
+# RFC 3339's date-time (section 5.6): the separator and the Z in either case, an offset.
+# Python's fromisoformat alone also takes ISO 8601 forms RFC 3339 does not (20261120T...,
+# week dates) and refuses a lowercase t or z, which RFC 3339 allows.
+_RFC3339: Final = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})"
+)
+
+
 def parse_instant(raw: str, name: str = "as_of") -> datetime:
+    if not _RFC3339.fullmatch(raw):
+        if _RFC3339.fullmatch(raw + "Z"):
+            detail = f"{name} needs a UTC offset, e.g. 2026-11-20T15:04:05+08:00"
+        else:
+            detail = f"{raw!r} is not an RFC 3339 timestamp, e.g. 2026-11-20T15:04:05+08:00"
+        raise Problem(422, f"Invalid {name}", detail)
     try:
-        value = datetime.fromisoformat(raw)
-    except ValueError as exc:
+        return datetime.fromisoformat(raw.upper())
+    except ValueError as exc:  # well formed, but not a real moment (month 13, ...)
         raise Problem(422, f"Invalid {name}", f"{raw!r} is not an RFC 3339 timestamp") from exc
-    if value.tzinfo is None:
-        raise Problem(
-            422, f"Invalid {name}", f"{name} needs a UTC offset, e.g. 2026-11-20T15:04:05+08:00"
-        )
-    return value
 
 
 _ID = Field(min_length=1, max_length=200)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -13,7 +14,7 @@ from aiokafka.errors import KafkaConnectionError
 from fastapi.testclient import TestClient
 
 from services.common.config import Settings
-from services.ledger.api import create_app
+from services.ledger.api import Problem, create_app, parse_instant
 
 KEYS = "ops-key:ops,reader-key:reader,redeemer-key:redeemer"
 OPS = {"Authorization": "Bearer ops-key"}
@@ -161,3 +162,32 @@ def test_readyz_needs_the_broker_reachable(producer: Any, ready: bool) -> None:
     resp = c.get("/readyz")
     assert resp.json()["checks"] == {"database": True, "broker": ready, "consumer_assigned": True}
     assert resp.status_code == (200 if ready else 503)
+
+
+@pytest.mark.parametrize(
+    ("raw", "moment"),
+    [
+        ("2026-11-20T15:04:05+08:00", datetime(2026, 11, 20, 7, 4, 5, tzinfo=UTC)),
+        ("2026-11-20t07:04:05z", datetime(2026, 11, 20, 7, 4, 5, tzinfo=UTC)),
+        ("2026-11-20 07:04:05.250Z", datetime(2026, 11, 20, 7, 4, 5, 250000, tzinfo=UTC)),
+    ],
+)
+def test_rfc3339_instants_in_any_of_its_forms_are_read(raw: str, moment: datetime) -> None:
+    assert parse_instant(raw) == moment
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ("2026-11-20T15:04:05", "needs a UTC offset"),
+        ("20261120T150405+0800", "is not an RFC 3339 timestamp"),
+        ("2026-W47-5T15:04:05+08:00", "is not an RFC 3339 timestamp"),
+        ("2026-13-20T15:04:05Z", "is not an RFC 3339 timestamp"),
+        ("yesterday", "is not an RFC 3339 timestamp"),
+    ],
+)
+def test_other_instants_are_refused_with_a_reason(raw: str, says: str) -> None:
+    with pytest.raises(Problem) as refused:
+        parse_instant(raw)
+    assert refused.value.status == 422
+    assert says in refused.value.detail
