@@ -155,21 +155,6 @@ def revoked(
     ]
 
 
-def tier_evaluated(
-    event: AnyActivity,
-    ruleset: RuleSet,
-    *,
-    previous: Tier,
-    tier: Tier,
-    spend: Decimal,
-    valid_until: datetime | None,
-) -> TierEvaluated:
-    return tier_report(
-        event.event_id, event.occurred_at, event.member_id, ruleset, previous=previous,
-        tier=tier, spend=spend, valid_until=valid_until,
-    )  # fmt: skip
-
-
 def tier_report(
     source_event_id: str,
     at: datetime,

@@ -32,7 +32,6 @@ from services.rules.emit import (
     Payout,
     TierChange,
     grant_events,
-    tier_evaluated,
     tier_report,
 )
 from services.rules.pruning import prune
@@ -209,8 +208,9 @@ def _evaluate(
     if s.tier is not None:
         t = s.tier
         grants.append(
-            tier_evaluated(event, ruleset, previous=t.previous, tier=t.tier, spend=t.spend,
-                           valid_until=t.valid_until)
+            tier_report(event.event_id, event.occurred_at, event.member_id, ruleset,
+                        previous=t.previous, tier=t.tier, spend=t.spend,
+                        valid_until=t.valid_until)
         )  # fmt: skip
     return Evaluation(state=s.state, grants=tuple(grants))
 
