@@ -4,6 +4,10 @@
 -- rules_member_state; copied from the state documents once here.
 
 ALTER TABLE rules_member_state ADD COLUMN tier_valid_until timestamptz;
+-- The activity partition the member's events arrive on (their key is the member): each
+-- rules instance sweeps the members of the partitions it consumes, once it has caught up
+-- with them. NULL (rows from before, members only a held release wrote): any instance.
+ALTER TABLE rules_member_state ADD COLUMN activity_partition integer;
 
 UPDATE rules_member_state
 SET tier_valid_until = (state ->> 'tier_valid_until')::timestamptz

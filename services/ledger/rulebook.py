@@ -21,8 +21,8 @@ import structlog
 
 from services.ledger.accounting import DEFAULT_LIFETIME_MONTHS
 from services.ledger.redemption import DEFAULT_CATALOGUE, RedemptionPolicy, Reward
-from services.rules.rulebook_store import book_stamp, read_book
-from services.rules.ruleset import RedemptionRules, RuleBook
+from services.rules.rulebook_store import DEFAULT_RULESET, book_stamp, read_book
+from services.rules.ruleset import RedemptionRules, RuleBook, RuleSetError, load_ruleset
 
 log = structlog.get_logger()
 _NAMES = {r.code: (r.name, r.name_zh) for r in DEFAULT_CATALOGUE}
@@ -51,14 +51,28 @@ class LedgerRules:
         self._policies: dict[str, RedemptionPolicy] = {}
 
     async def refresh(self, conn: asyncpg.Connection) -> RuleBook:
+        """The book, re-read if a version was published since. A book the ledger cannot use
+        (a hand-edited row, a version published before `publish_problems` checked it) is
+        logged and the last good one kept (the seed file's, if there is none yet): grants
+        keep being journaled and redemptions keep answering under known numbers."""
         stamp = await book_stamp(conn)
-        if self._book is None or stamp != self._stamp:
-            book = await read_book(conn)
-            self._book, self._stamp = book, stamp
-            self._lifetimes = {r.version: r.expiry.lot_lifetime_months for r in book.versions}
-            self._policies = {r.version: policy_of(r.redemption) for r in book.versions}
-            log.info("ledger_rulebook_loaded", versions=sorted(self._lifetimes))
+        if self._book is not None and stamp == self._stamp:
+            return self._book
+        self._stamp = stamp  # a bad book is logged once, not re-read for every batch
+        try:
+            self._use(await read_book(conn))
+        except (RuleSetError, ValueError):
+            log.exception("ledger_rulebook_unusable", kept=sorted(self._lifetimes) or "seed")
+            if self._book is None:
+                self._use(RuleBook([load_ruleset(DEFAULT_RULESET)]))
+        assert self._book is not None
         return self._book
+
+    def _use(self, book: RuleBook) -> None:
+        policies = {r.version: policy_of(r.redemption) for r in book.versions}  # may raise
+        self._lifetimes = {r.version: r.expiry.lot_lifetime_months for r in book.versions}
+        self._policies, self._book = policies, book
+        log.info("ledger_rulebook_loaded", versions=sorted(self._lifetimes))
 
     def lifetime_months(self, version: str | None) -> int:
         """Call after `refresh`. A version the book does not hold: the default."""

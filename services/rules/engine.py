@@ -174,7 +174,7 @@ def step(
     change = None
     if report_tier:
         change = _tier_change(state, current, new, at, tier_rules.window_months)
-    return Step(prune(new, at, day, hot.keep_months), payouts, change)
+    return Step(prune(new, at, day, hot.keep_months, hot.history_months), payouts, change)
 
 
 def _tier_change(
@@ -232,10 +232,12 @@ def tier_expiry_id(member_id: str, until: datetime) -> str:
 
 
 def expire_tier(state: MemberState, ruleset: RuleSet) -> tuple[MemberState, TierEvaluated] | None:
-    """The member's tier expiry, decided at its own moment as the next event would decide
+    """The member's tier expiry, decided at its own moment the way the next event decides
     it (`tiers.catch_up`): for members who have gone quiet, whose next event may never come.
 
-    `ruleset` is the rule set in force at `state.tier_valid_until`. None: no tier to expire.
+    `ruleset` is the rule set in force at `state.tier_valid_until` (an event applies a due
+    expiry under its own version's thresholds instead; the two differ only if a version
+    changing the thresholds took effect in between). None: no tier to expire.
     Exactly one expiry is applied (the tier's months then restart from it, or it ends), and
     reported at that moment like any tier change: the new tier, spend, and months.
     """

@@ -15,6 +15,7 @@ from services.rules.state import (
     MemberState,
     Order,
     ReviewMark,
+    SpendMark,
     counter_day,
     order_at,
     replace,
@@ -55,7 +56,9 @@ def _day_bounds(today: date, keep_months: int) -> tuple[date, date]:
     return known
 
 
-def prune(state: MemberState, now: datetime, today: date, keep_months: int) -> MemberState:
+def prune(
+    state: MemberState, now: datetime, today: date, keep_months: int, history_months: int
+) -> MemberState:
     """Forget what can no longer influence a rule, so the JSONB row stays small.
 
     Every dated map of the state iterates oldest first (see `in_day_order`), so whether a
@@ -94,11 +97,29 @@ def prune(state: MemberState, now: datetime, today: date, keep_months: int) -> M
             horizon = add_months(now, -keep_months)
             if oldest <= horizon:
                 changes["orders"] = {k: o for k, o in orders.items() if o.at > horizon}
+                gone = [SpendMark(at=o.at, net=o.amount - o.refunded)
+                        for o in orders.values() if o.at <= horizon]  # fmt: skip
+                marks = [*state.spend_history, *(m for m in gone if m.net > 0)]
+                # Oldest first; an order that came late can be older than what went before.
+                marks.sort(key=spend_at)
+                changes["spend_history"] = tuple(marks)
+    history: tuple[SpendMark, ...] = changes.get("spend_history", state.spend_history)
+    if history and (now - history[0].at).days >= 28 * history_months - 1:
+        forget = add_months(now, -history_months)
+        if history[0].at <= forget:
+            changes["spend_history"] = tuple(m for m in history if m.at > forget)
+            since = state.spend_since
+            if since is None or since < forget:
+                changes["spend_since"] = forget
     return replace(state, **changes) if changes else state
 
 
 # Inserting into the dated maps keeps them oldest first. Events mostly arrive in time
 # order, so an insert is an append; an event from the past re-sorts that one map.
+
+
+def spend_at(mark: SpendMark) -> datetime:
+    return mark.at
 
 
 def put_count(counts: dict[date, int], day: date, value: int) -> dict[date, int]:

@@ -13,7 +13,13 @@ from typing import Final
 
 import asyncpg
 
-from services.rules.ruleset import RuleBook, RuleSet, RuleSetError, load_ruleset
+from services.rules.ruleset import (
+    RuleBook,
+    RuleSet,
+    RuleSetError,
+    load_ruleset,
+    publish_problems,
+)
 
 RULESETS_DIR: Final = Path(__file__).resolve().parent / "rulesets"
 DEFAULT_RULESET: Final = RULESETS_DIR / "default.yaml"
@@ -38,6 +44,9 @@ class VersionExists(RuleSetError):
 async def publish(conn: asyncpg.Connection, body: str, by: str) -> RuleSet:
     """Validate, then store a new version; the same version twice is refused, not replaced."""
     ruleset = load_ruleset(body)
+    problems = publish_problems(ruleset)
+    if problems:
+        raise RuleSetError("; ".join(problems))
     exists = await conn.fetchval(
         "SELECT body FROM rules_rulesets WHERE version = $1", ruleset.version
     )

@@ -204,21 +204,11 @@ class RedemptionRules(_Strict):
 
 class ExpiryRules(_Strict):
     """`lot_lifetime_months` is the ledger's: a grant's points live as long as the version
-    that priced it says. The ledger's expiry sweep warns 30 and 7 days ahead, for every
-    version alike, so other warning days are refused rather than silently not kept."""
+    that priced it says. The ledger's expiry sweep warns 30 and 7 days ahead for every
+    version alike (`publish_problems` refuses other days)."""
 
     lot_lifetime_months: int = Field(default=12, ge=1)
     warn_days_before: list[int] = Field(default_factory=lambda: [30, 7])
-
-    @field_validator("warn_days_before")
-    @classmethod
-    def _warned_as_the_ledger_warns(cls, days: list[int]) -> list[int]:
-        if sorted(days, reverse=True) != [30, 7]:
-            raise ValueError(
-                "the ledger warns 30 and 7 days before points expire; other warning days"
-                " are not supported yet (give [30, 7] or leave the key out)"
-            )
-        return days
 
 
 class RuleIds(_Strict):
@@ -281,6 +271,7 @@ class Derived:
 
     zone: ZoneInfo
     keep_months: int
+    history_months: int  # forgotten orders' spend: keep_months plus a tier window
     burst_window: timedelta
     burst_reason: str
     min_booking_lead: timedelta
@@ -301,6 +292,8 @@ def derived(ruleset: RuleSet) -> Derived:
     value = Derived(
         zone=ruleset.zone,
         keep_months=max(ruleset.tiers.window_months, ruleset.expiry.lot_lifetime_months),
+        history_months=max(ruleset.tiers.window_months, ruleset.expiry.lot_lifetime_months)
+        + ruleset.tiers.window_months,
         burst_window=timedelta(seconds=eng.burst_window_seconds),
         burst_reason=(
             f"more than {eng.burst_max_events} engagement events in {eng.burst_window_seconds}s"
@@ -350,6 +343,32 @@ def load_ruleset(path_or_text: str | Path) -> RuleSet:
     except yaml.YAMLError as exc:
         raise RuleSetError(f"rule set {origin} refused: not valid YAML: {exc}") from exc
     return parse_ruleset(data, origin)
+
+
+def publish_problems(ruleset: RuleSet) -> list[str]:
+    """What the ledger cannot honour in a rule set, checked when a version is published.
+
+    Kept out of the models' validation on purpose: a version published before a check
+    existed must still load (the services would not start otherwise); only new versions
+    are held to it.
+    """
+    problems = []
+    if sorted(ruleset.expiry.warn_days_before, reverse=True) != [30, 7]:
+        problems.append(
+            "expiry.warn_days_before: the ledger warns 30 and 7 days before points expire;"
+            " other warning days are not supported yet (give [30, 7] or leave the key out)"
+        )
+    rates = ruleset.redemption.points_per_cny
+    missing = [t for t in ("member", "silver", "gold", "diamond") if t not in rates]
+    if missing:
+        problems.append(f"redemption.points_per_cny: missing tiers {missing}")
+    zero = sorted(t for t, rate in rates.items() if rate <= 0)
+    if zero:
+        problems.append(f"redemption.points_per_cny: rates must be above 0 (not for {zero})")
+    free = sorted(code for code, points in ruleset.redemption.catalogue.items() if points <= 0)
+    if free:
+        problems.append(f"redemption.catalogue: points must be above 0 (not for {free})")
+    return problems
 
 
 class RuleBook:

@@ -168,6 +168,19 @@ class ReviewMark(
     suggestion: bool = False
 
 
+class SpendMark(
+    msgspec.Struct,
+    frozen=True,
+    array_like=True,
+    forbid_unknown_fields=True,
+    gc=False,
+):
+    """A forgotten order's moment and amount net of refunds, as `[at, net]` in JSON."""
+
+    at: datetime
+    net: Decimal
+
+
 class MemberState(
     msgspec.Struct,
     frozen=True,
@@ -179,7 +192,17 @@ class MemberState(
     member_id: str
     tier: Tier = "member"
     tier_valid_until: datetime | None = None
+    # The latest moment tier expiries were applied up to (by an event or the tier sweep);
+    # a refund's replay of the tier never goes back before it.
+    tier_checked_at: datetime | None = None
     orders: dict[str, Order] = msgspec.field(default_factory=dict)
+    # Forgotten orders' spend (moment, net amount), oldest first, kept a tier window longer
+    # than the orders: a refund replays the member's tier from the refunded order on, and
+    # the rolling spend at that order's moment reaches back that far.
+    spend_history: tuple[SpendMark, ...] = ()
+    # Spend at or before this moment is no longer known at all (None: all of it is); a
+    # refund whose replay would need it is decided without the replay.
+    spend_since: datetime | None = None
     first_purchase_done: bool = False
     new_projects_bought: tuple[str, ...] = ()
     visit_streak: int = 0
@@ -235,6 +258,8 @@ def in_day_order(state: MemberState) -> MemberState:
         changes["reviews"] = dict(sorted(state.reviews.items(), key=review_day))
     if not _ascending([o.at for o in state.orders.values()]):
         changes["orders"] = dict(sorted(state.orders.items(), key=order_at))
+    if not _ascending([m.at for m in state.spend_history]):
+        changes["spend_history"] = tuple(sorted(state.spend_history, key=lambda m: m.at))
     return replace(state, **changes) if changes else state
 
 

@@ -14,7 +14,7 @@ from decimal import Decimal
 from schemas.grants import TIERS, Tier
 from services.rules.pruning import add_months
 from services.rules.ruleset import TierRules
-from services.rules.state import MemberState, Order, replace
+from services.rules.state import MemberState, Order, SpendMark, replace
 
 _RANK: dict[str, int] = {t: i for i, t in enumerate(TIERS)}
 
@@ -64,13 +64,26 @@ def hold_until(tier: Tier, since: datetime, rules: TierRules) -> datetime | None
 _hold = hold_until
 
 
+def _spend(
+    orders: Mapping[str, Order], history: tuple[SpendMark, ...], at: datetime, window: int
+) -> Decimal:
+    """Rolling spend counting forgotten orders too (`MemberState.spend_history`)."""
+    total = rolling_spend(orders, at, window)
+    if history:
+        start = add_months(at, -window)
+        for m in history:
+            if start < m.at <= at:
+                total += m.net
+    return total
+
+
 def _caught_up(
     tier: Tier, until: datetime | None, orders: Mapping[str, Order], at: datetime,
-    rules: TierRules,
+    rules: TierRules, history: tuple[SpendMark, ...] = (),
 ) -> tuple[Tier, datetime | None]:  # fmt: skip
     """Every tier expiry up to `at`, each re-evaluated on the spend at its own moment."""
     while until is not None and until <= at:
-        q = qualified_tier(rolling_spend(orders, until, rules.window_months), rules)
+        q = qualified_tier(_spend(orders, history, until, rules.window_months), rules)
         tier = q if rank(q) < rank(tier) else tier
         until = _hold(tier, until, rules)
     return tier, until
@@ -81,7 +94,9 @@ def catch_up(state: MemberState, at: datetime, rules: TierRules) -> MemberState:
     tier, until = _caught_up(state.tier, state.tier_valid_until, state.orders, at, rules)
     if tier == state.tier and until == state.tier_valid_until:
         return state
-    return replace(state, tier=tier, tier_valid_until=until)
+    checked = state.tier_checked_at
+    return replace(state, tier=tier, tier_valid_until=until,
+                   tier_checked_at=at if checked is None or checked < at else checked)  # fmt: skip
 
 
 def after_purchase(state: MemberState, at: datetime, rules: TierRules) -> MemberState:
@@ -103,7 +118,9 @@ def after_refund(state: MemberState, order: Order, at: datetime, rules: TierRule
     threshold, and a refund does not restart a tier's 12 months. The replayed orders
     record the tiers of the replay, so a later refund of one of them starts right.
     """
-    orders = state.orders
+    orders, history, since = state.orders, state.spend_history, state.spend_since
+    if since is not None and add_months(order.at, -rules.window_months) < since:
+        return _without_replay(state, order, at, rules)
     tier, until = order.tier_before, order.valid_until_before
     replayed: dict[str, Order] = {}
     started = False
@@ -111,17 +128,41 @@ def after_refund(state: MemberState, order: Order, at: datetime, rules: TierRule
         started = started or key == order.order_id
         if not started or o.amount - o.refunded <= 0:
             continue
-        tier, until = _caught_up(tier, until, orders, o.at, rules)
+        tier, until = _caught_up(tier, until, orders, o.at, rules, history)
         before, until_before = tier, until
-        q = qualified_tier(rolling_spend(orders, o.at, rules.window_months), rules)
+        q = qualified_tier(_spend(orders, history, o.at, rules.window_months), rules)
         if rank(q) >= rank(tier):
             tier, until = q, _hold(q, o.at, rules)
         if (o.tier_before, o.tier_after, o.valid_until_before) != (before, tier, until_before):
             replayed[key] = replace(o, tier_before=before, tier_after=tier,
                                     valid_until_before=until_before)  # fmt: skip
-    tier, until = _caught_up(tier, until, orders, at, rules)
+    # Up to the refund, or to any later moment expiries were already applied up to: the
+    # tier's clock never goes back (an expiry reported stays applied).
+    checked = state.tier_checked_at
+    tier, until = _caught_up(tier, until, orders, at if checked is None else max(at, checked),
+                             rules, history)  # fmt: skip
     if replayed:
         state = replace(state, orders={k: replayed.get(k, o) for k, o in orders.items()})
     if tier == state.tier and until == state.tier_valid_until:
         return state
     return replace(state, tier=tier, tier_valid_until=until)
+
+
+def _without_replay(
+    state: MemberState, order: Order, at: datetime, rules: TierRules
+) -> MemberState:
+    """A refund whose order's window reaches back past the spend no longer known (state
+    written before `spend_history` existed): the replay would count too little. Decided on
+    the spend in the window at the refund (all still here): a tier still qualified for
+    stands, unchanged; one the refunded order itself reached and that no longer qualifies
+    is undone."""
+    q = qualified_tier(rolling_spend(state.orders, at, rules.window_months), rules)
+    if rank(q) >= rank(state.tier):
+        return state
+    caused = order.tier_after == state.tier and rank(order.tier_after) > rank(order.tier_before)
+    if not caused:
+        return state
+    if rank(q) >= rank(order.tier_before):
+        return replace(state, tier=q, tier_valid_until=_hold(q, order.at, rules))
+    until = order.valid_until_before if order.tier_before != "member" else None
+    return replace(state, tier=order.tier_before, tier_valid_until=until)

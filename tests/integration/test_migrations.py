@@ -1,18 +1,21 @@
 """Migrations that change existing tables keep what those tables hold (an upgrade, not
 only a fresh install): 0012 (the outbox's key), 0013 (json documents), 0014 (lots' sweep
-moment), 0015 (members' tier end)."""
+moment), 0015 (members' tier end), 0016 (what member states may have forgotten)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 import pytest
 from yoyo import get_backend, read_migrations
 
 from services.common.migrations import MIGRATIONS_DIR, _yoyo_url, apply_migrations
+from services.rules.pruning import add_months
+from services.rules.state import load_state
 
 pytestmark = pytest.mark.integration
 
@@ -80,8 +83,9 @@ async def test_an_existing_database_keeps_its_rows_through_0012_and_0013(
             )
         )
         assert types == {"rules_member_state.state": "json", "notifications.payload": "json"}
-        state = await conn.fetchval("SELECT state::text FROM rules_member_state")
-        assert json.loads(state) == STATE
+        state = json.loads(await conn.fetchval("SELECT state::text FROM rules_member_state"))
+        # 0016 adds what the state may have forgotten (its own test below); the rest is kept.
+        assert {k: v for k, v in state.items() if not k.endswith("_since")} == STATE
         payload = await conn.fetchval("SELECT payload::text FROM notifications")
         assert json.loads(payload) == PAYLOAD
 
@@ -141,3 +145,31 @@ async def test_0015_copies_each_members_tier_end_out_of_the_state(fresh_database
             )
             == 1
         )
+
+
+async def test_0016_says_what_existing_states_may_have_forgotten(fresh_database: str) -> None:
+    async with migrated_until(fresh_database, "0016") as conn:
+        await conn.execute(
+            "INSERT INTO rules_member_state (member_id, state) VALUES ('m-old', $1::json),"
+            " ('m-new', $2::json)",
+            json.dumps({"member_id": "m-old", "tier": "silver",
+                        "engagement_by_day": {"2026-11-20": 50}}),
+            json.dumps({"member_id": "m-new", "spend_since": "2025-01-01T00:00:00Z"}),
+        )  # fmt: skip
+        assert apply_migrations(fresh_database) >= 1
+        states = {
+            r["member_id"]: load_state(r["state"])
+            for r in await conn.fetch(
+                "SELECT member_id, state::text AS state FROM rules_member_state"
+            )
+        }
+        today = await conn.fetchval("SELECT current_date")
+        now = await conn.fetchval("SELECT now()")
+        old = states["m-old"]
+        assert (old.tier, old.engagement_by_day) == ("silver", {date(2026, 11, 20): 50})
+        assert old.counters_since == today - timedelta(days=1)
+        assert old.spend_since is not None
+        assert abs(old.spend_since - add_months(now, -12)) < timedelta(minutes=5)
+        # A state that already says it is left as it is.
+        assert states["m-new"].spend_since == datetime(2025, 1, 1, tzinfo=UTC)
+        assert states["m-new"].counters_since is None

@@ -62,7 +62,8 @@ async def test_a_quiet_gold_members_tier_lapses_without_another_event(stack: Sta
     assert datetime.fromisoformat(changed[1]["occurred_at"]) == lapsed
     assert changed[1]["data"]["source_event_id"] == f"tier-expiry|m-quiet|{lapsed.isoformat()}"
     assert await stack.scalar(
-        "SELECT tier_valid_until IS NULL FROM rules_member_state WHERE member_id = 'm-quiet'"
+        "SELECT tier_valid_until IS NULL AND activity_partition IS NOT NULL"
+        " FROM rules_member_state WHERE member_id = 'm-quiet'"
     )
     # The member who is still gold (to month 23) is not touched, and its due moment is kept.
     assert await stack.scalar(

@@ -290,6 +290,40 @@ def test_a_lapsed_gold_with_silver_spend_in_its_window_expires_to_silver_for_12_
     assert report.data.tier_valid_until == add_months(T0, 35)
 
 
+def test_a_refund_replays_the_tier_with_orders_already_forgotten() -> None:
+    # 8,000 then 3,000 ten months later: silver. A purchase a year after the first makes
+    # the evaluator forget the 8,000 order; a 100 CNY refund of the 3,000 one still finds
+    # 10,900 at its moment (the forgotten order's spend is kept) and leaves silver alone.
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    run.feed(purchase(amount=8000, order_id="o-a"))
+    run.feed(purchase(amount=3000, order_id="o-b", at=add_months(T0, 10)))
+    run.feed(purchase(amount=100, order_id="o-c", at=add_months(T0, 13)))
+    assert list(run.state().orders) == ["o-b", "o-c"]
+    assert [(m.at, m.net) for m in run.state().spend_history] == [(T0, Decimal(8000))]
+    run.feed(refund("m-1", "o-b", 100, at=add_months(T0, 14)))
+    assert (run.state().tier, run.state().tier_valid_until) == ("silver", add_months(T0, 22))
+
+
+def test_a_late_refund_does_not_undo_a_tier_expiry_already_applied() -> None:
+    # Gold to month 18; the tier sweep lapses it there. A refund dated month 7 arrives after
+    # that: its replay is brought up to the lapse already applied, not only to month 7.
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    run.feed(purchase(amount=30000, order_id="o-gold"))
+    run.feed(purchase(amount=500, order_id="o-small", at=add_months(T0, 6)))
+    expired = expire_tier(run.state(), DEFAULT)
+    assert expired is not None
+    run.states["m-1"] = expired[0]
+    assert (expired[0].tier, expired[0].tier_checked_at) == ("member", add_months(T0, 18))
+    late = run.feed(refund("m-1", "o-small", 100, at=add_months(T0, 7)))
+    assert (run.state().tier, run.state().tier_valid_until) == ("member", None)
+    assert all(
+        g.data.tier == "member" for g in late.grants if isinstance(g, TierEvaluated)
+    )  # no "upgrade" to a tier that already lapsed
+    assert expire_tier(run.state(), DEFAULT) is None
+
+
 def test_grant_ids_are_deterministic_and_carry_version() -> None:
     p = purchase(amount=100, event_id="evt-1")
     a = evaluate(state_with(), p, DEFAULT, {})

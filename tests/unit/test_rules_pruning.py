@@ -47,8 +47,10 @@ def reference_prune(state: MemberState, now: datetime, today: date) -> MemberSta
     since = state.counters_since
     if by_day != state.engagement_by_day or shares_by_day != state.shares_by_day:
         since = counter_floor if since is None else max(since, counter_floor)
+    history = tuple(m for m in state.spend_history if m.at > add_months(now, -(KEEP + 12)))
     return replace(
         state,
+        spend_history=history,
         engagement_by_day=by_day,
         shares_by_day=shares_by_day,
         counters_since=since,
@@ -70,6 +72,8 @@ def oldest_first(state: MemberState) -> bool:
         and ascending(list(state.visits_seen.values()))
         and ascending([r.day for r in state.reviews.values()])
         and ascending([o.at for o in state.orders.values()])
+        # Forgotten orders' spend, oldest first, and older than every order kept.
+        and ascending([m.at for m in state.spend_history] + [o.at for o in state.orders.values()])
     )
 
 

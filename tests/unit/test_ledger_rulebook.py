@@ -1,0 +1,70 @@
+"""The ledger's view of the rule book (services/ledger/rulebook.py), on a stub connection:
+only the two queries it makes (the book's stamp, the published versions) are answered."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from rules_factories import DEFAULT
+
+from services.ledger.redemption import DEFAULT_POLICY
+from services.ledger.rulebook import LedgerRules
+from services.rules.rulebook_store import DEFAULT_RULESET
+
+SEED = DEFAULT_RULESET.read_text(encoding="utf-8")
+CLINIC = (
+    'version: "clinic-b"\neffective_from: 2026-06-01T00:00:00+08:00\n'
+    "expiry:\n  lot_lifetime_months: 6\n"
+    "redemption:\n  min_balance: 100\n"
+    "  points_per_cny: {member: 50, silver: 50, gold: 40, diamond: 30}\n"
+)
+# Published before the check at publish existed: loads, but the ledger cannot price cash.
+BROKEN = 'version: "broken"\neffective_from: 2026-09-01T00:00:00+08:00\n' + (
+    "redemption:\n  points_per_cny: {gold: 70}\n"
+)
+
+
+class Conn:
+    def __init__(self, *bodies: str) -> None:
+        self.bodies = list(bodies)
+
+    async def fetchrow(self, sql: str, *args: Any) -> tuple[int, object]:
+        return (len(self.bodies), tuple(self.bodies))
+
+    async def fetch(self, sql: str, *args: Any) -> list[dict[str, str]]:
+        return [{"version": "?", "body": b} for b in self.bodies]
+
+
+def test_lifetimes_and_policies_come_from_the_versions() -> None:
+    async def go() -> None:
+        rules = LedgerRules()
+        conn = Conn(SEED, CLINIC)
+        await rules.refresh(conn)
+        assert rules.lifetime_months("clinic-b") == 6
+        assert rules.lifetime_months(DEFAULT.version) == 12
+        assert rules.lifetime_months("from-another-system") == 12
+        before = await rules.policy_at(conn, datetime(2026, 5, 1, tzinfo=UTC))
+        after = await rules.policy_at(conn, datetime(2026, 7, 1, tzinfo=UTC))
+        assert before == DEFAULT_POLICY
+        assert (after.min_balance, after.rate("gold")) == (100, 40)
+
+    asyncio.run(go())
+
+
+def test_a_book_the_ledger_cannot_use_is_logged_and_the_last_good_one_kept() -> None:
+    async def go() -> None:
+        rules = LedgerRules()
+        conn = Conn(SEED, CLINIC)
+        await rules.refresh(conn)
+        conn.bodies.append(BROKEN)
+        book = await rules.refresh(conn)
+        assert [r.version for r in book.versions] == [DEFAULT.version, "clinic-b"]
+        at = datetime(2026, 10, 1, tzinfo=UTC)
+        assert (await rules.policy_at(conn, at)).rate("gold") == 40
+        # With no good book yet, the seed file's numbers.
+        fresh = LedgerRules()
+        assert await fresh.policy_at(Conn(SEED, BROKEN), at) == DEFAULT_POLICY
+
+    asyncio.run(go())
