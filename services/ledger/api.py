@@ -85,7 +85,7 @@ def problem_response(
 # Python's fromisoformat alone also takes ISO 8601 forms RFC 3339 does not (20261120T...,
 # week dates) and refuses a lowercase t or z, which RFC 3339 allows.
 _RFC3339: Final = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})"
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
 )
 
 

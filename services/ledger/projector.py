@@ -214,6 +214,10 @@ async def member_as_of(
         next_tier=tier["next_tier"] if tier else None,
         next_tier_spend=tier["next_tier_spend"] if tier else None,
     )
+    if tier is not None and tier["next_tier"] is None and tier["tier"] == member["tier"]:
+        # A history row from before the next-tier columns existed (as `ledger rebuild`
+        # does): the same tier's next tier now.
+        snapshot.update(next_tier=member["next_tier"], next_tier_spend=member["next_tier_spend"])
     lots = [
         (lot.remaining, lot.available_from or lot.earned_at, lot.expires_at) for lot in book.lots
     ]

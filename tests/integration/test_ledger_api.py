@@ -232,6 +232,17 @@ async def test_member_as_of_a_past_moment(stack: Stack) -> None:
     now = await member(stack, "m-asof")
     assert now["next_tier"] == {"tier": "diamond", "spend_needed": "69000.00"}
     assert now["points"]["available"] == 1500
+    # A history row written before the next-tier columns existed: the same tier's next
+    # tier now, as `ledger rebuild` does.
+    await stack.fetch(
+        "INSERT INTO ledger_tier_history (event_id, member_id, occurred_at, tier,"
+        " previous_tier, qualifying_spend, tier_valid_until)"
+        " VALUES ('old-row', 'm-asof', $1, 'gold', 'gold', 31000, $2)",
+        t0 + timedelta(days=20),
+        until_gold,
+    )
+    old = await as_of(t0 + timedelta(days=21))
+    assert old["next_tier"] == {"tier": "diamond", "spend_needed": "69000.00"}
 
 
 async def test_the_ledger_follows_the_published_rule_set(stack: Stack) -> None:

@@ -183,6 +183,7 @@ def test_rfc3339_instants_in_any_of_its_forms_are_read(raw: str, moment: datetim
         ("20261120T150405+0800", "is not an RFC 3339 timestamp"),
         ("2026-W47-5T15:04:05+08:00", "is not an RFC 3339 timestamp"),
         ("2026-13-20T15:04:05Z", "is not an RFC 3339 timestamp"),
+        ("2026-11-20T15:04:05+08:60", "is not an RFC 3339 timestamp"),
         ("yesterday", "is not an RFC 3339 timestamp"),
     ],
 )
