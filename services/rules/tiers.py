@@ -99,14 +99,6 @@ def catch_up(state: MemberState, at: datetime, rules: TierRules) -> MemberState:
                    tier_checked_at=at if checked is None or checked < at else checked)  # fmt: skip
 
 
-def after_purchase(state: MemberState, at: datetime, rules: TierRules) -> MemberState:
-    """Upgrade at once; qualifying again for the current tier restarts its 12 months."""
-    q = qualified_tier(rolling_spend(state.orders, at, rules.window_months), rules)
-    if rank(q) < rank(state.tier):
-        return state
-    return replace(state, tier=q, tier_valid_until=_hold(q, at, rules))
-
-
 def after_refund(state: MemberState, order: Order, at: datetime, rules: TierRules) -> MemberState:
     """The tier re-decided as if the refunded money had never been paid.
 
