@@ -74,10 +74,8 @@ class LedgerRules:
         self._policies, self._book = policies, book
         log.info("ledger_rulebook_loaded", versions=sorted(self._lifetimes))
 
-    def lifetime_months(self, version: str | None) -> int:
+    def lifetime_months(self, version: str) -> int:
         """Call after `refresh`. A version the book does not hold: the default."""
-        if version is None:
-            return DEFAULT_LIFETIME_MONTHS
         return self._lifetimes.get(version, DEFAULT_LIFETIME_MONTHS)
 
     async def policy_at(self, conn: asyncpg.Connection, at: datetime) -> RedemptionPolicy:
