@@ -192,6 +192,9 @@ class Lot(msgspec.Struct, frozen=True, gc=False):
     rule_id: str | None = None
     # Pending until then (None: available from ``earned_at``).
     available_from: datetime | None = None
+    # Of the grant that created the lot (None for an adjustment): its expiry and warnings
+    # carry it, as every ledger event carries what caused it.
+    ruleset_version: str | None = None
 
     def pending_at(self, at: datetime) -> bool:
         return self.available_from is not None and self.available_from > at
@@ -588,6 +591,7 @@ def _decide_expire(book: Book, cmd: Expire) -> tuple[Book, list[Entry]]:
             expires_at=lot.expires_at,
             allocations=(Allocation(lot.lot_id, lot.remaining),),
             rule_id=lot.rule_id,
+            ruleset_version=lot.ruleset_version,
             source_event_id=lot.source_event_id,
             order_id=lot.order_id,
         )
@@ -682,6 +686,7 @@ def evolve(book: Book, entry: Entry) -> Book:
                 order_id=entry.order_id,
                 rule_id=entry.rule_id,
                 available_from=entry.available_from,
+                ruleset_version=entry.ruleset_version,
             )
             if not lots or _fifo_key(lots[-1]) < _fifo_key(lot):
                 lots = (*lots, lot)

@@ -58,6 +58,7 @@ LOT_COLUMNS: Final = (
     "source_event_id",
     "order_id",
     "rule_id",
+    "ruleset_version",
 )
 
 SELECT_BOOKS: Final = """
@@ -66,7 +67,7 @@ FROM ledger_members WHERE member_id = ANY($1::text[]) ORDER BY member_id FOR UPD
 """
 SELECT_LOTS: Final = """
 SELECT lot_id, member_id, points, remaining, earned_at, available_from, expires_at,
-       source_event_id, order_id, rule_id
+       source_event_id, order_id, rule_id, ruleset_version
 FROM ledger_lots WHERE member_id = ANY($1::text[]) AND remaining > 0
 """
 ENSURE_MEMBERS: Final = """
@@ -76,12 +77,14 @@ INSERT INTO ledger_members (member_id) SELECT unnest($1::text[]) ON CONFLICT DO 
 # whatever the sweeper set.
 UPSERT_LOTS: Final = f"""
 INSERT INTO ledger_lots (lot_id, member_id, points, remaining, earned_at, available_from,
-                         expires_at, source_event_id, order_id, rule_id, sweep_at)
+                         expires_at, source_event_id, order_id, rule_id, ruleset_version,
+                         sweep_at)
 SELECT u.*, u.expires_at - interval '{max(WARNING_DAYS)} days'
 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[],
-            $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[], $10::text[])
+            $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[], $10::text[],
+            $11::text[])
      AS u(lot_id, member_id, points, remaining, earned_at, available_from, expires_at,
-          source_event_id, order_id, rule_id)
+          source_event_id, order_id, rule_id, ruleset_version)
 ON CONFLICT (lot_id) DO UPDATE SET remaining = EXCLUDED.remaining
 """
 # Lots the batch loaded and spent from (or expired): only `remaining` changes, so a plain
@@ -136,6 +139,7 @@ async def load_books(conn: asyncpg.Connection, members: Sequence[str]) -> dict[s
                 available_from=(
                     r["available_from"] if r["available_from"] != r["earned_at"] else None
                 ),
+                ruleset_version=r["ruleset_version"],
             )
         )
     return {
@@ -270,6 +274,7 @@ def lot_row(lot: Lot, remaining: int) -> tuple[Any, ...]:
         lot.source_event_id,
         lot.order_id,
         lot.rule_id,
+        lot.ruleset_version,
     )
 
 

@@ -65,10 +65,12 @@ GROUP BY member_id
 """
 BUILD_LOTS: Final = """
 INSERT INTO ledger_lots_rebuild (lot_id, member_id, points, remaining, earned_at, available_from,
-                                 expires_at, source_event_id, order_id, rule_id, sweep_at)
+                                 expires_at, source_event_id, order_id, rule_id,
+                                 ruleset_version, sweep_at)
 SELECT e.entry_id, e.member_id, e.points, e.points + e.debt_delta - COALESCE(t.taken, 0),
        e.occurred_at, COALESCE(e.available_from, e.occurred_at), e.expires_at,
        COALESCE(e.source_event_id, e.adjustment_id, e.entry_id), e.order_id, e.rule_id,
+       e.ruleset_version,
        -- The first warning's moment; the sweeper skips a warning already sent (its table
        -- is not rebuilt) and moves the lot on.
        e.expires_at - make_interval(days => $2)

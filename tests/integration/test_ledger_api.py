@@ -453,6 +453,8 @@ async def test_late_grants_expiry_sweeps_and_warnings(stack: Stack) -> None:
     assert all(e["data"]["expires_at"] for e in expiring)
     expired = [e for e in events if e["type"] == "points_expired"]
     assert sorted(e["data"]["points"] for e in expired) == [-900, -400]
+    # Each says what caused it, the grant's rule and rule-set version (CONTRACT.md).
+    assert {e["data"]["ruleset_version"] for e in expiring + expired} == {"test-v1"}
     # Later sweeps (one a second) send nothing again: wait for two more sweeps to pass.
     count = await stack.scalar("SELECT count(*) FROM ledger_expiry_warnings")
     marker = grant("m-e2", 100, add_months(now, -12) + timedelta(days=6), rule="marker")

@@ -58,6 +58,14 @@ async def test_rebuild_then_verify_on_100k_entries_while_writes_go_on(
         assert done.returncode == 0, done.stdout + done.stderr
         assert "rebuilt 1000 members" in done.stdout
         rebuilt_s = time.monotonic() - t1
+        async with pool.acquire() as conn:
+            # Each lot keeps its grant's rule-set version, which its expiry event carries.
+            versions = await conn.fetch(
+                "SELECT l.ruleset_version AS lot, e.ruleset_version AS grant_version"
+                " FROM ledger_lots AS l JOIN ledger_entries AS e ON e.entry_id = l.lot_id"
+            )
+            assert [r for r in versions if r["lot"] != r["grant_version"]] == []
+            assert any(r["lot"] == "v1" for r in versions)
         t2 = time.monotonic()
         ok = await asyncio.to_thread(ledgerctl, dsn, "verify")
         assert ok.returncode == 0, ok.stdout + ok.stderr

@@ -173,3 +173,28 @@ async def test_0016_says_what_existing_states_may_have_forgotten(fresh_database:
         # A state that already says it is left as it is.
         assert states["m-new"].spend_since == datetime(2025, 1, 1, tzinfo=UTC)
         assert states["m-new"].counters_since is None
+
+
+async def test_0017_gives_each_lot_with_points_left_its_grants_version(
+    fresh_database: str,
+) -> None:
+    async with migrated_until(fresh_database, "0017") as conn:
+        entries = [("g-live", "earn", "2026.2"), ("g-spent", "earn", "2026.1"),
+                   ("a-live", "adjust", None)]  # fmt: skip
+        for entry_id, kind, version in entries:
+            await conn.execute(
+                "INSERT INTO ledger_entries (entry_id, member_id, kind, points, balance_after,"
+                " occurred_at, expires_at, ruleset_version)"
+                " VALUES ($1, 'm-1', $2, 100, 100, now(), now() + interval '1 year', $3)",
+                entry_id, kind, version,
+            )  # fmt: skip
+            await conn.execute(
+                "INSERT INTO ledger_lots (lot_id, member_id, points, remaining, earned_at,"
+                " available_from, expires_at, source_event_id)"
+                " VALUES ($1, 'm-1', 100, $2, now(), now(), now() + interval '1 year', 'e-1')",
+                entry_id, 0 if entry_id == "g-spent" else 100,
+            )  # fmt: skip
+        assert apply_migrations(fresh_database) >= 1
+        versions = dict(await conn.fetch("SELECT lot_id, ruleset_version FROM ledger_lots"))
+        # An emptied lot is never read again, so it is not rewritten.
+        assert versions == {"g-live": "2026.2", "g-spent": None, "a-live": None}

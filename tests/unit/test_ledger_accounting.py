@@ -418,7 +418,8 @@ def test_expire_writes_one_entry_per_lapsed_lot_with_a_deterministic_id() -> Non
     # Dated when the points lapsed, not when the sweeper ran.
     assert [e.occurred_at for e in entries] == [add_months(T0, 1), add_months(at(1), 1)]
     assert [e.balance_after for e in entries] == [900, 700]
-    assert entries[0].rule_id == "base"
+    # What caused it, as every ledger event says: the grant's rule and rule-set version.
+    assert [(e.rule_id, e.ruleset_version) for e in entries] == [("base", "2025.1")] * 2
     assert entries[0].source_event_id == "ev-a"
     assert remaining(book_after) == {"c": 700}
     assert book_after.expired == 400
@@ -546,6 +547,7 @@ def _journal_of(book: Book, t0: datetime) -> list[Entry]:
             available_from=lot.available_from,
             source_event_id=lot.source_event_id,
             rule_id=lot.rule_id,
+            ruleset_version=lot.ruleset_version,
         )
         for lot in book.lots
     ]

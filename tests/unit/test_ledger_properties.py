@@ -389,6 +389,7 @@ def reference_evolve(book: Book, entry: Entry) -> Book:
                 order_id=entry.order_id,
                 rule_id=entry.rule_id,
                 available_from=entry.available_from,
+                ruleset_version=entry.ruleset_version,
             )
 
     moved = -entry.points
