@@ -1,26 +1,23 @@
-"""`ledgerctl`: the ops command line (rules, ledger). Each group lives in its own module."""
+"""`ledgerctl`: the ops command line (rules, ledger). Each group lives in its own module.
+
+This module imports nothing heavy and starts nothing when imported: a backtest worker
+imports it again while bootstrapping (multiprocessing re-runs the `ledgerctl` console
+script as its `__mp_main__`), and starting the forkserver there fails. So the work is in
+`main`, which only the script's `if __name__ == "__main__"` calls.
+"""
 
 from __future__ import annotations
 
 import sys
 
-if sys.argv[1:3] == ["rules", "simulate"] and "--help" not in sys.argv:
-    # Its workers' forkserver does its imports while this process does its own.
-    from services.rules.forkserver import start_forkserver
-
-    start_forkserver()
-
-import typer
-
-from services.ctl import ledger_cmds, rules_cmds
-
-app = typer.Typer(
-    help="Operate the loyalty ledger: publish and backtest rule sets, rebuild and verify.",
-    no_args_is_help=True,
-)
-app.add_typer(rules_cmds.app, name="rules")
-app.add_typer(ledger_cmds.app, name="ledger")
-
 
 def main() -> None:
+    if sys.argv[1:3] == ["rules", "simulate"] and "--help" not in sys.argv:
+        # Its workers' forkserver does its imports while this process does its own.
+        from services.rules.forkserver import start_forkserver
+
+        start_forkserver()
+
+    from services.ctl.cli import app
+
     app()

@@ -15,6 +15,9 @@ import yaml
 from services.rules.rulebook_store import DEFAULT_RULESET
 
 ROOT = Path(__file__).resolve().parents[2]
+# The console script `make setup` installs, as ops run it (not `python -m services.ctl`:
+# a backtest's workers bootstrap differently under each).
+LEDGERCTL = str(Path(sys.executable).with_name("ledgerctl"))
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ def ctl_sync(dsn: str, *args: str, env: dict[str, str] | None = None) -> Ran:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": dsn, "COLUMNS": "200"}
     full_env.update(env or {})
     proc = subprocess.run(
-        [sys.executable, "-m", "services.ctl", "rules", *args],
+        [LEDGERCTL, "rules", *args],
         cwd=ROOT,
         env=full_env,
         capture_output=True,

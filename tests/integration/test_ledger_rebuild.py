@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -16,6 +15,7 @@ from services.ledger.rebuild import rebuild, verify
 from services.ledger.redemptions import adjust
 from tests.integration.harness import ROOT
 from tests.integration.ledger_helpers import copy_journal, generate_journal, pool_for
+from tests.integration.rules_helpers import LEDGERCTL
 
 pytestmark = pytest.mark.integration
 START = datetime.now(UTC) - timedelta(days=700)
@@ -24,7 +24,7 @@ START = datetime.now(UTC) - timedelta(days=700)
 def ledgerctl(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), DATABASE_URL=dsn, COLUMNS="120")
     return subprocess.run(
-        [sys.executable, "-m", "services.ctl", "ledger", *args],
+        [LEDGERCTL, "ledger", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -1,0 +1,14 @@
+"""The `ledgerctl` command tree (see `services.ctl.main`)."""
+
+from __future__ import annotations
+
+import typer
+
+from services.ctl import ledger_cmds, rules_cmds
+
+app = typer.Typer(
+    help="Operate the loyalty ledger: publish and backtest rule sets, rebuild and verify.",
+    no_args_is_help=True,
+)
+app.add_typer(rules_cmds.app, name="rules")
+app.add_typer(ledger_cmds.app, name="ledger")
