@@ -76,7 +76,9 @@ def create_app(settings: Settings | None = None) -> FastStream:
     settings = settings or load_settings()
     broker = create_broker(settings, SERVICE)
     app = FastStream(
-        broker, specification=AsyncAPI(title="loyalty notifier", version="1", description=__doc__)
+        broker,
+        logger=structlog.get_logger(),  # its start/stop lines as JSON too
+        specification=AsyncAPI(title="loyalty notifier", version="1", description=__doc__),
     )
     state: dict[str, object] = {}
     background = Background()

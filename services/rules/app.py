@@ -239,6 +239,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
     broker = create_broker(settings, SERVICE)
     app = FastStream(
         broker,
+        logger=structlog.get_logger(),  # its start/stop lines as JSON too
         specification=AsyncAPI(
             title="loyalty rules", version="1", description="Activity in, point grants out."
         ),

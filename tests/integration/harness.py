@@ -100,6 +100,11 @@ class Stack:
             start_new_session=True,
         )
 
+    def log_lines(self, name: str) -> list[str]:
+        """What process `name` (service + instance) has written so far, line by line."""
+        path = LOGS / f"{self.name}-{name}.log"
+        return [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.pop(name)
         proc.send_signal(sig)

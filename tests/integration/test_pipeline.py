@@ -42,6 +42,11 @@ async def test_gold_members_purchase_becomes_3850_points_through_the_api(stack: 
     }
     assert of_second == {"base": 3750, "big_ticket": 100}
     assert sum(of_second.values()) == 3850
+    # Every line each service wrote is a JSON object naming it, FastStream's own included.
+    for service in ("rules", "ledger", "notifier"):
+        lines = stack.log_lines(service)
+        assert any("FastStream" in x or "uvicorn" in x or "Uvicorn" in x for x in lines)
+        assert [x for x in lines if not _json_of(x, service)] == []
 
 
 async def test_the_same_event_delivered_three_times_pays_once(stack: Stack) -> None:
@@ -167,3 +172,11 @@ async def test_a_recreated_topic_is_read_from_its_start_not_skipped(stack: Stack
 
     doc = await wait_until(paid, timeout=60, what="the event after the offset reset")
     assert doc["points"]["earned"] == 120 + 200
+
+
+def _json_of(line: str, service: str) -> bool:
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("service") == service
