@@ -109,9 +109,28 @@ def _pidfile(name: str) -> Path:
 # --------------------------------------------------------------------------------------
 
 
-def ensure_postgres() -> str:
+def _ours(previous: dict[str, str], var: str, managed: bool) -> bool:
+    """Whether `var` in the environment is only the address this stack wrote to stack.env
+    (a shell that exported the file), not a server someone points us at."""
+    return managed and os.environ.get(var) == previous.get(var)
+
+
+def external_postgres(previous: dict[str, str]) -> bool:
+    if not os.environ.get("DATABASE_URL"):
+        return False
+    return not _ours(previous, "DATABASE_URL", previous.get("POSTGRES") == "local")
+
+
+def external_broker(previous: dict[str, str]) -> bool:
+    if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        return False
+    managed = previous.get("BROKER") in ("tansu", "kafka")
+    return not _ours(previous, "KAFKA_BOOTSTRAP_SERVERS", managed)
+
+
+def ensure_postgres(previous: dict[str, str]) -> str:
     """DSN of the stack's database, starting the local cluster if we manage it."""
-    if os.environ.get("DATABASE_URL"):
+    if external_postgres(previous):
         say("postgres: external (DATABASE_URL)")
         return os.environ["DATABASE_URL"]
     port = int(os.environ.get("PG_PORT", "55432"))
@@ -137,7 +156,7 @@ def ensure_broker(previous: dict[str, str]) -> tuple[str, str]:
     broker of another kind is running (BROKER changed), it is stopped first: only one
     managed broker at a time.
     """
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+    if external_broker(previous):
         say("broker: external (KAFKA_BOOTSTRAP_SERVERS)")
         return "external", os.environ["KAFKA_BOOTSTRAP_SERVERS"]
     # Sticky: after `BROKER=kafka up`, a plain `up` keeps Kafka (switch back explicitly).
@@ -184,12 +203,16 @@ def apply_migrations(dsn: str) -> None:
 def build_env(
     previous: dict[str, str], dsn: str, broker_kind: str, bootstrap: str
 ) -> dict[str, str]:
-    """The contents of stack.env. Keys generated once are reused from the previous file."""
+    """The contents of stack.env. Keys generated once are reused from the previous file;
+    keys in `LEDGER_API_KEYS` from the environment are served too."""
     ops_key = previous.get("LEDGER_OPS_KEY") or f"ops_{secrets.token_urlsafe(24)}"
     reader_key = previous.get("LEDGER_READER_KEY") or f"rd_{secrets.token_urlsafe(24)}"
+    redeemer_key = previous.get("LEDGER_REDEEMER_KEY") or f"rdm_{secrets.token_urlsafe(24)}"
+    keys = [f"{ops_key}:ops", f"{reader_key}:reader", f"{redeemer_key}:redeemer"]
+    keys += [k for k in _api_keys(os.environ.get("LEDGER_API_KEYS", "")) if k not in keys]
     ledger_port = os.environ.get("LEDGER_PORT", previous.get("LEDGER_PORT", "8080"))
     return {
-        "POSTGRES": "external" if os.environ.get("DATABASE_URL") else "local",
+        "POSTGRES": "external" if external_postgres(previous) else "local",
         "BROKER": broker_kind,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "DATABASE_URL": dsn,
@@ -197,7 +220,8 @@ def build_env(
         "LEDGER_API_URL": f"http://127.0.0.1:{ledger_port}",
         "LEDGER_OPS_KEY": ops_key,
         "LEDGER_READER_KEY": reader_key,
-        "LEDGER_API_KEYS": f"{ops_key}:ops,{reader_key}:reader",
+        "LEDGER_REDEEMER_KEY": redeemer_key,
+        "LEDGER_API_KEYS": ",".join(keys),
         "TOPIC_PARTITIONS": os.environ.get("TOPIC_PARTITIONS", "6"),
         "LOYALTY_TOPIC_PREFIX": TOPIC_PREFIX,
         **local.consumer_env(broker_kind),
@@ -205,6 +229,16 @@ def build_env(
         "RULES_METRICS_PORT": os.environ.get("RULES_METRICS_PORT", "9101"),
         "NOTIFIER_METRICS_PORT": os.environ.get("NOTIFIER_METRICS_PORT", "9102"),
     }
+
+
+def _api_keys(value: str) -> list[str]:
+    """`key:role,...` entries, checked here so that a typo fails `make up`, not the API."""
+    entries = [e.strip() for e in value.split(",") if e.strip()]
+    for e in entries:
+        key, _, role = e.rpartition(":")
+        if not key or role not in ("reader", "redeemer", "ops"):
+            raise SystemExit(f"LEDGER_API_KEYS: {e!r} is not key:role (reader, redeemer, ops)")
+    return entries
 
 
 def ensure_services(stack_env: dict[str, str], restart: bool = False) -> bool:
@@ -246,7 +280,7 @@ def up() -> int:
     RUN.mkdir(parents=True, exist_ok=True)
     LOGS.mkdir(exist_ok=True)
     previous = read_env_file()
-    dsn = ensure_postgres()
+    dsn = ensure_postgres(previous)
     kind, bootstrap = ensure_broker(previous)
     partitions = int(os.environ.get("TOPIC_PARTITIONS", "6"))
     local.create_topics(bootstrap, TOPICS, partitions)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = (
     "import json; from deploy import stack; "
@@ -43,3 +45,70 @@ def test_make_up_creates_and_records_the_prefixed_topics() -> None:
     assert topics == ["loyalty.activity.v1", "loyalty.grants.v1", "loyalty.ledger.v1",
                       "loyalty.dlq.v1"]  # fmt: skip
     assert prefix == ""
+
+
+def build_env_with(env: dict[str, str], previous: dict[str, str]) -> dict[str, str]:
+    """stack.env as `make up` would write it, in a fresh interpreter with `env` set."""
+    code = (
+        "import json, sys; from deploy import stack; "
+        "print(json.dumps(stack.build_env(json.loads(sys.argv[1]), 'postgresql://x@h/db',"
+        " 'tansu', '127.0.0.1:1')))"
+    )
+    ours = ("LEDGER_API_KEYS", "DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")
+    clean = {k: v for k, v in os.environ.items() if k not in ours}
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(previous)],
+        env={**clean, **env, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout))
+
+
+def test_make_up_serves_a_key_of_each_role_and_the_ones_ops_add() -> None:
+    first = build_env_with({"LEDGER_API_KEYS": "clinic_app_key:redeemer"}, {})
+    keys = first["LEDGER_API_KEYS"].split(",")
+    roles = {k.rpartition(":")[2] for k in keys}
+    assert roles == {"ops", "reader", "redeemer"}
+    assert f"{first['LEDGER_REDEEMER_KEY']}:redeemer" in keys
+    assert "clinic_app_key:redeemer" in keys
+    # Generated keys are kept across restarts; an exported stack.env adds nothing twice.
+    again = build_env_with({"LEDGER_API_KEYS": first["LEDGER_API_KEYS"]}, first)
+    assert again["LEDGER_API_KEYS"] == first["LEDGER_API_KEYS"]
+
+
+def test_a_malformed_key_stops_make_up_with_the_entry_named() -> None:
+    code = "from deploy import stack; stack.build_env({}, 'postgresql://x@h/db', 'tansu', 'b:1')"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "LEDGER_API_KEYS": "nokey", "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "'nokey' is not key:role" in out.stderr
+
+
+def test_a_shell_that_exported_stack_env_still_gets_the_local_stack() -> None:
+    """`set -a; . .run/stack.env` exports the stack's own addresses: `make up` must not take
+    them for external servers (it would start neither and the services would fail)."""
+    previous = build_env_with({}, {})
+    assert previous["POSTGRES"] == "local"
+    exported = {"DATABASE_URL": previous["DATABASE_URL"],
+                "KAFKA_BOOTSTRAP_SERVERS": previous["KAFKA_BOOTSTRAP_SERVERS"]}  # fmt: skip
+    assert build_env_with(exported, previous)["POSTGRES"] == "local"
+    elsewhere = build_env_with({"DATABASE_URL": "postgresql://ops@db.clinic/loyalty"}, previous)
+    assert elsewhere["POSTGRES"] == "external"
+
+
+def test_an_exported_broker_address_of_our_own_broker_is_not_external(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from deploy import stack
+
+    previous = {"BROKER": "tansu", "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:19092"}
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
+    assert not stack.external_broker(previous)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "kafka.clinic:9092")
+    assert stack.external_broker(previous)
+    # A stack that was already pointed elsewhere stays pointed there.
+    assert stack.external_broker({**previous, "BROKER": "external"})
