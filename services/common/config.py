@@ -66,6 +66,10 @@ class Settings:
     webhook_url: str = ""
     webhook_secret: str = ""
     expiry_sweep_seconds: int = 60
+    # How long after a lot's expiry the ledger waits before journaling it, so that a refund
+    # dated before the expiry but arriving after it still takes back from that lot, whether
+    # or not a sweep came first (the expire entry is dated at the expiry either way).
+    expiry_grace_seconds: int = 3600
     # The rules service's sweep of lapsed tiers (services/rules/tier_sweeper.py): how often,
     # and how old an expiry must be before it is applied (late events land first).
     tier_sweep_seconds: int = 60
@@ -97,6 +101,7 @@ def load_settings() -> Settings:
         webhook_url=os.environ.get("NOTIFIER_WEBHOOK_URL", ""),
         webhook_secret=os.environ.get("NOTIFIER_WEBHOOK_SECRET", ""),
         expiry_sweep_seconds=_int("EXPIRY_SWEEP_SECONDS", 60),
+        expiry_grace_seconds=_int("EXPIRY_GRACE_SECONDS", 3600),
         tier_sweep_seconds=_int("TIER_SWEEP_SECONDS", 60),
         tier_sweep_grace_seconds=_int("TIER_SWEEP_GRACE_SECONDS", 3600),
         session_timeout_ms=_int("KAFKA_SESSION_TIMEOUT_MS", 10_000),

@@ -9,7 +9,7 @@ statements, with the ledger events going to the outbox in the same transaction.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
 
@@ -119,8 +119,9 @@ def make_handler(settings: Settings, consumer_name: str, rules: LedgerRules):  #
             after[grant.member_id] = book
         # A late grant (occurred_at over 12 months ago) made a lot that is already past its
         # expiry: journal its expiry now, in the same transaction, rather than leave it for
-        # the sweeper. The expire entry ids are deterministic, so the sweeper agrees.
-        now = datetime.now(UTC)
+        # the sweeper. The expire entry ids are deterministic, so the sweeper agrees. Both
+        # leave lots younger than the grace alone (`Settings.expiry_grace_seconds`).
+        now = datetime.now(UTC) - timedelta(seconds=settings.expiry_grace_seconds)
         for member_id in {g.member_id for g in moves}:
             book = after[member_id]
             book, new = acc.apply(book, acc.Expire(now))

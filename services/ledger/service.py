@@ -72,6 +72,7 @@ class LedgerService:
             self.settings.topics.ledger,
             self.settings.expiry_sweep_seconds,
             self.relay.wake,
+            grace_s=self.settings.expiry_grace_seconds,
         )
         self._background.spawn("expiry-sweeper", self.sweeper.run)
         pool = self._pool

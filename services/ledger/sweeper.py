@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import asyncpg
@@ -126,6 +126,7 @@ class ExpirySweeper:
         interval_s: float,
         wake: Callable[[], None],
         *,
+        grace_s: float = 0.0,
         lapsed_per_batch: int = LAPSED_PER_BATCH,
         warnings_per_batch: int = WARNINGS_PER_BATCH,
     ) -> None:
@@ -133,6 +134,7 @@ class ExpirySweeper:
         self._topic = topic
         self._interval = interval_s
         self._wake = wake
+        self._grace = timedelta(seconds=grace_s)
         self._lapsed_per_batch = lapsed_per_batch
         self._warnings_per_batch = warnings_per_batch
 
@@ -145,16 +147,20 @@ class ExpirySweeper:
             await asyncio.sleep(self._interval)
 
     async def sweep_once(self, now: datetime) -> tuple[int, int]:
-        """Expire every lapsed lot, then send the warnings due; returns (entries, warnings).
+        """Expire every lot lapsed a grace ago, then send the warnings due; returns
+        (entries, warnings).
 
         Each page is its own short transaction. A lot that lapses, or enters a warning
-        window, behind the cursor while a sweep runs is left to the next sweep.
+        window, behind the cursor while a sweep runs is left to the next sweep. The grace
+        lets a late refund dated before a lot's expiry take back from it whenever it comes
+        within the grace (the consumer waits the same); reads stop counting the lot at its
+        expiry regardless.
         """
         expired = warned = 0
         progress = _Progress(self._wake)
         cursor: Cursor | None = (None, "")
         while cursor is not None:
-            n, cursor = await self._expire_batch(now, cursor)
+            n, cursor = await self._expire_batch(now - self._grace, cursor)
             expired += n
             if cursor is not None:
                 progress.page(expired, warned)

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 def fast_sweeper(monkeypatch: pytest.MonkeyPatch) -> None:
     """The ledger process inherits the environment: sweep every second, not every minute."""
     monkeypatch.setenv("EXPIRY_SWEEP_SECONDS", "1")
+    monkeypatch.setenv("EXPIRY_GRACE_SECONDS", "0")
 
 
 async def ledger_events(stack: Stack, expect: int, timeout: float = 30) -> list[dict]:
