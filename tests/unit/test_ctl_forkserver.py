@@ -49,7 +49,9 @@ def _forkserver_starts(*args: str) -> list[bool]:
 def test_simulate_starts_the_forkserver_before_importing_the_cli() -> None:
     # Nothing on import; then one start, before typer (the CLI's first heavy import).
     assert _forkserver_starts("rules", "simulate", "--ruleset", "x.yaml") == [
-        "imported", False, False
+        "imported",
+        False,
+        False,
     ]
 
 
