@@ -167,7 +167,7 @@ class RulesProcessor:
             member = event.member_id
             state = states.get(member) or MemberState(member_id=member)
             refs = chain.as_of(referrers, since, state, event)
-            result = evaluate(state, event, book.at(event.occurred_at), refs)
+            result = evaluate(state, event, book.at(event.occurred_at), refs, book.tiers_at)
             new = states[member] = result.state
             referrers[member] = new.referrer_id
             if state.referrer_id is None and new.referrer_id is not None:

@@ -124,6 +124,7 @@ def _apply(
     ruleset: RuleSet,
     referrers: Mapping[str, str | None],
     day: date,
+    tiers_at: tiers.TiersAt | None,
 ) -> tuple[MemberState, list[Payout]]:
     if isinstance(event, Purchase):
         return purchase_rules.on_purchase(state, event, ruleset, referrers, day)
@@ -136,7 +137,7 @@ def _apply(
     if isinstance(event, Share):
         return engagement_rules.on_share(state, event, ruleset, day)
     if isinstance(event, Refund):
-        return purchase_rules.on_refund(state, event, ruleset)
+        return purchase_rules.on_refund(state, event, ruleset, tiers_at)
     return _register(state, event), []
 
 
@@ -149,11 +150,15 @@ def step(
     check_burst: bool = True,
     report_tier: bool = True,
     day: date | None = None,
+    tiers_at: tiers.TiersAt | None = None,
 ) -> Step:
     """One event through the rules. `report_tier=False` skips only the tier report.
 
     `day` is the event's date in the rule set's zone, when the caller already knows it
-    (the backtest prices each event in two lanes); it is computed otherwise.
+    (the backtest prices each event in two lanes); it is computed otherwise. `tiers_at`:
+    the tier rules in force at a moment (`RuleBook.at(t).tiers`), so that a tier expiry
+    the event catches up on, or a refund's replay, is decided under the version of its
+    own moment as the tier sweep decides it; None: `ruleset`'s throughout.
     """
     if event.member_id != state.member_id:
         raise ValueError(f"state of {state.member_id!r} given for {event.member_id!r}")
@@ -161,7 +166,7 @@ def step(
     current = state
     until = state.tier_valid_until
     if until is not None and until <= at:
-        current = tiers.catch_up(state, at, tier_rules)
+        current = tiers.catch_up(state, at, tier_rules, tiers_at)
     hot = derived(ruleset)
     if check_burst and is_engagement(event):
         current, burst = _burst(current, event, ruleset, hot)
@@ -170,7 +175,7 @@ def step(
             return Step(current, [], None, held)
     if day is None:
         day = event.occurred_at.astimezone(hot.zone).date()
-    new, payouts = _apply(current, event, ruleset, referrers, day)
+    new, payouts = _apply(current, event, ruleset, referrers, day, tiers_at)
     change = None
     if report_tier:
         change = _tier_change(state, current, new, at, tier_rules.window_months)
@@ -200,8 +205,9 @@ def _evaluate(
     referrers: Mapping[str, str | None],
     *,
     check_burst: bool,
+    tiers_at: tiers.TiersAt | None,
 ) -> Evaluation:
-    s = step(state, event, ruleset, referrers, check_burst=check_burst)
+    s = step(state, event, ruleset, referrers, check_burst=check_burst, tiers_at=tiers_at)
     if s.held is not None:
         return Evaluation(state=s.state, held=(s.held,))
     grants = grant_events(event, ruleset, s.payouts)
@@ -220,9 +226,11 @@ def evaluate(
     event: Activity,
     ruleset: RuleSet,
     referrers: Mapping[str, str | None],
+    tiers_at: tiers.TiersAt | None = None,
 ) -> Evaluation:
-    """Grants for other members (referrers) carry their member_id; state is the event's member."""
-    return _evaluate(state, event, ruleset, referrers, check_burst=True)
+    """Grants for other members (referrers) carry their member_id; state is the event's
+    member. `ruleset` is the version in force at the event; `tiers_at` see `step`."""
+    return _evaluate(state, event, ruleset, referrers, check_burst=True, tiers_at=tiers_at)
 
 
 def tier_expiry_id(member_id: str, until: datetime) -> str:
@@ -235,9 +243,8 @@ def expire_tier(state: MemberState, ruleset: RuleSet) -> tuple[MemberState, Tier
     """The member's tier expiry, decided at its own moment the way the next event decides
     it (`tiers.catch_up`): for members who have gone quiet, whose next event may never come.
 
-    `ruleset` is the rule set in force at `state.tier_valid_until` (an event applies a due
-    expiry under its own version's thresholds instead; the two differ only if a version
-    changing the thresholds took effect in between). None: no tier to expire.
+    `ruleset` is the rule set in force at `state.tier_valid_until`, the version an event
+    catching up on the expiry uses too (`step`'s `tiers_at`). None: no tier to expire.
     Exactly one expiry is applied (the tier's months then restart from it, or it ends), and
     reported at that moment like any tier change: the new tier, spend, and months.
     """
@@ -260,6 +267,8 @@ def release(
     held: HeldEvent,
     ruleset: RuleSet,
     referrers: Mapping[str, str | None] | None = None,
+    tiers_at: tiers.TiersAt | None = None,
 ) -> Evaluation:
     """Pay a held event after ops review, with every rule but the burst check still applied."""
-    return _evaluate(state, held.event, ruleset, referrers or {}, check_burst=False)
+    return _evaluate(state, held.event, ruleset, referrers or {}, check_burst=False,
+                     tiers_at=tiers_at)  # fmt: skip

@@ -85,7 +85,8 @@ async def release_held(
         event = parse_activity(row["payload"])
         if not isinstance(event, CheckIn | Review | Share):
             raise HeldError(f"held event {event_id!r} is a {event.type}, not engagement")
-        ruleset = (await load_book(conn)).at(event.occurred_at)
+        book = await load_book(conn)
+        ruleset = book.at(event.occurred_at)
         # The rules consumer locks the same row per batch, so neither overwrites the other.
         raw = await conn.fetchval(LOCK_STATE, event.member_id)
         state = load_state(raw) if raw is not None else MemberState(member_id=event.member_id)
@@ -93,7 +94,8 @@ async def release_held(
         if state.referrer_id is not None:
             for r in await conn.fetch(SELECT_REFERRERS, [state.referrer_id]):
                 referrers[r["member_id"]] = r["referrer_id"]
-        result = release(state, HeldEvent(event=event, reason=row["reason"]), ruleset, referrers)
+        held = HeldEvent(event=event, reason=row["reason"])
+        result = release(state, held, ruleset, referrers, book.tiers_at)
         await conn.execute(
             UPSERT_STATE,
             event.member_id,

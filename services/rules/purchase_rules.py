@@ -184,7 +184,7 @@ def _targets(order: Order, net: Decimal) -> dict[str, int]:
 
 
 def on_refund(
-    state: MemberState, event: Refund, ruleset: RuleSet
+    state: MemberState, event: Refund, ruleset: RuleSet, tiers_at: tiers.TiersAt | None = None
 ) -> tuple[MemberState, list[Payout]]:
     """Proportional take-back; refunds past the order's amount, or of unknown orders, do nothing."""
     order = state.orders.get(event.data.order_id)
@@ -210,4 +210,4 @@ def on_refund(
         others = ()
     order = replace(order, paid=targets, others=others)
     new = replace(state, orders=put_order(state.orders, order))
-    return tiers.after_refund(new, order, event.occurred_at, ruleset.tiers), payouts
+    return tiers.after_refund(new, order, event.occurred_at, ruleset.tiers, tiers_at), payouts

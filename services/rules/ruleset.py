@@ -395,6 +395,10 @@ class RuleBook:
         i = bisect.bisect_right(self._starts, occurred_at) - 1
         return self._versions[max(i, 0)]
 
+    def tiers_at(self, moment: datetime) -> TierRules:
+        """The tier rules in force at `moment` (`tiers.TiersAt`)."""
+        return self.at(moment).tiers
+
     def span(self, occurred_at: datetime) -> tuple[RuleSet, datetime | None, datetime | None]:
         """`at(occurred_at)` with the times it is in force from (inclusive; None: from the
         beginning) and until (exclusive; None: no later version), for callers that cache."""

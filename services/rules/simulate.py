@@ -32,6 +32,7 @@ from schemas.grants import Tier
 from services.rules.engine import step
 from services.rules.ruleset import RuleBook, RuleSet, derived
 from services.rules.state import MemberState
+from services.rules.tiers import TiersAt
 
 CENT = Decimal("0.01")
 TOTAL = "TOTAL"
@@ -54,14 +55,18 @@ class _Lane:
         # States are frozen models: sharing them between lanes is safe, only the maps copy.
         return _Lane(states=dict(self.states), referrers=dict(self.referrers))
 
-    def step(self, event: Activity, ruleset: RuleSet, count: bool, day: date) -> None:
+    def step(
+        self, event: Activity, ruleset: RuleSet, count: bool, day: date,
+        tiers_at: TiersAt | None = None,
+    ) -> None:  # fmt: skip
         member = event.member_id
         states = self.states
         state = states.get(member)
         if state is None:
             state = MemberState(member_id=member)
         # The tier report changes no state and is not counted: not built here.
-        result = step(state, event, ruleset, self.referrers, report_tier=False, day=day)
+        result = step(state, event, ruleset, self.referrers, report_tier=False, day=day,
+                      tiers_at=tiers_at)  # fmt: skip
         new = states[member] = result.state
         if new.referrer_id is not None:
             self.referrers[member] = new.referrer_id
@@ -216,7 +221,8 @@ class Simulation:
         if self._fresh(event):
             event = _share_tz(event)
             ruleset = self._rules_at(event.occurred_at)
-            self._warm.step(event, ruleset, False, self._day(event, derived(ruleset).zone))
+            day = self._day(event, derived(ruleset).zone)
+            self._warm.step(event, ruleset, False, day, self.book.tiers_at)
             self.warmup_events += 1
 
     def _start(self) -> dict[Lane, _Lane]:
@@ -235,8 +241,9 @@ class Simulation:
         self._versions.add(ruleset.version)
         in_force, candidate = lanes.get("in_force"), lanes.get("candidate")
         if in_force is not None:
-            in_force.step(event, ruleset, True, self._day(event, derived(ruleset).zone))
-        if candidate is not None:
+            day = self._day(event, derived(ruleset).zone)
+            in_force.step(event, ruleset, True, day, self.book.tiers_at)
+        if candidate is not None:  # the candidate as if in force throughout
             candidate.step(event, self.candidate, True, self._day(event, self._candidate_zone))
         self.events += 1
 

@@ -7,7 +7,7 @@ does not depend on when the member next shows up.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from decimal import Decimal
 
@@ -17,6 +17,10 @@ from services.rules.ruleset import TierRules
 from services.rules.state import MemberState, Order, SpendMark, replace
 
 _RANK: dict[str, int] = {t: i for i, t in enumerate(TIERS)}
+# The tier rules of the rule-set version in force at a moment (a `RuleBook`'s): an expiry,
+# or an order a refund replays, is decided under its own moment's version, as the tier
+# sweep and the purchase itself decided it. None: the one version given is used for all.
+TiersAt = Callable[[datetime], TierRules]
 
 
 def rank(tier: Tier) -> int:
@@ -79,19 +83,25 @@ def _spend(
 
 def _caught_up(
     tier: Tier, until: datetime | None, orders: Mapping[str, Order], at: datetime,
-    rules: TierRules, history: tuple[SpendMark, ...] = (),
+    rules: TierRules, history: tuple[SpendMark, ...] = (), rules_at: TiersAt | None = None,
 ) -> tuple[Tier, datetime | None]:  # fmt: skip
-    """Every tier expiry up to `at`, each re-evaluated on the spend at its own moment."""
+    """Every tier expiry up to `at`, each re-evaluated on the spend at its own moment,
+    under the version in force then (`rules_at`, else `rules`)."""
     while until is not None and until <= at:
-        q = qualified_tier(_spend(orders, history, until, rules.window_months), rules)
+        r = rules if rules_at is None else rules_at(until)
+        q = qualified_tier(_spend(orders, history, until, r.window_months), r)
         tier = q if rank(q) < rank(tier) else tier
-        until = _hold(tier, until, rules)
+        until = _hold(tier, until, r)
     return tier, until
 
 
-def catch_up(state: MemberState, at: datetime, rules: TierRules) -> MemberState:
-    """Apply every tier expiry up to `at`, each re-evaluated on the spend at its moment."""
-    tier, until = _caught_up(state.tier, state.tier_valid_until, state.orders, at, rules)
+def catch_up(
+    state: MemberState, at: datetime, rules: TierRules, rules_at: TiersAt | None = None
+) -> MemberState:
+    """Apply every tier expiry up to `at`, each re-evaluated on the spend at its moment
+    under the version in force then."""
+    tier, until = _caught_up(state.tier, state.tier_valid_until, state.orders, at, rules,
+                             rules_at=rules_at)  # fmt: skip
     if tier == state.tier and until == state.tier_valid_until:
         return state
     checked = state.tier_checked_at
@@ -99,7 +109,10 @@ def catch_up(state: MemberState, at: datetime, rules: TierRules) -> MemberState:
                    tier_checked_at=at if checked is None or checked < at else checked)  # fmt: skip
 
 
-def after_refund(state: MemberState, order: Order, at: datetime, rules: TierRules) -> MemberState:
+def after_refund(
+    state: MemberState, order: Order, at: datetime, rules: TierRules,
+    rules_at: TiersAt | None = None,
+) -> MemberState:  # fmt: skip
     """The tier re-decided as if the refunded money had never been paid.
 
     Tier follows spend net of refunds, so the refund reaches back to its order: from the
@@ -108,7 +121,8 @@ def after_refund(state: MemberState, order: Order, at: datetime, rules: TierRule
     full as if never placed), with the expiries between them as `catch_up` applies them.
     So an upgrade that needed the refunded money is undone whichever order crossed the
     threshold, and a refund does not restart a tier's 12 months. The replayed orders
-    record the tiers of the replay, so a later refund of one of them starts right.
+    record the tiers of the replay, so a later refund of one of them starts right. Each
+    order and expiry is decided under the version in force at its moment (`rules_at`).
     """
     orders, history, since = state.orders, state.spend_history, state.spend_since
     if since is not None and add_months(order.at, -rules.window_months) < since:
@@ -120,11 +134,12 @@ def after_refund(state: MemberState, order: Order, at: datetime, rules: TierRule
         started = started or key == order.order_id
         if not started or o.amount - o.refunded <= 0:
             continue
-        tier, until = _caught_up(tier, until, orders, o.at, rules, history)
+        tier, until = _caught_up(tier, until, orders, o.at, rules, history, rules_at)
         before, until_before = tier, until
-        q = qualified_tier(_spend(orders, history, o.at, rules.window_months), rules)
+        r = rules if rules_at is None else rules_at(o.at)
+        q = qualified_tier(_spend(orders, history, o.at, r.window_months), r)
         if rank(q) >= rank(tier):
-            tier, until = q, _hold(q, o.at, rules)
+            tier, until = q, _hold(q, o.at, r)
         if (o.tier_before, o.tier_after, o.valid_until_before) != (before, tier, until_before):
             replayed[key] = replace(o, tier_before=before, tier_after=tier,
                                     valid_until_before=until_before)  # fmt: skip
@@ -132,7 +147,7 @@ def after_refund(state: MemberState, order: Order, at: datetime, rules: TierRule
     # tier's clock never goes back (an expiry reported stays applied).
     checked = state.tier_checked_at
     tier, until = _caught_up(tier, until, orders, at if checked is None else max(at, checked),
-                             rules, history)  # fmt: skip
+                             rules, history, rules_at)  # fmt: skip
     if replayed:
         state = replace(state, orders={k: replayed.get(k, o) for k, o in orders.items()})
     if tier == state.tier and until == state.tier_valid_until:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from rules_factories import (
@@ -21,6 +21,7 @@ from rules_factories import (
 from schemas.grants import PointsGranted, PointsRevoked, TierEvaluated, grant_id
 from services.rules.engine import evaluate, expire_tier, tier_expiry_id
 from services.rules.pruning import add_months
+from services.rules.ruleset import RuleBook
 from services.rules.state import dump_state, load_state
 
 
@@ -322,6 +323,49 @@ def test_a_late_refund_does_not_undo_a_tier_expiry_already_applied() -> None:
         g.data.tier == "member" for g in late.grants if isinstance(g, TierEvaluated)
     )  # no "upgrade" to a tier that already lapsed
     assert expire_tier(run.state(), DEFAULT) is None
+
+
+def _book_raising_silver_at(moment: datetime) -> RuleBook:
+    """The default rules, then from `moment` a version that asks 15,000 for silver."""
+    thresholds = {"silver": 15000, "gold": 30000, "diamond": 100000}
+    v2 = ruleset(version="2026.2", effective_from=moment, tiers={"thresholds": thresholds})
+    return RuleBook([DEFAULT, v2])
+
+
+def test_an_expiry_an_event_catches_up_on_is_decided_by_the_version_of_its_moment() -> None:
+    # Gold to T0 + 23 months; at that moment the window holds the 12,000 of month 13, silver
+    # under the default rules then in force. A version asking 15,000 for silver takes
+    # effect a month later, before the member's next event.
+    book = _book_raising_silver_at(add_months(T0, 24))
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    run.feed(purchase(amount=30000))
+    run.feed(purchase(amount=100, at=add_months(T0, 11)))
+    run.feed(purchase(amount=12000, at=add_months(T0, 13)))
+    state = run.state()
+    assert (state.tier, state.tier_valid_until) == ("gold", add_months(T0, 23))
+    swept = expire_tier(state, book.at(add_months(T0, 23)))
+    assert swept is not None
+    assert (swept[0].tier, swept[0].tier_valid_until) == ("silver", add_months(T0, 35))
+    # The member's next event, under the new version, decides that expiry the same way.
+    later = purchase(amount=100, at=add_months(T0, 25))
+    after = evaluate(state, later, book.at(later.occurred_at), {}, book.tiers_at).state
+    assert (after.tier, after.tier_valid_until) == ("silver", add_months(T0, 35))
+
+
+def test_a_refunds_replay_decides_each_order_by_the_version_of_its_moment() -> None:
+    # 6,000 then 5,000: silver at the second order under the default rules. A version
+    # asking 15,000 for silver comes later; a 100 CNY refund after it still leaves 10,900,
+    # silver by the rules in force when that spend was made.
+    book = _book_raising_silver_at(add_months(T0, 5))
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    run.feed(purchase(amount=6000, order_id="o-a"),
+             purchase(amount=5000, order_id="o-b", at=add_months(T0, 2)))  # fmt: skip
+    assert (run.state().tier, run.state().tier_valid_until) == ("silver", add_months(T0, 14))
+    back = refund("m-1", "o-a", 100, at=add_months(T0, 6))
+    after = evaluate(run.state(), back, book.at(back.occurred_at), {}, book.tiers_at).state
+    assert (after.tier, after.tier_valid_until) == ("silver", add_months(T0, 14))
 
 
 def test_grant_ids_are_deterministic_and_carry_version() -> None:
