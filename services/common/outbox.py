@@ -87,12 +87,26 @@ class OutboxRelay:
         self._wake.set()
 
     async def run(self) -> None:
+        """Relay for as long as the process lives, holding the service's lock meanwhile.
+
+        The lock lives with its connection: when Postgres drops that connection (a restart,
+        a terminated backend) the lock is gone and another instance's relay may take it, so
+        this one stops publishing and queues for the lock again on a new connection.
+        """
+        while True:
+            try:
+                await self._relay_holding_lock()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("outbox_relay_lock_lost", error=repr(exc))
+                await asyncio.sleep(1.0)
+
+    async def _relay_holding_lock(self) -> None:
         async with self._pool.acquire() as lock_conn:
             # Session-level advisory lock: exactly one relay per service publishes.
             while not await lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", self._lock_key):
                 await asyncio.sleep(1.0)
             try:
-                while True:
+                while not lock_conn.is_closed():
                     # Cleared before reading, not after: a commit that lands while a page
                     # is in flight keeps its wake-up, instead of waiting out the idle poll.
                     self._wake.clear()
@@ -107,8 +121,10 @@ class OutboxRelay:
                     if sent < RELAY_BATCH:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._wake.wait(), RELAY_IDLE_POLL_S)
+                log.warning("outbox_relay_lock_lost", error="lock connection closed")
             finally:
-                await lock_conn.execute("SELECT pg_advisory_unlock($1)", self._lock_key)
+                if not lock_conn.is_closed():
+                    await lock_conn.execute("SELECT pg_advisory_unlock($1)", self._lock_key)
 
     async def relay_once(self) -> int:
         async with self._pool.acquire() as conn:
