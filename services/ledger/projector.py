@@ -226,7 +226,8 @@ async def member_as_of(
     tier = await conn.fetchrow(TIER_AS_OF, member_id, at)
     if not rows and tier is None:
         return None
-    book = acc.replay(member_id, (entry_from_row(r) for r in rows))
+    # Display only: the entries dated up to `at` need not be a consistent journal.
+    book = acc.replay_as_of(member_id, (entry_from_row(r) for r in rows))
     snapshot = dict(member)
     snapshot.update(
         debt=book.debt,

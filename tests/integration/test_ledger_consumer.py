@@ -17,10 +17,10 @@ from services.common.config import Settings
 from services.common.consumer import BatchConsumer
 from services.common.migrations import apply_migrations
 from services.common.runtime import init_connection
-from services.ledger import projector
+from services.ledger import projector, redemptions
 from services.ledger.rebuild import rebuild, verify
 from services.ledger.rulebook import LedgerRules
-from tests.integration.ledger_helpers import tier_report
+from tests.integration.ledger_helpers import grant, revoke, tier_report
 
 pytestmark = pytest.mark.integration
 TOPIC = "loyalty.grants.v1"
@@ -108,3 +108,33 @@ async def test_a_late_tier_report_does_not_overwrite_a_newer_one(
     await consumer.process(records(newest))
     assert await _tier(pool, "m-t") == "silver"
     assert (await verify(dsn)).differences == []
+
+
+async def test_as_of_between_a_late_purchase_and_the_refund_it_paid(env: Env) -> None:
+    """Earn 1000 (o1), redeem 1000, refund o1 (debt 1000), then a late (offline POS)
+    purchase dated *before* the refund pays 300 of that debt. The entries dated up to a
+    moment between the two, in seq order, pay debt not owed yet: ?as_of= used to fail on
+    them (JournalError, a 500); it now shows the moment as it was."""
+    dsn, pool, consumer = env
+    now = datetime.now(UTC)
+    earn = grant("m-a", 1000, now - timedelta(days=30))
+    order = earn["data"]["order_id"]
+    await consumer.process(records(earn))
+    async with pool.acquire() as conn:
+        out = await redemptions.redeem(
+            conn, "loyalty.ledger.v1", "m-a", "red-1", points=1000, reward=None, cash=None,
+            store_id=None, now=now - timedelta(days=20),
+        )  # fmt: skip
+        assert out.status == 201
+    await consumer.process(records(revoke("m-a", 1000, now - timedelta(days=10), order)))
+    await consumer.process(records(grant("m-a", 300, now - timedelta(days=15))))
+    assert not (await verify(dsn)).differences  # the journal itself is fine
+    async with pool.acquire() as conn:
+        then = await projector.member_as_of(conn, "m-a", now - timedelta(days=12))
+        later = await projector.member_as_of(conn, "m-a", now)
+    assert then is not None
+    assert then["points"]["debt"] == 0
+    assert then["points"]["available"] == 300
+    assert later is not None
+    assert later["points"]["debt"] == 700
+    assert later["points"]["available"] == 0
