@@ -1,8 +1,10 @@
-"""The ledger's consumer handler, redemption path and read paths on a real Postgres, driven
-directly (no broker): ordering and concurrency cases that need exact control."""
+"""The ledger on a real Postgres without a broker: its consumer handler, and what runs beside
+it (redemptions, the expiry sweeper, rebuild, verify, ?as_of=), driven directly, for the
+ordering and concurrency cases that need exact control."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -18,8 +20,10 @@ from services.common.consumer import BatchConsumer
 from services.common.migrations import apply_migrations
 from services.common.runtime import init_connection
 from services.ledger import projector, redemptions
+from services.ledger import sweeper as sweeper_mod
 from services.ledger.rebuild import rebuild, verify
 from services.ledger.rulebook import LedgerRules
+from services.ledger.sweeper import ExpirySweeper
 from tests.integration.ledger_helpers import grant, revoke, tier_report
 
 pytestmark = pytest.mark.integration
@@ -138,3 +142,49 @@ async def test_as_of_between_a_late_purchase_and_the_refund_it_paid(env: Env) ->
     assert later is not None
     assert later["points"]["debt"] == 700
     assert later["points"]["available"] == 0
+
+
+async def test_a_rebuild_swap_that_deadlocks_with_an_expiry_page_is_retried(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweeper reads ledger_lots (its page) and then locks member rows; the rebuild's
+    swap locks ledger_members, then ledger_lots. Opposite orders: a deadlock, whose victim
+    (the swap, waiting first) used to abort the whole rebuild after its build ran. The
+    swap alone is retried now, and both finish."""
+    dsn, pool, consumer = env
+    now = datetime.now(UTC)
+    await consumer.process(records(grant("m-s", 100, now - timedelta(days=20))))
+    async with pool.acquire() as conn:  # make the lot lapsed, as time would
+        await conn.execute(
+            "UPDATE ledger_lots SET expires_at = $1::timestamptz,"
+            " sweep_at = $1::timestamptz - interval '30 days'",
+            now - timedelta(minutes=1),
+        )
+    go = asyncio.Event()
+    real_load = sweeper_mod.load_books
+
+    async def paused_load(conn: asyncpg.Connection, members: list[str]) -> Any:
+        await go.wait()  # the page is read (AccessShare on ledger_lots held)
+        return await real_load(conn, members)
+
+    monkeypatch.setattr(sweeper_mod, "load_books", paused_load)
+    sweep = asyncio.create_task(ExpirySweeper(pool, "t", 60, lambda: None).sweep_once(now))
+    build = asyncio.create_task(rebuild(dsn))
+    async with pool.acquire() as conn:
+        for _ in range(200):  # until the swap waits for ledger_lots
+            waiting = await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                " AND relation = 'ledger_lots'::regclass AND mode = 'AccessExclusiveLock'"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting, "the swap never waited on ledger_lots"
+    go.set()
+    _, report = await asyncio.gather(sweep, build)
+    assert report.swap_retries >= 1
+    async with pool.acquire() as conn:
+        assert (
+            await conn.fetchval("SELECT expired FROM ledger_members WHERE member_id = 'm-s'") == 100
+        )
+    assert (await verify(dsn)).differences == []
