@@ -70,6 +70,11 @@ def rebuild(database_url: str | None = DsnOption) -> None:
         f"rebuilt {report.members} members, {report.lots} lots from {report.entries} entries"
         f" ({report.caught_up} members caught up at the swap)"
     )
+    if report.swap_retries:
+        console.print(
+            f"the swap was retried {report.swap_retries} time(s)"
+            " (a deadlock or lock timeout with a concurrent writer)"
+        )
 
 
 @app.command()

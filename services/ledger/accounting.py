@@ -97,6 +97,7 @@ __all__ = [
     "expiring",
     "pending",
     "replay",
+    "replay_as_of",
     "spendable",
     "spendable_lots",
     "unexpired_lots",
@@ -672,28 +673,35 @@ def evolve(book: Book, entry: Entry) -> Book:
     if entry.creates_lot:
         if entry.entry_id in map(_lot_id, lots):
             raise JournalError(f"{entry.entry_id}: lot already exists")
-        assert entry.expires_at is not None  # checked by _check_shape
-        remaining = entry.points + entry.debt_delta
-        if remaining > 0:
-            lot = Lot(
-                lot_id=entry.entry_id,
-                member_id=entry.member_id,
-                points=entry.points,
-                remaining=remaining,
-                earned_at=entry.occurred_at,
-                expires_at=entry.expires_at,
-                source_event_id=entry.source_event_id or entry.adjustment_id or entry.entry_id,
-                order_id=entry.order_id,
-                rule_id=entry.rule_id,
-                available_from=entry.available_from,
-                ruleset_version=entry.ruleset_version,
-            )
-            if not lots or _fifo_key(lots[-1]) < _fifo_key(lot):
-                lots = (*lots, lot)
-            else:
-                at = bisect_right(lots, _fifo_key(lot), key=_fifo_key)
-                lots = (*lots[:at], lot, *lots[at:])
+        lots = _with_lot(lots, entry, entry.points + entry.debt_delta)
+    return _totalled(book, entry, lots, debt)
 
+
+def _with_lot(lots: tuple[Lot, ...], entry: Entry, remaining: int) -> tuple[Lot, ...]:
+    """``lots`` with the lot ``entry`` creates holding ``remaining`` (none if 0), in order."""
+    if remaining <= 0:
+        return lots
+    assert entry.expires_at is not None  # checked by _check_shape
+    lot = Lot(
+        lot_id=entry.entry_id,
+        member_id=entry.member_id,
+        points=entry.points,
+        remaining=remaining,
+        earned_at=entry.occurred_at,
+        expires_at=entry.expires_at,
+        source_event_id=entry.source_event_id or entry.adjustment_id or entry.entry_id,
+        order_id=entry.order_id,
+        rule_id=entry.rule_id,
+        available_from=entry.available_from,
+        ruleset_version=entry.ruleset_version,
+    )
+    if not lots or _fifo_key(lots[-1]) < _fifo_key(lot):
+        return (*lots, lot)
+    at = bisect_right(lots, _fifo_key(lot), key=_fifo_key)
+    return (*lots[:at], lot, *lots[at:])
+
+
+def _totalled(book: Book, entry: Entry, lots: tuple[Lot, ...], debt: int) -> Book:
     moved = -entry.points
     return Book(
         member_id=book.member_id,
@@ -728,4 +736,52 @@ def replay(member_id: str, entries: Iterable[Entry]) -> Book:
     book = Book(member_id=member_id)
     for entry in entries:
         book = evolve(book, entry)
+    return book
+
+
+# --------------------------------------------------------------------------- as of a moment
+
+
+def evolve_as_of(book: Book, entry: Entry) -> Book:
+    """Apply one entry to a book folded from *part* of a journal: display only.
+
+    ``GET /v1/members/{id}?as_of=`` folds the entries with ``occurred_at <= as_of`` in
+    journal (seq) order. That subset need not be a consistent journal: an entry journaled
+    later but dated earlier (an offline purchase) may pay off debt a refund dated after
+    ``as_of`` created, or a consuming entry may take from a lot created by an entry dated
+    after ``as_of``. Where `evolve` would refuse, this one does what that moment allows:
+
+    * debt paid off is capped at the debt owed then; the rest stays in the new lot;
+    * an allocation takes at most what the lot holds then, and nothing from a lot not
+      there then; the entry still counts in full in its total (redeemed, revoked, ...);
+    * a lot created twice is kept once.
+
+    On a consistent journal it is `evolve` exactly. Never use it for the real journal:
+    `evolve` guards that (and verify checks it). Entries of the wrong shape still raise.
+    """
+    if entry.member_id != book.member_id:
+        raise JournalError(f"{entry.entry_id}: belongs to {entry.member_id}, not {book.member_id}")
+    _check_shape(entry)
+    lots = book.lots
+    if entry.allocations:
+        kept = list(lots)
+        where = {lot.lot_id: i for i, lot in enumerate(lots)}
+        for lot_id, part in entry.allocations:
+            i = where.get(lot_id)
+            if i is not None:
+                kept[i] = _with_remaining(kept[i], max(0, kept[i].remaining - part))
+        lots = tuple(lot for lot in kept if lot.remaining > 0)
+    paid = min(-entry.debt_delta, book.debt) if entry.debt_delta < 0 else 0
+    debt = book.debt - paid if entry.debt_delta < 0 else book.debt + entry.debt_delta
+    if entry.creates_lot and entry.entry_id not in map(_lot_id, lots):
+        lots = _with_lot(lots, entry, entry.points - paid)
+    return _totalled(book, entry, lots, debt)
+
+
+def replay_as_of(member_id: str, entries: Iterable[Entry]) -> Book:
+    """A member's book from the part of their journal dated up to a moment, in seq order
+    (a left fold of `evolve_as_of`): what ``?as_of=`` shows. Display only."""
+    book = Book(member_id=member_id)
+    for entry in entries:
+        book = evolve_as_of(book, entry)
     return book

@@ -112,7 +112,11 @@ class RedemptionBody(BaseModel):
     redemption_id: str = _ID
     points: int | None = Field(default=None, gt=0, le=MAX_POINTS)
     reward: str | None = Field(default=None, min_length=1)
-    cash: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]{1,2})?$")
+    cash: str | None = Field(
+        default=None,
+        pattern=rf"^0*[0-9]{{1,{redemptions.MAX_CASH_DIGITS}}}(\.[0-9]{{1,2}})?$",
+        description=f"CNY, at most {redemptions.MAX_CASH_DIGITS} digits and 2 decimals",
+    )
     store_id: str | None = None
 
     @model_validator(mode="after")

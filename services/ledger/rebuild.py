@@ -18,7 +18,9 @@ with the pure `accounting.replay`, so the two implementations prove each other.
    locks a member row before appending, so none is in flight once we hold it), refold the
    few members whose entries arrived after the snapshot, add members without entries,
    restore tiers from ``ledger_tier_history``, then drop the old tables and rename. Readers
-   wait for the swap only (milliseconds), never for the build.
+   wait for the swap only (milliseconds), never for the build. A swap that loses a
+   deadlock (an expiry sweep page holds ``ledger_lots`` and wants a member row) or waits
+   over its ``lock_timeout`` rolls back and is retried, a few times, keeping the build.
 
 **Verify** reads the journal and the read models in one ``REPEATABLE READ`` snapshot (so a
 running system gives no false differences) and reports every member whose totals, debt or
@@ -27,21 +29,34 @@ lots differ from the fold, and every member whose tier differs from its latest e
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
 import asyncpg
+import structlog
 
 from services.ledger import accounting as acc
 from services.ledger.journal import LOT_COLUMNS, entry_from_row, lot_row
+
+log = structlog.get_logger()
 
 MEMBERS_CHUNK: Final = 2000
 FETCH_ROWS: Final = 5000
 TOTAL_COLUMNS: Final = ("debt", "earned", "redeemed", "revoked", "expired", "adjusted")
 MEMBER_COLUMNS: Final = ("member_id", *TOTAL_COLUMNS)
 TABLES: Final = ("ledger_members", "ledger_lots")
+# The swap can lose a deadlock to a writer that holds ledger_lots and then wants a member
+# row (an expiry sweep page) while the swap holds ledger_members and wants ledger_lots; or
+# wait behind a long transaction while every reader queues behind its lock request. Each
+# attempt waits at most SWAP_LOCK_TIMEOUT for a lock; a lost attempt rolls back entirely
+# and is retried (the build is kept), up to SWAP_ATTEMPTS times.
+SWAP_ATTEMPTS: Final = 5
+SWAP_LOCK_TIMEOUT: Final = "2s"
+SWAP_RETRY_PAUSE_S: Final = 0.2
+SWAP_RETRYABLE: Final = (asyncpg.DeadlockDetectedError, asyncpg.LockNotAvailableError)
 
 JOURNAL: Final = "SELECT * FROM ledger_entries ORDER BY member_id, seq"
 JOURNAL_AFTER: Final = """
@@ -151,6 +166,7 @@ class RebuildReport:
     entries: int = 0
     lots: int = 0
     caught_up: int = 0  # members refolded at the swap (their entries arrived meanwhile)
+    swap_retries: int = 0  # swap attempts lost to a deadlock or a lock timeout, then retried
 
 
 @dataclass
@@ -224,7 +240,7 @@ async def rebuild(dsn: str, progress: Progress | None = None) -> RebuildReport:
         report.lots = int(lots.rsplit(" ", 1)[-1])
         await read.execute("COMMIT")
         renames = await _clone_indexes(write)
-        report.caught_up = await _swap(write, high, renames)
+        report.caught_up, report.swap_retries = await _swap_retrying(write, high, renames)
     finally:
         await read.close()
         await write.close()
@@ -270,8 +286,30 @@ async def _clone_indexes(conn: asyncpg.Connection) -> list[str]:
     return steps
 
 
+async def _swap_retrying(
+    conn: asyncpg.Connection, high: int, renames: list[str]
+) -> tuple[int, int]:
+    """`_swap`, retried on a deadlock or lock timeout; returns (caught up, retries)."""
+    for attempt in range(1, SWAP_ATTEMPTS + 1):
+        try:
+            return await _swap(conn, high, renames), attempt - 1
+        except SWAP_RETRYABLE as exc:
+            if attempt == SWAP_ATTEMPTS:
+                raise
+            log.warning(
+                "ledger_rebuild_swap_retried",
+                attempt=attempt,
+                of=SWAP_ATTEMPTS,
+                error=type(exc).__name__,
+                detail=str(exc).splitlines()[0],
+            )
+            await asyncio.sleep(SWAP_RETRY_PAUSE_S * attempt)
+    raise AssertionError("unreachable")
+
+
 async def _swap(conn: asyncpg.Connection, high: int, renames: list[str]) -> int:
     async with conn.transaction():
+        await conn.execute(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT}'")
         await conn.execute("LOCK TABLE ledger_members, ledger_lots IN ACCESS EXCLUSIVE MODE")
         await conn.execute("LOCK TABLE ledger_entries IN SHARE MODE")
         late = [

@@ -47,6 +47,9 @@ VALUES ($1, $2, $3, $4)
 _CENT: Final = Decimal("0.01")
 
 
+MAX_CASH_DIGITS: Final = 12  # CNY digits before the point, as numeric(14,2)
+
+
 class Refused(Exception):
     """A request the ledger answers with a problem: ``status`` is the HTTP status."""
 
@@ -62,14 +65,26 @@ class Outcome:
     fresh: bool  # False when this is the stored answer to an earlier identical request
 
 
+def _bad_cash(detail: str) -> Refused:
+    return Refused(
+        422, "Invalid cash amount", detail, errors=[{"field": "body.cash", "message": detail}]
+    )
+
+
 def normalise_cash(raw: str) -> Decimal:
-    """A CNY amount as the decimal string of the contract, to the fen."""
+    """A CNY amount as the decimal string of the contract, to the fen; at most
+    `MAX_CASH_DIGITS` digits before the point (a longer one cannot even be quantized in
+    the default decimal context, and no balance could pay it)."""
     try:
         value = Decimal(raw)
     except InvalidOperation as exc:
-        raise Refused(422, "Invalid cash amount", f"{raw!r} is not a decimal CNY amount") from exc
-    if not value.is_finite() or value <= 0 or value != value.quantize(_CENT):
-        raise Refused(422, "Invalid cash amount", "cash must be positive CNY with at most 2 dp")
+        raise _bad_cash(f"{raw!r} is not a decimal CNY amount") from exc
+    if not value.is_finite() or value <= 0:
+        raise _bad_cash("cash must be positive CNY with at most 2 dp")
+    if value.adjusted() >= MAX_CASH_DIGITS:
+        raise _bad_cash(f"cash must be under 10^{MAX_CASH_DIGITS} CNY")
+    if value != value.quantize(_CENT):
+        raise _bad_cash("cash must be positive CNY with at most 2 dp")
     return value.quantize(_CENT)
 
 

@@ -9,11 +9,15 @@ book does not hold, e.g. a grant from another system, gets the default 12 months
 a redemption or adjustment follows the version in force when it is made.
 
 A new version is picked up by the next batch or call: each looks at the book's stamp
-(one tiny query) and re-reads it only when it changed.
+(one tiny query) and re-reads it only when it changed. Refreshes are serialised (one
+process's API calls and consumer batches share the cache), and the stamp is stored only
+once the book it stamps has been read: a refresh never returns the old book for a stamp
+another refresh is still loading.
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
 import asyncpg
@@ -49,24 +53,28 @@ class LedgerRules:
         self._book: RuleBook | None = None
         self._lifetimes: dict[str, int] = {}
         self._policies: dict[str, RedemptionPolicy] = {}
+        self._lock = asyncio.Lock()
 
     async def refresh(self, conn: asyncpg.Connection) -> RuleBook:
         """The book, re-read if a version was published since. A book the ledger cannot use
         (a hand-edited row, a version published before `publish_problems` checked it) is
         logged and the last good one kept (the seed file's, if there is none yet): grants
         keep being journaled and redemptions keep answering under known numbers."""
-        stamp = await book_stamp(conn)
-        if self._book is not None and stamp == self._stamp:
+        async with self._lock:
+            stamp = await book_stamp(conn)
+            if self._book is not None and stamp == self._stamp:
+                return self._book
+            try:
+                self._use(await read_book(conn))
+            except (RuleSetError, ValueError):
+                log.exception("ledger_rulebook_unusable", kept=sorted(self._lifetimes) or "seed")
+                if self._book is None:
+                    self._use(RuleBook([load_ruleset(DEFAULT_RULESET)]))
+            # Only now, with the book read (or found unusable: logged once, not re-read for
+            # every batch). Any other failure leaves the stamp as it was: the next call retries.
+            self._stamp = stamp
+            assert self._book is not None
             return self._book
-        self._stamp = stamp  # a bad book is logged once, not re-read for every batch
-        try:
-            self._use(await read_book(conn))
-        except (RuleSetError, ValueError):
-            log.exception("ledger_rulebook_unusable", kept=sorted(self._lifetimes) or "seed")
-            if self._book is None:
-                self._use(RuleBook([load_ruleset(DEFAULT_RULESET)]))
-        assert self._book is not None
-        return self._book
 
     def _use(self, book: RuleBook) -> None:
         policies = {r.version: policy_of(r.redemption) for r in book.versions}  # may raise

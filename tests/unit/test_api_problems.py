@@ -93,6 +93,21 @@ def test_with_the_right_key_an_invalid_request_is_a_422_naming_the_fields() -> N
     problem(client().get("/v1/members/m-1?as_of=yesterday", headers=READER), 422)
 
 
+REDEEMER = {"Authorization": "Bearer redeemer-key"}
+
+
+@pytest.mark.parametrize("cash", ["1" * 27, "1" * 13, "9" * 40 + ".99"])
+def test_an_oversized_cash_amount_is_a_422_naming_the_field(cash: str) -> None:
+    """Any number of digits used to pass and fail in quantize (a 500)."""
+    resp = client(ConnectionResetError()).post(
+        "/v1/members/m-1/redemptions",
+        json={"redemption_id": "r-1", "cash": cash},
+        headers=REDEEMER,
+    )
+    body = problem(resp, 422)
+    assert [e["field"] for e in body["errors"]] == ["body.cash"]
+
+
 @pytest.mark.parametrize(
     "error",
     [

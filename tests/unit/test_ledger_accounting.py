@@ -29,6 +29,7 @@ from services.ledger.accounting import (
     expire_entry_id,
     expiring,
     replay,
+    replay_as_of,
     spendable,
 )
 
@@ -480,6 +481,54 @@ def test_evolve_rejects_entries_that_do_not_fit() -> None:
         evolve(book, replace(entry, entry_id="e2", expires_at=None))
     with pytest.raises(JournalError, match="negative"):
         evolve(book, replace(over, points=5))
+
+
+def test_as_of_folds_a_part_of_the_journal_that_is_not_consistent() -> None:
+    """Earn 1000 on o1, redeem it, refund o1 (debt 1000), then a late purchase dated before
+    the refund pays 300 of that debt. Up to a moment between the late purchase and the
+    refund, the entries (in seq order) pay debt not owed yet: `replay` refuses them; the
+    ?as_of= fold shows the late purchase's 300 in its lot and no debt."""
+    _, journal = run(
+        earn("e1", 1000, at(0), order_id="o1"),
+        redeem("r1", 1000, at(10)),
+        revoke("v1", 1000, at(20), "o1"),
+        earn("e2", 300, at(15)),
+    )
+    assert [e.debt_delta for e in journal] == [0, 0, 1000, -300]
+    part = [e for e in journal if e.occurred_at <= at(17)]
+    with pytest.raises(JournalError, match="more debt"):
+        replay(M, part)
+    shown = replay_as_of(M, part)
+    assert (shown.debt, shown.earned, shown.redeemed, remaining(shown)) == (
+        0,
+        1300,
+        1000,
+        {"e2": 300},
+    )
+    assert available(shown, at(17)) == 300
+    # The whole journal: exactly the strict fold.
+    assert replay_as_of(M, journal) == replay(M, journal)
+    assert replay_as_of(M, journal).debt == 700
+
+
+def test_as_of_caps_allocations_at_what_the_lots_hold_then() -> None:
+    """A consuming entry that takes from a lot not there (created by an entry dated later)
+    or holding less then: it takes what is there; its total still counts in full."""
+    _, [e1] = run(earn("e1", 100, at(5)))
+    take = Entry(
+        entry_id="r1",
+        member_id=M,
+        kind="redeem",
+        points=-150,
+        occurred_at=at(6),
+        allocations=(Allocation("e1", 100), Allocation("gone", 50)),
+    )
+    with pytest.raises(JournalError, match="lacks"):
+        replay(M, [e1, take])
+    shown = replay_as_of(M, [e1, take])
+    assert (shown.lots, shown.redeemed, shown.debt) == ((), 150, 0)
+    with pytest.raises(JournalError, match="belongs to"):
+        replay_as_of("someone-else", [e1])
 
 
 def test_spendable_subtracts_debt_when_times_arrive_out_of_order() -> None:

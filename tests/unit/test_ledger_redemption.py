@@ -20,6 +20,7 @@ from services.ledger.redemption import (
     points_for_cash,
     reward_points,
 )
+from services.ledger.redemptions import Refused, normalise_cash
 
 
 def test_default_catalogue_matches_the_domain() -> None:
@@ -162,3 +163,17 @@ def test_a_rule_sets_redemption_section_becomes_the_ledgers_policy() -> None:
         policy.reward("lucky-draw")
     # The default rule set's section is the ledger's default policy.
     assert policy_of(RedemptionRules()) == DEFAULT_POLICY
+
+
+@pytest.mark.parametrize("raw", ["1" * 27, "1" * 13, "1e30", "0.001", "-1", "NaN", "x"])
+def test_normalise_cash_refuses_what_it_cannot_price(raw: str) -> None:
+    """A 422 (Refused) naming the field, never decimal.InvalidOperation (a 500)."""
+    with pytest.raises(Refused) as refused:
+        normalise_cash(raw)
+    assert refused.value.status == 422
+    assert refused.value.extra["errors"][0]["field"] == "body.cash"
+
+
+def test_normalise_cash_keeps_the_fen() -> None:
+    assert normalise_cash("10") == Decimal("10.00")
+    assert normalise_cash("0" * 20 + "999999999999.5") == Decimal("999999999999.50")

@@ -68,3 +68,42 @@ def test_a_book_the_ledger_cannot_use_is_logged_and_the_last_good_one_kept() -> 
         assert await fresh.policy_at(Conn(SEED, BROKEN), at) == DEFAULT_POLICY
 
     asyncio.run(go())
+
+
+class SlowConn(Conn):
+    """The versions query waits for `go` (a refresh caught half-way through its read)."""
+
+    def __init__(self, *bodies: str) -> None:
+        super().__init__(*bodies)
+        self.entered, self.go = asyncio.Event(), asyncio.Event()
+
+    async def fetch(self, sql: str, *args: Any) -> list[dict[str, str]]:
+        self.entered.set()
+        await self.go.wait()
+        return await super().fetch(sql, *args)
+
+
+def test_a_refresh_during_another_refresh_waits_for_the_new_book() -> None:
+    """An API call and a consumer batch refreshing at once, right after a publish: the
+    batch must not see "stamp unchanged" while the API call is still reading the new book
+    and price a grant of the new version with the old book's (default) lifetime."""
+
+    async def go() -> None:
+        rules = LedgerRules()
+        await rules.refresh(Conn(SEED))
+        slow = SlowConn(SEED, CLINIC)  # clinic-b published: the stamp changed
+
+        async def batch() -> int:
+            await rules.refresh(Conn(SEED, CLINIC))
+            return rules.lifetime_months("clinic-b")
+
+        api = asyncio.create_task(rules.refresh(slow))
+        await slow.entered.wait()
+        consumer = asyncio.create_task(batch())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        slow.go.set()
+        await api
+        assert await consumer == 6
+
+    asyncio.run(go())

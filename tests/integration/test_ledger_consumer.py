@@ -1,0 +1,190 @@
+"""The ledger on a real Postgres without a broker: its consumer handler, and what runs beside
+it (redemptions, the expiry sweeper, rebuild, verify, ?as_of=), driven directly, for the
+ordering and concurrency cases that need exact control."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from aiokafka.structs import ConsumerRecord
+
+from services.common.config import Settings
+from services.common.consumer import BatchConsumer
+from services.common.migrations import apply_migrations
+from services.common.runtime import init_connection
+from services.ledger import projector, redemptions
+from services.ledger import sweeper as sweeper_mod
+from services.ledger.rebuild import rebuild, verify
+from services.ledger.rulebook import LedgerRules
+from services.ledger.sweeper import ExpirySweeper
+from tests.integration.ledger_helpers import grant, revoke, tier_report
+
+pytestmark = pytest.mark.integration
+TOPIC = "loyalty.grants.v1"
+_offsets = itertools.count()
+
+Env = tuple[str, asyncpg.Pool, BatchConsumer]
+
+
+@pytest.fixture
+async def env(fresh_database: str) -> AsyncIterator[Env]:
+    apply_migrations(fresh_database)
+    pool = await asyncpg.create_pool(fresh_database, min_size=1, max_size=6, init=init_connection)
+    assert pool is not None
+    settings = Settings(database_url=fresh_database, bootstrap_servers="")
+    consumer = BatchConsumer(
+        name="ledger", service="ledger", topic=TOPIC, dlq_topic="loyalty.dlq.v1"
+    )
+    consumer.bind(pool, projector.make_handler(settings, "ledger", LedgerRules()))
+    try:
+        yield fresh_database, pool, consumer
+    finally:
+        await pool.close()
+
+
+def records(*events: dict[str, Any]) -> list[ConsumerRecord]:
+    out = []
+    for e in events:
+        value = orjson.dumps(e)
+        out.append(
+            ConsumerRecord(
+                TOPIC,
+                0,
+                next(_offsets),
+                0,
+                0,
+                e["member_id"].encode(),
+                value,
+                None,
+                0,
+                len(value),
+                [],
+            )
+        )
+    return out
+
+
+async def _tier(pool: asyncpg.Pool, member: str) -> str:
+    async with pool.acquire() as conn:
+        return str(
+            await conn.fetchval("SELECT tier FROM ledger_members WHERE member_id = $1", member)
+        )
+
+
+@pytest.mark.parametrize("same_batch", [False, True], ids=["two-batches", "one-batch"])
+async def test_a_late_tier_report_does_not_overwrite_a_newer_one(
+    env: Env, same_batch: bool
+) -> None:
+    """Tier reports arriving out of occurred_at order (a late purchase's report after a
+    newer one): the live row keeps the latest by (occurred_at, seq), as verify, rebuild and
+    ?as_of= read the history, so verify finds nothing and a rebuild changes nothing."""
+    dsn, pool, consumer = env
+    now = datetime.now(UTC)
+    until = now + timedelta(days=365)
+    newer = tier_report("m-t", now - timedelta(hours=1), "silver", "gold", "31000.00", None, until)
+    older = tier_report(
+        "m-t", now - timedelta(hours=2), "member", "silver", "12000.00", None, until
+    )
+    if same_batch:
+        await consumer.process(records(newer, older))
+    else:
+        await consumer.process(records(newer))
+        await consumer.process(records(older))  # arrives later, occurred earlier
+    assert await _tier(pool, "m-t") == "gold"
+    assert (await verify(dsn)).differences == []
+    async with pool.acquire() as conn:
+        doc = await projector.member_as_of(conn, "m-t", now)
+    assert doc is not None
+    assert doc["tier"] == "gold"
+    await rebuild(dsn)
+    assert await _tier(pool, "m-t") == "gold"
+    # A report newer than both still applies.
+    newest = tier_report(
+        "m-t", now - timedelta(minutes=5), "gold", "silver", "9000.00", None, until
+    )
+    await consumer.process(records(newest))
+    assert await _tier(pool, "m-t") == "silver"
+    assert (await verify(dsn)).differences == []
+
+
+async def test_as_of_between_a_late_purchase_and_the_refund_it_paid(env: Env) -> None:
+    """Earn 1000 (o1), redeem 1000, refund o1 (debt 1000), then a late (offline POS)
+    purchase dated *before* the refund pays 300 of that debt. The entries dated up to a
+    moment between the two, in seq order, pay debt not owed yet: ?as_of= used to fail on
+    them (JournalError, a 500); it now shows the moment as it was."""
+    dsn, pool, consumer = env
+    now = datetime.now(UTC)
+    earn = grant("m-a", 1000, now - timedelta(days=30))
+    order = earn["data"]["order_id"]
+    await consumer.process(records(earn))
+    async with pool.acquire() as conn:
+        out = await redemptions.redeem(
+            conn, "loyalty.ledger.v1", "m-a", "red-1", points=1000, reward=None, cash=None,
+            store_id=None, now=now - timedelta(days=20),
+        )  # fmt: skip
+        assert out.status == 201
+    await consumer.process(records(revoke("m-a", 1000, now - timedelta(days=10), order)))
+    await consumer.process(records(grant("m-a", 300, now - timedelta(days=15))))
+    assert not (await verify(dsn)).differences  # the journal itself is fine
+    async with pool.acquire() as conn:
+        then = await projector.member_as_of(conn, "m-a", now - timedelta(days=12))
+        later = await projector.member_as_of(conn, "m-a", now)
+    assert then is not None
+    assert then["points"]["debt"] == 0
+    assert then["points"]["available"] == 300
+    assert later is not None
+    assert later["points"]["debt"] == 700
+    assert later["points"]["available"] == 0
+
+
+async def test_a_rebuild_swap_that_deadlocks_with_an_expiry_page_is_retried(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweeper reads ledger_lots (its page) and then locks member rows; the rebuild's
+    swap locks ledger_members, then ledger_lots. Opposite orders: a deadlock, whose victim
+    (the swap, waiting first) used to abort the whole rebuild after its build ran. The
+    swap alone is retried now, and both finish."""
+    dsn, pool, consumer = env
+    now = datetime.now(UTC)
+    await consumer.process(records(grant("m-s", 100, now - timedelta(days=20))))
+    async with pool.acquire() as conn:  # make the lot lapsed, as time would
+        await conn.execute(
+            "UPDATE ledger_lots SET expires_at = $1::timestamptz,"
+            " sweep_at = $1::timestamptz - interval '30 days'",
+            now - timedelta(minutes=1),
+        )
+    go = asyncio.Event()
+    real_load = sweeper_mod.load_books
+
+    async def paused_load(conn: asyncpg.Connection, members: list[str]) -> Any:
+        await go.wait()  # the page is read (AccessShare on ledger_lots held)
+        return await real_load(conn, members)
+
+    monkeypatch.setattr(sweeper_mod, "load_books", paused_load)
+    sweep = asyncio.create_task(ExpirySweeper(pool, "t", 60, lambda: None).sweep_once(now))
+    build = asyncio.create_task(rebuild(dsn))
+    async with pool.acquire() as conn:
+        for _ in range(200):  # until the swap waits for ledger_lots
+            waiting = await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                " AND relation = 'ledger_lots'::regclass AND mode = 'AccessExclusiveLock'"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting, "the swap never waited on ledger_lots"
+    go.set()
+    _, report = await asyncio.gather(sweep, build)
+    assert report.swap_retries >= 1
+    async with pool.acquire() as conn:
+        assert (
+            await conn.fetchval("SELECT expired FROM ledger_members WHERE member_id = 'm-s'") == 100
+        )
+    assert (await verify(dsn)).differences == []
