@@ -27,7 +27,7 @@ from services.rules import held as held_store
 from services.rules.backtest import report_csv, report_json, run_backtest
 from services.rules.forkserver import start_forkserver
 from services.rules.rulebook_store import VersionExists, list_versions, load_book, publish
-from services.rules.ruleset import RuleSetError, load_ruleset
+from services.rules.ruleset import RuleSetError, load_ruleset, publish_problems
 from services.rules.simulate import Report
 
 app = typer.Typer(
@@ -94,6 +94,10 @@ def publish_cmd(
         ruleset = load_ruleset(body)
     except RuleSetError as exc:
         raise _fail(str(exc).replace("<text>", str(file), 1), code=2) from exc
+    # What the ledger cannot honour (checked again by `publish`): refused before connecting.
+    problems = publish_problems(ruleset)
+    if problems:
+        raise _fail(f"rule set {file} refused: {'; '.join(problems)}", code=2)
 
     async def work(conn: asyncpg.Connection) -> str | None:
         now = await conn.fetchval("SELECT now()")
@@ -112,6 +116,8 @@ def publish_cmd(
         problem = _with_db(work)
     except VersionExists as exc:
         raise _fail(str(exc), code=2) from exc
+    except RuleSetError as exc:
+        raise _fail(f"rule set {file} refused: {exc}", code=2) from exc
     if problem:
         raise _fail(problem, code=2)
     out.print(
