@@ -6,7 +6,6 @@ service stopped. Errors go to stderr with a non-zero exit code, so scripts can c
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 import time
@@ -23,6 +22,7 @@ from rich.table import Table
 
 import services.rules
 from services.common.config import load_settings
+from services.ctl.common import exit_codes, fail, with_connection
 from services.rules import held as held_store
 from services.rules.backtest import report_csv, report_json, run_backtest
 from services.rules.forkserver import start_forkserver
@@ -41,22 +41,11 @@ T = TypeVar("T")
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
-    return typer.Exit(code)
+    return fail(message, code)
 
 
 def _with_db(work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-    async def run() -> T:
-        conn = await asyncpg.connect(load_settings().database_url)
-        try:
-            return await work(conn)
-        finally:
-            await conn.close()
-
-    try:
-        return asyncio.run(run())
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise _fail(f"database: {exc}") from exc
+    return with_connection(load_settings().database_url, work)
 
 
 def _operator() -> str:
@@ -76,7 +65,7 @@ def _when(value: str) -> datetime:
     return parsed
 
 
-@app.command("publish")
+@app.command("publish", epilog=exit_codes("published, or already published unchanged"))
 def publish_cmd(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
     by: Annotated[str | None, typer.Option(help="who publishes (default: OS user)")] = None,
@@ -126,7 +115,7 @@ def publish_cmd(
     )
 
 
-@app.command("list")
+@app.command("list", epilog=exit_codes())
 def list_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
 ) -> None:
@@ -149,7 +138,7 @@ def list_cmd(
     out.print(table)
 
 
-@held_app.command("list")
+@held_app.command("list", epilog=exit_codes())
 def held_list(
     status: Annotated[str, typer.Option(help="pending, released, rejected or all")] = "pending",
     limit: int = 1000,
@@ -178,7 +167,7 @@ def held_list(
     out.print(table)
 
 
-@held_app.command("release")
+@held_app.command("release", epilog=exit_codes("released", "the event is not held, or not pending"))
 def held_release(
     event_id: str, by: Annotated[str | None, typer.Option(help="operator")] = None
 ) -> None:
@@ -194,7 +183,7 @@ def held_release(
     )
 
 
-@held_app.command("reject")
+@held_app.command("reject", epilog=exit_codes("rejected", "the event is not held, or not pending"))
 def held_reject(
     event_id: str, by: Annotated[str | None, typer.Option(help="operator")] = None
 ) -> None:
@@ -230,7 +219,7 @@ def _table(report: Report, start: datetime, end: datetime) -> Table:
     return table
 
 
-@app.command("simulate")
+@app.command("simulate", epilog=exit_codes("report written"))
 def simulate_cmd(
     ruleset: Annotated[
         Path, typer.Option("--ruleset", exists=True, dir_okay=False, help="candidate YAML")
@@ -287,8 +276,8 @@ def simulate_cmd(
     try:
         with progress:
             report, skipped = _with_db(work)
-    except RuleSetError as exc:
-        raise _fail(str(exc)) from exc
+    except RuleSetError as exc:  # a stored version that no longer loads
+        raise _fail(str(exc), code=2) from exc
     seconds = time.perf_counter() - started
     out.print(_table(report, t1, t2))
     replayed = report.events + report.warmup_events
