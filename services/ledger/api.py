@@ -89,17 +89,34 @@ _RFC3339: Final = re.compile(
 )
 
 
+# A '+' sent unencoded in a query string arrives as a space: "...T15:04:05 08:00".
+_PLUS_AS_SPACE: Final = re.compile(r"(.*\d) ((?:[01]\d|2[0-3]):[0-5]\d)")
+
+
+def query_problem(name: str, title: str, detail: str) -> Problem:
+    """A 422 about one query parameter, with the `errors` list body validation gives."""
+    return Problem(422, title, detail, errors=[{"field": f"query.{name}", "message": detail}])
+
+
 def parse_instant(raw: str, name: str = "as_of") -> datetime:
     if not _RFC3339.fullmatch(raw):
-        if _RFC3339.fullmatch(raw + "Z"):
+        plus = _PLUS_AS_SPACE.fullmatch(raw)
+        if plus and _RFC3339.fullmatch(f"{plus[1]}+{plus[2]}"):
+            detail = (
+                f"{raw!r} has a space where its UTC offset's '+' belongs: a '+' in a query"
+                f" string must be sent as %2B ({name}={plus[1]}%2B{plus[2]})"
+            )
+        elif _RFC3339.fullmatch(raw + "Z"):
             detail = f"{name} needs a UTC offset, e.g. 2026-11-20T15:04:05+08:00"
         else:
             detail = f"{raw!r} is not an RFC 3339 timestamp, e.g. 2026-11-20T15:04:05+08:00"
-        raise Problem(422, f"Invalid {name}", detail)
+        raise query_problem(name, f"Invalid {name}", detail)
     try:
         return datetime.fromisoformat(raw.upper())
     except ValueError as exc:  # well formed, but not a real moment (month 13, ...)
-        raise Problem(422, f"Invalid {name}", f"{raw!r} is not an RFC 3339 timestamp") from exc
+        raise query_problem(
+            name, f"Invalid {name}", f"{raw!r} is not an RFC 3339 timestamp"
+        ) from exc
 
 
 _ID = Field(min_length=1, max_length=200)
@@ -266,7 +283,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             async with pool().acquire() as conn:
                 page = await entries_page(conn, member_id, limit, cursor)
         except ValueError as exc:
-            raise Problem(422, "Invalid cursor", "cursor was not issued by this API") from exc
+            raise query_problem(
+                "cursor", "Invalid cursor", "cursor was not issued by this API"
+            ) from exc
         return FastJSON(page)
 
     @app.post(
@@ -321,7 +340,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         start = parse_instant(from_, "from") if from_ else datetime(1970, 1, 1, tzinfo=UTC)
         end = parse_instant(to, "to") if to else now
         if end < start:
-            raise Problem(422, "Invalid period", "`to` is before `from`")
+            raise query_problem("to", "Invalid period", "`to` is before `from`")
         async with pool().acquire() as conn:
             policy = await ledger.rules.policy_at(conn, now)
             zone = (await ledger.rules.refresh(conn)).at(now).zone
