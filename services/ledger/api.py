@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.common.config import Settings, load_settings
 from services.ledger import redemptions, reports
 from services.ledger.auth import AuthError, KeyRing, Role
-from services.ledger.reads import entries_page, member_view
+from services.ledger.reads import entries_page, lacks_next_tier, member_view, with_next_tier
 from services.ledger.service import LedgerService
 
 log = structlog.get_logger()
@@ -263,12 +263,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         member_id: str,
         as_of: str | None = Query(default=None, description="RFC 3339 instant"),
     ) -> JSONResponse:
-        at = parse_instant(as_of) if as_of is not None else None
+        at = parse_instant(as_of) if as_of is not None else datetime.now(UTC)
         async with pool().acquire() as conn:
-            if at is not None:
+            if as_of is not None:
                 doc = await ledger.member_as_of(conn, member_id, at)
             else:
-                doc = await member_view(conn, member_id, datetime.now(UTC))
+                doc = await member_view(conn, member_id, at)
+            if doc is not None and lacks_next_tier(doc):  # no tier report yet: the book's
+                book = await ledger.rules.refresh(conn)
+                with_next_tier(doc, book.at(at).tiers)
         if doc is None:
             raise Problem(404, "Member not found", f"no ledger record for member {member_id!r}")
         return FastJSON(doc)
