@@ -88,31 +88,47 @@ def publish_cmd(
     if problems:
         raise _fail(f"rule set {file} refused: {'; '.join(problems)}", code=2)
 
-    async def work(conn: asyncpg.Connection) -> str | None:
+    async def work(conn: asyncpg.Connection) -> tuple[str, str | None]:
+        stored = await conn.fetchval(
+            "SELECT body FROM rules_rulesets WHERE version = $1", ruleset.version
+        )
+        if stored == body:  # the same file again: nothing to do, whenever it takes effect
+            return "unchanged", None
         now = await conn.fetchval("SELECT now()")
-        if ruleset.effective_from < now and not allow_past:
-            return (
+        if stored is None and ruleset.effective_from < now and not allow_past:
+            return "refused", (
                 f"effective_from {ruleset.effective_from.isoformat()} is in the past: events "
                 "already paid would be priced differently on replay; pick a later time or "
                 "pass --allow-past"
             )
         async with conn.transaction():
             await load_book(conn)  # seeds the default first, so earlier events keep it
-            await publish(conn, body, by or _operator())
-        return None
+            await publish(conn, body, by or _operator())  # other content: VersionExists
+        return "published", None
 
     try:
-        problem = _with_db(work)
+        outcome, problem = _with_db(work)
     except VersionExists as exc:
         raise _fail(str(exc), code=2) from exc
     except RuleSetError as exc:
         raise _fail(f"rule set {file} refused: {exc}", code=2) from exc
     if problem:
         raise _fail(problem, code=2)
-    out.print(
-        f"published rule set {ruleset.version} "
-        f"(effective from {ruleset.effective_from.isoformat()})"
-    )
+    effective = ruleset.effective_from.isoformat()
+    if outcome == "unchanged":
+        out.print(
+            f"rule set {ruleset.version} is already published (unchanged; effective from"
+            f" {effective}): nothing to do"
+        )
+        return
+    out.print(f"published rule set {ruleset.version} (effective from {effective})")
+
+
+def _json_value(value: object) -> object:
+    """RFC 3339 for times (with their offset, as `held list --json` and the API write)."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return None if value is None else str(value)
 
 
 @app.command("list", epilog=exit_codes())
@@ -123,7 +139,7 @@ def list_cmd(
     rows = _with_db(list_versions)
     if as_json:
         for r in rows:
-            print(json.dumps({k: str(v) if v is not None else None for k, v in dict(r).items()}))
+            print(json.dumps({k: _json_value(v) for k, v in dict(r).items()}))
         return
     table = Table(title="rule-set versions")
     for col in ("version", "effective_from", "published_at", "published_by"):
