@@ -83,6 +83,7 @@ async def test_publish_keeps_every_version_and_list_shows_them(db: str, tmp_path
         ({"purchase": {"points_per_cny": -1}}, "purchase.points_per_cny", "greater than or equal"),
         ({"timezone": "Mars/Olympus"}, "timezone", "unknown time zone"),
         ({"share": {"likez": 3}}, "share.likez", "Extra inputs are not permitted"),
+        ({"expiry": {"warn_days_before": [14]}}, "expiry.warn_days_before", "not supported yet"),
     ],
 )
 async def test_a_wrong_file_is_refused_naming_field_and_reason_and_nothing_is_stored(
