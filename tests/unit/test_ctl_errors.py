@@ -54,6 +54,8 @@ DATABASE_COMMANDS = [
     ("rules", "held", "list"),
     ("rules", "held", "release", "ev-1"),
     ("rules", "held", "reject", "ev-1"),
+    ("dlq", "list"),
+    ("dlq", "list", "--json", "--consumer", "rules", "--since", "24h"),
     ("rules", "simulate", "--ruleset", str(DEFAULT_RULESET),
      "--from", "2026-01-01T00:00:00+08:00", "--to", "2026-02-01T00:00:00+08:00"),
 ]  # fmt: skip
