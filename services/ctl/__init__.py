@@ -1,4 +1,4 @@
-"""`ledgerctl`: the ops command line (rules, ledger). Each group lives in its own module.
+"""`ledgerctl`: the ops command line (rules, ledger, dlq, events); a module per group.
 
 This module imports nothing heavy and starts nothing when imported: a backtest worker
 imports it again while bootstrapping (multiprocessing re-runs the `ledgerctl` console

@@ -6,7 +6,6 @@ service stopped. Errors go to stderr with a non-zero exit code, so scripts can c
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 import time
@@ -23,11 +22,12 @@ from rich.table import Table
 
 import services.rules
 from services.common.config import load_settings
+from services.ctl.common import exit_codes, fail, with_connection
 from services.rules import held as held_store
 from services.rules.backtest import report_csv, report_json, run_backtest
 from services.rules.forkserver import start_forkserver
 from services.rules.rulebook_store import VersionExists, list_versions, load_book, publish
-from services.rules.ruleset import RuleSetError, load_ruleset
+from services.rules.ruleset import RuleSetError, load_ruleset, publish_problems
 from services.rules.simulate import Report
 
 app = typer.Typer(
@@ -41,22 +41,11 @@ T = TypeVar("T")
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
-    return typer.Exit(code)
+    return fail(message, code)
 
 
 def _with_db(work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-    async def run() -> T:
-        conn = await asyncpg.connect(load_settings().database_url)
-        try:
-            return await work(conn)
-        finally:
-            await conn.close()
-
-    try:
-        return asyncio.run(run())
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise _fail(f"database: {exc}") from exc
+    return with_connection(load_settings().database_url, work)
 
 
 def _operator() -> str:
@@ -76,7 +65,7 @@ def _when(value: str) -> datetime:
     return parsed
 
 
-@app.command("publish")
+@app.command("publish", epilog=exit_codes("published, or already published unchanged"))
 def publish_cmd(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
     by: Annotated[str | None, typer.Option(help="who publishes (default: OS user)")] = None,
@@ -94,33 +83,55 @@ def publish_cmd(
         ruleset = load_ruleset(body)
     except RuleSetError as exc:
         raise _fail(str(exc).replace("<text>", str(file), 1), code=2) from exc
+    # What the ledger cannot honour (checked again by `publish`): refused before connecting.
+    problems = publish_problems(ruleset)
+    if problems:
+        raise _fail(f"rule set {file} refused: {'; '.join(problems)}", code=2)
 
-    async def work(conn: asyncpg.Connection) -> str | None:
+    async def work(conn: asyncpg.Connection) -> tuple[str, str | None]:
+        stored = await conn.fetchval(
+            "SELECT body FROM rules_rulesets WHERE version = $1", ruleset.version
+        )
+        if stored == body:  # the same file again: nothing to do, whenever it takes effect
+            return "unchanged", None
         now = await conn.fetchval("SELECT now()")
-        if ruleset.effective_from < now and not allow_past:
-            return (
+        if stored is None and ruleset.effective_from < now and not allow_past:
+            return "refused", (
                 f"effective_from {ruleset.effective_from.isoformat()} is in the past: events "
                 "already paid would be priced differently on replay; pick a later time or "
                 "pass --allow-past"
             )
         async with conn.transaction():
             await load_book(conn)  # seeds the default first, so earlier events keep it
-            await publish(conn, body, by or _operator())
-        return None
+            await publish(conn, body, by or _operator())  # other content: VersionExists
+        return "published", None
 
     try:
-        problem = _with_db(work)
+        outcome, problem = _with_db(work)
     except VersionExists as exc:
         raise _fail(str(exc), code=2) from exc
+    except RuleSetError as exc:
+        raise _fail(f"rule set {file} refused: {exc}", code=2) from exc
     if problem:
         raise _fail(problem, code=2)
-    out.print(
-        f"published rule set {ruleset.version} "
-        f"(effective from {ruleset.effective_from.isoformat()})"
-    )
+    effective = ruleset.effective_from.isoformat()
+    if outcome == "unchanged":
+        out.print(
+            f"rule set {ruleset.version} is already published (unchanged; effective from"
+            f" {effective}): nothing to do"
+        )
+        return
+    out.print(f"published rule set {ruleset.version} (effective from {effective})")
 
 
-@app.command("list")
+def _json_value(value: object) -> object:
+    """RFC 3339 for times (with their offset, as `held list --json` and the API write)."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return None if value is None else str(value)
+
+
+@app.command("list", epilog=exit_codes())
 def list_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
 ) -> None:
@@ -128,7 +139,7 @@ def list_cmd(
     rows = _with_db(list_versions)
     if as_json:
         for r in rows:
-            print(json.dumps({k: str(v) if v is not None else None for k, v in dict(r).items()}))
+            print(json.dumps({k: _json_value(v) for k, v in dict(r).items()}))
         return
     table = Table(title="rule-set versions")
     for col in ("version", "effective_from", "published_at", "published_by"):
@@ -143,7 +154,7 @@ def list_cmd(
     out.print(table)
 
 
-@held_app.command("list")
+@held_app.command("list", epilog=exit_codes())
 def held_list(
     status: Annotated[str, typer.Option(help="pending, released, rejected or all")] = "pending",
     limit: int = 1000,
@@ -172,7 +183,7 @@ def held_list(
     out.print(table)
 
 
-@held_app.command("release")
+@held_app.command("release", epilog=exit_codes("released", "the event is not held, or not pending"))
 def held_release(
     event_id: str, by: Annotated[str | None, typer.Option(help="operator")] = None
 ) -> None:
@@ -188,7 +199,7 @@ def held_release(
     )
 
 
-@held_app.command("reject")
+@held_app.command("reject", epilog=exit_codes("rejected", "the event is not held, or not pending"))
 def held_reject(
     event_id: str, by: Annotated[str | None, typer.Option(help="operator")] = None
 ) -> None:
@@ -224,7 +235,7 @@ def _table(report: Report, start: datetime, end: datetime) -> Table:
     return table
 
 
-@app.command("simulate")
+@app.command("simulate", epilog=exit_codes("report written"))
 def simulate_cmd(
     ruleset: Annotated[
         Path, typer.Option("--ruleset", exists=True, dir_okay=False, help="candidate YAML")
@@ -281,8 +292,8 @@ def simulate_cmd(
     try:
         with progress:
             report, skipped = _with_db(work)
-    except RuleSetError as exc:
-        raise _fail(str(exc)) from exc
+    except RuleSetError as exc:  # a stored version that no longer loads
+        raise _fail(str(exc), code=2) from exc
     seconds = time.perf_counter() - started
     out.print(_table(report, t1, t2))
     replayed = report.events + report.warmup_events

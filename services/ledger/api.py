@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.common.config import Settings, load_settings
 from services.ledger import redemptions, reports
 from services.ledger.auth import AuthError, KeyRing, Role
-from services.ledger.reads import entries_page, member_view
+from services.ledger.reads import entries_page, lacks_next_tier, member_view, with_next_tier
 from services.ledger.service import LedgerService
 
 log = structlog.get_logger()
@@ -89,17 +89,34 @@ _RFC3339: Final = re.compile(
 )
 
 
+# A '+' sent unencoded in a query string arrives as a space: "...T15:04:05 08:00".
+_PLUS_AS_SPACE: Final = re.compile(r"(.*\d) ((?:[01]\d|2[0-3]):[0-5]\d)")
+
+
+def query_problem(name: str, title: str, detail: str) -> Problem:
+    """A 422 about one query parameter, with the `errors` list body validation gives."""
+    return Problem(422, title, detail, errors=[{"field": f"query.{name}", "message": detail}])
+
+
 def parse_instant(raw: str, name: str = "as_of") -> datetime:
     if not _RFC3339.fullmatch(raw):
-        if _RFC3339.fullmatch(raw + "Z"):
+        plus = _PLUS_AS_SPACE.fullmatch(raw)
+        if plus and _RFC3339.fullmatch(f"{plus[1]}+{plus[2]}"):
+            detail = (
+                f"{raw!r} has a space where its UTC offset's '+' belongs: a '+' in a query"
+                f" string must be sent as %2B ({name}={plus[1]}%2B{plus[2]})"
+            )
+        elif _RFC3339.fullmatch(raw + "Z"):
             detail = f"{name} needs a UTC offset, e.g. 2026-11-20T15:04:05+08:00"
         else:
             detail = f"{raw!r} is not an RFC 3339 timestamp, e.g. 2026-11-20T15:04:05+08:00"
-        raise Problem(422, f"Invalid {name}", detail)
+        raise query_problem(name, f"Invalid {name}", detail)
     try:
         return datetime.fromisoformat(raw.upper())
     except ValueError as exc:  # well formed, but not a real moment (month 13, ...)
-        raise Problem(422, f"Invalid {name}", f"{raw!r} is not an RFC 3339 timestamp") from exc
+        raise query_problem(
+            name, f"Invalid {name}", f"{raw!r} is not an RFC 3339 timestamp"
+        ) from exc
 
 
 _ID = Field(min_length=1, max_length=200)
@@ -250,12 +267,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         member_id: str,
         as_of: str | None = Query(default=None, description="RFC 3339 instant"),
     ) -> JSONResponse:
-        at = parse_instant(as_of) if as_of is not None else None
+        at = parse_instant(as_of) if as_of is not None else datetime.now(UTC)
         async with pool().acquire() as conn:
-            if at is not None:
+            if as_of is not None:
                 doc = await ledger.member_as_of(conn, member_id, at)
             else:
-                doc = await member_view(conn, member_id, datetime.now(UTC))
+                doc = await member_view(conn, member_id, at)
+            if doc is not None and lacks_next_tier(doc):  # no tier report yet: the book's
+                book = await ledger.rules.refresh(conn)
+                with_next_tier(doc, book.at(at).tiers)
         if doc is None:
             raise Problem(404, "Member not found", f"no ledger record for member {member_id!r}")
         return FastJSON(doc)
@@ -270,7 +290,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             async with pool().acquire() as conn:
                 page = await entries_page(conn, member_id, limit, cursor)
         except ValueError as exc:
-            raise Problem(422, "Invalid cursor", "cursor was not issued by this API") from exc
+            raise query_problem(
+                "cursor", "Invalid cursor", "cursor was not issued by this API"
+            ) from exc
         return FastJSON(page)
 
     @app.post(
@@ -325,7 +347,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         start = parse_instant(from_, "from") if from_ else datetime(1970, 1, 1, tzinfo=UTC)
         end = parse_instant(to, "to") if to else now
         if end < start:
-            raise Problem(422, "Invalid period", "`to` is before `from`")
+            raise query_problem("to", "Invalid period", "`to` is before `from`")
         async with pool().acquire() as conn:
             policy = await ledger.rules.policy_at(conn, now)
             zone = (await ledger.rules.refresh(conn)).at(now).zone

@@ -13,6 +13,10 @@ from typing import Any, Final
 
 import asyncpg
 
+from services.rules.ruleset import TierRules
+from services.rules.tiers import next_tier as next_tier_up
+
+CENT: Final = Decimal("0.01")
 EXPIRING_HORIZON: Final = timedelta(days=60)  # CONTRACT: `expiring` covers the next 60 days
 
 # One round trip for the hottest call: the member row, repeated once per spendable lot.
@@ -79,6 +83,24 @@ def member_document(
         ],
         "as_of": now.isoformat(),
     }
+
+
+def lacks_next_tier(doc: dict[str, Any]) -> bool:
+    """A member still at the floor with no next tier: no tier report yet (reviews only, no
+    purchase), or one from before the next-tier columns existed. `with_next_tier` fills it
+    in; null stays for a member at the top tier, which is never "member"."""
+    return doc["next_tier"] is None and doc["tier"] == "member"
+
+
+def with_next_tier(doc: dict[str, Any], tiers: TierRules) -> dict[str, Any]:
+    """The lowest tier above "member" that ``tiers`` (the rule set in force at the view's
+    moment) defines, with the spend still needed from the member's qualifying spend."""
+    if lacks_next_tier(doc):
+        up = next_tier_up("member", tiers)
+        if up is not None:
+            needed = max(Decimal(0), up[1] - Decimal(doc["qualifying_spend"])).quantize(CENT)
+            doc["next_tier"] = {"tier": up[0], "spend_needed": format(needed, "f")}
+    return doc
 
 
 async def member_view(

@@ -220,10 +220,11 @@ async def test_member_as_of_a_past_moment(stack: Stack) -> None:
         404,
     )
     first = await as_of(t0 + timedelta(hours=1))
+    # No tier report yet: the rule set's lowest tier above member, not null ("at the top").
     assert (first["tier"], first["qualifying_spend"], first["next_tier"]) == (
         "member",
         "0.00",
-        None,
+        {"tier": "silver", "spend_needed": "10000.00"},
     )
     assert first["points"]["available"] == 1000
     silver = await as_of(t0 + timedelta(days=5))
@@ -244,6 +245,20 @@ async def test_member_as_of_a_past_moment(stack: Stack) -> None:
     )
     old = await as_of(t0 + timedelta(days=21))
     assert old["next_tier"] == {"tier": "diamond", "spend_needed": "69000.00"}
+
+
+async def test_a_member_without_a_tier_report_has_the_lowest_next_tier(stack: Stack) -> None:
+    """Reviews only, no purchase: no tier report, so the view's next tier is the rule
+    set's lowest tier above member with all of its spend needed, now and ?as_of=."""
+    t0 = datetime.now(UTC) - timedelta(days=3)
+    await give(stack, grant("m-reviews", 50, t0, rule="featured_review"))
+    silver = {"tier": "silver", "spend_needed": "10000.00"}
+    now = await member(stack, "m-reviews")
+    assert (now["tier"], now["qualifying_spend"], now["next_tier"]) == ("member", "0.00", silver)
+    at = quote((t0 + timedelta(days=1)).isoformat())
+    resp = await stack.get(f"/v1/members/m-reviews?as_of={at}")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["next_tier"] == silver
 
 
 async def test_the_ledger_follows_the_published_rule_set(stack: Stack) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tests.integration.events import CST
 from tests.integration.rules_helpers import ctl, default_with
 
 pytestmark = pytest.mark.integration
+RFC3339 = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)"
 FUTURE = datetime.now(CST).replace(microsecond=0) + timedelta(days=30)
 
 
@@ -54,8 +56,20 @@ async def test_publish_keeps_every_version_and_list_shows_them(db: str, tmp_path
     table = await ctl(db, "list")
     assert "2027.1" in table.stdout
     assert "effective_from" in table.stdout
-    # Re-publishing the same file is a no-op; other content under the same version is refused.
-    assert (await ctl(db, "publish", str(v2))).code == 0
+    # Times are RFC 3339 ("T", an offset), not str(datetime)'s "2019-12-31 16:00:00+00:00".
+    for r in rows:
+        for key in ("effective_from", "published_at"):
+            assert re.fullmatch(RFC3339, r[key]), r
+    # Re-publishing the same file is a no-op that says so; other content under the same
+    # version is refused.
+    same = await ctl(db, "publish", str(v2))
+    assert same.code == 0, same.stderr
+    assert "rule set 2027.1 is already published (unchanged" in same.stdout
+    assert "published rule set" not in same.stdout
+    # The seeded default again: unchanged, though its effective_from is long past.
+    seed = await ctl(db, "publish", str(RULESETS_DIR / "default.yaml"))
+    assert (seed.code, seed.stderr) == (0, "")
+    assert "already published (unchanged" in seed.stdout
     v2b = default_with(tmp_path, "v2b.yaml", version="2027.1", effective_from=FUTURE.isoformat())
     again = await ctl(db, "publish", str(v2b))
     assert again.code != 0
@@ -69,6 +83,7 @@ async def test_publish_keeps_every_version_and_list_shows_them(db: str, tmp_path
         ({"purchase": {"points_per_cny": -1}}, "purchase.points_per_cny", "greater than or equal"),
         ({"timezone": "Mars/Olympus"}, "timezone", "unknown time zone"),
         ({"share": {"likez": 3}}, "share.likez", "Extra inputs are not permitted"),
+        ({"expiry": {"warn_days_before": [14]}}, "expiry.warn_days_before", "not supported yet"),
     ],
 )
 async def test_a_wrong_file_is_refused_naming_field_and_reason_and_nothing_is_stored(

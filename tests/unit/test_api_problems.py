@@ -207,3 +207,55 @@ def test_other_instants_are_refused_with_a_reason(raw: str, says: str) -> None:
         parse_instant(raw)
     assert refused.value.status == 422
     assert says in refused.value.detail
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "says"),
+    [
+        ("/v1/members/m-1?as_of=yesterday", "query.as_of", "is not an RFC 3339 timestamp"),
+        ("/v1/members/m-1?as_of=2026-11-20T15:04:05", "query.as_of", "needs a UTC offset"),
+        ("/v1/members/m-1?as_of=2026-13-20T15:04:05Z", "query.as_of", "not an RFC 3339"),
+        ("/v1/members/m-1/entries?cursor=nope", "query.cursor", "not issued by this API"),
+        ("/v1/members/m-1/entries?limit=0", "query.limit", "greater than or equal to 1"),
+        ("/v1/members/m-1/entries?limit=ten", "query.limit", "valid integer"),
+        ("/v1/reports/summary?from=never", "query.from", "is not an RFC 3339 timestamp"),
+        ("/v1/reports/summary?to=2026-11-20", "query.to", "is not an RFC 3339 timestamp"),
+        ("/v1/reports/summary?from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z",
+         "query.to", "`to` is before `from`"),
+    ],
+)  # fmt: skip
+def test_a_bad_query_parameter_is_a_422_with_errors_naming_it(
+    path: str, field: str, says: str
+) -> None:
+    """The same `errors` list as a bad body: [{field, message}], the field as query.<name>."""
+    headers = OPS if "summary" in path else READER
+    body = problem(client(KeyError("never reached")).get(path, headers=headers), 422)
+    assert [e["field"] for e in body["errors"]] == [field], body
+    assert says in body["errors"][0]["message"]
+    assert says in body["detail"]
+
+
+@pytest.mark.parametrize(
+    ("query", "name"),
+    [
+        ("/v1/members/m-1?as_of=2026-11-20T15:04:05+08:00", "as_of"),
+        ("/v1/members/m-1?as_of=2026-11-20 15:04:05.5+08:00", "as_of"),
+        ("/v1/reports/summary?from=2026-11-20T00:00:00+08:00", "from"),
+    ],
+)
+def test_an_unencoded_plus_in_an_offset_is_named_as_such(query: str, name: str) -> None:
+    """httpx sends the '+' as is; the server reads it as a space, as browsers and curl do."""
+    headers = OPS if "summary" in query else READER
+    body = problem(client(KeyError("never reached")).get(query, headers=headers), 422)
+    assert body["errors"][0]["field"] == f"query.{name}"
+    assert "a '+' in a query string must be sent as %2B" in body["detail"]
+    assert "%2B08:00" in body["detail"]
+
+
+def test_an_encoded_plus_is_read() -> None:
+    assert parse_instant("2026-11-20T15:04:05+08:00") == datetime(2026, 11, 20, 7, 4, 5, tzinfo=UTC)
+    with pytest.raises(Problem) as refused:
+        parse_instant("2026-11-20T15:04:05 08:00", "from")
+    assert refused.value.extra["errors"] == [
+        {"field": "query.from", "message": refused.value.detail}
+    ]

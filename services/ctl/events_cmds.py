@@ -1,0 +1,106 @@
+"""`ledgerctl events ...`: send activity events to the broker, for ops and demos.
+
+Each line of a JSON-lines file is one activity event of the contract (schemas/activity.py),
+validated before it is sent: a line that would be dead-lettered is reported with its line
+number and not sent; the others are. Events are keyed by member_id, as upstream systems
+and the services' own producers key them, so one member's events stay in order on one
+partition. The broker is $KAFKA_BOOTSTRAP_SERVERS and topics get $LOYALTY_TOPIC_PREFIX,
+as for the services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+
+from schemas.activity import ACTIVITY_TOPIC, parse_activity
+from services.common.config import load_settings
+from services.common.dlq import classify
+from services.common.outbox import make_producer
+from services.ctl.common import err, fail
+
+app = typer.Typer(help="Activity events: send a file of them to the broker.", no_args_is_help=True)
+out = Console()
+EXIT_CODES = (
+    "Exit codes: 0 every event sent; 1 some lines refused (reported with their line"
+    " numbers), the others sent; 2 nothing sent: the file is unreadable or the broker"
+    " unreachable ('error: broker: ...')."
+)
+
+
+@dataclass
+class Batch:
+    events: list[tuple[bytes, bytes]] = field(default_factory=list)  # (key, value)
+    refused: list[str] = field(default_factory=list)
+
+
+def read_events(lines: list[str]) -> Batch:
+    """The events to send (member_id key, the line as given) and the refused lines."""
+    batch = Batch()
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            event = parse_activity(text)
+        except ValidationError as exc:
+            batch.refused.append(f"line {number}: {classify(exc)[1]}")
+            continue
+        batch.events.append((event.member_id.encode(), text.encode()))
+    return batch
+
+
+def topic_name(given: str, prefix: str) -> str:
+    return given if not prefix or given.startswith(prefix) else prefix + given
+
+
+async def send(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]]) -> None:
+    producer = make_producer(bootstrap)
+    try:
+        await producer.start()
+        pending = [await producer.send(topic, value, key=key) for key, value in events]
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()  # also after a failed start: no "Unclosed" warning
+
+
+@app.command("publish", epilog=EXIT_CODES)
+def publish_cmd(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    topic: Annotated[
+        str, typer.Option(help="the topic, $LOYALTY_TOPIC_PREFIX added if it lacks it")
+    ] = ACTIVITY_TOPIC,
+    dry_run: Annotated[bool, typer.Option(help="validate only; send nothing")] = False,
+) -> None:
+    """Validate each line of FILE (JSON lines) as an activity event and send the valid ones."""
+    settings = load_settings()
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise fail(f"{file}: {exc}") from exc
+    batch = read_events(lines)
+    for problem in batch.refused:
+        err.print(
+            f"[red]refused[/red] {escape(problem)}", highlight=False, markup=True, soft_wrap=True
+        )
+    target = topic_name(topic, settings.topics.prefix)
+    if batch.events and not dry_run:
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the error below says it
+        try:
+            asyncio.run(send(settings.bootstrap_servers, target, batch.events))
+        except (KafkaError, OSError) as exc:
+            raise fail(f"broker: {settings.bootstrap_servers}: {exc}") from exc
+    verb = "would send" if dry_run else "sent"
+    refused = f"; {len(batch.refused)} line(s) refused" if batch.refused else ""
+    out.print(f"{verb} {len(batch.events)} event(s) to {target}{refused}", highlight=False)
+    if batch.refused:
+        raise typer.Exit(1)
