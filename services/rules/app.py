@@ -79,21 +79,44 @@ class RulesProcessor:
         self.settings = settings
         self.consumer_name = consumer_name
         self.book: RuleBook | None = None
+        # The stamp read *before* the book it goes with: a version published while the book
+        # loads then shows as a new stamp at the next check, instead of being marked seen.
         self._stamp: tuple[int, object] | None = None
+        # The watcher and the consumer's per-batch check both reload; one at a time, so an
+        # older book finishing later never replaces a newer one.
+        self._book_lock = asyncio.Lock()
 
     async def refresh_book(self, pool: asyncpg.Pool) -> bool:
-        async with pool.acquire() as conn:
+        # The connection first, then the lock: a batch holds its connection when it takes
+        # the lock, so the other order could wait on a pool a batch is waiting in.
+        async with pool.acquire() as conn, self._book_lock:
             stamp = await book_stamp(conn)
             if stamp == self._stamp and self.book is not None:
                 return False
             self.book = await load_book(conn)
-            self._stamp = await book_stamp(conn)
+            self._stamp = stamp
         log.info(
             "rulebook_loaded",
             versions=[r.version for r in self.book.versions],
             compiled_core=services.rules.NATIVE,
         )
         return True
+
+    async def _reload_in_batch(self, conn: asyncpg.Connection) -> None:
+        stamp = await book_stamp(conn)
+        if stamp == self._stamp and self.book is not None:
+            return
+        try:
+            async with conn.transaction():  # a savepoint: a failure leaves the batch usable
+                book = await load_book(conn)
+        except RuleSetError:
+            if self.book is None:
+                raise
+            # Publishing validates, so this means a hand-edited row: keep what is in force.
+            log.exception("rulebook_reload_failed")
+        else:
+            self.book, self._stamp = book, stamp
+            log.info("rulebook_loaded", versions=[r.version for r in book.versions])
 
     async def watch_book(self, pool: asyncpg.Pool) -> None:
         while True:
@@ -109,19 +132,8 @@ class RulesProcessor:
     ) -> None:
         # One tiny query per batch: a version published (committed) before this batch
         # started is in force for it, whatever the watcher's poll interval.
-        stamp = await book_stamp(conn)
-        if stamp != self._stamp or self.book is None:
-            try:
-                async with conn.transaction():  # a savepoint: a failure leaves the batch usable
-                    book = await load_book(conn)
-            except RuleSetError:
-                if self.book is None:
-                    raise
-                # Publishing validates, so this means a hand-edited row: keep what is in force.
-                log.exception("rulebook_reload_failed")
-            else:
-                self.book, self._stamp = book, stamp
-                log.info("rulebook_loaded", versions=[r.version for r in book.versions])
+        async with self._book_lock:
+            await self._reload_in_batch(conn)
         good = validate_records(
             records, parse_activity, work, self.consumer_name, self.settings.topics.dlq
         )
