@@ -175,6 +175,7 @@ class RulesProcessor:
         touched: set[str] = set()
         partition: dict[str, int] = {}  # where each member's activity arrives (tier sweep)
         book = self.book
+        assert book is not None  # `_reload_in_batch` loads one or raises
         for record, event in fresh:
             member = event.member_id
             state = states.get(member) or MemberState(member_id=member)
