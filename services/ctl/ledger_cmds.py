@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import typer
 from rich.console import Console
@@ -10,6 +11,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -46,6 +48,17 @@ def _progress() -> Progress:
     )
 
 
+def _steps() -> Progress:
+    """For work told by step, not by count: the step in progress and the time so far."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
 def _total(dsn: str) -> int:
     return with_connection(dsn, rb.count_entries)
 
@@ -55,11 +68,16 @@ def rebuild(database_url: str | None = DsnOption) -> None:
     """Rebuild member totals and lots from the journal: built aside, swapped in one step."""
     tune_gc()  # +13 % on 500k entries (bench/experiments/rebuild_gc.py)
     dsn = _dsn(database_url)
-    total = _total(dsn)
-    with _progress() as bar:
-        task = bar.add_task("folding the journal", total=total)
-        report = run_db(rb.rebuild(dsn, lambda n: bar.advance(task, n)))
-        bar.update(task, completed=report.entries, total=report.entries)
+    started = time.monotonic()
+    with _steps() as steps:
+        task = steps.add_task("starting", total=None)
+
+        def phase(name: str) -> None:
+            elapsed = time.monotonic() - started
+            console.print(f"[dim]{elapsed:6.1f}s[/dim] {name}", highlight=False)
+            steps.update(task, description=name)
+
+        report = run_db(rb.rebuild(dsn, phase))
     console.print(
         f"rebuilt {report.members} members, {report.lots} lots from {report.entries} entries"
         f" ({report.caught_up} members caught up at the swap)"

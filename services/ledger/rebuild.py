@@ -216,9 +216,18 @@ async def _copy_books(conn: asyncpg.Connection, suffix: str, books: list[acc.Boo
     return len(lots)
 
 
-async def rebuild(dsn: str, progress: Progress | None = None) -> RebuildReport:
-    """Rebuild ledger_members totals and ledger_lots from the journal; see the docstring."""
+Phase = Callable[[str], None]
+
+
+async def rebuild(dsn: str, phase: Phase | None = None) -> RebuildReport:
+    """Rebuild ledger_members totals and ledger_lots from the journal; see the docstring.
+
+    Each step is one SQL statement over the whole journal, so progress is told by step
+    (`phase` is called as each begins), not by entries.
+    """
     report = RebuildReport()
+    if phase is None:
+        phase = _no_phase
     write = await asyncpg.connect(dsn)
     read = await asyncpg.connect(dsn)
     try:
@@ -230,21 +239,25 @@ async def rebuild(dsn: str, progress: Progress | None = None) -> RebuildReport:
             )
         high = await _snapshot_reader(dsn, read)
         report.entries = await count_entries(read)
+        phase(f"member totals from {report.entries:,} entries")
         members = await read.execute(BUILD_TOTALS, high)
-        if progress is not None:
-            progress(report.entries // 2)
+        phase("lots with points left")
         lots = await read.execute(BUILD_LOTS, high, max(acc.WARNING_DAYS))
-        if progress is not None:
-            progress(report.entries - report.entries // 2)
         report.members = int(members.rsplit(" ", 1)[-1])
         report.lots = int(lots.rsplit(" ", 1)[-1])
         await read.execute("COMMIT")
+        phase(f"indexes of {report.members:,} members and {report.lots:,} lots")
         renames = await _clone_indexes(write)
+        phase("swap (entries that arrived meanwhile folded in)")
         report.caught_up, report.swap_retries = await _swap_retrying(write, high, renames)
     finally:
         await read.close()
         await write.close()
     return report
+
+
+def _no_phase(_: str) -> None:
+    return None
 
 
 async def _snapshot_reader(dsn: str, read: asyncpg.Connection) -> int:

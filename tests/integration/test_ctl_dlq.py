@@ -21,6 +21,8 @@ def broker(tansu_bootstrap: str) -> str:
     """The default broker only: this tests the command line, which the broker-compatibility
     tests (run on both) do not add to; a second stack on Kafka would only cost time."""
     return tansu_bootstrap
+
+
 NOW = datetime.now(CST).replace(microsecond=0)
 
 

@@ -57,6 +57,12 @@ async def test_rebuild_then_verify_on_100k_entries_while_writes_go_on(
         done = await asyncio.to_thread(ledgerctl, dsn, "rebuild")
         assert done.returncode == 0, done.stdout + done.stderr
         assert "rebuilt 1000 members" in done.stdout
+        # Progress by step, each as it begins (one SQL statement each over the journal).
+        steps = ["member totals from 100,000 entries", "lots with points left", "indexes of",
+                 "swap"]  # fmt: skip
+        at = [done.stdout.find(step) for step in steps]
+        assert -1 not in at, done.stdout
+        assert at == sorted(at)
         rebuilt_s = time.monotonic() - t1
         async with pool.acquire() as conn:
             # Each lot keeps its grant's rule-set version, which its expiry event carries.
