@@ -55,13 +55,21 @@ class Deliverer:
                         await asyncio.wait_for(self._wake.wait(), 1.0)
 
     async def deliver_once(self, client: httpx.AsyncClient) -> int:
+        """One round: up to DELIVERY_BATCH due notifications, each member's in their order.
+
+        Members are posted to concurrently, one member's notifications one after another,
+        stopping at the first that fails: it waits out its back-off, and the member's
+        later ones wait behind it (`_DUE`), so a member never reads an older balance after
+        a newer one. A member is taken by one notifier process at a time (an advisory lock
+        for the round), so a second process cannot post their next one meanwhile.
+        """
         async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                "SELECT notification_id, member_id, kind, message, payload, attempts"
-                " FROM notifications WHERE status = 'pending' AND next_attempt_at <= now()"
-                " ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED",
-                DELIVERY_BATCH,
-            )
+            candidates = await conn.fetch(_CANDIDATES, DELIVERY_BATCH)
+            if not candidates:
+                return 0
+            members = sorted({r["member_id"] for r in candidates})
+            ours = [r["m"] for r in await conn.fetch(_TAKE_MEMBERS, members)]
+            rows = await conn.fetch(_DUE, ours, DELIVERY_BATCH) if ours else []
             if not rows:
                 return 0
             if not self._url:
@@ -71,9 +79,14 @@ class Deliverer:
                 )
                 DELIVERED.labels("skipped").inc(len(rows))
                 return len(rows)
-            results = await asyncio.gather(*(self._post(client, r) for r in rows))
-            ok = [r["notification_id"] for r, err in zip(rows, results, strict=True) if err is None]
-            failed = [(r, err) for r, err in zip(rows, results, strict=True) if err is not None]
+            by_member: dict[str, list[asyncpg.Record]] = {}
+            for r in rows:  # in seq order
+                by_member.setdefault(r["member_id"], []).append(r)
+            outcomes = await asyncio.gather(
+                *(self._post_in_order(client, mine) for mine in by_member.values())
+            )
+            ok = [i for delivered, _ in outcomes for i in delivered]
+            failed = [f for _, f in outcomes if f is not None]
             if ok:
                 await conn.execute(
                     "UPDATE notifications SET status = 'delivered', delivered_at = now(),"
@@ -92,19 +105,35 @@ class Deliverer:
                 )
             DELIVERED.labels("delivered").inc(len(ok))
             DELIVERED.labels("failed").inc(len(failed))
-            return len(rows)
+            return len(ok) + len(failed)
+
+    async def _post_in_order(
+        self, client: httpx.AsyncClient, rows: list[asyncpg.Record]
+    ) -> tuple[list[str], tuple[asyncpg.Record, str] | None]:
+        """One member's notifications in order: (delivered ids, the first failure)."""
+        delivered: list[str] = []
+        for r in rows:
+            err = await self._post(client, r)
+            if err is not None:
+                return delivered, (r, err)
+            delivered.append(r["notification_id"])
+        return delivered, None
 
     async def _post(self, client: httpx.AsyncClient, row: asyncpg.Record) -> str | None:
-        body = orjson.dumps(
-            {
-                "notification_id": row["notification_id"],
-                "member_id": row["member_id"],
-                "kind": row["kind"],
-                "message": row["message"],
-                "event": row["payload"],
-            }
-        )
+        """None when delivered, else why not. Any failure is this row's own: it must not
+        stop the round (and with it every other member's deliveries)."""
         try:
+            body = orjson.dumps(
+                {
+                    "notification_id": row["notification_id"],
+                    "member_id": row["member_id"],
+                    "kind": row["kind"],
+                    "message": row["message"],
+                    # The stored event's text as it is, never decoded: fields a newer
+                    # ledger added pass through whatever they hold.
+                    "event": orjson.Fragment(row["payload"]),
+                }
+            )
             resp = await client.post(
                 self._url,
                 content=body,
@@ -114,8 +143,34 @@ class Deliverer:
                     "X-Loyalty-Signature": sign(self._secret, body),
                 },
             )
-        except httpx.HTTPError as exc:
+        except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
         if resp.status_code >= 300:
             return f"HTTP {resp.status_code}"
         return None
+
+
+# Due notifications, oldest first: which members have work this round (not locked yet).
+_CANDIDATES: Final = """
+SELECT member_id FROM notifications
+WHERE status = 'pending' AND next_attempt_at <= now()
+ORDER BY next_attempt_at, seq LIMIT $1
+"""
+# The members no other notifier process is delivering to (held to the transaction's end).
+_TAKE_MEMBERS: Final = """
+SELECT m FROM unnest($1::text[]) AS m
+WHERE pg_try_advisory_xact_lock(hashtextextended('notifier:' || m, 0))
+"""
+# Their due notifications in order, each only while no earlier one of the member's waits
+# for a retry (read again now that the members are ours).
+_DUE: Final = """
+SELECT n.notification_id, n.member_id, n.kind, n.message, n.payload::text AS payload,
+       n.attempts
+FROM notifications AS n
+WHERE n.member_id = ANY($1::text[]) AND n.status = 'pending' AND n.next_attempt_at <= now()
+  AND NOT EXISTS (
+      SELECT 1 FROM notifications AS e
+      WHERE e.member_id = n.member_id AND e.status = 'pending' AND e.seq < n.seq
+        AND e.next_attempt_at > now())
+ORDER BY n.seq LIMIT $2 FOR UPDATE OF n
+"""
