@@ -40,29 +40,24 @@ INSERT INTO ledger_tier_history (event_id, member_id, occurred_at, tier, previou
 SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
                      $6::numeric[], $7::timestamptz[], $8::text[], $9::numeric[])
 ON CONFLICT (event_id) DO NOTHING
-RETURNING event_id, seq
+RETURNING event_id
 """
-# A member row shows the member's latest tier report by (occurred_at, seq), the order
-# `ledger rebuild` (LATEST_TIERS), `ledger verify` (TIER_DIFFERENCES) and ?as_of=
-# (TIER_AS_OF) use: a report is applied only if no stored one is later, so a late report
-# (an offline purchase's) goes into the history without overwriting a newer tier.
+# The rules service reports a member's tier from their whole state after each event it
+# applies, in the order it applies them (one grants partition per member keeps that order
+# here): the report that arrived last is the member's tier now, even when it is dated
+# before an earlier-arrived one (a late refund's). So the live row takes the last report
+# to arrive, and rebuild, verify and ?as_of= read the history in arrival order (`seq`).
 UPDATE_TIERS: Final = """
 UPDATE ledger_members AS m SET tier = u.tier, qualifying_spend = u.spend,
     tier_valid_until = u.valid_until, next_tier = u.next_tier, next_tier_spend = u.next_spend
-FROM unnest($1::text[], $2::text[], $3::numeric[], $4::timestamptz[], $5::text[], $6::numeric[],
-            $7::timestamptz[], $8::bigint[])
-    AS u(member_id, tier, spend, valid_until, next_tier, next_spend, occurred_at, seq)
+FROM unnest($1::text[], $2::text[], $3::numeric[], $4::timestamptz[], $5::text[], $6::numeric[])
+    AS u(member_id, tier, spend, valid_until, next_tier, next_spend)
 WHERE m.member_id = u.member_id
-  AND NOT EXISTS (
-      SELECT 1 FROM ledger_tier_history AS h
-      WHERE h.member_id = u.member_id AND h.occurred_at >= u.occurred_at
-        AND (h.occurred_at, h.seq) > (u.occurred_at, u.seq)
-  )
 """
 TIER_AS_OF: Final = """
 SELECT tier, qualifying_spend, tier_valid_until, next_tier, next_tier_spend
 FROM ledger_tier_history
-WHERE member_id = $1 AND occurred_at <= $2 ORDER BY occurred_at DESC, seq DESC LIMIT 1
+WHERE member_id = $1 AND occurred_at <= $2 ORDER BY seq DESC LIMIT 1
 """
 
 
@@ -111,10 +106,8 @@ def make_handler(settings: Settings, consumer_name: str, rules: LedgerRules):  #
                 r["entry_id"] for r in await conn.fetch(KNOWN_ENTRIES, [g.event_id for g in moves])
             }
             moves = [g for g in moves if g.event_id not in known]
-        seqs: dict[str, int] = {}
         if tiers:
-            seqs = await _fresh_tiers(conn, tiers)
-            tiers = [t for t in tiers if t.event_id in seqs]
+            tiers = await _fresh_tiers(conn, tiers)
         members = sorted({g.member_id for g in moves} | {t.member_id for t in tiers})
         if not members:
             return
@@ -142,15 +135,12 @@ def make_handler(settings: Settings, consumer_name: str, rules: LedgerRules):  #
         await write_journal(conn, entries, before, after)
         work.outbox.extend(entry_outbox_rows(settings.topics.ledger, entries))
         if tiers:
-            work.outbox.extend(
-                outbox_rows(settings.topics.ledger, await _apply_tiers(conn, tiers, seqs))
-            )
+            work.outbox.extend(outbox_rows(settings.topics.ledger, await _apply_tiers(conn, tiers)))
 
     return handle
 
 
-async def _fresh_tiers(conn: asyncpg.Connection, tiers: list[TierEvaluated]) -> dict[str, int]:
-    """Stores the reports not stored yet; returns their event ids and history seqs."""
+async def _fresh_tiers(conn: asyncpg.Connection, tiers: list[TierEvaluated]) -> list[TierEvaluated]:
     rows = await conn.fetch(
         INSERT_TIERS,
         [t.event_id for t in tiers],
@@ -163,23 +153,15 @@ async def _fresh_tiers(conn: asyncpg.Connection, tiers: list[TierEvaluated]) -> 
         [t.data.next_tier for t in tiers],
         [t.data.next_tier_spend for t in tiers],
     )
-    return {r["event_id"]: r["seq"] for r in rows}
+    fresh = {r["event_id"] for r in rows}
+    return [t for t in tiers if t.event_id in fresh]
 
 
-async def _apply_tiers(
-    conn: asyncpg.Connection, tiers: list[TierEvaluated], seqs: dict[str, int]
-) -> list[TierChanged]:
-    """Each member's latest evaluation by (occurred_at, seq) in the batch, applied only if
-    it is also later than every stored one (UPDATE_TIERS). Arrival order does not decide:
-    a late report dated before one already applied stays in the history only."""
+async def _apply_tiers(conn: asyncpg.Connection, tiers: list[TierEvaluated]) -> list[TierChanged]:
+    """Latest evaluation per member wins (one partition per member keeps them in order)."""
     latest: dict[str, TierEvaluated] = {}
     for t in tiers:
-        held = latest.get(t.member_id)
-        if held is None or (t.occurred_at, seqs[t.event_id]) > (
-            held.occurred_at,
-            seqs[held.event_id],
-        ):
-            latest[t.member_id] = t
+        latest[t.member_id] = t
     members = sorted(latest)
     await conn.execute(
         UPDATE_TIERS,
@@ -189,8 +171,6 @@ async def _apply_tiers(
         [latest[m].data.tier_valid_until for m in members],
         [latest[m].data.next_tier for m in members],
         [latest[m].data.next_tier_spend for m in members],
-        [latest[m].occurred_at for m in members],
-        [seqs[latest[m].event_id] for m in members],
     )
     return [
         TierChanged(

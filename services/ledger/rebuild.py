@@ -121,7 +121,7 @@ UPDATE ledger_members_rebuild AS r SET
 FROM (
     SELECT DISTINCT ON (member_id) member_id, tier, qualifying_spend, tier_valid_until,
            next_tier, next_tier_spend
-    FROM ledger_tier_history ORDER BY member_id, occurred_at DESC, seq DESC
+    FROM ledger_tier_history ORDER BY member_id, seq DESC  -- arrival order: projector.py
 ) AS h
 LEFT JOIN ledger_members AS o USING (member_id)
 WHERE r.member_id = h.member_id
@@ -133,7 +133,7 @@ SELECT m.member_id, m.tier, m.qualifying_spend, m.tier_valid_until,
 FROM ledger_members AS m
 LEFT JOIN LATERAL (
     SELECT tier, qualifying_spend, tier_valid_until FROM ledger_tier_history AS t
-    WHERE t.member_id = m.member_id ORDER BY occurred_at DESC, seq DESC LIMIT 1
+    WHERE t.member_id = m.member_id ORDER BY seq DESC LIMIT 1
 ) AS h ON true
 WHERE (m.tier, m.qualifying_spend, m.tier_valid_until)
       IS DISTINCT FROM (COALESCE(h.tier, 'member'), COALESCE(h.qualifying_spend, 0),

@@ -79,37 +79,35 @@ async def _tier(pool: asyncpg.Pool, member: str) -> str:
 
 
 @pytest.mark.parametrize("same_batch", [False, True], ids=["two-batches", "one-batch"])
-async def test_a_late_tier_report_does_not_overwrite_a_newer_one(
+async def test_the_tier_report_that_arrived_last_is_the_tier_now(
     env: Env, same_batch: bool
 ) -> None:
-    """Tier reports arriving out of occurred_at order (a late purchase's report after a
-    newer one): the live row keeps the latest by (occurred_at, seq), as verify, rebuild and
-    ?as_of= read the history, so verify finds nothing and a rebuild changes nothing."""
+    """The rules service reports the tier from the member's whole state after each event,
+    in the order it applies them: a late refund, dated before the purchase that made the
+    member gold, arrives after that purchase's report and says silver, which is the tier
+    now. The live row, verify, rebuild and ?as_of= all read the reports in arrival order."""
     dsn, pool, consumer = env
     now = datetime.now(UTC)
     until = now + timedelta(days=365)
-    newer = tier_report("m-t", now - timedelta(hours=1), "silver", "gold", "31000.00", None, until)
-    older = tier_report(
-        "m-t", now - timedelta(hours=2), "member", "silver", "12000.00", None, until
+    gold = tier_report("m-t", now - timedelta(hours=1), "silver", "gold", "31000.00", None, until)
+    refunded = tier_report(
+        "m-t", now - timedelta(hours=2), "gold", "silver", "12000.00", None, until
     )
     if same_batch:
-        await consumer.process(records(newer, older))
+        await consumer.process(records(gold, refunded))
     else:
-        await consumer.process(records(newer))
-        await consumer.process(records(older))  # arrives later, occurred earlier
-    assert await _tier(pool, "m-t") == "gold"
+        await consumer.process(records(gold))
+        await consumer.process(records(refunded))  # arrives later, dated earlier
+    assert await _tier(pool, "m-t") == "silver"
     assert (await verify(dsn)).differences == []
     async with pool.acquire() as conn:
-        doc = await projector.member_as_of(conn, "m-t", now)
-    assert doc is not None
-    assert doc["tier"] == "gold"
+        now_doc = await projector.member_as_of(conn, "m-t", now)
+        between = await projector.member_as_of(conn, "m-t", now - timedelta(minutes=90))
+    assert now_doc is not None
+    assert now_doc["tier"] == "silver"
+    assert between is not None
+    assert between["tier"] == "silver"  # the only report dated by then
     await rebuild(dsn)
-    assert await _tier(pool, "m-t") == "gold"
-    # A report newer than both still applies.
-    newest = tier_report(
-        "m-t", now - timedelta(minutes=5), "gold", "silver", "9000.00", None, until
-    )
-    await consumer.process(records(newest))
     assert await _tier(pool, "m-t") == "silver"
     assert (await verify(dsn)).differences == []
 
