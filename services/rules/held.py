@@ -38,7 +38,7 @@ SELECT member_id, referrer_id FROM rules_member_state WHERE member_id = ANY($1::
 """
 UPSERT_STATE: Final = """
 INSERT INTO rules_member_state AS s (member_id, referrer_id, state, tier_valid_until, updated_at)
-VALUES ($1, $2, $3::json, $4, now())
+VALUES ($1, $2, $3::text::json, $4, now())  -- text: with or without a json codec
 ON CONFLICT (member_id) DO UPDATE
 SET referrer_id = EXCLUDED.referrer_id, state = EXCLUDED.state,
     tier_valid_until = EXCLUDED.tier_valid_until, updated_at = now()
