@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import hmac
 import json
 import os
 import secrets
@@ -47,9 +45,9 @@ from rich.table import Table
 from deploy import local, stack
 from deploy.demo_week import SHANGHAI, Week, build_week
 from services.common.config import Topics
+from services.notifier import signing
 
 DEMO_DB_SUFFIX: Final = "_demo"
-SIGNATURE_HEADER: Final = "X-Loyalty-Signature"
 # Piped output (CI logs, `make demo | tee`) gets a wide page rather than rich's 80 columns.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 
@@ -79,9 +77,8 @@ class WebhookReceiver:
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}/loyalty/notifications"
 
-    def verify(self, body: bytes, signature: str | None) -> bool:
-        expected = "sha256=" + hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
-        return signature is not None and hmac.compare_digest(expected, signature)
+    def verify(self, body: bytes, timestamp: str | None, signature: str | None) -> bool:
+        return signing.verify(self.secret, timestamp, body, signature, time.time())
 
     def start(self) -> None:
         receiver = self
@@ -89,7 +86,8 @@ class WebhookReceiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                if not receiver.verify(body, self.headers.get(SIGNATURE_HEADER)):
+                stamp = self.headers.get(signing.TIMESTAMP_HEADER)
+                if not receiver.verify(body, stamp, self.headers.get(signing.SIGNATURE_HEADER)):
                     with receiver._lock:
                         receiver.rejected += 1
                     self.send_response(401)

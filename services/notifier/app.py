@@ -74,6 +74,13 @@ def make_handler(settings: Settings, consumer_name: str, deliverer: Deliverer): 
 
 def create_app(settings: Settings | None = None) -> FastStream:
     settings = settings or load_settings()
+    if settings.webhook_url and not settings.webhook_secret:
+        # An unsigned post would let anyone who can reach the receiver send members
+        # messages in the clinic's name: refuse to start rather than send one.
+        raise SystemExit(
+            "NOTIFIER_WEBHOOK_SECRET must be set when NOTIFIER_WEBHOOK_URL is"
+            " (posts are signed with it)"
+        )
     broker = create_broker(settings, SERVICE)
     app = FastStream(
         broker,

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
+import time
 from typing import Final
 
 import asyncpg
@@ -19,15 +18,13 @@ import orjson
 import structlog
 from prometheus_client import Counter
 
+from services.notifier.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+
 DELIVERY_BATCH: Final = 50  # concurrent webhook posts per round: polite to one receiver
 MAX_BACKOFF_S: Final = 300
 
 DELIVERED = Counter("loyalty_notifications_total", "Notifications by outcome", ["outcome"])
 log = structlog.get_logger()
-
-
-def sign(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 class Deliverer:
@@ -134,13 +131,15 @@ class Deliverer:
                     "event": orjson.Fragment(row["payload"]),
                 }
             )
+            now = int(time.time())
             resp = await client.post(
                 self._url,
                 content=body,
                 headers={
                     "Content-Type": "application/json; charset=utf-8",
                     "X-Loyalty-Notification-Id": row["notification_id"],
-                    "X-Loyalty-Signature": sign(self._secret, body),
+                    TIMESTAMP_HEADER: str(now),
+                    SIGNATURE_HEADER: sign(self._secret, now, body),
                 },
             )
         except Exception as exc:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
@@ -17,6 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from schemas.ledger import parse_ledger_event
+from services.notifier import signing
 from tests.integration.events import CST, purchase
 from tests.integration.harness import Stack, free_port, make_stack, wait_until
 
@@ -28,7 +28,7 @@ class Receiver:
     """A webhook endpoint that fails the first call, to prove delivery is retried."""
 
     def __init__(self) -> None:
-        self.received: list[tuple[dict, str, str]] = []
+        self.received: list[tuple[dict, str | None, bool]] = []
         self.calls = 0
 
     async def hook(self, request: Request) -> Response:
@@ -36,11 +36,13 @@ class Receiver:
         body = await request.body()
         if self.calls == 1:
             return Response(status_code=503)
+        stamp = request.headers.get("x-loyalty-timestamp")
+        signature = request.headers.get("x-loyalty-signature")
         self.received.append(
             (
                 json.loads(body),
-                request.headers["x-loyalty-signature"],
-                "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest(),
+                signature,
+                signing.verify(SECRET, stamp, body, signature, time.time()),
             )
         )
         return Response(status_code=204)
@@ -97,7 +99,7 @@ async def test_points_and_tier_change_are_delivered_once_signed(
     await wait_until(lambda: _at_least(delivered, 3), timeout=60, what="three deliveries")
     kinds = sorted(b["kind"] for b, _, _ in rec.received)
     assert kinds == ["points_earned", "points_earned", "tier_changed"]
-    assert all(sig == expected for _, sig, expected in rec.received)
+    assert all(signed for _, _, signed in rec.received)  # timestamp and body, fresh
     messages = {b["message"] for b, _, _ in rec.received}
     assert "恭喜您由普通会员升级为银卡会员！" in messages
     assert "您获得10000积分（消费积分），当前可用积分10000。" in messages

@@ -1,0 +1,45 @@
+"""The webhook signature covers the timestamp and the body; a receiver refuses a post
+whose timestamp is stale (a captured post replayed later), altered, or missing."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from services.notifier.signing import TOLERANCE_S, sign, verify
+
+SECRET = "s3cret"
+BODY = b'{"notification_id": "n-1"}'
+
+
+def test_the_signature_is_hmac_sha256_of_timestamp_dot_body() -> None:
+    mac = hmac.new(SECRET.encode(), b"1700000000." + BODY, hashlib.sha256).hexdigest()
+    assert sign(SECRET, 1700000000, BODY) == "sha256=" + mac
+
+
+def test_a_fresh_post_signed_with_the_secret_is_accepted() -> None:
+    sig = sign(SECRET, 1700000000, BODY)
+    assert verify(SECRET, "1700000000", BODY, sig, now=1700000000 + TOLERANCE_S)
+
+
+def test_a_replayed_altered_or_unsigned_post_is_refused() -> None:
+    sig = sign(SECRET, 1700000000, BODY)
+    assert not verify(SECRET, "1700000000", BODY, sig, now=1700000000 + TOLERANCE_S + 1)
+    assert not verify(SECRET, "1700000001", BODY, sig, now=1700000000)  # moved timestamp
+    assert not verify(SECRET, "1700000000", BODY + b" ", sig, now=1700000000)
+    assert not verify("other", "1700000000", BODY, sig, now=1700000000)
+    assert not verify(SECRET, None, BODY, sig, now=1700000000)
+    assert not verify(SECRET, "1700000000", BODY, None, now=1700000000)
+    assert not verify(SECRET, "-5", BODY, sig, now=1700000000)
+
+
+def test_the_notifier_refuses_to_post_unsigned() -> None:
+    import pytest
+
+    from services.common.config import Settings
+    from services.notifier.app import create_app
+
+    settings = Settings(database_url="", bootstrap_servers="127.0.0.1:1",
+                        webhook_url="http://clinic.example/hook", webhook_secret="")  # fmt: skip
+    with pytest.raises(SystemExit, match="NOTIFIER_WEBHOOK_SECRET must be set"):
+        create_app(settings)
