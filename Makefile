@@ -35,14 +35,17 @@ status: setup
 demo: setup ## a scripted week of a two-store clinic, end to end
 	@$(PY) -m deploy.demo
 
-test: setup ## the whole suite: unit (compiled cores, then pure Python), integration on both brokers
+# The tests that run the modules `make native` compiles, run again on the plain Python ones.
+NATIVE_TESTS := tests/unit/test_rules_*.py tests/unit/test_native.py
+
+test: setup ## the whole suite: unit (compiled cores, their tests again in pure Python), integration on both brokers
 	@$(PY) -m pytest -q tests/unit
-	@LOYALTY_NATIVE=0 $(PY) -m pytest -q tests/unit
+	@LOYALTY_NATIVE=0 $(PY) -m pytest -q $(NATIVE_TESTS)
 	@$(PY) -m pytest -q -m integration tests/integration
 
 test-unit: setup
 	@$(PY) -m pytest -q tests/unit
-	@LOYALTY_NATIVE=0 $(PY) -m pytest -q tests/unit
+	@LOYALTY_NATIVE=0 $(PY) -m pytest -q $(NATIVE_TESTS)
 
 test-integration: setup
 	@$(PY) -m pytest -q -m integration tests/integration
