@@ -8,3 +8,8 @@
 ALTER TABLE notifications ADD COLUMN seq bigserial;
 CREATE INDEX notifications_member_pending ON notifications (member_id, seq)
     WHERE status = 'pending';
+-- A round reads the due ones in (next_attempt_at, seq) order: with a backlog (a webhook
+-- that was down) a sort of every due row per round of 50 would make draining quadratic.
+DROP INDEX notifications_pending;
+CREATE INDEX notifications_pending ON notifications (next_attempt_at, seq)
+    WHERE status = 'pending';
