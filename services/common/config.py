@@ -65,6 +65,9 @@ class Settings:
     api_keys: str = ""
     webhook_url: str = ""
     webhook_secret: str = ""
+    # A notification still refused this long after it was recorded is given up on
+    # (`failed`), so it stops holding back the member's later ones.
+    notifier_give_up_hours: float = 24.0
     expiry_sweep_seconds: int = 60
     # How long after a lot's expiry the ledger waits before journaling it, so that a refund
     # dated before the expiry but arriving after it still takes back from that lot, whether
@@ -100,6 +103,7 @@ def load_settings() -> Settings:
         api_keys=os.environ.get("LEDGER_API_KEYS", ""),
         webhook_url=os.environ.get("NOTIFIER_WEBHOOK_URL", ""),
         webhook_secret=os.environ.get("NOTIFIER_WEBHOOK_SECRET", ""),
+        notifier_give_up_hours=float(os.environ.get("NOTIFIER_GIVE_UP_HOURS") or 24.0),
         expiry_sweep_seconds=_int("EXPIRY_SWEEP_SECONDS", 60),
         expiry_grace_seconds=_int("EXPIRY_GRACE_SECONDS", 3600),
         tier_sweep_seconds=_int("TIER_SWEEP_SECONDS", 60),

@@ -112,7 +112,8 @@ def create_app(settings: Settings | None = None) -> FastStream:
         producer = make_producer(settings.bootstrap_servers)
         await producer.start()
         relay = OutboxRelay(pool, producer, SERVICE)
-        deliverer = Deliverer(pool, settings.webhook_url, settings.webhook_secret)
+        deliverer = Deliverer(pool, settings.webhook_url, settings.webhook_secret,
+                              give_up_s=settings.notifier_give_up_hours * 3600)  # fmt: skip
         consumer.bind(pool, make_handler(settings, consumer_name, deliverer), relay.wake)
         state.update(pool=pool, producer=producer)
         background.spawn("outbox-relay", relay.run)

@@ -28,8 +28,11 @@ log = structlog.get_logger()
 
 
 class Deliverer:
-    def __init__(self, pool: asyncpg.Pool, url: str, secret: str) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, url: str, secret: str, give_up_s: float = 24 * 3600
+    ) -> None:
         self._pool = pool
+        self._give_up_s = give_up_s
         self._url = url
         self._secret = secret
         self._wake = asyncio.Event()
@@ -90,18 +93,19 @@ class Deliverer:
                     " attempts = attempts + 1 WHERE notification_id = ANY($1)",
                     ok,
                 )
+            gave_up = 0
             for r, err in failed:
                 backoff = min(MAX_BACKOFF_S, 2 ** min(r["attempts"], 8))
-                await conn.execute(
-                    "UPDATE notifications SET attempts = attempts + 1, last_error = $2,"
-                    " next_attempt_at = now() + make_interval(secs => $3)"
-                    " WHERE notification_id = $1",
-                    r["notification_id"],
-                    err,
-                    float(backoff),
-                )
+                status = await conn.fetchval(_FAILED, r["notification_id"], err,
+                                             float(backoff), self._give_up_s)  # fmt: skip
+                if status == "failed":
+                    gave_up += 1
+                    log.warning("notification_given_up", notification_id=r["notification_id"],
+                                member_id=r["member_id"], attempts=r["attempts"] + 1,
+                                error=err)  # fmt: skip
             DELIVERED.labels("delivered").inc(len(ok))
-            DELIVERED.labels("failed").inc(len(failed))
+            DELIVERED.labels("failed").inc(len(failed) - gave_up)
+            DELIVERED.labels("given_up").inc(gave_up)
             return len(ok) + len(failed)
 
     async def _post_in_order(
@@ -149,6 +153,16 @@ class Deliverer:
         return None
 
 
+# A failed attempt: retried after the back-off, or given up on once the notification is
+# older than the give-up age (then the member's later ones go on).
+_FAILED: Final = """
+UPDATE notifications SET attempts = attempts + 1, last_error = $2,
+    next_attempt_at = now() + make_interval(secs => $3),
+    status = CASE WHEN created_at < now() - make_interval(secs => $4) THEN 'failed'
+                  ELSE status END
+WHERE notification_id = $1
+RETURNING status
+"""
 # Due notifications, oldest first: which members have work this round (not locked yet).
 _CANDIDATES: Final = """
 SELECT member_id FROM notifications

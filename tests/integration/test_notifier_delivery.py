@@ -155,3 +155,26 @@ async def test_one_undecodable_row_does_not_stop_every_other_delivery(env: Any) 
     assert sorted(b["notification_id"] for b in rec.received) == ["e-odd", "e-ok"]
     sent = next(b for b in rec.received if b["notification_id"] == "e-odd")
     assert sent["event"]["score"] == float("inf")  # the receiver's parser's business
+
+
+async def test_a_notification_refused_for_too_long_is_given_up_and_frees_the_member(
+    env: Any,
+) -> None:
+    pool, consumer, deliverer, rec = env
+    old = earned("e-old", "m-7", 10, 10, "2026-03-01T10:00:00+08:00")
+    new = earned("e-new", "m-7", 20, 30, "2026-03-01T10:05:00+08:00")
+    await consumer.process(records(old, new))
+    # Recorded more than a day ago, and refused once more now.
+    await pool.execute(
+        "UPDATE notifications SET created_at = now() - interval '25 hours'"
+        " WHERE notification_id = 'e-old'"
+    )
+    rec.fail_once.add("e-old")
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        await deliverer.deliver_once(client)
+        assert (
+            await pool.fetchval("SELECT status FROM notifications WHERE notification_id = 'e-old'")
+            == "failed"
+        )
+        await deliverer.deliver_once(client)  # the member's next one is no longer held back
+    assert [b["notification_id"] for b in rec.received] == ["e-new"]
