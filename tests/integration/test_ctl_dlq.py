@@ -9,18 +9,12 @@ from datetime import datetime, timedelta
 
 import pytest
 
+from tests.integration.default_broker import broker  # noqa: F401 (fixture: default broker only)
 from tests.integration.events import CST, purchase
 from tests.integration.harness import Stack, wait_until
 from tests.integration.rules_helpers import LEDGERCTL, ROOT, Ran
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def broker(tansu_bootstrap: str) -> str:
-    """The default broker only: this tests the command line, which the broker-compatibility
-    tests (run on both) do not add to; a second stack on Kafka would only cost time."""
-    return tansu_bootstrap
 
 
 NOW = datetime.now(CST).replace(microsecond=0)

@@ -7,55 +7,40 @@ Drives the ledger's real grants handler (no broker) and the real sweeper on Post
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import orjson
 import pytest
 from aiokafka.structs import ConsumerRecord
 
 from services.common.config import Settings
 from services.common.consumer import BatchConsumer
-from services.common.migrations import apply_migrations
-from services.common.runtime import init_connection
 from services.ledger import projector
 from services.ledger.accounting import add_months
 from services.ledger.rulebook import LedgerRules
 from services.ledger.sweeper import ExpirySweeper
+from tests.integration import direct
+from tests.integration.direct import consumer_of, migrated_pool
 from tests.integration.ledger_helpers import grant, revoke
 
 pytestmark = pytest.mark.integration
 TOPIC = "loyalty.grants.v1"
 GRACE = 3600
-_offsets = itertools.count()
 
 
 @pytest.fixture
 async def ledger(fresh_database: str) -> AsyncIterator[tuple[asyncpg.Pool, BatchConsumer]]:
-    apply_migrations(fresh_database)
-    pool = await asyncpg.create_pool(fresh_database, min_size=1, max_size=4, init=init_connection)
-    assert pool is not None
     settings = Settings(database_url=fresh_database, bootstrap_servers="",
                         expiry_grace_seconds=GRACE)  # fmt: skip
-    consumer = BatchConsumer(name="ledger", service="ledger", topic=TOPIC,
-                             dlq_topic="loyalty.dlq.v1")  # fmt: skip
-    consumer.bind(pool, projector.make_handler(settings, "ledger", LedgerRules()))
-    try:
-        yield pool, consumer
-    finally:
-        await pool.close()
+    async with migrated_pool(fresh_database) as pool:
+        handler = projector.make_handler(settings, "ledger", LedgerRules())
+        yield pool, consumer_of(pool, "ledger", TOPIC, handler)
 
 
 def records(*events: dict[str, Any]) -> list[ConsumerRecord]:
-    out = []
-    for e in events:
-        value = orjson.dumps(e)
-        out.append(ConsumerRecord(TOPIC, 0, next(_offsets), 0, 0, e["member_id"].encode(),
-                                  value, None, 0, len(value), []))  # fmt: skip
-    return out
+    return direct.records(TOPIC, *events)
 
 
 async def test_a_late_refund_takes_back_from_a_lot_lapsed_within_the_grace(

@@ -5,70 +5,41 @@ ordering and concurrency cases that need exact control."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import orjson
 import pytest
 from aiokafka.structs import ConsumerRecord
 
 from services.common.config import Settings
 from services.common.consumer import BatchConsumer
-from services.common.migrations import apply_migrations
-from services.common.runtime import init_connection
 from services.ledger import projector, redemptions
 from services.ledger import sweeper as sweeper_mod
 from services.ledger.rebuild import rebuild, verify
 from services.ledger.rulebook import LedgerRules
 from services.ledger.sweeper import ExpirySweeper
+from tests.integration import direct
+from tests.integration.direct import consumer_of, migrated_pool
 from tests.integration.ledger_helpers import grant, revoke, tier_report
 
 pytestmark = pytest.mark.integration
 TOPIC = "loyalty.grants.v1"
-_offsets = itertools.count()
 
 Env = tuple[str, asyncpg.Pool, BatchConsumer]
 
 
 @pytest.fixture
 async def env(fresh_database: str) -> AsyncIterator[Env]:
-    apply_migrations(fresh_database)
-    pool = await asyncpg.create_pool(fresh_database, min_size=1, max_size=6, init=init_connection)
-    assert pool is not None
     settings = Settings(database_url=fresh_database, bootstrap_servers="")
-    consumer = BatchConsumer(
-        name="ledger", service="ledger", topic=TOPIC, dlq_topic="loyalty.dlq.v1"
-    )
-    consumer.bind(pool, projector.make_handler(settings, "ledger", LedgerRules()))
-    try:
-        yield fresh_database, pool, consumer
-    finally:
-        await pool.close()
+    async with migrated_pool(fresh_database) as pool:
+        handler = projector.make_handler(settings, "ledger", LedgerRules())
+        yield fresh_database, pool, consumer_of(pool, "ledger", TOPIC, handler)
 
 
 def records(*events: dict[str, Any]) -> list[ConsumerRecord]:
-    out = []
-    for e in events:
-        value = orjson.dumps(e)
-        out.append(
-            ConsumerRecord(
-                TOPIC,
-                0,
-                next(_offsets),
-                0,
-                0,
-                e["member_id"].encode(),
-                value,
-                None,
-                0,
-                len(value),
-                [],
-            )
-        )
-    return out
+    return direct.records(TOPIC, *events)
 
 
 async def _tier(pool: asyncpg.Pool, member: str) -> str:

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
 import pytest
-import uvicorn
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from schemas.ledger import parse_ledger_event
 from services.notifier import signing
+from tests.integration.direct import webhook
 from tests.integration.events import CST, purchase
-from tests.integration.harness import Stack, free_port, make_stack, wait_until
+from tests.integration.harness import Stack, make_stack, wait_until
 
 pytestmark = pytest.mark.integration
 SECRET = "test-webhook-secret"
@@ -49,29 +46,23 @@ class Receiver:
 
 
 @pytest.fixture
-async def receiver() -> AsyncIterator[tuple[Receiver, int]]:
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
     rec = Receiver()
-    port = free_port()
-    app = Starlette(routes=[Route("/hook", rec.hook, methods=["POST"])])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    task = asyncio.create_task(server.serve())
-    await wait_until(lambda: asyncio.sleep(0, server.started), what="webhook receiver")
-    yield rec, port
-    server.should_exit = True
-    await task
+    async with webhook(rec.hook) as url:
+        yield rec, url
 
 
 @pytest.fixture
 async def notifying_stack(
-    broker: str, broker_name: str, fresh_database: str, receiver: tuple[Receiver, int]
+    broker: str, broker_name: str, fresh_database: str, receiver: tuple[Receiver, str]
 ) -> AsyncIterator[Stack]:
-    _, port = receiver
+    _, url = receiver
     s = await make_stack(
         broker,
         fresh_database,
         broker_name,
         {
-            "NOTIFIER_WEBHOOK_URL": f"http://127.0.0.1:{port}/hook",
+            "NOTIFIER_WEBHOOK_URL": url,
             "NOTIFIER_WEBHOOK_SECRET": SECRET,
         },
     )
@@ -83,7 +74,7 @@ async def notifying_stack(
 
 
 async def test_points_and_tier_change_are_delivered_once_signed(
-    notifying_stack: Stack, receiver: tuple[Receiver, int]
+    notifying_stack: Stack, receiver: tuple[Receiver, str]
 ) -> None:
     rec, _ = receiver
     now = datetime.now(CST)

@@ -5,8 +5,6 @@ that cannot be sent never holds up anyone else's."""
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,24 +13,19 @@ import asyncpg
 import httpx
 import orjson
 import pytest
-import uvicorn
 from aiokafka.structs import ConsumerRecord
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from services.common.config import Settings
 from services.common.consumer import BatchConsumer
-from services.common.migrations import apply_migrations
-from services.common.runtime import init_connection
 from services.notifier.app import make_handler
 from services.notifier.delivery import Deliverer
-from tests.integration.harness import free_port, wait_until
+from tests.integration import direct
+from tests.integration.direct import consumer_of, migrated_pool, webhook
 
 pytestmark = pytest.mark.integration
 TOPIC = "loyalty.ledger.v1"
-_offsets = itertools.count()
 
 
 class Receiver:
@@ -53,37 +46,17 @@ class Receiver:
 async def env(
     fresh_database: str,
 ) -> AsyncIterator[tuple[asyncpg.Pool, BatchConsumer, Deliverer, Receiver]]:
-    apply_migrations(fresh_database)
-    pool = await asyncpg.create_pool(fresh_database, min_size=1, max_size=4, init=init_connection)
-    assert pool is not None
     rec = Receiver()
-    port = free_port()
-    app = Starlette(routes=[Route("/hook", rec.hook, methods=["POST"])])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    task = asyncio.create_task(server.serve())
-    await wait_until(lambda: asyncio.sleep(0, server.started), what="webhook receiver")
-    url = f"http://127.0.0.1:{port}/hook"
-    settings = Settings(database_url=fresh_database, bootstrap_servers="", webhook_url=url,
-                        webhook_secret="s")  # fmt: skip
-    deliverer = Deliverer(pool, url, "s")
-    consumer = BatchConsumer(name="notifier", service="notifier", topic=TOPIC,
-                             dlq_topic="loyalty.dlq.v1")  # fmt: skip
-    consumer.bind(pool, make_handler(settings, "notifier", deliverer))
-    try:
-        yield pool, consumer, deliverer, rec
-    finally:
-        server.should_exit = True
-        await task
-        await pool.close()
+    async with migrated_pool(fresh_database, max_size=4) as pool, webhook(rec.hook) as url:
+        settings = Settings(database_url=fresh_database, bootstrap_servers="", webhook_url=url,
+                            webhook_secret="s")  # fmt: skip
+        deliverer = Deliverer(pool, url, "s")
+        handler = make_handler(settings, "notifier", deliverer)
+        yield pool, consumer_of(pool, "notifier", TOPIC, handler), deliverer, rec
 
 
 def records(*events: dict[str, Any]) -> list[ConsumerRecord]:
-    out = []
-    for e in events:
-        value = e.pop("_raw", None) or orjson.dumps(e)
-        out.append(ConsumerRecord(TOPIC, 0, next(_offsets), 0, 0, e["member_id"].encode(),
-                                  value, None, 0, len(value), []))  # fmt: skip
-    return out
+    return direct.records(TOPIC, *events)
 
 
 def earned(eid: str, member: str, points: int, balance: int, at: str) -> dict[str, Any]:
