@@ -274,7 +274,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             else:
                 doc = await member_view(conn, member_id, at)
             if doc is not None and lacks_next_tier(doc):  # no tier report yet: the book's
-                book = await ledger.rules.refresh(conn)
+                book = await ledger.rules.recent(conn)
                 with_next_tier(doc, book.at(at).tiers)
         if doc is None:
             raise Problem(404, "Member not found", f"no ledger record for member {member_id!r}")

@@ -18,7 +18,9 @@ another refresh is still loading.
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import datetime
+from typing import Final
 
 import asyncpg
 import structlog
@@ -29,6 +31,8 @@ from services.rules.rulebook_store import DEFAULT_RULESET, book_stamp, read_book
 from services.rules.ruleset import RedemptionRules, RuleBook, RuleSetError, load_ruleset
 
 log = structlog.get_logger()
+# How old a checked book `recent` may hand out without looking at the stamp again.
+RECENT_S: Final = 5.0
 _NAMES = {r.code: (r.name, r.name_zh) for r in DEFAULT_CATALOGUE}
 
 
@@ -54,6 +58,7 @@ class LedgerRules:
         self._lifetimes: dict[str, int] = {}
         self._policies: dict[str, RedemptionPolicy] = {}
         self._lock = asyncio.Lock()
+        self._checked = float("-inf")  # monotonic time of the last stamp read
 
     async def refresh(self, conn: asyncpg.Connection) -> RuleBook:
         """The book, re-read if a version was published since. A book the ledger cannot use
@@ -62,6 +67,7 @@ class LedgerRules:
         keep being journaled and redemptions keep answering under known numbers."""
         async with self._lock:
             stamp = await book_stamp(conn)
+            self._checked = time.monotonic()
             if self._book is not None and stamp == self._stamp:
                 return self._book
             try:
@@ -75,6 +81,14 @@ class LedgerRules:
             self._stamp = stamp
             assert self._book is not None
             return self._book
+
+    async def recent(self, conn: asyncpg.Connection) -> RuleBook:
+        """The book as checked within the last `RECENT_S` seconds, else `refresh`: for reads
+        that only display from it (the member view's next tier), which would otherwise
+        queue every request behind the refresh lock for a stamp query."""
+        if self._book is not None and time.monotonic() - self._checked < RECENT_S:
+            return self._book
+        return await self.refresh(conn)
 
     def _use(self, book: RuleBook) -> None:
         policies = {r.version: policy_of(r.redemption) for r in book.versions}  # may raise
