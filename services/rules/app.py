@@ -90,33 +90,26 @@ class RulesProcessor:
         # The connection first, then the lock: a batch holds its connection when it takes
         # the lock, so the other order could wait on a pool a batch is waiting in.
         async with pool.acquire() as conn, self._book_lock:
-            stamp = await book_stamp(conn)
-            if stamp == self._stamp and self.book is not None:
-                return False
-            self.book = await load_book(conn)
-            self._stamp = stamp
-        log.info(
-            "rulebook_loaded",
-            versions=[r.version for r in self.book.versions],
-            compiled_core=services.rules.NATIVE,
-        )
-        return True
+            return await self._reload(conn)
 
-    async def _reload_in_batch(self, conn: asyncpg.Connection) -> None:
+    async def _reload(self, conn: asyncpg.Connection) -> bool:
+        """Load the book if its stamp moved (call under `_book_lock`); True if loaded."""
         stamp = await book_stamp(conn)
         if stamp == self._stamp and self.book is not None:
-            return
+            return False
         try:
-            async with conn.transaction():  # a savepoint: a failure leaves the batch usable
+            async with conn.transaction():  # in a batch, a savepoint: it stays usable
                 book = await load_book(conn)
         except RuleSetError:
             if self.book is None:
                 raise
             # Publishing validates, so this means a hand-edited row: keep what is in force.
             log.exception("rulebook_reload_failed")
-        else:
-            self.book, self._stamp = book, stamp
-            log.info("rulebook_loaded", versions=[r.version for r in book.versions])
+            return False
+        self.book, self._stamp = book, stamp
+        log.info("rulebook_loaded", versions=[r.version for r in book.versions],
+                 compiled_core=services.rules.NATIVE)  # fmt: skip
+        return True
 
     async def watch_book(self, pool: asyncpg.Pool) -> None:
         while True:
@@ -133,7 +126,7 @@ class RulesProcessor:
         # One tiny query per batch: a version published (committed) before this batch
         # started is in force for it, whatever the watcher's poll interval.
         async with self._book_lock:
-            await self._reload_in_batch(conn)
+            await self._reload(conn)
         good = validate_records(
             records, parse_activity, work, self.consumer_name, self.settings.topics.dlq
         )
@@ -175,7 +168,7 @@ class RulesProcessor:
         touched: set[str] = set()
         partition: dict[str, int] = {}  # where each member's activity arrives (tier sweep)
         book = self.book
-        assert book is not None  # `_reload_in_batch` loads one or raises
+        assert book is not None  # `_reload` loads one or raises
         for record, event in fresh:
             member = event.member_id
             state = states.get(member) or MemberState(member_id=member)

@@ -22,6 +22,7 @@ from services.ledger.rulebook import LedgerRules
 from services.ledger.sweeper import ExpirySweeper
 from tests.integration import direct
 from tests.integration.direct import consumer_of, migrated_pool
+from tests.integration.harness import wait_until
 from tests.integration.ledger_helpers import grant, revoke, tier_report
 
 pytestmark = pytest.mark.integration
@@ -139,16 +140,12 @@ async def test_a_rebuild_swap_that_deadlocks_with_an_expiry_page_is_retried(
     monkeypatch.setattr(sweeper_mod, "load_books", paused_load)
     sweep = asyncio.create_task(ExpirySweeper(pool, "t", 60, lambda: None).sweep_once(now))
     build = asyncio.create_task(rebuild(dsn))
-    async with pool.acquire() as conn:
-        for _ in range(200):  # until the swap waits for ledger_lots
-            waiting = await conn.fetchval(
-                "SELECT count(*) FROM pg_locks WHERE NOT granted"
-                " AND relation = 'ledger_lots'::regclass AND mode = 'AccessExclusiveLock'"
-            )
-            if waiting:
-                break
-            await asyncio.sleep(0.05)
-        assert waiting, "the swap never waited on ledger_lots"
+    swap_waits = (
+        "SELECT count(*) FROM pg_locks WHERE NOT granted"
+        " AND relation = 'ledger_lots'::regclass AND mode = 'AccessExclusiveLock'"
+    )
+    await wait_until(lambda: pool.fetchval(swap_waits), timeout=10,
+                     what="the swap to wait on ledger_lots")  # fmt: skip
     go.set()
     _, report = await asyncio.gather(sweep, build)
     assert report.swap_retries >= 1

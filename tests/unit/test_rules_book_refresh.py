@@ -16,10 +16,16 @@ from services.rules import app
 from services.rules.ruleset import RuleBook
 
 
+class FakeConn:
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        yield None
+
+
 class FakePool:
     @asynccontextmanager
-    async def acquire(self) -> AsyncIterator[object]:
-        yield object()
+    async def acquire(self) -> AsyncIterator[FakeConn]:
+        yield FakeConn()
 
 
 async def test_a_version_published_while_the_book_loads_is_loaded_next_time(
