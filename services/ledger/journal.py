@@ -7,7 +7,7 @@ Kept apart from the consumer so the API (redemptions, adjustments), the expiry s
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 import asyncpg
@@ -74,19 +74,12 @@ ENSURE_MEMBERS: Final = """
 INSERT INTO ledger_members (member_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING
 """
 # A new lot's `sweep_at` is its first expiry warning (migration 0014); an existing lot keeps
-# whatever the sweeper set.
-UPSERT_LOTS: Final = f"""
-INSERT INTO ledger_lots (lot_id, member_id, points, remaining, earned_at, available_from,
-                         expires_at, source_event_id, order_id, rule_id, ruleset_version,
-                         sweep_at)
-SELECT u.*, u.expires_at - interval '{max(WARNING_DAYS)} days'
-FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[],
-            $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[], $10::text[],
-            $11::text[])
-     AS u(lot_id, member_id, points, remaining, earned_at, available_from, expires_at,
-          source_event_id, order_id, rule_id, ruleset_version)
-ON CONFLICT (lot_id) DO UPDATE SET remaining = EXCLUDED.remaining
-"""
+# whatever the sweeper set. New lots are COPYed: a lot's id is the id of the entry that
+# created it, COPYed just before under the journal's primary key, so a lot new to the batch
+# is new to the table (bench/experiments/lots_copy.py: 9.9 -> 6.0 us of Postgres and
+# 5.8 -> 4.1 us of the client's CPU per lot against INSERT … unnest … ON CONFLICT).
+NEW_LOT_COLUMNS: Final = [*LOT_COLUMNS, "sweep_at"]
+FIRST_WARNING: Final = timedelta(days=max(WARNING_DAYS))
 # Lots the batch loaded and spent from (or expired): only `remaining` changes, so a plain
 # UPDATE; INSERT … ON CONFLICT would try the insert and probe the key first.
 UPDATE_LOTS: Final = """
@@ -233,7 +226,7 @@ async def write_journal(
         for lot in book.lots:
             prior = old.get(lot.lot_id)
             if prior is None:
-                lot_rows.append(lot_row(lot, lot.remaining))
+                lot_rows.append((*lot_row(lot, lot.remaining), lot.expires_at - FIRST_WARNING))
             elif prior.remaining != lot.remaining:
                 changed_ids.append(lot.lot_id)
                 changed_remaining.append(lot.remaining)
@@ -242,8 +235,7 @@ async def write_journal(
                 changed_ids.append(lot_id)
                 changed_remaining.append(0)
     if lot_rows:
-        columns = list(zip(*lot_rows, strict=True))
-        await conn.execute(UPSERT_LOTS, *[list(c) for c in columns])
+        await conn.copy_records_to_table("ledger_lots", records=lot_rows, columns=NEW_LOT_COLUMNS)
     if changed_ids:
         await conn.execute(UPDATE_LOTS, changed_ids, changed_remaining)
     members = sorted(after)
