@@ -1,10 +1,11 @@
 """Writes that must skip rows already there: `INSERT … SELECT FROM unnest(…) ON CONFLICT DO
 NOTHING`, or the journal's way (select the ids already there, COPY the rest).
 
-Two of the services' writes, with rows from the bench workload in batches of 5,000
-events: the notifier's notifications (ledger events as `json_columns.py` makes them) and
-the rules service's `rules_activity` (every activity with its payload; the INSERT returns
-the ids it wrote, as the rules service needs to know which events are new). Each way in
+Three of the services' writes, with rows from the bench workload in batches of 5,000
+events: the notifier's notifications (ledger events as `json_columns.py` makes them), the
+rules service's `rules_activity` (every activity with its payload) and the ledger's
+`ledger_tier_history` (the rules' tier reports); each INSERT returns the ids it wrote, as
+the services need to know which rows are new. Each way in
 its own database, alternating; Postgres backend CPU from /proc per row.
 
     PYTHONPATH=. .venv/bin/python bench/experiments/dedupe_writes.py [events]
@@ -23,7 +24,12 @@ from bench.experiments._pg import backend_cpu_seconds, fresh_databases
 from bench.experiments.json_columns import batches
 from bench.workload import generate
 from schemas.activity import parse_activity
+from schemas.grants import TierEvaluated
 from services.common.runtime import init_connection
+from services.rules.engine import evaluate
+from services.rules.rulebook_store import DEFAULT_RULESET
+from services.rules.ruleset import load_ruleset
+from services.rules.state import MemberState
 
 INSERT_NOTIFICATIONS = """
 INSERT INTO notifications (notification_id, member_id, kind, message, payload, status)
@@ -38,6 +44,18 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::
 ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
 """
+INSERT_TIERS = """
+INSERT INTO ledger_tier_history (event_id, member_id, occurred_at, tier, previous_tier,
+                                 qualifying_spend, tier_valid_until, next_tier, next_tier_spend)
+SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
+                     $6::numeric[], $7::timestamptz[], $8::text[], $9::numeric[])
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+"""
+TIER_COLUMNS = [
+    "event_id", "member_id", "occurred_at", "tier", "previous_tier", "qualifying_spend",
+    "tier_valid_until", "next_tier", "next_tier_spend",
+]  # fmt: skip
 TABLES = {
     # table: (key column, INSERT, columns)
     "notifications": (
@@ -50,6 +68,7 @@ TABLES = {
         INSERT_ACTIVITY,
         ["event_id", "member_id", "type", "occurred_at", "topic", "partition", "offset", "payload"],
     ),
+    "ledger_tier_history": ("event_id", INSERT_TIERS, TIER_COLUMNS),
 }
 Rows = list[tuple[object, ...]]
 
@@ -61,6 +80,29 @@ def activity_batches(events: int) -> list[Rows]:
         a = parse_activity(e.value)
         rows.append((a.event_id, a.member_id, a.type, a.occurred_at, "activity", 0, i, e.value))
         if len(rows) == 5_000:
+            out.append(rows)
+            rows = []
+    return [*out, rows] if rows else out
+
+
+def tier_batches(events: int) -> list[Rows]:
+    """The tier reports the evaluator makes for the workload, by batch of 5,000 events."""
+    ruleset = load_ruleset(DEFAULT_RULESET)
+    states: dict[str, MemberState] = {}
+    out: list[Rows] = []
+    rows: Rows = []
+    for i, e in enumerate(generate(events, seed=42, end=datetime(2026, 11, 23, tzinfo=UTC))):
+        a = parse_activity(e.value)
+        result = evaluate(states.get(a.member_id) or MemberState(member_id=a.member_id), a,
+                          ruleset, {})  # fmt: skip
+        states[a.member_id] = result.state
+        for g in result.grants:
+            if isinstance(g, TierEvaluated):
+                d = g.data
+                rows.append((g.event_id, g.member_id, g.occurred_at, d.tier, d.previous_tier,
+                             d.qualifying_spend, d.tier_valid_until, d.next_tier,
+                             d.next_tier_spend))  # fmt: skip
+        if (i + 1) % 5_000 == 0:
             out.append(rows)
             rows = []
     return [*out, rows] if rows else out
@@ -102,6 +144,7 @@ async def main(events: int) -> None:
         # Payloads as the notifier hands them to the codec: the JSON text as a Fragment.
         "notifications": [[(*n[:4], orjson.Fragment(n[4])) for n in b[2]] for b in batches(events)],
         "rules_activity": activity_batches(events),
+        "ledger_tier_history": tier_batches(events),
     }
     async with fresh_databases(["dedupe_unnest", "dedupe_copy"]) as dbs:
         ways = {"unnest": dbs["dedupe_unnest"], "copy": dbs["dedupe_copy"]}

@@ -84,6 +84,41 @@ async def test_the_tier_report_that_arrived_last_is_the_tier_now(
     assert (await verify(dsn)).differences == []
 
 
+async def test_a_re_sent_batch_of_grants_and_tier_reports_is_applied_once(env: Env) -> None:
+    """A relay that crashed between publishing and deleting its rows sends them again, at
+    new offsets: the journal, the lots, the tier history and the outbox take each once."""
+    dsn, pool, consumer = env
+    now = datetime.now(UTC)
+    sent = [
+        grant("m-r", 300, now - timedelta(minutes=5), event_id="g-r-1"),
+        tier_report(
+            "m-r",
+            now - timedelta(minutes=5),
+            "member",
+            "silver",
+            "6000.00",
+            None,
+            now + timedelta(days=365),
+        ),
+    ]
+    await consumer.process(records(*[dict(e) for e in sent]))
+    await consumer.process(records(*[dict(e) for e in sent]))  # the same events, again
+    async with pool.acquire() as conn:
+        counts = await conn.fetchrow(
+            "SELECT (SELECT count(*) FROM ledger_entries) AS entries,"
+            " (SELECT count(*) FROM ledger_lots) AS lots,"
+            " (SELECT count(*) FROM ledger_tier_history) AS tiers,"
+            " (SELECT count(*) FROM outbox WHERE service = 'ledger') AS out,"
+            " (SELECT earned FROM ledger_members WHERE member_id = 'm-r') AS earned"
+        )
+        lot = await conn.fetchrow("SELECT remaining, expires_at, sweep_at FROM ledger_lots")
+    assert dict(counts) == {"entries": 1, "lots": 1, "tiers": 1, "out": 2, "earned": 300}
+    assert lot["remaining"] == 300
+    assert lot["sweep_at"] == lot["expires_at"] - timedelta(days=30)  # its first warning
+    assert await _tier(pool, "m-r") == "silver"
+    assert (await verify(dsn)).differences == []
+
+
 async def test_as_of_between_a_late_purchase_and_the_refund_it_paid(env: Env) -> None:
     """Earn 1000 (o1), redeem 1000, refund o1 (debt 1000), then a late (offline POS)
     purchase dated *before* the refund pays 300 of that debt. The entries dated up to a
