@@ -139,6 +139,16 @@ async def start_infra() -> Infra:
         needs_restart = await conn.fetchval("SHOW track_commit_timestamp") != "on"
         if needs_restart:
             await conn.execute("ALTER SYSTEM SET track_commit_timestamp = on")
+        # pg_stat_statements costs a few per cent: loaded only when asked for, and unloaded
+        # again by the next bench that does not ask.
+        preload = "pg_stat_statements" if PG_STATEMENTS else ""
+        if await conn.fetchval("SHOW shared_preload_libraries") != preload:
+            await conn.execute(
+                "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'"
+                if PG_STATEMENTS
+                else "ALTER SYSTEM RESET shared_preload_libraries"
+            )
+            needs_restart = True
     finally:
         await conn.close()
     if needs_restart:
@@ -412,6 +422,42 @@ async def wait_drained(
 
 
 DUMP_JOURNALS = os.environ.get("BENCH_DUMP_JOURNALS") == "1"
+PG_STATEMENTS = os.environ.get("BENCH_PG_STATEMENTS") == "1"
+TOP_STATEMENTS = """
+SELECT round(total_exec_time)::bigint AS ms, calls, rows,
+       round((total_exec_time / greatest(calls, 1))::numeric, 3) AS ms_per_call,
+       regexp_replace(left(query, 160), '\\s+', ' ', 'g') AS query
+FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 30
+"""
+
+
+async def reset_statements(dsn: str) -> None:
+    """BENCH_PG_STATEMENTS=1: count statements from here (the run's database, once migrated)."""
+    if not PG_STATEMENTS:
+        return
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await conn.execute("SELECT pg_stat_statements_reset()")
+    finally:
+        await conn.close()
+
+
+async def dump_statements(dsn: str, path: Path) -> None:
+    """BENCH_PG_STATEMENTS=1: the run's 30 statements by total time, as a table."""
+    if not PG_STATEMENTS:
+        return
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(TOP_STATEMENTS)
+        total = await conn.fetchval("SELECT sum(total_exec_time) FROM pg_stat_statements")
+    finally:
+        await conn.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"total statement time {total / 1000:.1f} s", "ms\tcalls\trows\tms/call\tquery"]
+    lines += ["\t".join(str(v) for v in r.values()) for r in rows]
+    await asyncio.to_thread(path.write_text, "\n".join(lines) + "\n")
+    say(f"statement times: {path}")
 
 
 async def dump_journal(dsn: str, path: Path) -> None:
@@ -437,6 +483,7 @@ async def throughput_run(
     topics = Topics(prefix=f"b{uuid.uuid4().hex[:8]}.")
     await create_topics(infra.bootstrap, topics)
     produce_eps = await produce(infra.bootstrap, topics.activity, events)
+    await reset_statements(dsn)
     svc = Services(dsn, infra.bootstrap, topics, tag, ledger_port=local.free_port())
     try:
         if naive:
@@ -454,6 +501,7 @@ async def throughput_run(
         svc.stop()
     if DUMP_JOURNALS:
         await dump_journal(dsn, RUN / "journals" / f"{tag}.tsv")
+    await dump_statements(dsn, RUN / "statements" / f"{tag}.tsv")
     await infra.drop_db(db)
     result["eps"] = len(events) / result["seconds"]
     # CPU time per 1,000 events by component: independent of what else the machine ran.
