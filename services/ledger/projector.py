@@ -2,7 +2,7 @@
 
 Per batch: dedupe grants on their deterministic ids (within the batch and against the
 journal), lock the touched members in sorted order, fold the grants through the pure
-accounting core, then COPY the entries and upsert lots, totals and tiers in a handful of
+accounting core, then COPY the entries and new lots and update totals and tiers in a handful of
 statements, with the ledger events going to the outbox in the same transaction.
 """
 
