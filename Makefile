@@ -37,18 +37,23 @@ demo: setup ## a scripted week of a two-store clinic, end to end
 
 # The tests that run the modules `make native` compiles, run again on the plain Python ones.
 NATIVE_TESTS := tests/unit/test_rules_*.py tests/unit/test_native.py
+# The integration tests mostly wait on processes they started, so two pytest-xdist workers
+# halve the suite's time on two cores; the Apache Kafka tests stay on one worker (one JVM).
+# TEST_WORKERS=0: one process, as before.
+TEST_WORKERS ?= 2
+INTEGRATION := $(PY) -m pytest -q -m integration -n $(TEST_WORKERS) --dist loadgroup tests/integration
 
 test: setup ## the whole suite: unit (compiled cores, their tests again in pure Python), integration on both brokers
 	@$(PY) -m pytest -q tests/unit
 	@LOYALTY_NATIVE=0 $(PY) -m pytest -q $(NATIVE_TESTS)
-	@$(PY) -m pytest -q -m integration tests/integration
+	@$(INTEGRATION)
 
 test-unit: setup
 	@$(PY) -m pytest -q tests/unit
 	@LOYALTY_NATIVE=0 $(PY) -m pytest -q $(NATIVE_TESTS)
 
 test-integration: setup
-	@$(PY) -m pytest -q -m integration tests/integration
+	@$(INTEGRATION)
 
 check: setup ## ruff (lint + format) and mypy (strict on the pure cores)
 	@$(VENV)/bin/ruff check .

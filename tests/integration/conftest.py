@@ -21,3 +21,12 @@ async def stack(broker: str, broker_name: str, fresh_database: str) -> AsyncIter
         assert not report.differences, "ledger verify:\n" + "\n".join(report.differences)
     finally:
         s.stop_all()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`--dist loadgroup`), every Apache Kafka test runs on one worker,
+    so one JVM broker serves them all; the rest spread over the workers."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("broker") == "kafka":
+            item.add_marker(pytest.mark.xdist_group("kafka"))
