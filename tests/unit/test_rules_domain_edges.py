@@ -1,0 +1,71 @@
+"""DOMAIN.md edges no other test pins: tier thresholds from both sides, and the calendar
+conventions (birthday month, daily cap) decided in Asia/Shanghai whatever offset the
+producer stamped the event with."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from rules_factories import (
+    CST,
+    T0,
+    Run,
+    by_rule,
+    purchase,
+    review,
+    share,
+    state_with,
+)
+
+
+def _returning_member(**fields: object) -> Run:
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True, **fields)
+    return run
+
+
+def test_spend_a_fen_short_of_silver_keeps_the_member_tier() -> None:
+    run = _returning_member()
+    run.feed(purchase(amount="9999.99"))
+    assert run.state().tier == "member"
+    later = run.feed(purchase(amount=100, at=T0 + timedelta(hours=1)))
+    assert by_rule(later.grants) == {"base": 100}  # 10,099.99 now: the upgrade is for the next
+
+
+def test_spend_a_fen_short_of_gold_stays_silver() -> None:
+    run = _returning_member()
+    run.feed(purchase(amount="29999.99"))
+    assert run.state().tier == "silver"
+    later = run.feed(purchase(amount=100, at=T0 + timedelta(hours=1)))
+    assert by_rule(later.grants) == {"base": 120}
+    assert run.state().tier == "gold"
+
+
+def test_reaching_100000_makes_diamond_and_the_next_purchase_earns_double() -> None:
+    run = _returning_member()
+    crossing = run.feed(purchase(amount=100000))
+    # Earned at the old (member) multiplier; the big-ticket bonus is not multiplied.
+    assert by_rule(crossing.grants) == {"base": 100000, "big_ticket": 600}
+    assert run.state().tier == "diamond"
+    after = run.feed(purchase(amount=100, at=T0 + timedelta(hours=1)))
+    assert by_rule(after.grants) == {"base": 200}
+
+
+def test_birthday_month_is_the_shanghai_month_of_a_utc_stamped_purchase() -> None:
+    # 16:30 UTC on 31 March is 00:30 on 1 April in Shanghai.
+    at = datetime(2026, 3, 31, 16, 30, tzinfo=UTC)
+    april = _returning_member(birthday="04-20").feed(purchase(amount=300, at=at))
+    march = _returning_member(birthday="03-20").feed(purchase(amount=300, at=at))
+    assert by_rule(april.grants) == {"base": 600}
+    assert by_rule(march.grants) == {"base": 300}
+
+
+def test_daily_engagement_cap_resets_at_shanghai_midnight_not_utc_midnight() -> None:
+    evening = datetime(2026, 3, 2, 23, 0, tzinfo=CST)  # 15:00 UTC
+    run = Run()
+    run.feed(review(featured=True, at=evening), review(featured=True, at=evening))
+    same_day = run.feed(share(at=evening + timedelta(minutes=50)))
+    assert by_rule(same_day.grants) == {}  # the Shanghai day's 200 are used up
+    # 00:30 in Shanghai is still 2 March in UTC: a new day's budget all the same.
+    next_day = run.feed(share(at=evening + timedelta(hours=1, minutes=30)))
+    assert by_rule(next_day.grants) == {"share": 100}
