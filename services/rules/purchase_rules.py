@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from datetime import date
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Final
 
 from schemas.activity import Purchase, Refund
@@ -42,6 +42,20 @@ def floor_points(value: Decimal) -> int:
     return max(math.floor(value), 0)
 
 
+def base_points(amount: Decimal, rate: Decimal, divisor: Decimal = _ONE) -> int:
+    """floor(amount x rate / divisor), dividing last: exact whenever the quotient is whole.
+
+    `divisor` is 1 but for a project campaign (`_campaign_factor`). Then the product is
+    worked out at a precision it fits in, so the one rounding is the division's, at 60
+    significant digits: far finer than the 1/divisor a true fraction is from a whole.
+    """
+    if divisor == _ONE:
+        return floor_points(amount * rate)
+    with localcontext() as exact:
+        exact.prec = 60
+        return floor_points(amount * rate / divisor)
+
+
 def big_ticket_points(amount: Decimal, steps: Iterable[BigTicketSnapshot]) -> int:
     """Steps carry totals (+100 at 1,000; +600 at 3,000): the highest step reached wins."""
     return max((s.points for s in steps if amount >= s.min_amount), default=0)
@@ -56,31 +70,35 @@ def select_bonuses(candidates: Mapping[str, int], stack: bool) -> dict[str, int]
     return {best: positive[best]}
 
 
-def _campaign_factor(event: Purchase, ruleset: RuleSet) -> Decimal:
-    """Overlapping campaigns do not compound: the most generous one applies.
+def _campaign_factor(event: Purchase, ruleset: RuleSet) -> tuple[Decimal, Decimal]:
+    """The campaign factor as an exact fraction (numerator, divisor).
 
-    A campaign limited to projects multiplies only the matching items' share of the
-    amount paid (item amounts are used as weights, since discounts apply to the order).
+    Overlapping campaigns do not compound: the most generous one applies. A campaign
+    limited to projects multiplies only the matching items' share of the amount paid (item
+    amounts are used as weights, since discounts apply to the order): its factor is
+    (items + (multiplier - 1) x matching) / items, kept as a fraction because a share like
+    1/3 as a Decimal (0.333...3) would pay 399 points where 400 are due.
     """
     if not ruleset.campaigns:
-        return _ONE
+        return _ONE, _ONE
     items_total = sum((i.amount for i in event.data.items), _ZERO)
-    best: Decimal | None = None
+    best: tuple[Decimal, Decimal] | None = None
     for c in ruleset.campaigns:
         if not c.starts_at <= event.occurred_at < c.ends_at:
             continue
         if c.store_ids is not None and event.store_id not in c.store_ids:
             continue
-        share = _ONE
+        factor = (c.multiplier, _ONE)
         if c.project_codes is not None:
             codes = set(c.project_codes)
             matching = sum((i.amount for i in event.data.items if i.project_code in codes), _ZERO)
-            share = min(matching / items_total, _ONE) if items_total > 0 else _ZERO
-            if share == 0:
+            if items_total <= 0 or matching <= 0:
                 continue
-        factor = 1 + (c.multiplier - 1) * share
-        best = factor if best is None else max(best, factor)
-    return _ONE if best is None else best
+            if matching < items_total:
+                factor = (items_total + (c.multiplier - 1) * matching, items_total)
+        if best is None or factor[0] * best[1] > best[0] * factor[1]:
+            best = factor
+    return (_ONE, _ONE) if best is None else best
 
 
 def _birthday_factor(state: MemberState, day: date, ruleset: RuleSet) -> Decimal:
@@ -101,13 +119,14 @@ def on_purchase(
     if oid in orders or amount <= 0:
         return state, []
     hot, tier, member = derived(ruleset), state.tier, event.member_id
+    campaign, divisor = _campaign_factor(event, ruleset)
     factors = {
         "points_per_cny": pr.points_per_cny,
         "tier": ruleset.tiers.multipliers[tier],
         "birthday": _birthday_factor(state, day, ruleset),
-        "campaign": _campaign_factor(event, ruleset),
+        "campaign": campaign / divisor,  # for audit; the rate below keeps the fraction
     }
-    rate = math.prod(factors.values(), start=_ONE)
+    rate = pr.points_per_cny * factors["tier"] * factors["birthday"] * campaign
     codes = {i.project_code for i in d.items}
     bought = state.new_projects_bought
     fresh = sorted(c for c in codes & hot.new_projects if c not in bought)
@@ -118,7 +137,7 @@ def on_purchase(
     }
     steps = _snapshots(pr)
     candidates = {ids.big_ticket: big_ticket_points(amount, steps), **fixed}
-    paid = {ids.base: floor_points(amount * rate)}
+    paid = {ids.base: base_points(amount, rate, divisor)}
     paid.update(select_bonuses(candidates, pr.stack_purchase_bonuses))
 
     others: list[OtherPaid] = []
@@ -150,7 +169,8 @@ def on_purchase(
         new_tier, until = q, tiers.hold_until(q, at, tr)
     order = Order(
         order_id=oid, at=at, amount=amount, ruleset_version=ruleset.version,
-        store_id=event.store_id, base_rate=rate, factors=factors, fixed_bonuses=fixed,
+        store_id=event.store_id, base_rate=rate, base_rate_divisor=divisor, factors=factors,
+        fixed_bonuses=fixed,
         big_ticket=steps, base_rule=ids.base, big_ticket_rule=ids.big_ticket,
         stack=pr.stack_purchase_bonuses, paid=paid, others=tuple(others), tier_before=tier,
         tier_after=new_tier, valid_until_before=state.tier_valid_until,
@@ -175,7 +195,7 @@ def _targets(order: Order, net: Decimal) -> dict[str, int]:
         return {}
     candidates = {order.big_ticket_rule: big_ticket_points(net, order.big_ticket)}
     candidates.update(order.fixed_bonuses)
-    targets = {order.base_rule: floor_points(net * order.base_rate)}
+    targets = {order.base_rule: base_points(net, order.base_rate, order.base_rate_divisor)}
     targets.update(select_bonuses(candidates, order.stack))
     # Referral points are a fixed reward for becoming a customer: kept unless fully refunded.
     bonus_rules = {order.base_rule, *candidates}

@@ -133,8 +133,11 @@ class Order(
     refunded: Decimal = Decimal(0)
     ruleset_version: str
     store_id: str | None = None
-    # Points per CNY after every factor; the factors themselves are kept for audit.
+    # Points per CNY after every factor (divided by `base_rate_divisor`, 1 but for a
+    # project campaign, whose share of the order is a fraction); the factors themselves
+    # are kept for audit.
     base_rate: Decimal
+    base_rate_divisor: Decimal = Decimal(1)
     factors: dict[str, Decimal] = msgspec.field(default_factory=dict)
     # Amount-independent bonus candidates (first purchase, new project, combo).
     fixed_bonuses: dict[str, int] = msgspec.field(default_factory=dict)

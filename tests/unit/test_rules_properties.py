@@ -6,6 +6,7 @@ import math
 from collections import defaultdict
 from datetime import datetime, timedelta
 from decimal import Decimal
+from fractions import Fraction
 from random import Random
 
 from hypothesis import HealthCheck, given, settings
@@ -19,12 +20,14 @@ from rules_factories import (
     refund,
     registered,
     review,
+    ruleset,
     share,
     sign_in,
+    state_with,
     visit,
 )
 
-from schemas.activity import Activity, Purchase
+from schemas.activity import Activity, Purchase, activity_adapter
 from schemas.grants import PointsGranted, PointsRevoked
 from services.rules.pruning import add_months
 from services.rules.ruleset import RuleSet
@@ -249,3 +252,38 @@ def test_reference_004_prices_the_same_stream_differently(
         bonus = [g for g in mine if g.data.source_event_id == first.event_id]
         assert {g.data.rule_id for g in bonus} & {"first_purchase", "big_ticket"}
         assert ref.grants != dflt.grants
+
+
+item_amounts = st.decimals(min_value=Decimal("0.01"), max_value=9999, places=2, allow_nan=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    matching=st.lists(item_amounts, min_size=1, max_size=3),
+    rest=st.lists(item_amounts, min_size=1, max_size=3),
+    multiplier=st.sampled_from(["1.25", "1.5", "2", "3"]),
+    kept=st.decimals(min_value=0, max_value=1, places=2),
+)
+def test_a_project_campaign_pays_and_takes_back_the_exact_fraction(
+    matching: list[Decimal], rest: list[Decimal], multiplier: str, kept: Decimal
+) -> None:
+    """Base points are floor(paid x (items + (m - 1) x matching) / items), here on exact
+    fractions, for the purchase and for what a partial refund leaves paid."""
+    campaign = {"name": "x", "starts_at": T0 - timedelta(days=1),
+                "ends_at": T0 + timedelta(days=1), "multiplier": multiplier,
+                "project_codes": ["thermage"]}  # fmt: skip
+    run = Run(rules=ruleset(campaigns=[campaign]))
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    total = sum(matching, Decimal(0)) + sum(rest, Decimal(0))
+    items = [{"project_code": "thermage", "amount": str(a)} for a in matching]
+    items += [{"project_code": "hydrafacial", "amount": str(a)} for a in rest]
+    run.feed([activity_adapter.validate_python({
+        "event_id": "e-p", "type": "purchase", "occurred_at": T0.isoformat(),
+        "member_id": "m-1", "data": {"order_id": "o-p", "amount": str(total), "items": items},
+    })])  # fmt: skip
+    rate = Fraction(total + (Decimal(multiplier) - 1) * sum(matching)) / Fraction(total)
+    assert run.by_rule().get("base", 0) == math.floor(Fraction(total) * rate)
+    back = total - (total * kept).quantize(Decimal("0.01"))
+    if back > 0:
+        run.feed([refund("m-1", "o-p", str(back), at=T0 + timedelta(hours=1))])
+        assert run.by_rule().get("base", 0) == math.floor(Fraction(total - back) * rate)

@@ -171,6 +171,36 @@ CASES = [
         rules=ruleset(campaigns=[{**CAMPAIGN, "project_codes": ["thermage"]}]),
     ),
     Case(
+        # 1/3 as a Decimal is 0.333...3: the share is kept as a fraction, or this pays 399.
+        "campaign on a third of the items pays exactly",
+        lambda: [purchase(amount=300, items=["hydrafacial", "thermage", "botox"])],
+        {"base": 400},
+        state=OK,
+        rules=ruleset(campaigns=[{**CAMPAIGN, "project_codes": ["thermage"]}]),
+    ),
+    Case(
+        "campaign on a third of the items, a quarter refunded",
+        lambda: [
+            purchase(amount=300, items=["hydrafacial", "thermage", "botox"], order_id="o-3"),
+            refund("m-1", "o-3", 75, at=T0 + H),
+        ],
+        {"base": 300},  # 225 kept x 4/3
+        state=OK,
+        rules=ruleset(campaigns=[{**CAMPAIGN, "project_codes": ["thermage"]}]),
+    ),
+    Case(
+        "campaign on a third of the items against a whole-order x1.2: the larger wins",
+        lambda: [purchase(amount=300, items=["hydrafacial", "thermage", "botox"])],
+        {"base": 400},
+        state=OK,
+        rules=ruleset(
+            campaigns=[
+                {**CAMPAIGN, "project_codes": ["thermage"]},
+                {**CAMPAIGN, "name": "small", "multiplier": "1.2"},
+            ]
+        ),
+    ),
+    Case(
         "birthday month x2",
         lambda: [purchase(amount=300)],
         {"base": 600},
