@@ -60,7 +60,7 @@ import calendar
 import uuid
 from bisect import bisect_right
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from operator import attrgetter
 from typing import Literal, NamedTuple, assert_never
 
@@ -95,6 +95,7 @@ __all__ = [
     "evolve",
     "expire_entry_id",
     "expiring",
+    "months_later",
     "pending",
     "replay",
     "replay_as_of",
@@ -159,6 +160,19 @@ def add_months(moment: datetime, months: int) -> datetime:
     # Every month has 28 days: only a later day needs the month's length.
     day = moment.day if moment.day <= 28 else min(moment.day, calendar.monthrange(year, month)[1])
     return moment.replace(year=year, month=month, day=day)
+
+
+def months_later(moment: datetime, months: int, zone: tzinfo | None = None) -> datetime:
+    """`moment` plus calendar months counted on `zone`'s calendar, in `moment`'s offset.
+
+    The rule set's zone (DOMAIN: days are Asia/Shanghai days): a producer's UTC stamp for
+    01:00 on 1 March in Shanghai still reads 28 February, and counted there a 12-month
+    lot would lapse on 29 February of a leap year, a day early. None: `moment`'s own
+    calendar.
+    """
+    if zone is None:
+        return add_months(moment, months)
+    return add_months(moment.astimezone(zone), months).astimezone(moment.tzinfo)
 
 
 def _require_aware(name: str, moment: datetime) -> None:
@@ -320,6 +334,8 @@ class Earn(msgspec.Struct, frozen=True, gc=False):
     lifetime_months: int = DEFAULT_LIFETIME_MONTHS
     # Days the points stay pending before they can be spent (rule-set data, default 0).
     pending_days: int = 0
+    # The calendar the lifetime is counted on (`months_later`): the rule set's zone.
+    zone: tzinfo | None = None
 
     def __post_init__(self) -> None:
         _require_positive("points", self.points)
@@ -377,6 +393,7 @@ class Adjust(msgspec.Struct, frozen=True, gc=False):
     adjustment_id: str
     allow_debt: bool = False
     lifetime_months: int = DEFAULT_LIFETIME_MONTHS
+    zone: tzinfo | None = None  # as `Earn.zone`
 
     def __post_init__(self) -> None:
         if self.points == 0:
@@ -483,7 +500,7 @@ def _decide_earn(book: Book, cmd: Earn) -> tuple[Book, list[Entry]]:
         kind="earn",
         points=cmd.points,
         occurred_at=cmd.occurred_at,
-        expires_at=add_months(cmd.occurred_at, cmd.lifetime_months),
+        expires_at=months_later(cmd.occurred_at, cmd.lifetime_months, cmd.zone),
         available_from=(
             cmd.occurred_at + timedelta(days=cmd.pending_days) if cmd.pending_days else None
         ),
@@ -558,7 +575,7 @@ def _decide_adjust(book: Book, cmd: Adjust) -> tuple[Book, list[Entry]]:
     if cmd.points > 0:
         entry = replace(
             entry,
-            expires_at=add_months(cmd.at, cmd.lifetime_months),
+            expires_at=months_later(cmd.at, cmd.lifetime_months, cmd.zone),
             debt_delta=-min(book.debt, cmd.points),
         )
         after, stamped = _stamped(book, entry)

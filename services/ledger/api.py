@@ -321,6 +321,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def post_adjustment(body: AdjustmentBody) -> JSONResponse:
         now = datetime.now(UTC)
         async with pool().acquire() as conn:
+            lifetime, zone = await ledger.rules.lifetime_at(conn, now)
             outcome = await redemptions.adjust(
                 conn,
                 settings.topics.ledger,
@@ -331,7 +332,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 operator=body.operator.strip(),
                 allow_debt=body.allow_debt,
                 now=now,
-                lifetime_months=await ledger.rules.lifetime_at(conn, now),
+                lifetime_months=lifetime,
+                zone=zone,
             )
         if outcome.fresh:
             ledger.wake_relay()

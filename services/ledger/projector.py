@@ -9,7 +9,7 @@ statements, with the ledger events going to the outbox in the same transaction.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any, Final
 
@@ -66,9 +66,12 @@ WHERE member_id = $1 AND occurred_at <= $2 ORDER BY seq DESC LIMIT 1
 
 
 def command_for(
-    grant: PointsGranted | PointsRevoked, lifetime_months: int = acc.DEFAULT_LIFETIME_MONTHS
+    grant: PointsGranted | PointsRevoked,
+    lifetime_months: int = acc.DEFAULT_LIFETIME_MONTHS,
+    zone: tzinfo | None = None,
 ) -> acc.Earn | acc.Revoke:
-    """`lifetime_months`: of the rule-set version that priced the grant (`LedgerRules`)."""
+    """`lifetime_months` and the `zone` whose calendar counts them: of the rule-set version
+    that priced the grant (`LedgerRules`)."""
     d = grant.data
     if isinstance(grant, PointsGranted):
         return acc.Earn(
@@ -82,6 +85,7 @@ def command_for(
             order_id=d.order_id,
             store_id=d.store_id,
             pending_days=grant.data.pending_days,
+            zone=zone,
         )
     return acc.Revoke(
         entry_id=grant.event_id,
@@ -126,8 +130,9 @@ def make_handler(settings: Settings, consumer_name: str, rules: LedgerRules):  #
             await rules.refresh(conn)
         for grant in moves:
             book = after[grant.member_id]
-            lifetime = rules.lifetime_months(grant.data.ruleset_version)
-            book, new = acc.apply(book, command_for(grant, lifetime))
+            version = grant.data.ruleset_version
+            command = command_for(grant, rules.lifetime_months(version), rules.zone(version))
+            book, new = acc.apply(book, command)
             entries.extend(new)
             after[grant.member_id] = book
         # A late grant (occurred_at over 12 months ago) made a lot that is already past its

@@ -15,7 +15,7 @@ balance, minimum) is not stored: the caller may retry the same id once the balan
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
@@ -256,10 +256,12 @@ async def adjust(
     allow_debt: bool,
     now: datetime,
     lifetime_months: int = acc.DEFAULT_LIFETIME_MONTHS,
+    zone: tzinfo | None = None,
 ) -> Outcome:
     """A manual grant or deduction by ops: journaled with its reason and operator.
 
-    A grant's points live `lifetime_months` (the rule set in force now: `LedgerRules`)."""
+    A grant's points live `lifetime_months` on `zone`'s calendar (the rule set in force
+    now: `LedgerRules`)."""
     request = {
         "member_id": member_id,
         "points": points,
@@ -291,6 +293,7 @@ async def adjust(
                     adjustment_id=adjustment_id,
                     allow_debt=allow_debt,
                     lifetime_months=lifetime_months,
+                    zone=zone,
                 )
             except ValueError as exc:
                 raise Refused(422, "Invalid adjustment", str(exc)) from None

@@ -21,6 +21,7 @@ import asyncio
 import time
 from datetime import datetime
 from typing import Final
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import structlog
@@ -33,6 +34,8 @@ from services.rules.ruleset import RedemptionRules, RuleBook, RuleSetError, load
 log = structlog.get_logger()
 # How old a checked book `recent` may hand out without looking at the stamp again.
 RECENT_S: Final = 5.0
+# The calendar of a grant whose version the book does not hold (DOMAIN: Shanghai days).
+DEFAULT_ZONE: Final = ZoneInfo("Asia/Shanghai")
 _NAMES = {r.code: (r.name, r.name_zh) for r in DEFAULT_CATALOGUE}
 
 
@@ -56,6 +59,7 @@ class LedgerRules:
         self._stamp: tuple[int, object] | None = None
         self._book: RuleBook | None = None
         self._lifetimes: dict[str, int] = {}
+        self._zones: dict[str, ZoneInfo] = {}
         self._policies: dict[str, RedemptionPolicy] = {}
         self._lock = asyncio.Lock()
         self._checked = float("-inf")  # monotonic time of the last stamp read
@@ -93,6 +97,7 @@ class LedgerRules:
     def _use(self, book: RuleBook) -> None:
         policies = {r.version: policy_of(r.redemption) for r in book.versions}  # may raise
         self._lifetimes = {r.version: r.expiry.lot_lifetime_months for r in book.versions}
+        self._zones = {r.version: r.zone for r in book.versions}
         self._policies, self._book = policies, book
         log.info("ledger_rulebook_loaded", versions=sorted(self._lifetimes))
 
@@ -104,6 +109,11 @@ class LedgerRules:
         book = await self.refresh(conn)
         return self._policies[book.at(at).version]
 
-    async def lifetime_at(self, conn: asyncpg.Connection, at: datetime) -> int:
-        book = await self.refresh(conn)
-        return self._lifetimes[book.at(at).version]
+    def zone(self, version: str) -> ZoneInfo:
+        """The calendar a version counts a lot's months on. Call after `refresh`."""
+        return self._zones.get(version, DEFAULT_ZONE)
+
+    async def lifetime_at(self, conn: asyncpg.Connection, at: datetime) -> tuple[int, ZoneInfo]:
+        """Lot lifetime in months, and the calendar they are counted on, in force at `at`."""
+        version = (await self.refresh(conn)).at(at).version
+        return self._lifetimes[version], self._zones[version]

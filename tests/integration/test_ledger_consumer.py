@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
@@ -117,6 +118,17 @@ async def test_a_re_sent_batch_of_grants_and_tier_reports_is_applied_once(env: E
     assert lot["sweep_at"] == lot["expires_at"] - timedelta(days=30)  # its first warning
     assert await _tier(pool, "m-r") == "silver"
     assert (await verify(dsn)).differences == []
+
+
+async def test_a_utc_stamped_grant_lives_12_months_of_the_shanghai_calendar(env: Env) -> None:
+    """01:00 on 1 March 2027 in Shanghai, stamped in UTC (17:00 on 28 February): its lot
+    lapses at 01:00 on 1 March 2028, not on 29 February (the UTC calendar's count)."""
+    _dsn, pool, consumer = env
+    stamped = datetime(2027, 2, 28, 17, 0, tzinfo=UTC)
+    await consumer.process(records(grant("m-z", 100, stamped, event_id="g-z")))
+    async with pool.acquire() as conn:
+        expires = await conn.fetchval("SELECT expires_at FROM ledger_lots WHERE lot_id = 'g-z'")
+    assert expires == datetime(2028, 3, 1, 1, 0, tzinfo=ZoneInfo("Asia/Shanghai"))
 
 
 async def test_as_of_between_a_late_purchase_and_the_refund_it_paid(env: Env) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 from msgspec.structs import fields, replace
@@ -163,6 +164,29 @@ def test_earn_creates_a_lot_expiring_12_calendar_months_later() -> None:
 def test_earn_lifetime_months_is_data() -> None:
     _, [entry] = run(earn("e1", 10, datetime(2025, 1, 31, tzinfo=SH), months=1))
     assert entry.expires_at == datetime(2025, 2, 28, tzinfo=SH)
+
+
+# 17:00 UTC on 28 February 2023 is 01:00 on 1 March in Shanghai.
+UTC_STAMP = datetime(2023, 2, 28, 17, 0, tzinfo=UTC)
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+@pytest.mark.parametrize("stamped", [UTC_STAMP, UTC_STAMP.astimezone(SH)], ids=["utc", "+08"])
+def test_a_lots_months_are_counted_on_the_rule_sets_calendar_whatever_the_offset(
+    stamped: datetime,
+) -> None:
+    """Counted on UTC's calendar, 28 Feb 2023 + 12 months is 28 Feb 2024, 01:00 on 29 Feb in
+    Shanghai: a day early. On Shanghai's, 1 Mar 2023 01:00 + 12 months is 1 Mar 2024 01:00."""
+    command = replace(earn("e1", 100, stamped), zone=SHANGHAI)
+    _, [entry] = run(command)
+    assert entry.expires_at == datetime(2024, 3, 1, 1, 0, tzinfo=SHANGHAI)
+    assert entry.expires_at.utcoffset() == stamped.utcoffset()  # written as it came
+
+
+def test_an_adjustments_months_are_counted_on_the_rule_sets_calendar() -> None:
+    command = replace(adjust("a1", 500, UTC_STAMP), zone=SHANGHAI)
+    _, [entry] = run(command)
+    assert entry.expires_at == datetime(2024, 3, 1, 1, 0, tzinfo=SHANGHAI)
 
 
 @pytest.mark.parametrize("points", [0, -5])

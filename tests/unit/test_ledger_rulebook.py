@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from rules_factories import DEFAULT
@@ -16,6 +17,7 @@ from services.ledger.rulebook import LedgerRules
 from services.rules.rulebook_store import DEFAULT_RULESET
 
 SEED = DEFAULT_RULESET.read_text(encoding="utf-8")
+SHANGHAI = ZoneInfo("Asia/Shanghai")
 CLINIC = (
     'version: "clinic-b"\neffective_from: 2026-06-01T00:00:00+08:00\n'
     "expiry:\n  lot_lifetime_months: 6\n"
@@ -47,6 +49,8 @@ def test_lifetimes_and_policies_come_from_the_versions() -> None:
         assert rules.lifetime_months("clinic-b") == 6
         assert rules.lifetime_months(DEFAULT.version) == 12
         assert rules.lifetime_months("from-another-system") == 12
+        assert rules.zone("clinic-b") == rules.zone("from-another-system") == SHANGHAI
+        assert await rules.lifetime_at(conn, datetime(2026, 7, 1, tzinfo=UTC)) == (6, SHANGHAI)
         before = await rules.policy_at(conn, datetime(2026, 5, 1, tzinfo=UTC))
         after = await rules.policy_at(conn, datetime(2026, 7, 1, tzinfo=UTC))
         assert before == DEFAULT_POLICY
