@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, tzinfo
 
 from schemas.activity import (
     Activity,
@@ -162,12 +162,11 @@ def step(
     """
     if event.member_id != state.member_id:
         raise ValueError(f"state of {state.member_id!r} given for {event.member_id!r}")
-    at, tier_rules = event.occurred_at, ruleset.tiers
+    at, tier_rules, hot = event.occurred_at, ruleset.tiers, derived(ruleset)
     current = state
     until = state.tier_valid_until
     if until is not None and until <= at:
-        current = tiers.catch_up(state, at, tier_rules, tiers_at)
-    hot = derived(ruleset)
+        current = tiers.catch_up(state, at, tier_rules, tiers_at, hot.zone)
     if check_burst and is_engagement(event):
         current, burst = _burst(current, event, ruleset, hot)
         if burst and isinstance(event, CheckIn | Review | Share):
@@ -178,22 +177,24 @@ def step(
     new, payouts = _apply(current, event, ruleset, referrers, day, tiers_at)
     change = None
     if report_tier:
-        change = _tier_change(state, current, new, at, tier_rules.window_months)
-    return Step(prune(new, at, day, hot.keep_months, hot.history_months), payouts, change)
+        change = _tier_change(state, current, new, at, tier_rules.window_months, hot.zone)
+    return Step(prune(new, at, day, hot.keep_months, hot.history_months, hot.zone), payouts,
+                change)  # fmt: skip
 
 
 def _tier_change(
-    before: MemberState, current: MemberState, new: MemberState, at: datetime, window: int
-) -> TierChange | None:
+    before: MemberState, current: MemberState, new: MemberState, at: datetime, window: int,
+    zone: tzinfo,
+) -> TierChange | None:  # fmt: skip
     """A tier report when the event moved qualifying spend, the tier, or its expiry."""
     moved, spend_after = False, None
     # Only purchases and refunds touch the orders; summing spend is skipped for the rest.
     if new.orders is not current.orders:
-        spend_after = tiers.rolling_spend(new.orders, at, window)
-        moved = spend_after != tiers.rolling_spend(current.orders, at, window)
+        spend_after = tiers.rolling_spend(new.orders, at, window, zone)
+        moved = spend_after != tiers.rolling_spend(current.orders, at, window, zone)
     if moved or new.tier != before.tier or new.tier_valid_until != before.tier_valid_until:
         if spend_after is None:
-            spend_after = tiers.rolling_spend(new.orders, at, window)
+            spend_after = tiers.rolling_spend(new.orders, at, window, zone)
         return TierChange(before.tier, new.tier, spend_after, new.tier_valid_until)
     return None
 
@@ -251,12 +252,12 @@ def expire_tier(state: MemberState, ruleset: RuleSet) -> tuple[MemberState, Tier
     until = state.tier_valid_until
     if until is None:
         return None
-    rules = ruleset.tiers
-    new = tiers.catch_up(state, until, rules)
+    rules, zone = ruleset.tiers, derived(ruleset).zone
+    new = tiers.catch_up(state, until, rules, zone=zone)
     report = tier_report(
         tier_expiry_id(state.member_id, until), until, state.member_id, ruleset,
         previous=state.tier, tier=new.tier,
-        spend=tiers.rolling_spend(new.orders, until, rules.window_months),
+        spend=tiers.rolling_spend(new.orders, until, rules.window_months, zone),
         valid_until=new.tier_valid_until,
     )  # fmt: skip
     return new, report

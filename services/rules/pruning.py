@@ -8,7 +8,7 @@ the struct definitions stay plain Python.
 from __future__ import annotations
 
 import calendar
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, tzinfo
 from typing import Any, Final, TypeVar
 
 from services.rules.state import (
@@ -41,6 +41,22 @@ def add_months(dt: D, months: int) -> D:
     return dt.replace(year=year, month=month, day=day)
 
 
+def months_later(moment: datetime, months: int, zone: tzinfo | None = None) -> datetime:
+    """`moment` plus calendar months counted on `zone`'s calendar, in `moment`'s offset.
+
+    The rule set's zone (DOMAIN: days are Asia/Shanghai days): a producer's UTC stamp for
+    01:00 on 1 March in Shanghai still reads 28 February, and counted there a tier held 12
+    months would lapse on 29 February of a leap year, a day early. None: `moment`'s own
+    calendar. The result keeps `moment`'s offset, so stored times and ids that print it
+    read as before.
+    """
+    if zone is None or moment.utcoffset() == zone.utcoffset(moment):
+        # Already written in the zone's offset (the usual case): its calendar as it reads,
+        # at a fifth of the cost of converting there and back (on every purchase).
+        return add_months(moment, months)
+    return add_months(moment.astimezone(zone), months).astimezone(moment.tzinfo)
+
+
 _DAY_BOUNDS: dict[tuple[date, int], tuple[date, date]] = {}
 
 
@@ -57,8 +73,9 @@ def _day_bounds(today: date, keep_months: int) -> tuple[date, date]:
 
 
 def prune(
-    state: MemberState, now: datetime, today: date, keep_months: int, history_months: int
-) -> MemberState:
+    state: MemberState, now: datetime, today: date, keep_months: int, history_months: int,
+    zone: tzinfo | None = None,
+) -> MemberState:  # fmt: skip
     """Forget what can no longer influence a rule, so the JSONB row stays small.
 
     Every dated map of the state iterates oldest first (see `in_day_order`), so whether a
@@ -94,7 +111,7 @@ def prune(
         # `keep_months` back is at least 28 days a month (one day of slack for a DST hour):
         # the exact calendar horizon is only worth computing past that.
         if (now - oldest).days >= 28 * keep_months - 1:
-            horizon = add_months(now, -keep_months)
+            horizon = months_later(now, -keep_months, zone)
             if oldest <= horizon:
                 changes["orders"] = {k: o for k, o in orders.items() if o.at > horizon}
                 gone = [SpendMark(at=o.at, net=o.amount - o.refunded)
@@ -105,7 +122,7 @@ def prune(
                 changes["spend_history"] = tuple(marks)
     history: tuple[SpendMark, ...] = changes.get("spend_history", state.spend_history)
     if history and (now - history[0].at).days >= 28 * history_months - 1:
-        forget = add_months(now, -history_months)
+        forget = months_later(now, -history_months, zone)
         if history[0].at <= forget:
             changes["spend_history"] = tuple(m for m in history if m.at > forget)
             since = state.spend_since

@@ -163,10 +163,11 @@ def on_purchase(
     # The tier after this purchase (an upgrade at once; qualifying again restarts the
     # tier's months): rolling spend is the earlier orders' plus this order's amount.
     at, tr = event.occurred_at, ruleset.tiers
-    q = tiers.qualified_tier(tiers.rolling_spend(orders, at, tr.window_months) + amount, tr)
+    spend = tiers.rolling_spend(orders, at, tr.window_months, hot.zone) + amount
+    q = tiers.qualified_tier(spend, tr)
     new_tier, until = tier, state.tier_valid_until
     if tiers.rank(q) >= tiers.rank(tier):
-        new_tier, until = q, tiers.hold_until(q, at, tr)
+        new_tier, until = q, tiers.hold_until(q, at, tr, hot.zone)
     order = Order(
         order_id=oid, at=at, amount=amount, ruleset_version=ruleset.version,
         store_id=event.store_id, base_rate=rate, base_rate_divisor=divisor, factors=factors,
@@ -230,4 +231,5 @@ def on_refund(
         others = ()
     order = replace(order, paid=targets, others=others)
     new = replace(state, orders=put_order(state.orders, order))
-    return tiers.after_refund(new, order, event.occurred_at, ruleset.tiers, tiers_at), payouts
+    zone = derived(ruleset).zone
+    return tiers.after_refund(new, order, event.occurred_at, ruleset.tiers, tiers_at, zone), payouts

@@ -8,11 +8,11 @@ does not depend on when the member next shows up.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import datetime, tzinfo
 from decimal import Decimal
 
 from schemas.grants import TIERS, Tier
-from services.rules.pruning import add_months
+from services.rules.pruning import months_later
 from services.rules.ruleset import TierRules
 from services.rules.state import MemberState, Order, SpendMark, replace
 
@@ -45,13 +45,16 @@ def next_tier(tier: Tier, rules: TierRules) -> tuple[Tier, Decimal] | None:
     return None
 
 
-def rolling_spend(orders: Mapping[str, Order], at: datetime, window_months: int) -> Decimal:
+def rolling_spend(
+    orders: Mapping[str, Order], at: datetime, window_months: int, zone: tzinfo | None = None
+) -> Decimal:
     """Net spend of orders in (at - window, at]: refunds already reduce each order.
 
     Every purchase sums a member's orders (in both lanes of a backtest), so the loop skips
-    the subtraction for orders with nothing refunded, most of them.
+    the subtraction for orders with nothing refunded, most of them. `zone`: whose calendar
+    counts the months (the rule set's; every function here takes it the same way).
     """
-    start = add_months(at, -window_months)
+    start = months_later(at, -window_months, zone)
     total = Decimal(0)
     for o in orders.values():
         if start < o.at <= at:
@@ -60,21 +63,24 @@ def rolling_spend(orders: Mapping[str, Order], at: datetime, window_months: int)
     return total
 
 
-def hold_until(tier: Tier, since: datetime, rules: TierRules) -> datetime | None:
+def hold_until(
+    tier: Tier, since: datetime, rules: TierRules, zone: tzinfo | None = None
+) -> datetime | None:
     """When a tier reached at `since` expires; "member" is the floor: nothing to expire."""
-    return None if tier == "member" else add_months(since, rules.keep_months)
+    return None if tier == "member" else months_later(since, rules.keep_months, zone)
 
 
 _hold = hold_until
 
 
 def _spend(
-    orders: Mapping[str, Order], history: tuple[SpendMark, ...], at: datetime, window: int
-) -> Decimal:
+    orders: Mapping[str, Order], history: tuple[SpendMark, ...], at: datetime, window: int,
+    zone: tzinfo | None,
+) -> Decimal:  # fmt: skip
     """Rolling spend counting forgotten orders too (`MemberState.spend_history`)."""
-    total = rolling_spend(orders, at, window)
+    total = rolling_spend(orders, at, window, zone)
     if history:
-        start = add_months(at, -window)
+        start = months_later(at, -window, zone)
         for m in history:
             if start < m.at <= at:
                 total += m.net
@@ -84,24 +90,26 @@ def _spend(
 def _caught_up(
     tier: Tier, until: datetime | None, orders: Mapping[str, Order], at: datetime,
     rules: TierRules, history: tuple[SpendMark, ...] = (), rules_at: TiersAt | None = None,
+    zone: tzinfo | None = None,
 ) -> tuple[Tier, datetime | None]:  # fmt: skip
     """Every tier expiry up to `at`, each re-evaluated on the spend at its own moment,
     under the version in force then (`rules_at`, else `rules`)."""
     while until is not None and until <= at:
         r = rules if rules_at is None else rules_at(until)
-        q = qualified_tier(_spend(orders, history, until, r.window_months), r)
+        q = qualified_tier(_spend(orders, history, until, r.window_months, zone), r)
         tier = q if rank(q) < rank(tier) else tier
-        until = _hold(tier, until, r)
+        until = _hold(tier, until, r, zone)
     return tier, until
 
 
 def catch_up(
-    state: MemberState, at: datetime, rules: TierRules, rules_at: TiersAt | None = None
-) -> MemberState:
+    state: MemberState, at: datetime, rules: TierRules, rules_at: TiersAt | None = None,
+    zone: tzinfo | None = None,
+) -> MemberState:  # fmt: skip
     """Apply every tier expiry up to `at`, each re-evaluated on the spend at its moment
     under the version in force then."""
     tier, until = _caught_up(state.tier, state.tier_valid_until, state.orders, at, rules,
-                             rules_at=rules_at)  # fmt: skip
+                             rules_at=rules_at, zone=zone)  # fmt: skip
     if tier == state.tier and until == state.tier_valid_until:
         return state
     checked = state.tier_checked_at
@@ -111,7 +119,7 @@ def catch_up(
 
 def after_refund(
     state: MemberState, order: Order, at: datetime, rules: TierRules,
-    rules_at: TiersAt | None = None,
+    rules_at: TiersAt | None = None, zone: tzinfo | None = None,
 ) -> MemberState:  # fmt: skip
     """The tier re-decided as if the refunded money had never been paid.
 
@@ -125,8 +133,8 @@ def after_refund(
     order and expiry is decided under the version in force at its moment (`rules_at`).
     """
     orders, history, since = state.orders, state.spend_history, state.spend_since
-    if since is not None and add_months(order.at, -rules.window_months) < since:
-        return _without_replay(state, order, at, rules)
+    if since is not None and months_later(order.at, -rules.window_months, zone) < since:
+        return _without_replay(state, order, at, rules, zone)
     tier, until = order.tier_before, order.valid_until_before
     replayed: dict[str, Order] = {}
     started = False
@@ -134,12 +142,12 @@ def after_refund(
         started = started or key == order.order_id
         if not started or o.amount - o.refunded <= 0:
             continue
-        tier, until = _caught_up(tier, until, orders, o.at, rules, history, rules_at)
+        tier, until = _caught_up(tier, until, orders, o.at, rules, history, rules_at, zone)
         before, until_before = tier, until
         r = rules if rules_at is None else rules_at(o.at)
-        q = qualified_tier(_spend(orders, history, o.at, r.window_months), r)
+        q = qualified_tier(_spend(orders, history, o.at, r.window_months, zone), r)
         if rank(q) >= rank(tier):
-            tier, until = q, _hold(q, o.at, r)
+            tier, until = q, _hold(q, o.at, r, zone)
         if (o.tier_before, o.tier_after, o.valid_until_before) != (before, tier, until_before):
             replayed[key] = replace(o, tier_before=before, tier_after=tier,
                                     valid_until_before=until_before)  # fmt: skip
@@ -147,7 +155,7 @@ def after_refund(
     # tier's clock never goes back (an expiry reported stays applied).
     checked = state.tier_checked_at
     tier, until = _caught_up(tier, until, orders, at if checked is None else max(at, checked),
-                             rules, history, rules_at)  # fmt: skip
+                             rules, history, rules_at, zone)  # fmt: skip
     if replayed:
         state = replace(state, orders={k: replayed.get(k, o) for k, o in orders.items()})
     if tier == state.tier and until == state.tier_valid_until:
@@ -156,20 +164,20 @@ def after_refund(
 
 
 def _without_replay(
-    state: MemberState, order: Order, at: datetime, rules: TierRules
+    state: MemberState, order: Order, at: datetime, rules: TierRules, zone: tzinfo | None
 ) -> MemberState:
     """A refund whose order's window reaches back past the spend no longer known (state
     written before `spend_history` existed): the replay would count too little. Decided on
     the spend in the window at the refund (all still here): a tier still qualified for
     stands, unchanged; one the refunded order itself reached and that no longer qualifies
     is undone."""
-    q = qualified_tier(rolling_spend(state.orders, at, rules.window_months), rules)
+    q = qualified_tier(rolling_spend(state.orders, at, rules.window_months, zone), rules)
     if rank(q) >= rank(state.tier):
         return state
     caused = order.tier_after == state.tier and rank(order.tier_after) > rank(order.tier_before)
     if not caused:
         return state
     if rank(q) >= rank(order.tier_before):
-        return replace(state, tier=q, tier_valid_until=_hold(q, order.at, rules))
+        return replace(state, tier=q, tier_valid_until=_hold(q, order.at, rules, zone))
     until = order.valid_until_before if order.tier_before != "member" else None
     return replace(state, tier=order.tier_before, tier_valid_until=until)

@@ -5,6 +5,7 @@ producer stamped the event with."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from rules_factories import (
     CST,
@@ -69,3 +70,28 @@ def test_daily_engagement_cap_resets_at_shanghai_midnight_not_utc_midnight() -> 
     # 00:30 in Shanghai is still 2 March in UTC: a new day's budget all the same.
     next_day = run.feed(share(at=evening + timedelta(hours=1, minutes=30)))
     assert by_rule(next_day.grants) == {"share": 100}
+
+
+# 17:00 UTC on 28 February 2023 is 01:00 on 1 March in Shanghai.
+INSTANT = datetime(2023, 2, 28, 17, 0, tzinfo=UTC)
+SH = ZoneInfo("Asia/Shanghai")
+
+
+def test_a_tier_is_kept_12_shanghai_calendar_months_whatever_the_events_offset() -> None:
+    """Counted on UTC's calendar, 28 Feb 2023 + 12 months is 28 Feb 2024, 01:00 on 29 Feb
+    in Shanghai: silver would lapse a day early, and a purchase that day earn x1."""
+    until: dict[str, datetime | None] = {}
+    for label, at in (("utc", INSTANT), ("shanghai", INSTANT.astimezone(SH))):
+        run = Run()
+        run.states["m-1"] = state_with(first_purchase_done=True)
+        run.feed(purchase(amount=10000, at=at))
+        until[label] = run.state().tier_valid_until
+    assert until["utc"] == until["shanghai"] == datetime(2024, 3, 1, 1, 0, tzinfo=SH)
+
+
+def test_a_silver_members_purchase_on_29_february_still_earns_the_silver_rate() -> None:
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    run.feed(purchase(amount=10000, at=INSTANT))  # silver from 01:00 on 1 March 2023, Shanghai
+    noon = datetime(2024, 2, 29, 12, 0, tzinfo=SH).astimezone(UTC)
+    assert by_rule(run.feed(purchase(amount=500, at=noon)).grants) == {"base": 600}
