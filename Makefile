@@ -41,7 +41,7 @@ NATIVE_TESTS := tests/unit/test_rules_*.py tests/unit/test_native.py
 # halve the suite's time on two cores; the Apache Kafka tests stay on one worker (one JVM).
 # TEST_WORKERS=0: one process, as before.
 TEST_WORKERS ?= 2
-INTEGRATION := $(PY) -m pytest -q -m integration -n $(TEST_WORKERS) --dist loadgroup tests/integration
+INTEGRATION := $(PY) -m pytest -q -m integration -n $(TEST_WORKERS) tests/integration
 
 test: setup ## the whole suite: unit (compiled cores, their tests again in pure Python), integration on both brokers
 	@$(PY) -m pytest -q tests/unit

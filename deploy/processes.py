@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = REPO_ROOT / ".cache"
@@ -33,6 +33,12 @@ _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
 _HANDED_OUT: set[int] = set()
+# Under pytest-xdist each worker picks ports from its own block, below the OS's ephemeral
+# range (32768 and up on Linux), so two workers never pick the same port between a probe
+# and the bind of the service that gets it.
+WORKER_PORTS_FROM: Final = 20000
+WORKER_BLOCK: Final = 1000
+_worker_cursor = 0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -40,8 +46,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
     Never the same port twice in one process: the OS may offer a port again as soon as
     the probe socket closes, and a caller picking several ports before starting anything
-    on them (a stack's API and metrics ports) once got one port for two services.
+    on them (a stack's API and metrics ports) once got one port for two services. In a
+    pytest-xdist worker, a port of the worker's own block (`WORKER_PORTS_FROM`).
     """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and worker[2:].isdigit():
+        return _free_in_block(host, WORKER_PORTS_FROM + WORKER_BLOCK * (int(worker[2:]) % 12))
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((host, 0))
@@ -49,6 +59,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
+
+
+def _free_in_block(host: str, start: int) -> int:
+    global _worker_cursor
+    for _ in range(WORKER_BLOCK):
+        port = start + _worker_cursor % WORKER_BLOCK
+        _worker_cursor += 1
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue  # taken by something else on the machine
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port left in {start}..{start + WORKER_BLOCK - 1}")
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:

@@ -43,3 +43,19 @@ def test_a_port_offered_again_is_skipped(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_real_ports_are_distinct() -> None:
     ports = [processes.free_port() for _ in range(200)]
     assert len(set(ports)) == len(ports)
+
+
+def test_each_xdist_worker_picks_from_its_own_block_below_the_ephemeral_range(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    blocks = {}
+    for worker in ("gw0", "gw1"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        blocks[worker] = {processes.free_port() for _ in range(5)}
+    start = processes.WORKER_PORTS_FROM
+    assert all(start <= p < start + processes.WORKER_BLOCK for p in blocks["gw0"])
+    assert all(
+        start + processes.WORKER_BLOCK <= p < start + 2 * processes.WORKER_BLOCK
+        for p in blocks["gw1"]
+    )
+    assert len(blocks["gw0"]) == len(blocks["gw1"]) == 5
