@@ -50,10 +50,16 @@ def months_later(moment: datetime, months: int, zone: tzinfo | None = None) -> d
     calendar. The result keeps `moment`'s offset, so stored times and ids that print it
     read as before.
     """
-    if zone is None or moment.utcoffset() == zone.utcoffset(moment):
-        # Already written in the zone's offset (the usual case): its calendar as it reads,
-        # at a fifth of the cost of converting there and back (on every purchase).
+    if zone is None:
         return add_months(moment, months)
+    offset = moment.utcoffset()
+    if offset == zone.utcoffset(moment):
+        # Written in the zone's offset (the usual case): its calendar as it reads, at a
+        # fifth of the cost of converting there and back (this runs on every purchase),
+        # unless the zone's offset changes in between (summer time).
+        later = add_months(moment, months)
+        if zone.utcoffset(later) == offset:
+            return later
     return add_months(moment.astimezone(zone), months).astimezone(moment.tzinfo)
 
 

@@ -7,9 +7,10 @@ produces keeps its maps in day order and holds nothing the reference would still
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -173,3 +174,31 @@ def test_an_order_is_forgotten_just_after_the_kept_months() -> None:
     assert list(run.state().orders) == ["o-1"]
     run.feed(sign_in(at=add_months(T0, KEEP) + timedelta(hours=1)))
     assert run.state().orders == {}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    instant=st.datetimes(
+        min_value=datetime(2020, 1, 1), max_value=datetime(2030, 1, 1), timezones=st.just(UTC)
+    ),
+    months=st.integers(min_value=-24, max_value=24),
+    zone=st.sampled_from(["Asia/Shanghai", "Europe/Berlin", "America/New_York"]),
+)
+def test_months_are_counted_on_the_zones_calendar_whatever_offset_the_moment_carries(
+    instant: datetime, months: int, zone: str
+) -> None:
+    """The rules' and the ledger's `months_later` agree, and give the same instant for a
+    moment written in UTC, in the zone, or in the zone's offset of that moment (the fast
+    path), summer time included."""
+    from services.ledger.accounting import months_later as ledger_months_later
+    from services.rules.pruning import months_later
+
+    tz = ZoneInfo(zone)
+    local = instant.astimezone(tz)
+    fixed = instant.astimezone(timezone(local.utcoffset() or timedelta(0)))
+    expected = months_later(local, months, tz)
+    for written in (instant, local, fixed):
+        got = months_later(written, months, tz)
+        assert got == expected
+        assert got.tzinfo is written.tzinfo  # written as the moment was
+        assert ledger_months_later(written, months, tz) == expected
