@@ -23,6 +23,9 @@ from services.rules.state import BigTicketSnapshot, MemberState, Order, OtherPai
 _SNAPSHOTS: dict[int, tuple[PurchaseRules, tuple[BigTicketSnapshot, ...]]] = {}
 _ZERO: Final = Decimal(0)
 _ONE: Final = Decimal(1)
+# Decimal digits for a project campaign's fraction (`base_points`): its products stay exact
+# for any order a clinic takes, and the one division rounds far below a point.
+EXACT_DIGITS: Final = 60
 
 
 def _snapshots(rules: PurchaseRules) -> tuple[BigTicketSnapshot, ...]:
@@ -52,7 +55,7 @@ def base_points(amount: Decimal, rate: Decimal, divisor: Decimal = _ONE) -> int:
     if divisor == _ONE:
         return floor_points(amount * rate)
     with localcontext() as exact:
-        exact.prec = 60
+        exact.prec = EXACT_DIGITS
         return floor_points(amount * rate / divisor)
 
 
@@ -81,6 +84,12 @@ def _campaign_factor(event: Purchase, ruleset: RuleSet) -> tuple[Decimal, Decima
     """
     if not ruleset.campaigns:
         return _ONE, _ONE
+    with localcontext() as exact:
+        exact.prec = EXACT_DIGITS  # the products here exact, however large the order
+        return _most_generous(event, ruleset)
+
+
+def _most_generous(event: Purchase, ruleset: RuleSet) -> tuple[Decimal, Decimal]:
     items_total = sum((i.amount for i in event.data.items), _ZERO)
     best: tuple[Decimal, Decimal] | None = None
     for c in ruleset.campaigns:
@@ -126,7 +135,13 @@ def on_purchase(
         "birthday": _birthday_factor(state, day, ruleset),
         "campaign": campaign / divisor,  # for audit; the rate below keeps the fraction
     }
-    rate = pr.points_per_cny * factors["tier"] * factors["birthday"] * campaign
+    rate = pr.points_per_cny * factors["tier"] * factors["birthday"]
+    if divisor == _ONE:
+        rate *= campaign
+    else:
+        with localcontext() as exact:
+            exact.prec = EXACT_DIGITS
+            rate *= campaign
     codes = {i.project_code for i in d.items}
     bought = state.new_projects_bought
     fresh = sorted(c for c in codes & hot.new_projects if c not in bought)

@@ -254,7 +254,9 @@ def test_reference_004_prices_the_same_stream_differently(
         assert ref.grants != dflt.grants
 
 
-item_amounts = st.decimals(min_value=Decimal("0.01"), max_value=9999, places=2, allow_nan=False)
+item_amounts = st.decimals(
+    min_value=Decimal("0.01"), max_value=Decimal("99999999999.99"), places=2, allow_nan=False
+)
 
 
 @settings(max_examples=200, deadline=None)
