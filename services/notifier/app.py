@@ -12,7 +12,7 @@ from aiokafka.structs import ConsumerRecord
 from faststream import FastStream
 from faststream.specification import AsyncAPI
 
-from schemas.ledger import parse_ledger_event
+from schemas.ledger import LEDGER_TYPES, LedgerEvent, parse_ledger_event
 from services.common.config import Settings, load_settings
 from services.common.consumer import BatchConsumer, BatchWork, register_lag, validate_records
 from services.common.outbox import OutboxRelay, make_producer
@@ -33,6 +33,28 @@ SELECT_RECORDED: Final = (
 COLUMNS: Final = ["notification_id", "member_id", "kind", "message", "payload", "status"]
 
 
+KNOWN_TYPES: Final = frozenset(t.model_fields["type"].default for t in LEDGER_TYPES)
+
+
+def parse_or_skip(raw: bytes) -> LedgerEvent | None:
+    """The ledger event, or None for a type this notifier does not know (tolerant reader).
+
+    A newer ledger may publish a kind of event an older notifier has no message for: that
+    is not bad input, so it is skipped and counted (`outcome="unknown_type"`) instead of
+    dead-lettered. An event of a known type that fails its model still raises (DLQ).
+    """
+    try:
+        return parse_ledger_event(raw)
+    except ValueError:  # pydantic's ValidationError
+        try:
+            kind = orjson.loads(raw).get("type")
+        except (orjson.JSONDecodeError, AttributeError):  # not a JSON object
+            kind = None
+        if isinstance(kind, str) and kind and kind not in KNOWN_TYPES:
+            return None
+        raise  # the validation error, to the DLQ
+
+
 def make_handler(settings: Settings, consumer_name: str, deliverer: Deliverer):  # type: ignore[no-untyped-def]
     # With no webhook there is nothing to deliver: record each notification as `skipped`
     # at once, rather than as `pending` for the deliverer to select and update again
@@ -42,11 +64,14 @@ def make_handler(settings: Settings, consumer_name: str, deliverer: Deliverer): 
     async def handle(
         conn: asyncpg.Connection, records: Sequence[ConsumerRecord], work: BatchWork
     ) -> None:
-        good = validate_records(
-            records, parse_ledger_event, work, consumer_name, settings.topics.dlq
-        )
+        good = validate_records(records, parse_or_skip, work, consumer_name, settings.topics.dlq)
         rows: dict[str, tuple[str, str, str, str, object, str]] = {}
         for record, event in good:
+            if event is None:
+                DELIVERED.labels("unknown_type").inc()
+                log.info("ledger_event_type_unknown", partition=record.partition,
+                         offset=record.offset)  # fmt: skip
+                continue
             message = render(event)
             if message is not None and event.event_id not in rows:
                 # The event as the ledger published it, which just passed the contract
