@@ -113,7 +113,8 @@ def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             yield pg.get_connection_url()
         return
     data_dir = RUN_DIR / f"test-pg{_worker_suffix()}" / "data"
-    if local.postgres_running(data_dir):
+    temporary = local.postgres_running(data_dir)
+    if temporary:
         # Not pytest's tmp dir: it is private to root and the `postgres` user must enter it.
         data_dir = RUN_DIR / f"test-pg-{os.getpid()}" / "data"
     dsn = local.start_postgres(
@@ -123,7 +124,7 @@ def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield dsn
     finally:
         local.stop_postgres(data_dir)
-        if data_dir.parent.name.startswith("test-pg-"):
+        if temporary:  # a worker's own cluster (test-pg-gw0, …) is kept, as the main one
             shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
