@@ -39,3 +39,27 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return "kafka" if "[kafka" in nodeid else nodeid
 
     return OneKafkaWorker(config, log)
+
+
+_KAFKA_WORKERS: set[str] = set()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """On the xdist controller, note which workers ran Apache Kafka tests."""
+    node = getattr(report, "node", None)  # the worker that sent the report (xdist)
+    if node is not None and report.when == "call" and "[kafka" in report.nodeid:
+        _KAFKA_WORKERS.add(str(node.gateway.id))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if the Kafka tests were spread over workers (each would start its own
+    JVM broker): `pytest_xdist_make_scheduler` above no longer groups them."""
+    if len(_KAFKA_WORKERS) > 1:
+        writer = session.config.get_terminal_writer()
+        writer.line()
+        writer.line(
+            f"Apache Kafka tests ran on {sorted(_KAFKA_WORKERS)}: the scheduler that keeps"
+            " them on one worker no longer works (tests/integration/conftest.py)",
+            red=True,
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
