@@ -29,13 +29,19 @@ import structlog
 from services.ledger.accounting import DEFAULT_LIFETIME_MONTHS
 from services.ledger.redemption import DEFAULT_CATALOGUE, RedemptionPolicy, Reward
 from services.rules.rulebook_store import DEFAULT_RULESET, book_stamp, read_book
-from services.rules.ruleset import RedemptionRules, RuleBook, RuleSetError, load_ruleset
+from services.rules.ruleset import (
+    RedemptionRules,
+    RuleBook,
+    RuleSet,
+    RuleSetError,
+    load_ruleset,
+)
 
 log = structlog.get_logger()
 # How old a checked book `recent` may hand out without looking at the stamp again.
 RECENT_S: Final = 5.0
-# The calendar of a grant whose version the book does not hold (DOMAIN: Shanghai days).
-DEFAULT_ZONE: Final = ZoneInfo("Asia/Shanghai")
+# The calendar of a grant whose version the book does not hold: a rule set's default zone.
+DEFAULT_ZONE: Final = ZoneInfo(RuleSet.model_fields["timezone"].default)
 _NAMES = {r.code: (r.name, r.name_zh) for r in DEFAULT_CATALOGUE}
 
 
