@@ -34,6 +34,7 @@ class _OfferedPorts:
 
 
 def test_a_port_offered_again_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # the OS's offers, not a block
     monkeypatch.setattr(processes, "_HANDED_OUT", set())
     fake = _OfferedPorts(iter([41000, 41000, 41000, 41001, 41000, 41002]))
     monkeypatch.setattr(processes.socket, "socket", fake)

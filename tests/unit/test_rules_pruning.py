@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from rules_factories import DEFAULT, T0, Run, purchase, refund, review, share, sign_in, visit
 
@@ -73,8 +73,11 @@ def oldest_first(state: MemberState) -> bool:
         and ascending(list(state.visits_seen.values()))
         and ascending([r.day for r in state.reviews.values()])
         and ascending([o.at for o in state.orders.values()])
-        # Forgotten orders' spend, oldest first, and older than every order kept.
-        and ascending([m.at for m in state.spend_history] + [o.at for o in state.orders.values()])
+        # Forgotten orders' spend, oldest first. Not necessarily older than every order
+        # kept: a purchase from before the orders' horizon that arrives late is kept until
+        # an event of the member's present forgets it (so its refund is still honoured),
+        # and nothing reads the two as one sequence (a refund's replay merges them).
+        and ascending([m.at for m in state.spend_history])
     )
 
 
@@ -117,6 +120,10 @@ streams = st.lists(step, min_size=1, max_size=60).map(build)
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(streams)
+# Purchases a year late on both sides of the orders' horizon: one forgotten, then one
+# older than it kept (hypothesis found it on 2026-11-28).
+@example(build([("purchase", 0, 0, False, 0), ("purchase", 0, 365, True, 0),
+                ("purchase", 0, 0, False, 0), ("purchase", 0, 366, True, 0)]))  # fmt: skip
 def test_states_stay_in_day_order_and_hold_nothing_stale(events: list[Activity]) -> None:
     run = Run()
     zone = derived(DEFAULT).zone
