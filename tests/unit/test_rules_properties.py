@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from fractions import Fraction
 from random import Random
@@ -29,10 +29,10 @@ from rules_factories import (
 
 from schemas.activity import Activity, Purchase, activity_adapter
 from schemas.grants import PointsGranted, PointsRevoked
-from services.rules.pruning import add_months
+from services.rules.pruning import add_months, months_later
 from services.rules.ruleset import RuleSet
-from services.rules.state import dump_state, load_state
-from services.rules.tiers import hold_until, qualified_tier, rank
+from services.rules.state import Order, SpendMark, dump_state, load_state
+from services.rules.tiers import SpendIndex, _spend, hold_until, qualified_tier, rank
 
 CAPPED = {"sign_in", "sign_in_streak", "review", "featured_review", "share"}
 PROJECTS = ["facial-basic", "neck-shoulder-massage", "facial-package", "gold-rf-microneedle"]
@@ -289,3 +289,49 @@ def test_a_project_campaign_pays_and_takes_back_the_exact_fraction(
     if back > 0:
         run.feed([refund("m-1", "o-p", str(back), at=T0 + timedelta(hours=1))])
         assert run.by_rule().get("base", 0) == math.floor(Fraction(total - back) * rate)
+
+
+CST = timezone(timedelta(hours=8))
+moments = st.builds(
+    lambda minutes, utc: (T0 + timedelta(minutes=minutes)).astimezone(UTC if utc else CST),
+    st.integers(min_value=-800 * 24 * 60, max_value=800 * 24 * 60),
+    st.booleans(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    orders=st.lists(st.tuples(moments, amounts, amounts), min_size=1, max_size=25),
+    history=st.lists(st.tuples(moments, amounts), max_size=8),
+    asks=st.lists(st.tuples(moments, st.sampled_from([1, 6, 12, 13, 24]), st.integers(0, 2),
+                            st.integers(0, 24)), min_size=1, max_size=10),
+    zone=st.sampled_from([None, "Asia/Shanghai", "America/New_York"]),
+)  # fmt: skip
+def test_the_refund_replays_running_totals_sum_what_the_orders_sum(
+    orders: list[tuple[datetime, Decimal, Decimal]],
+    history: list[tuple[datetime, Decimal]],
+    asks: list[tuple[datetime, int, int, int]],
+    zone: str | None,
+) -> None:
+    """`SpendIndex` (bisections over running totals, what a refund's replay asks) gives the
+    rolling spend that summing every order and forgotten mark in the window gives, at any
+    moment, window and calendar, with refunds, ties and orders that came late: asked at
+    a random moment, at an order's own moment, or exactly a window after one (the order
+    then just outside)."""
+    from zoneinfo import ZoneInfo
+
+    tz = ZoneInfo(zone) if zone else None
+    by_id = {
+        f"o-{i}": Order(order_id=f"o-{i}", at=at, amount=amount, refunded=min(back, amount),
+                        ruleset_version="v", base_rate=Decimal(1))
+        for i, (at, amount, back) in enumerate(orders)
+    }  # fmt: skip
+    marks = tuple(sorted((SpendMark(at=at, net=net) for at, net in history), key=lambda m: m.at))
+    index = SpendIndex(by_id, marks, tz)
+    placed = [o.at for o in by_id.values()]
+    for at, window, how, pick in asks:
+        if how == 1:
+            at = placed[pick % len(placed)]
+        elif how == 2:
+            at = months_later(placed[pick % len(placed)], window, tz)
+        assert index.spend(at, window) == _spend(by_id, marks, at, window, tz)
