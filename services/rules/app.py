@@ -32,7 +32,7 @@ from services.rules import referral_chain as chain
 from services.rules.engine import HeldEvent, evaluate
 from services.rules.rulebook_store import book_stamp, load_book
 from services.rules.ruleset import RuleBook, RuleSetError
-from services.rules.state import MemberState, dump_state, load_state
+from services.rules.state import MemberState, dump_state, load_state, with_shared_tz
 from services.rules.tier_sweeper import TierSweeper
 
 SERVICE: Final = "rules"
@@ -170,6 +170,7 @@ class RulesProcessor:
         book = self.book
         assert book is not None  # `_reload` loads one or raises
         for record, event in fresh:
+            event = with_shared_tz(event)  # compared with every stored time of the member
             member = event.member_id
             state = states.get(member) or MemberState(member_id=member)
             refs = chain.as_of(referrers, since, state, event)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, tzinfo
+from datetime import date, datetime, tzinfo
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Final, Literal, NamedTuple
 
@@ -31,7 +31,7 @@ from schemas.activity import Activity
 from schemas.grants import Tier
 from services.rules.engine import step
 from services.rules.ruleset import RuleBook, RuleSet, derived
-from services.rules.state import MemberState
+from services.rules.state import MemberState, with_shared_tz
 from services.rules.tiers import TiersAt
 
 CENT = Decimal("0.01")
@@ -151,38 +151,6 @@ def _cash(by_rate: Mapping[tuple[str, int], int], rule: str | None) -> Decimal:
     return total.quantize(CENT, rounding=ROUND_HALF_UP)
 
 
-_SHARED_TZ: dict[tuple[type[tzinfo], timedelta], tzinfo] = {}
-
-
-def _share_tz(event: Activity) -> Activity:
-    """Gives the event's `occurred_at` a tzinfo object shared by every event of that offset.
-
-    Each parse makes its own tzinfo instance, and comparing datetimes whose tzinfo objects
-    differ goes through `utcoffset()` on both sides (~10x slower than with one shared
-    object). The rules compare a member's order times on every event (pruning, rolling
-    spend), so this is a large share of a backtest. Only fixed offsets are shared (a
-    zone's offset depends on the date), with the same tzinfo class: value, offset, name
-    and every comparison stay the same; only the tzinfo's object identity is shared.
-    The event is updated in place (its fields' values stay equal).
-    """
-    at = event.occurred_at
-    tz = at.tzinfo
-    if tz is None:
-        return event
-    offset = tz.utcoffset(None)  # None for a zone (not a fixed offset): left alone
-    if offset is None:
-        return event
-    key = (type(tz), offset)
-    shared = _SHARED_TZ.get(key)
-    if shared is None:
-        if len(_SHARED_TZ) > 64:  # only a handful of offsets occur; a bound all the same
-            _SHARED_TZ.clear()
-        _SHARED_TZ[key] = tz
-    elif shared is not tz:
-        event.__dict__["occurred_at"] = at.replace(tzinfo=shared)
-    return event
-
-
 class Simulation:
     """Feed warm-up events (optional), then the period's events, then take `report()`.
 
@@ -219,7 +187,7 @@ class Simulation:
         if self._lanes is not None:
             raise ValueError("warm-up events must come before the period's events")
         if self._fresh(event):
-            event = _share_tz(event)
+            event = with_shared_tz(event)
             ruleset = self._rules_at(event.occurred_at)
             day = self._day(event, derived(ruleset).zone)
             self._warm.step(event, ruleset, False, day, self.book.tiers_at)
@@ -236,7 +204,7 @@ class Simulation:
         lanes = self._lanes if self._lanes is not None else self._start()
         if not self._fresh(event):
             return
-        event = _share_tz(event)
+        event = with_shared_tz(event)
         ruleset = self._rules_at(event.occurred_at)
         self._versions.add(ruleset.version)
         in_force, candidate = lanes.get("in_force"), lanes.get("candidate")
@@ -249,7 +217,7 @@ class Simulation:
 
     def _rules_at(self, at: datetime) -> RuleSet:
         """`book.at(at)`, keeping the last version's span in `at`'s tzinfo: events come in
-        time order and share tzinfo objects (`_share_tz`), so this is usually two
+        time order and share tzinfo objects (`state.with_shared_tz`), so this is usually two
         comparisons that need no utcoffset() calls."""
         span = self._span
         if span is not None:

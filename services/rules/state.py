@@ -13,7 +13,7 @@ two lanes, where pydantic's copies cost most of the time. The JSON (`dump_state`
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import date, datetime
+from datetime import date, datetime, timedelta, tzinfo
 from decimal import Decimal
 from itertools import pairwise
 from typing import Any, Final, NamedTuple, TypeVar
@@ -22,6 +22,7 @@ import msgspec
 from msgspec.structs import replace
 from pydantic import BaseModel
 
+from schemas.activity import Activity
 from schemas.grants import Tier
 
 B = TypeVar("B", bound=BaseModel)
@@ -238,6 +239,53 @@ def dump_state(state: MemberState) -> bytes:
 def load_state(raw: bytes | str) -> MemberState:
     """Raises msgspec.ValidationError / DecodeError on a row that is not a member state."""
     return in_day_order(_DECODER.decode(raw))
+
+
+_OFFSET_TZ: dict[timedelta, tzinfo] = {}
+
+
+def shared_tz(moment: datetime) -> datetime:
+    """`moment` with the one tzinfo object `load_state` gives every time of its offset.
+
+    Comparing two aware datetimes whose tzinfo objects differ calls `utcoffset()` on both
+    (~10x the cost of a comparison under one object). A parsed event brings its own
+    tzinfo (pydantic makes one per parse), while the times of a stored state share
+    msgspec's, one per offset; the rules compare the event's moment with every order and
+    stamp of the member, so the event takes msgspec's object. Only the object changes:
+    the moment, its offset and its ISO form (so every id and payload) stay the same.
+    """
+    tz = moment.tzinfo
+    if tz is None:
+        return moment
+    offset = tz.utcoffset(None)
+    if offset is None:  # a zone, whose offset depends on the date: left as it is
+        return moment
+    shared = _OFFSET_TZ.get(offset)
+    if shared is None:
+        if len(_OFFSET_TZ) > 64:  # a handful of offsets occur; a bound all the same
+            _OFFSET_TZ.clear()
+        shared = _OFFSET_TZ[offset] = _decoded_tz(offset, tz)
+    return moment if shared is tz else moment.replace(tzinfo=shared)
+
+
+def with_shared_tz(event: Activity) -> Activity:
+    """The event with its `occurred_at` under `shared_tz`'s object, updated in place (the
+    field's value stays equal; the model is not validated again)."""
+    at = event.occurred_at
+    shared = shared_tz(at)
+    if shared is not at:
+        event.__dict__["occurred_at"] = shared
+    return event
+
+
+def _decoded_tz(offset: timedelta, fallback: tzinfo) -> tzinfo:
+    minutes, seconds = divmod(int(offset.total_seconds()), 60)
+    if seconds or abs(minutes) >= 24 * 60:  # not an RFC 3339 offset: nothing to share with
+        return fallback
+    sign, minutes = ("-" if minutes < 0 else "+"), abs(minutes)
+    text = f'"2000-01-01T00:00:00{sign}{minutes // 60:02d}:{minutes % 60:02d}"'
+    decoded = msgspec.json.decode(text.encode(), type=datetime).tzinfo
+    return fallback if decoded is None else decoded
 
 
 def in_day_order(state: MemberState) -> MemberState:
