@@ -1065,7 +1065,7 @@ def simulate(events: list[Event]) -> dict[str, Any]:
     from services.rules.engine import evaluate
     from services.rules.rulebook_store import DEFAULT_RULESET
     from services.rules.ruleset import load_ruleset
-    from services.rules.state import MemberState
+    from services.rules.state import MemberState, with_shared_tz
 
     ruleset = load_ruleset(DEFAULT_RULESET)
     runs = []
@@ -1076,7 +1076,7 @@ def simulate(events: list[Event]) -> dict[str, Any]:
         grants = 0
         t = time.perf_counter()
         for raw in events:
-            event = parse_activity(raw.value)
+            event = with_shared_tz(parse_activity(raw.value))  # as the live adapter does
             state = states.get(event.member_id) or MemberState(member_id=event.member_id)
             result = evaluate(state, event, ruleset, referrers)
             states[event.member_id] = result.state

@@ -1,6 +1,6 @@
 """How fast the backtest evaluates: a synthetic clinic history through `Simulation`.
 
-`python -m bench.sim_speed [--events N] [--members M]` prints events/s for
+`python -m bench.sim_speed [--events N] [--members M] [--workload bench]` prints events/s for
 (1) the pure evaluator alone under one rule set, (2) the backtest core (both lanes:
 rule book in force and candidate) on parsed events, and (3) the same including
 parsing the raw bytes with the activity TypeAdapter, as `ledgerctl rules simulate` does.
@@ -30,7 +30,7 @@ from services.rules.engine import evaluate
 from services.rules.rulebook_store import DEFAULT_RULESET, RULESETS_DIR
 from services.rules.ruleset import RuleBook, RuleSet, load_ruleset
 from services.rules.simulate import LANES, Lane, Simulation, combine
-from services.rules.state import MemberState
+from services.rules.state import MemberState, with_shared_tz
 
 CST = timezone(timedelta(hours=8))
 PROJECTS = [
@@ -152,11 +152,19 @@ def _rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("inf")
 
 
-def measure(n: int, members: int) -> dict[str, float]:
+def measure(n: int, members: int, workload: str = "synthetic") -> dict[str, float]:
     """CPU seconds (process_time), GC off as in `run_backtest`: wall time on a shared
-    machine would measure the neighbours."""
+    machine would measure the neighbours. `workload="bench"`: `make bench`'s events
+    (Zipf-like members, some with hundreds of orders) instead of the even synthetic mix,
+    whose members never hold many orders, so costs that grow with a member's history
+    do not show in it."""
     gc.disable()
-    raws = [json.dumps(e).encode() for e in synthetic_history(n, members)]
+    if workload == "bench":
+        from bench.workload import generate
+
+        raws = [e.value for e in generate(n, seed=42)]
+    else:
+        raws = [json.dumps(e).encode() for e in synthetic_history(n, members)]
     t = time.process_time()
     events: list[Activity] = [activity_adapter.validate_json(r) for r in raws]
     parse_s = time.process_time() - t
@@ -165,6 +173,7 @@ def measure(n: int, members: int) -> dict[str, float]:
     states: dict[str, MemberState] = {}
     t = time.process_time()
     for e in events:
+        e = with_shared_tz(e)  # as the live adapter does
         state = states.get(e.member_id) or MemberState(member_id=e.member_id)
         states[e.member_id] = evaluate(state, e, ruleset, {}).state
     one_lane_s = time.process_time() - t
@@ -196,9 +205,10 @@ def measure(n: int, members: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--members", type=int, default=5000)
+    parser.add_argument("--members", type=int, default=5000, help="synthetic workload only")
+    parser.add_argument("--workload", choices=["synthetic", "bench"], default="synthetic")
     args = parser.parse_args()
-    result = measure(args.events, args.members)
+    result = measure(args.events, args.members, args.workload)
     for key, value in result.items():
         print(f"{key:34s} {value:>12,.0f}")
 
