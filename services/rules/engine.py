@@ -189,12 +189,13 @@ def _tier_change(
     """A tier report when the event moved qualifying spend, the tier, or its expiry."""
     moved, spend_after = False, None
     # Only purchases and refunds touch the orders; summing spend is skipped for the rest.
+    history = new.spend_history  # the event's rules change orders, never forgotten spend
     if new.orders is not current.orders:
-        spend_after = tiers.rolling_spend(new.orders, at, window, zone)
-        moved = spend_after != tiers.rolling_spend(current.orders, at, window, zone)
+        spend_after = tiers.window_spend(new.orders, history, at, window, zone)
+        moved = spend_after != tiers.window_spend(current.orders, history, at, window, zone)
     if moved or new.tier != before.tier or new.tier_valid_until != before.tier_valid_until:
         if spend_after is None:
-            spend_after = tiers.rolling_spend(new.orders, at, window, zone)
+            spend_after = tiers.window_spend(new.orders, history, at, window, zone)
         return TierChange(before.tier, new.tier, spend_after, new.tier_valid_until)
     return None
 
@@ -257,7 +258,7 @@ def expire_tier(state: MemberState, ruleset: RuleSet) -> tuple[MemberState, Tier
     report = tier_report(
         tier_expiry_id(state.member_id, until), until, state.member_id, ruleset,
         previous=state.tier, tier=new.tier,
-        spend=tiers.rolling_spend(new.orders, until, rules.window_months, zone),
+        spend=tiers.window_spend(new.orders, new.spend_history, until, rules.window_months, zone),
         valid_until=new.tier_valid_until,
     )  # fmt: skip
     return new, report

@@ -178,7 +178,8 @@ def on_purchase(
     # The tier after this purchase (an upgrade at once; qualifying again restarts the
     # tier's months): rolling spend is the earlier orders' plus this order's amount.
     at, tr = event.occurred_at, ruleset.tiers
-    spend = tiers.rolling_spend(orders, at, tr.window_months, hot.zone) + amount
+    spend = tiers.window_spend(orders, state.spend_history, at, tr.window_months, hot.zone)
+    spend += amount
     q = tiers.qualified_tier(spend, tr)
     new_tier, until = tier, state.tier_valid_until
     if tiers.rank(q) >= tiers.rank(tier):

@@ -242,6 +242,8 @@ def load_state(raw: bytes | str) -> MemberState:
 
 
 _OFFSET_TZ: dict[timedelta, tzinfo] = {}
+_MINUTE: Final = timedelta(minutes=1)
+_DAY: Final = timedelta(days=1)
 
 
 def shared_tz(moment: datetime) -> datetime:
@@ -279,9 +281,9 @@ def with_shared_tz(event: Activity) -> Activity:
 
 
 def _decoded_tz(offset: timedelta, fallback: tzinfo) -> tzinfo:
-    minutes, seconds = divmod(int(offset.total_seconds()), 60)
-    if seconds or abs(minutes) >= 24 * 60:  # not an RFC 3339 offset: nothing to share with
+    if offset % _MINUTE or abs(offset) >= _DAY:  # not an RFC 3339 offset: nothing to share
         return fallback
+    minutes = offset // _MINUTE
     sign, minutes = ("-" if minutes < 0 else "+"), abs(minutes)
     text = f'"2000-01-01T00:00:00{sign}{minutes // 60:02d}:{minutes % 60:02d}"'
     decoded = msgspec.json.decode(text.encode(), type=datetime).tzinfo

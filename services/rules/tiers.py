@@ -10,7 +10,15 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Callable, Mapping
 from datetime import datetime, tzinfo
-from decimal import Decimal
+from decimal import (
+    Context,
+    Decimal,
+    DivisionByZero,
+    Inexact,
+    InvalidOperation,
+    Overflow,
+    localcontext,
+)
 
 from schemas.grants import TIERS, Tier
 from services.rules.pruning import months_later
@@ -55,7 +63,10 @@ def rolling_spend(
     the subtraction for orders with nothing refunded, most of them. `zone`: whose calendar
     counts the months (the rule set's; every function here takes it the same way).
     """
-    start = months_later(at, -window_months, zone)
+    return _net_between(orders, months_later(at, -window_months, zone), at)
+
+
+def _net_between(orders: Mapping[str, Order], start: datetime, at: datetime) -> Decimal:
     total = Decimal(0)
     for o in orders.values():
         if start < o.at <= at:
@@ -74,18 +85,29 @@ def hold_until(
 _hold = hold_until
 
 
-def _spend(
+def window_spend(
     orders: Mapping[str, Order], history: tuple[SpendMark, ...], at: datetime, window: int,
-    zone: tzinfo | None,
+    zone: tzinfo | None = None,
 ) -> Decimal:  # fmt: skip
-    """Rolling spend counting forgotten orders too (`MemberState.spend_history`)."""
-    total = rolling_spend(orders, at, window, zone)
-    if history:
-        start = months_later(at, -window, zone)
-        for m in history:
-            if start < m.at <= at:
-                total += m.net
+    """Rolling spend counting forgotten orders too (`MemberState.spend_history`).
+
+    Orders are forgotten a full window (or more) behind the member's latest event, so
+    their spend counts only at a moment further back: an event that arrived late, or an
+    order or expiry a refund replays. The marks are oldest first, so the newest are read
+    until one falls before the window: nothing, usually.
+    """
+    start = months_later(at, -window, zone)
+    total = _net_between(orders, start, at)
+    for m in reversed(history):
+        if m.at <= start:
+            break
+        if m.at <= at:
+            total += m.net
     return total
+
+
+# The default context's precision and traps, and a rounded sum raises (`SpendIndex`).
+_EXACT = Context(prec=28, traps=[Inexact, InvalidOperation, DivisionByZero, Overflow])
 
 
 class SpendIndex:
@@ -95,34 +117,47 @@ class SpendIndex:
     summing the orders each time made one refund cost orders² (a member with 300 orders
     a quarter: most of a backtest's time). With running totals a window is two
     bisections. Orders and forgotten spend are each kept oldest first already, so the
-    sort that merges them is one pass. Money sums are exact in Decimal, so a difference
-    of totals is the sum itself.
+    sort that merges them is one pass.
+
+    A difference of totals is the window's sum only while every total is exact: nets are
+    never negative, so if the last total fits the context's 28 digits, every total and
+    every difference of two does. Amounts past that (the contract caps no amount's digits)
+    are summed window by window as before, rounding as before.
     """
 
-    __slots__ = ("_ats", "_sums", "_zone")
+    __slots__ = ("_ats", "_history", "_orders", "_sums", "_zone")
 
     def __init__(
         self, orders: Mapping[str, Order], history: tuple[SpendMark, ...], zone: tzinfo | None
     ) -> None:
+        self._orders, self._history, self._zone = orders, history, zone
         moments: list[tuple[datetime, Decimal]] = []
         for o in orders.values():
             refunded = o.refunded
             moments.append((o.at, o.amount - refunded if refunded else o.amount))
         moments.extend((m.at, m.net) for m in history)
         moments.sort(key=_moment)
-        total = Decimal(0)
-        sums: list[Decimal] = [total]
-        for _, net in moments:
-            total += net
-            sums.append(total)
-        self._ats = [at for at, _ in moments]
+        sums: list[Decimal] = [Decimal(0)]
+        ats: list[datetime] | None = None
+        try:
+            with localcontext(_EXACT):
+                total = Decimal(0)
+                for _, net in moments:
+                    total += net
+                    sums.append(total)
+            ats = [at for at, _ in moments]
+        except Inexact:
+            pass  # summed window by window instead
+        self._ats = ats
         self._sums = sums
-        self._zone = zone
 
     def spend(self, at: datetime, window: int) -> Decimal:
-        """What `_spend(orders, history, at, window, zone)` sums: (at - window, at]."""
+        """What `window_spend(orders, history, at, window, zone)` sums: (at - window, at]."""
+        ats = self._ats
+        if ats is None:
+            return window_spend(self._orders, self._history, at, window, self._zone)
         start = months_later(at, -window, self._zone)
-        ats, sums = self._ats, self._sums
+        sums = self._sums
         return sums[bisect_right(ats, at)] - sums[bisect_right(ats, start)]
 
 
@@ -140,7 +175,7 @@ def _caught_up(
     while until is not None and until <= at:
         r = rules if rules_at is None else rules_at(until)
         spend = (
-            _spend(orders, history, until, r.window_months, zone)
+            window_spend(orders, history, until, r.window_months, zone)
             if index is None
             else index.spend(until, r.window_months)
         )
@@ -157,7 +192,7 @@ def catch_up(
     """Apply every tier expiry up to `at`, each re-evaluated on the spend at its moment
     under the version in force then."""
     tier, until = _caught_up(state.tier, state.tier_valid_until, state.orders, at, rules,
-                             rules_at=rules_at, zone=zone)  # fmt: skip
+                             state.spend_history, rules_at, zone)  # fmt: skip
     if tier == state.tier and until == state.tier_valid_until:
         return state
     checked = state.tier_checked_at

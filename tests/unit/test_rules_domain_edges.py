@@ -95,3 +95,18 @@ def test_a_silver_members_purchase_on_29_february_still_earns_the_silver_rate() 
     run.feed(purchase(amount=10000, at=INSTANT))  # silver from 01:00 on 1 March 2023, Shanghai
     noon = datetime(2024, 2, 29, 12, 0, tzinfo=SH).astimezone(UTC)
     assert by_rule(run.feed(purchase(amount=500, at=noon)).grants) == {"base": 600}
+
+
+def test_a_purchase_a_year_late_counts_spend_already_forgotten_in_its_window() -> None:
+    """20,000 spent 390 days back is forgotten (moved to `spend_history`) once today's
+    purchase arrives; a purchase from 380 days back that arrives after it still has those
+    20,000 in its window, as a refund's replay of that order would count them."""
+    run = Run()
+    run.feed(purchase(amount=20000, at=T0 - timedelta(days=390), order_id="p1"))
+    run.feed(purchase(amount=100, at=T0, order_id="p2"))
+    assert "p1" not in run.state().orders
+    late = run.feed(purchase(amount=100, at=T0 - timedelta(days=380), order_id="p3"))
+    report = next(g for g in late.grants if g.type == "tier_evaluated")
+    assert report.data.qualifying_spend == 20100
+    assert (report.data.previous_tier, report.data.tier) == ("member", "silver")
+    assert run.state().orders["p3"].tier_after == "silver"

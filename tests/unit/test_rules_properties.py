@@ -9,6 +9,7 @@ from decimal import Decimal
 from fractions import Fraction
 from random import Random
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rules_factories import (
@@ -32,7 +33,7 @@ from schemas.grants import PointsGranted, PointsRevoked
 from services.rules.pruning import add_months, months_later
 from services.rules.ruleset import RuleSet
 from services.rules.state import Order, SpendMark, dump_state, load_state
-from services.rules.tiers import SpendIndex, _spend, hold_until, qualified_tier, rank
+from services.rules.tiers import SpendIndex, hold_until, qualified_tier, rank, window_spend
 
 CAPPED = {"sign_in", "sign_in_streak", "review", "featured_review", "share"}
 PROJECTS = ["facial-basic", "neck-shoulder-massage", "facial-package", "gold-rf-microneedle"]
@@ -334,4 +335,24 @@ def test_the_refund_replays_running_totals_sum_what_the_orders_sum(
             at = placed[pick % len(placed)]
         elif how == 2:
             at = months_later(placed[pick % len(placed)], window, tz)
-        assert index.spend(at, window) == _spend(by_id, marks, at, window, tz)
+        start = months_later(at, -window, tz)
+        nets = [o.amount - o.refunded for o in by_id.values() if start < o.at <= at]
+        nets += [m.net for m in marks if start < m.at <= at]
+        assert index.spend(at, window) == window_spend(by_id, marks, at, window, tz) == sum(nets)
+
+
+@pytest.mark.parametrize(
+    ("older", "recent"),
+    [("1e27", "0.01"), ("10000000000000000000000000000", "5"), ("1000000", "1e-25")],
+)
+def test_running_totals_past_28_digits_fall_back_to_the_windows_own_sum(
+    older: str, recent: str
+) -> None:
+    """An order outside the window so large (or a window's so fine) that a running total
+    would round: the window is summed on its own, so the older order cannot swallow it."""
+    orders = {
+        o: Order(order_id=o, at=at, amount=Decimal(a), ruleset_version="v", base_rate=Decimal(1))
+        for o, at, a in [("old", T0 - timedelta(days=400), older), ("new", T0, recent)]
+    }
+    index = SpendIndex(orders, (), None)
+    assert index.spend(T0, 12) == window_spend(orders, (), T0, 12) == Decimal(recent)

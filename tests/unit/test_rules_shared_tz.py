@@ -44,6 +44,9 @@ def test_naive_moments_zones_and_odd_offsets_are_left_alone() -> None:
     naive = datetime(2026, 3, 2, 10)
     zoned = datetime(2026, 3, 2, 10, tzinfo=ZoneInfo("Asia/Shanghai"))
     seconds = datetime(2026, 3, 2, 10, tzinfo=timezone(timedelta(hours=1, seconds=30)))
+    fraction = datetime(2026, 3, 2, 10, tzinfo=timezone(timedelta(microseconds=-500_000)))
+    assert shared_tz(fraction) == fraction
+    assert shared_tz(fraction).utcoffset() == fraction.utcoffset()
     assert shared_tz(naive) is naive
     assert shared_tz(zoned) is zoned
     assert shared_tz(seconds) == seconds
