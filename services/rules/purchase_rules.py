@@ -181,9 +181,7 @@ def on_purchase(
     spend = tiers.window_spend(orders, state.spend_history, at, tr.window_months, hot.zone)
     spend += amount
     q = tiers.qualified_tier(spend, tr)
-    new_tier, until = tier, state.tier_valid_until
-    if tiers.rank(q) >= tiers.rank(tier):
-        new_tier, until = q, tiers.hold_until(q, at, tr, hot.zone)
+    new_tier, until = tiers.on_qualifying(tier, state.tier_valid_until, q, at, tr, hot.zone)
     order = Order(
         order_id=oid, at=at, amount=amount, ruleset_version=ruleset.version,
         store_id=event.store_id, base_rate=rate, base_rate_divisor=divisor, factors=factors,

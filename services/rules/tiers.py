@@ -85,6 +85,25 @@ def hold_until(
 _hold = hold_until
 
 
+def on_qualifying(
+    tier: Tier, until: datetime | None, q: Tier, at: datetime, rules: TierRules,
+    zone: tzinfo | None = None,
+) -> tuple[Tier, datetime | None]:  # fmt: skip
+    """The tier and its end after an order at `at` whose spend qualifies for `q`.
+
+    An upgrade, or the tier held qualified for again, holds from `at`; but a tier is kept
+    12 months from the order that last qualified for it by date, so an order delivered
+    late (or a month-end clipped to an earlier day) does not cut short the months a
+    later-dated one already gave.
+    """
+    if rank(q) < rank(tier):
+        return tier, until
+    hold = _hold(q, at, rules, zone)
+    if q == tier and until is not None and hold is not None and until > hold:
+        return tier, until
+    return q, hold
+
+
 def window_spend(
     orders: Mapping[str, Order], history: tuple[SpendMark, ...], at: datetime, window: int,
     zone: tzinfo | None = None,
@@ -231,8 +250,7 @@ def after_refund(
         before, until_before = tier, until
         r = rules if rules_at is None else rules_at(o.at)
         q = qualified_tier(index.spend(o.at, r.window_months), r)
-        if rank(q) >= rank(tier):
-            tier, until = q, _hold(q, o.at, r, zone)
+        tier, until = on_qualifying(tier, until, q, o.at, r, zone)
         if (o.tier_before, o.tier_after, o.valid_until_before) != (before, tier, until_before):
             replayed[key] = replace(o, tier_before=before, tier_after=tier,
                                     valid_until_before=until_before)  # fmt: skip

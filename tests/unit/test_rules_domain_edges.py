@@ -110,3 +110,19 @@ def test_a_purchase_a_year_late_counts_spend_already_forgotten_in_its_window() -
     assert report.data.qualifying_spend == 20100
     assert (report.data.previous_tier, report.data.tier) == ("member", "silver")
     assert run.state().orders["p3"].tier_after == "silver"
+
+
+def test_a_late_purchase_does_not_cut_short_the_months_a_later_dated_one_gave() -> None:
+    """Gold reached 10 days ago holds 12 months from then. A small purchase from 380 days
+    back, delivered now, qualifies for gold again at its own date (the forgotten 30,000 is
+    in its window) but must not move the tier's end back to 12 months after itself, or the
+    member would lapse at once."""
+    run = Run()
+    run.feed(purchase(amount=30000, at=T0 - timedelta(days=395), order_id="p1"))
+    run.feed(purchase(amount=30000, at=T0 - timedelta(days=10), order_id="p3"))
+    held = run.state().tier_valid_until
+    assert (run.state().tier, held) == ("gold", datetime(2027, 2, 20, 10, tzinfo=CST))
+    run.feed(purchase(amount=100, at=T0 - timedelta(days=380), order_id="late"))
+    assert (run.state().tier, run.state().tier_valid_until) == ("gold", held)
+    later = run.feed(purchase(amount=1000, at=T0 + timedelta(hours=1), order_id="p4"))
+    assert by_rule(later.grants)["base"] == 1500  # still earning at gold's x1.5
