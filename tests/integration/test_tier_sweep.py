@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -53,8 +54,16 @@ async def test_a_quiet_gold_members_tier_lapses_without_another_event(stack: Sta
         "m-quiet": "member",
         "m-kept": "gold",
     }
-    events = [json.loads(r.value) for r in await stack.read_topic(stack.topics.ledger, 6)]
-    changed = [e for e in events if e["type"] == "tier_changed" and e["member_id"] == "m-quiet"]
+
+    async def quiet_changes() -> list[dict[str, Any]] | None:
+        """The quiet member's tier changes on the ledger topic, once both are there: the
+        relay publishes after the commit the read model shows, so read until they are."""
+        records = await stack.read_topic(stack.topics.ledger, expect=10**6, timeout=1)
+        events = [json.loads(r.value) for r in records]
+        changed = [e for e in events if e["type"] == "tier_changed" and e["member_id"] == "m-quiet"]
+        return changed if len(changed) >= 2 else None
+
+    changed = await wait_until(quiet_changes, what="the quiet member's tier changes published")
     assert [(e["data"]["previous_tier"], e["data"]["tier"]) for e in changed] == [
         ("member", "gold"),
         ("gold", "member"),
