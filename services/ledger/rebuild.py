@@ -86,9 +86,10 @@ SELECT e.entry_id, e.member_id, e.points, e.points + e.debt_delta - COALESCE(t.t
        e.occurred_at, COALESCE(e.available_from, e.occurred_at), e.expires_at,
        COALESCE(e.source_event_id, e.adjustment_id, e.entry_id), e.order_id, e.rule_id,
        e.ruleset_version,
-       -- The first warning's moment; the sweeper skips a warning already sent (its table
-       -- is not rebuilt) and moves the lot on.
-       e.expires_at - make_interval(days => $2)
+       -- The first warning's moment (days of 24 hours, as the ledger and the sweeper
+       -- count them); the sweeper skips a warning already sent (its table is not
+       -- rebuilt) and moves the lot on.
+       e.expires_at - make_interval(hours => 24 * $2)
 FROM ledger_entries AS e
 LEFT JOIN (
     SELECT a ->> 0 AS lot_id, sum((a ->> 1)::bigint) AS taken

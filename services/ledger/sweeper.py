@@ -54,6 +54,9 @@ LOCK_MEMBERS: Final = """
 SELECT member_id FROM ledger_members
 WHERE member_id = ANY($1::text[]) ORDER BY member_id FOR UPDATE
 """
+# A warning's days are 24 hours each, as the ledger writes a new lot's first moment
+# (`journal.FIRST_WARNING`): `interval 'N days'` would count calendar days of the session's
+# time zone, an hour apart from those across a change of summer time.
 # For the page's lots (checked again now that their members are locked): every threshold
 # whose window the lot is inside, recorded (one warned before conflicts on the key and is
 # not returned), with where the lot came from; the lot's next moment becomes the widest
@@ -66,16 +69,16 @@ WITH page AS (
     WHERE lot_id = ANY($3::text[]) AND remaining > 0 AND sweep_at <= $1 AND expires_at > $1
 ), moved AS (
     UPDATE ledger_lots AS l SET sweep_at = COALESCE(
-        (SELECT l.expires_at - make_interval(days => max(t.days))
+        (SELECT l.expires_at - make_interval(hours => 24 * max(t.days))
          FROM unnest($2::int[]) AS t(days)
-         WHERE l.expires_at > $1 + make_interval(days => t.days)),
+         WHERE l.expires_at > $1 + make_interval(hours => 24 * t.days)),
         l.expires_at)
     FROM page WHERE l.lot_id = page.lot_id
 ), claimed AS (
     INSERT INTO ledger_expiry_warnings (lot_id, threshold_days, member_id, points, expires_at)
     SELECT p.lot_id, t.days, p.member_id, p.remaining, p.expires_at
     FROM page AS p CROSS JOIN unnest($2::int[]) AS t(days)
-    WHERE p.expires_at <= $1 + make_interval(days => t.days)
+    WHERE p.expires_at <= $1 + make_interval(hours => 24 * t.days)
     ON CONFLICT DO NOTHING
     RETURNING lot_id, threshold_days, member_id, points, expires_at
 )

@@ -152,3 +152,36 @@ async def test_small_pages_expire_and_warn_every_lot_once(pool: asyncpg.Pool) ->
         await add_lot(conn, "late-month", MEMBERS[4], NOW + timedelta(days=20))
     assert await sweeper.sweep_once(NOW) == (1, 1)
     assert len(await published(pool, "points_expiring")) == len(month) + len(week) + 1
+
+
+async def test_warning_days_are_24_hours_whatever_the_servers_time_zone(
+    fresh_database: str,
+) -> None:
+    """A lot expiring just after summer time ends in New York, swept on a session in that
+    zone: its 30-day warning is claimed and its next moment is 7 × 24 hours before expiry,
+    as the ledger counts a new lot's first moment, not 7 calendar days of the session's
+    zone (an hour later across the change)."""
+    apply_migrations(fresh_database)
+    ny = await asyncpg.create_pool(
+        fresh_database, min_size=1, max_size=2, init=init_connection,
+        server_settings={"timezone": "America/New_York"},
+    )  # fmt: skip
+    assert ny is not None
+    now = datetime(2026, 10, 20, 12, 0, tzinfo=UTC)
+    expires = datetime(2026, 11, 5, 12, 0, tzinfo=UTC)  # DST ended on 1 November
+    try:
+        async with ny.acquire() as conn:
+            await add_lot(conn, "lot-dst", "m-ny", expires)
+        sweeper = ExpirySweeper(ny, TOPIC, 60, lambda: None)
+        assert await sweeper.sweep_once(now) == (0, 1)
+        async with ny.acquire() as conn:
+            moment = await conn.fetchval(
+                "SELECT sweep_at FROM ledger_lots WHERE lot_id = 'lot-dst'"
+            )
+            warned = await conn.fetchval(
+                "SELECT threshold_days FROM ledger_expiry_warnings WHERE lot_id = 'lot-dst'"
+            )
+        assert warned == 30
+        assert moment == expires - timedelta(days=7)
+    finally:
+        await ny.close()
