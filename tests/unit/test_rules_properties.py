@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from random import Random
@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rules_factories import (
+    CST,
     DEFAULT,
     REF004,
     T0,
@@ -292,7 +293,6 @@ def test_a_project_campaign_pays_and_takes_back_the_exact_fraction(
         assert run.by_rule().get("base", 0) == math.floor(Fraction(total - back) * rate)
 
 
-CST = timezone(timedelta(hours=8))
 moments = st.builds(
     lambda minutes, utc: (T0 + timedelta(minutes=minutes)).astimezone(UTC if utc else CST),
     st.integers(min_value=-800 * 24 * 60, max_value=800 * 24 * 60),
