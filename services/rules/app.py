@@ -29,6 +29,7 @@ from services.common.outbox import OutboxRelay, OutboxRow, make_producer
 from services.common.planner_stats import keep_planner_stats
 from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
 from services.rules import referral_chain as chain
+from services.rules.emit import grant_json
 from services.rules.engine import HeldEvent, evaluate
 from services.rules.rulebook_store import book_stamp, load_book
 from services.rules.ruleset import RuleBook, RuleSetError
@@ -208,9 +209,7 @@ class RulesProcessor:
             [partition[m] for m in ordered],
         )
         topic = self.settings.topics.grants
-        work.outbox.extend(
-            OutboxRow(topic, g.member_id, g.model_dump_json().encode()) for g in grants
-        )
+        work.outbox.extend(OutboxRow(topic, g.member_id, grant_json(g)) for g in grants)
 
     async def _load_referrer_chain(
         self,

@@ -18,6 +18,7 @@ import asyncpg
 from schemas.activity import CheckIn, Review, Share, parse_activity
 from services.common.config import Settings
 from services.common.outbox import OutboxRow, write_outbox
+from services.rules.emit import grant_json
 from services.rules.engine import HeldEvent, release
 from services.rules.rulebook_store import load_book
 from services.rules.state import MemberState, dump_state, load_state
@@ -107,7 +108,7 @@ async def release_held(
         await write_outbox(
             conn,
             SERVICE,
-            [OutboxRow(topic, g.member_id, g.model_dump_json().encode()) for g in result.grants],
+            [OutboxRow(topic, g.member_id, grant_json(g)) for g in result.grants],
         )
         await conn.execute(DECIDE, event_id, "released", by, len(result.grants))
     points = sum(g.data.points for g in result.grants if g.type == "points_granted")

@@ -12,80 +12,18 @@ two lanes, where pydantic's copies cost most of the time. The JSON (`dump_state`
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import date, datetime, timedelta, tzinfo
 from decimal import Decimal
 from itertools import pairwise
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, Final
 
 import msgspec
 from msgspec.structs import replace
-from pydantic import BaseModel
 
 from schemas.activity import Activity
 from schemas.grants import Tier
 
-B = TypeVar("B", bound=BaseModel)
-
-
-class _Shape(NamedTuple):
-    """What `trusted` needs of a model class, computed once per class."""
-
-    template: dict[str, Any]  # every field in declaration order, plain defaults filled in
-    factories: tuple[tuple[str, Callable[[], Any]], ...]
-    required: frozenset[str]
-    known: frozenset[str]
-
-
-_SHAPES: dict[type[BaseModel], _Shape] = {}
-
 __all__ = ["replace"]
-
-
-def _shape(cls: type[BaseModel]) -> _Shape:
-    """Computed on a class's first `trusted` build, then read from `_SHAPES`."""
-    fields = cls.model_fields
-    shape = _SHAPES[cls] = _Shape(
-        template={
-            n: None if f.is_required() or f.default_factory else f.default
-            for n, f in fields.items()
-        },
-        factories=tuple(
-            (n, f.default_factory)  # type: ignore[misc]
-            for n, f in fields.items()
-            if f.default_factory
-        ),
-        required=frozenset(n for n, f in fields.items() if f.is_required()),
-        known=frozenset(fields),
-    )
-    return shape
-
-
-def trusted(cls: type[B], **values: Any) -> B:
-    """Build a pydantic model (a grant event) from values the evaluator computed, unvalidated.
-
-    The evaluator builds grants on the live path; validating values it typed itself
-    (mypy strict) cost most of its time. A unit test checks that what this builds equals
-    the validated model and serialises identically.
-    """
-    shape = _SHAPES.get(cls) or _shape(cls)
-    if not shape.required <= values.keys() <= shape.known:
-        missing = sorted(shape.required - values.keys())
-        unknown = sorted(values.keys() - shape.known)
-        raise TypeError(f"{cls.__name__}: missing {missing}, unknown {unknown}")
-    # Field order matters: it is the order of the serialised JSON (byte-identical grants).
-    # The template has every field in order, so `update` keeps that order.
-    fields = shape.template.copy()
-    fields.update(values)
-    for name, factory in shape.factories:
-        if name not in values:
-            fields[name] = factory()
-    new = cls.__new__(cls)
-    object.__setattr__(new, "__dict__", fields)
-    object.__setattr__(new, "__pydantic_fields_set__", set(values))
-    object.__setattr__(new, "__pydantic_extra__", None)
-    object.__setattr__(new, "__pydantic_private__", None)
-    return new
 
 
 # Every state type is frozen (lanes and callers may share states), keyword-only, omits

@@ -32,6 +32,7 @@ import structlog
 from prometheus_client import Counter
 
 from services.common.outbox import OutboxRow, write_outbox
+from services.rules.emit import grant_json
 from services.rules.engine import expire_tier
 from services.rules.ruleset import RuleBook
 from services.rules.state import dump_state, load_state
@@ -136,9 +137,7 @@ class TierSweeper:
                     new, report = expired
                     states.append(dump_state(new).decode())
                     untils.append(new.tier_valid_until)
-                    outbox.append(
-                        OutboxRow(self._topic, report.member_id, report.model_dump_json().encode())
-                    )
+                    outbox.append(OutboxRow(self._topic, report.member_id, grant_json(report)))
                 if members:
                     await conn.execute(UPDATE_STATES, members, states, untils)
                     await write_outbox(conn, SERVICE, outbox)
