@@ -1,7 +1,7 @@
 """Experiment: `ledger rebuild` (services.ledger.rebuild.rebuild) with and without tune_gc.
 
-Uses the bench's Postgres cluster (.run/bench/pg), a scratch database and a journal
-generated as `bench.run` does; prints entries/s for each mode (fresh rebuild each time).
+Uses the bench's Postgres cluster (.run/bench/pg), a scratch database and a journal generated
+as `bench.measures.rebuild` does; prints entries/s for each mode (fresh rebuild each time).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import time
 
 import asyncpg
 
-from bench.run import GEN_ENTRIES, RUN
+from bench.measures.rebuild import GEN_ENTRIES
+from bench.settings import RUN
 from deploy import local
 from services.common.migrations import apply_migrations
 from services.common.runtime import tune_gc

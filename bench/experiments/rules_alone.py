@@ -17,7 +17,9 @@ import uuid
 
 import asyncpg
 
-from bench import run as b
+from bench.measures.latency import paced_produce
+from bench.settings import RUN
+from bench.stack import Services, create_topics, start_infra, stop_infra, wait_until
 from bench.workload import generate
 from deploy import local
 from deploy.postgres import _pg_socket_dir
@@ -32,17 +34,17 @@ def p50_p99(xs: list[float]) -> tuple[float, float]:
 
 
 async def main(eps: int, socket: bool) -> None:
-    infra = await b.start_infra()
+    infra = await start_infra()
     try:
         events = generate(eps * 12, seed=42)
         dsn = await infra.fresh_db("rules_alone")
         if socket:
             port = dsn.rsplit(":", 1)[1].split("/")[0]
-            sock = _pg_socket_dir((b.RUN / "pg").resolve())
+            sock = _pg_socket_dir((RUN / "pg").resolve())
             dsn = f"postgresql://loyalty:loyalty@/rules_alone?host={sock}&port={port}"
         topics = Topics(prefix=f"b{uuid.uuid4().hex[:8]}.")
-        await b.create_topics(infra.bootstrap, topics)
-        svc = b.Services(dsn, infra.bootstrap, topics, "alone", ledger_port=local.free_port())
+        await create_topics(infra.bootstrap, topics)
+        svc = Services(dsn, infra.bootstrap, topics, "alone", ledger_port=local.free_port())
         try:
             svc.start("services.rules")
 
@@ -53,8 +55,8 @@ async def main(eps: int, socket: bool) -> None:
                 finally:
                     await conn.close()
 
-            await b.wait_until(assigned, 120, "the rules consumer assigned")
-            sent, offered = await b.paced_produce(infra.bootstrap, topics.activity, events, eps)
+            await wait_until(assigned, 120, "the rules consumer assigned")
+            sent, offered = await paced_produce(infra.bootstrap, topics.activity, events, eps)
 
             async def stored() -> bool:
                 conn = await asyncpg.connect(dsn)
@@ -65,7 +67,7 @@ async def main(eps: int, socket: bool) -> None:
                 finally:
                     await conn.close()
 
-            await b.wait_until(stored, 120, "every activity stored")
+            await wait_until(stored, 120, "every activity stored")
             conn = await asyncpg.connect(dsn)
             try:
                 rows = await conn.fetch(
@@ -78,7 +80,7 @@ async def main(eps: int, socket: bool) -> None:
             svc.stop()
         await infra.drop_db("rules_alone")
     finally:
-        b.stop_infra(infra)
+        stop_infra(infra)
     first = min(sent.values())
     kept = [r for r in rows if sent[r["event_id"]] - first >= WARMUP_MS]
     to_rules = [r["received_at"].timestamp() * 1000 - sent[r["event_id"]] for r in kept]
