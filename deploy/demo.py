@@ -45,6 +45,7 @@ from rich.table import Table
 from deploy import local, stack
 from deploy.demo_week import SHANGHAI, Week, build_week
 from services.common.config import Topics
+from services.common.log_end import log_ends
 from services.notifier import signing
 
 DEMO_DB_SUFFIX: Final = "_demo"
@@ -261,7 +262,7 @@ async def progress(
     assert row is not None
     stored = {(c, t, p): n for c, t, p, n in json.loads(row[0])}
     tps = [TopicPartition(t, p) for t in stages.values() for p in range(partitions)]
-    ends = await consumer.end_offsets(tps)
+    ends = await log_ends(consumer, tps)  # high watermarks: right on Tansu too
     behind = {
         stage: sum(
             max(

@@ -34,6 +34,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 from services.common.dlq import classify, dead_letter, record_dead_letters
+from services.common.log_end import log_ends_of
 from services.common.outbox import OutboxRow, write_outbox
 
 log = structlog.get_logger()
@@ -90,6 +91,7 @@ class BatchConsumer:
         self._handler: Any = handler
         self._on_commit = on_commit
         self.subscriber: Any = None
+        self._bootstrap = ""
         self.next_offsets: dict[tuple[str, int], int] = {}
         self.assigned: set[TopicPartition] = set()
 
@@ -105,12 +107,14 @@ class BatchConsumer:
         self,
         broker: KafkaBroker,
         *,
+        bootstrap_servers: str,
         max_batch: int,
         batch_wait_ms: int,
         fetch_wait_ms: int,
         session_timeout_ms: int = 10_000,
     ) -> None:
         consumer = self
+        self._bootstrap = bootstrap_servers
 
         class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
             async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -169,6 +173,11 @@ class BatchConsumer:
         kafka = self.subscriber.consumer
         ends = await kafka.end_offsets(tps)
         starts = await kafka.beginning_offsets(tps)
+        beyond = [tp for tp in tps if stored.get((tp.topic, tp.partition), 0) > ends[tp]]
+        if beyond:
+            # ListOffsets can answer short of the last record (Tansu: `log_end`); the high
+            # watermark decides whether the log really ends before what we consumed.
+            ends.update(await log_ends_of(self._bootstrap, beyond))
         for tp in tps:
             offset = stored.get((tp.topic, tp.partition), 0)
             if offset > ends[tp]:

@@ -36,6 +36,7 @@ class LedgerService:
         )
         self.consumer.attach(
             self.broker,
+            bootstrap_servers=settings.bootstrap_servers,
             max_batch=settings.max_batch,
             batch_wait_ms=settings.batch_wait_ms,
             fetch_wait_ms=settings.fetch_wait_ms,

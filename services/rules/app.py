@@ -259,6 +259,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
     )
     consumer.attach(
         broker,
+        bootstrap_servers=settings.bootstrap_servers,
         max_batch=settings.max_batch,
         batch_wait_ms=settings.batch_wait_ms,
         fetch_wait_ms=settings.fetch_wait_ms,

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +28,7 @@ from deploy import local
 from deploy.local import free_port
 from services.common.config import Topics
 from services.common.migrations import apply_migrations
+from services.common.outbox import partition_for
 
 ROOT = Path(__file__).resolve().parents[2]
 LOGS = ROOT / ".run" / "test-logs"
@@ -143,6 +144,24 @@ class Stack:
         finally:
             await producer.stop()
         return n
+
+    async def produce_batch(self, events: Sequence[dict[str, Any]]) -> None:
+        """One member's events as a single record batch, as a producer that lingers sends
+        them: the batch's records share one produce request and one base offset."""
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap)
+        await producer.start()
+        try:
+            topic = self.topics.activity
+            keys = {str(e["member_id"]).encode() for e in events}
+            assert len(keys) == 1, "one member, so one partition"
+            key = keys.pop()
+            partition = partition_for(key, sorted(await producer.partitions_for(topic)))
+            batch = producer.create_batch()
+            for e in events:
+                assert batch.append(key=key, value=json.dumps(e).encode(), timestamp=None)
+            await (await producer.send_batch(batch, topic, partition=partition))
+        finally:
+            await producer.stop()
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         conn = await asyncpg.connect(self.dsn)

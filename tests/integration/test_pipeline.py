@@ -174,6 +174,41 @@ async def test_a_recreated_topic_is_read_from_its_start_not_skipped(stack: Stack
     assert doc["points"]["earned"] == 120 + 200
 
 
+async def test_a_restarted_service_resumes_at_its_stored_offsets(stack: Stack) -> None:
+    # The partition's last record batch holds several records. Tansu's ListOffsets answers
+    # the offset after that batch's first record, which the stored offset is past: taken
+    # at its word, the consumer thought the topic recreated and read it all again.
+    async def rules_offsets(n: int) -> bool:
+        stored = await stack.scalar(
+            "SELECT sum(next_offset) FROM consumer_offsets WHERE consumer LIKE '%rules'"
+        )
+        return stored == n
+
+    await stack.produce_batch(
+        [purchase("m-resume", "100.00", NOW - timedelta(hours=h)) for h in (6, 5, 4, 3)]
+    )
+    await wait_until(lambda: rules_offsets(4), what="the batch consumed")
+    stack.kill("rules")
+    stack.start("rules")
+
+    async def assigned_again() -> bool:  # before anything else lands on the partition
+        return sum("partitions_assigned" in x for x in stack.log_lines("rules")) >= 2
+
+    await wait_until(assigned_again, what="the restarted consumer's partitions")
+    await stack.produce([purchase("m-resume", "100.00", NOW - timedelta(hours=2))])
+    await wait_until(lambda: rules_offsets(5), what="the purchase after the restart consumed")
+
+    assert [x for x in stack.log_lines("rules") if "stored_offset_beyond_log_end" in x] == []
+
+    async def all_paid() -> bool:
+        paid = await stack.scalar(
+            "SELECT count(*) FROM ledger_entries WHERE member_id = 'm-resume' AND rule_id = 'base'"
+        )
+        return paid == 5
+
+    await wait_until(all_paid, what="five purchases journaled")
+
+
 def _json_of(line: str, service: str) -> bool:
     try:
         doc = json.loads(line)
