@@ -9,10 +9,11 @@ fresh topic prefix:
    (min `rules_activity.received_at`) to the commit of the ledger batch that consumed
    the last grant (commit timestamp of the ledger's `consumer_offsets` row).
 2. naive: the same, with `bench.naive` (one handler and one transaction per message).
-3. latency at a fixed offered load: each event produced with its own timestamp (the
-   broker's CreateTime); visible = commit timestamp of the ledger transaction that wrote
-   its journal entries, which is the same transaction that updates the read models the
-   API serves (`track_commit_timestamp=on`), so that is the instant GET would see it.
+3. latency at a fixed offered load: each 5 ms tick's events produced as one record batch
+   per partition, stamped with the tick's time (the broker's CreateTime); visible =
+   commit timestamp of the ledger transaction that wrote its journal entries, which is
+   the same transaction that updates the read models the API serves
+   (`track_commit_timestamp=on`), so that is the instant GET would see it.
 4. rebuild: `ledgerctl ledger rebuild` on a generated journal, when that command exists.
 5. reads: `wrk` against GET /v1/members/{id} with 1,000,000 members in the read models.
 6. backtesting: `ledgerctl rules simulate` if present, else the pure evaluator in-process.

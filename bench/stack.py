@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from bench.settings import (
     BROKER,
@@ -31,6 +31,7 @@ from bench.settings import (
 from bench.workload import Event
 from deploy import local
 from services.common.config import Topics
+from services.common.log_end import log_ends_of
 from services.common.migrations import apply_migrations
 from services.common.outbox import partition_for
 
@@ -294,14 +295,10 @@ async def send_batches(
 
 
 async def end_offsets(bootstrap: str, topic: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        ends = await consumer.end_offsets(tps)
-        return int(sum(ends.values()))
-    finally:
-        await consumer.stop()
+    """The offsets after the topic's last records, summed over its partitions: the high
+    watermarks, since Tansu's ListOffsets answers short of a last batch (`log_end`)."""
+    ends = await log_ends_of(bootstrap, [TopicPartition(topic, p) for p in range(PARTITIONS)])
+    return int(sum(ends.values()))
 
 
 async def wait_until(
@@ -350,10 +347,11 @@ async def wait_drained(
                 return await offsets(prefix + "ledger") >= end
 
             await wait_until(ledger_done, limit_s, "ledger to journal every grant")
-            # The grants' end offset read once, right after the rules' outbox emptied, was
-            # sometimes short of the final one (2026-11-28: a run counted 206,686 entries
-            # and its journal, dumped at the end, held 206,846): read it again until the
-            # ledger has reached an end that no longer moves.
+            # Until 2026-11-29 the end came from ListOffsets, which on Tansu answers short
+            # of each partition's last batch, so a run could stop a batch early (a run
+            # counted 206,686 entries and its journal, dumped at the end, held 206,846).
+            # With the high watermarks it cannot move once the rules' outbox is empty;
+            # read again all the same, so that a run never stops on an end that moved.
             grants_end = await end_offsets(svc.bootstrap, svc.topics.grants)
             if grants_end == end:
                 break

@@ -56,7 +56,7 @@ async def main(eps: int, socket: bool) -> None:
                     await conn.close()
 
             await wait_until(assigned, 120, "the rules consumer assigned")
-            sent, offered = await paced_produce(infra.bootstrap, topics.activity, events, eps)
+            sent, offered, _ = await paced_produce(infra.bootstrap, topics.activity, events, eps)
 
             async def stored() -> bool:
                 conn = await asyncpg.connect(dsn)
