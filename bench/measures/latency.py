@@ -181,7 +181,7 @@ async def latency_runs(infra: Infra) -> dict[str, Any]:
         "offered_eps": LATENCY_EPS,
         "seconds": LATENCY_SECONDS,
         "warmup_excluded_s": LATENCY_WARMUP_S,
-        "method": "broker CreateTime (set at send) -> commit timestamp of the ledger"
+        "method": "broker CreateTime (the send tick's time) -> commit timestamp of the ledger"
         " transaction that journaled the event's first entry and updated the read models",
         "runs": [{k: v for k, v in r.items() if k != "latencies_ms"} for r in runs],
         "p50_ms": statistics.median(r["p50_ms"] or 0 for r in runs),

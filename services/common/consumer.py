@@ -177,7 +177,13 @@ class BatchConsumer:
         if beyond:
             # ListOffsets can answer short of the last record (Tansu: `log_end`); the high
             # watermark decides whether the log really ends before what we consumed.
-            ends.update(await log_ends_of(self._bootstrap, beyond))
+            try:
+                ends.update(await log_ends_of(self._bootstrap, beyond))
+            except Exception as exc:
+                # Not knowing, take the log as recreated and read it from its start: ids
+                # make the re-read harmless, whereas trusting the stored offset over a
+                # really recreated log would skip its records below that offset.
+                log.warning("high_watermark_unknown", consumer=self.name, error=repr(exc))
         for tp in tps:
             offset = stored.get((tp.topic, tp.partition), 0)
             if offset > ends[tp]:

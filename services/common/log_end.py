@@ -60,8 +60,8 @@ async def log_ends(
 async def log_ends_of(bootstrap: str, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
     """`log_ends` with a consumer of its own, started and stopped around the question."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
     try:
+        await consumer.start()
         return await log_ends(consumer, tps)
     finally:
         await consumer.stop()

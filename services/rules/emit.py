@@ -219,7 +219,9 @@ def _built(cls: type[M], fields: dict[str, Any]) -> M:
     through pydantic's `model_construct` or a generic builder still cost ~2 µs a model;
     this is ~0.5. `fields` holds every field of `cls` in declaration order, which is the
     order of the JSON (byte-identical grants): unit tests pin each builder above to the
-    validated model, its key order and its JSON.
+    model pydantic validates from the same values, its key order and its JSON. (Times
+    carry fixed offsets here, as parsed events and stored states do; a zone's ambiguous
+    local time would serialise the same but compare unequal after a round trip.)
     """
     new = cls.__new__(cls)
     object.__setattr__(new, "__dict__", fields)
@@ -251,7 +253,7 @@ def grant_json(grant: GrantEvent) -> bytes:
             "qualifying_spend": format(data.qualifying_spend, "f"),
             "next_tier_spend": None if up is None else format(up, "f"),
         }
-    if _plain_time(grant.occurred_at):
+    if _plain_time(grant.occurred_at) and (isinstance(data, TierData) or type(data.points) is int):
         try:
             written = orjson.dumps({**grant.__dict__, "data": fields}, option=orjson.OPT_UTC_Z)
         except orjson.JSONEncodeError:

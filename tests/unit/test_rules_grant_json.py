@@ -18,17 +18,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 from pydantic_core import TzInfo
-from rules_factories import DEFAULT, T0, purchase, refund
+from rules_factories import DEFAULT, T0, purchase, refund, ruleset
 from test_rules_properties import fast, run, streams
 
 from schemas.activity import Activity
 from schemas.grants import (
     TIERS,
+    GrantData,
     GrantEvent,
     PointsGranted,
     PointsRevoked,
+    RevokeData,
+    TierData,
     TierEvaluated,
     grant_adapter,
+    grant_id,
 )
 from services.rules.emit import grant_json, granted, revoked, tier_report
 
@@ -87,6 +91,77 @@ def test_builders_give_the_validated_model_in_field_order() -> None:
         assert in_field_order(grant.data)
         assert grant.model_fields_set == validated.model_fields_set
         assert reference(grant) == validated.model_dump_json().encode()
+
+
+def test_builders_give_what_pydantic_builds_from_the_same_values() -> None:
+    # Defaults (schema_version, type) come from the models here, literals in the builders.
+    event = purchase(amount=100)
+    envelope = {"occurred_at": event.occurred_at, "member_id": event.member_id}
+    assert granted(event, DEFAULT, "base", 120, order_id="o-1") == [
+        PointsGranted(
+            event_id=grant_id(event.event_id, "base", event.member_id, "grant"),
+            **envelope,
+            data=GrantData(
+                rule_id="base",
+                ruleset_version=DEFAULT.version,
+                points=120,
+                source_event_id=event.event_id,
+                source_type="purchase",
+                store_id=event.store_id,
+                order_id="o-1",
+                pending_days=DEFAULT.pending_days,
+            ),
+        )
+    ]
+    assert revoked(event, "base", 60, order_id="o-1", version="2025.9") == [
+        PointsRevoked(
+            event_id=grant_id(event.event_id, "base", event.member_id, "revoke"),
+            **envelope,
+            data=RevokeData(
+                rule_id="base",
+                ruleset_version="2025.9",
+                points=60,
+                source_event_id=event.event_id,
+                order_id="o-1",
+                store_id=event.store_id,
+            ),
+        )
+    ]
+    until = event.occurred_at + timedelta(days=365)
+    report = tier_report(event.event_id, event.occurred_at, event.member_id, DEFAULT,
+                         previous="member", tier="silver", spend=Decimal("12000.5"),
+                         valid_until=until)  # fmt: skip
+    assert report == TierEvaluated(
+        event_id=grant_id(event.event_id, DEFAULT.rule_ids.tier, event.member_id, "tier"),
+        **envelope,
+        data=TierData(
+            tier="silver",
+            previous_tier="member",
+            qualifying_spend=Decimal("12000.5"),
+            tier_valid_until=until,
+            ruleset_version=DEFAULT.version,
+            source_event_id=event.event_id,
+            next_tier="gold",
+            next_tier_spend=DEFAULT.tiers.thresholds["gold"],
+        ),
+    )
+
+
+def test_tier_amounts_are_written_as_money_whatever_their_exponent() -> None:
+    # A rule set's thresholds load as written: 1E+4 and 30000.50 are still "10000" and
+    # "30000.50" on the wire, as pydantic's Money serializer writes them.
+    odd = ruleset(tiers={"thresholds": {"silver": Decimal("1E+4"), "gold": Decimal("30000.50"),
+                                        "diamond": Decimal("1E+5")}})  # fmt: skip
+    event = purchase(amount=100)
+    for previous, tier, spend in [("member", "member", "1E+2"), ("member", "silver", "0.10")]:
+        report = tier_report(event.event_id, event.occurred_at, event.member_id, odd,
+                             previous=previous, tier=tier, spend=Decimal(spend),
+                             valid_until=None)  # fmt: skip
+        assert grant_json(report) == reference(report)
+    assert b'"next_tier_spend":"10000"' in grant_json(
+        tier_report(event.event_id, event.occurred_at, event.member_id, odd,
+                    previous="member", tier="member", spend=Decimal(0), valid_until=None)
+    )  # fmt: skip
 
 
 def test_every_grant_type_is_written_as_pydantic_writes_it() -> None:
