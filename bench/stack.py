@@ -301,6 +301,29 @@ async def end_offsets(bootstrap: str, topic: str) -> int:
     return int(sum(ends.values()))
 
 
+async def ledgerctl(args: list[str], dsn: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """`python -m services.ctl ARGS` on `dsn`, as ops run it; the result and its wall time
+    (process start-up included)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": dsn}
+    t = time.perf_counter()
+    r = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "services.ctl", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    return r, time.perf_counter() - t
+
+
+def ctl_failed(what: str, r: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """What a measure records when its command failed (the tail of its output, said too)."""
+    say(f"{what} failed ({r.returncode}): {(r.stderr or r.stdout)[-800:]}")
+    return {"available": True, "error": (r.stderr or r.stdout)[-2000:]}
+
+
 async def wait_until(
     probe: Callable[[], Awaitable[Any]], limit_s: float, what: str, every: float = 0.2
 ) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import statistics
 import subprocess
@@ -13,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from bench.settings import REBUILD_ENTRIES, REBUILD_MAX_S, ROOT, RUNS, say
-from bench.stack import Infra
+from bench.stack import Infra, ctl_failed, ledgerctl
 
 GEN_ENTRIES = """
 INSERT INTO ledger_entries (entry_id, member_id, kind, points, balance_after, occurred_at,
@@ -57,23 +56,11 @@ async def rebuild_runs(infra: Infra) -> dict[str, Any]:
     finally:
         await conn.close()
     seconds = []
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": dsn}
     try:
         for i in range(RUNS):
-            t = time.perf_counter()
-            r = await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "services.ctl", "ledger", "rebuild", "--database-url", dsn],
-                cwd=ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                stdin=subprocess.DEVNULL,
-            )
-            took = time.perf_counter() - t
+            r, took = await ledgerctl(["ledger", "rebuild", "--database-url", dsn], dsn)
             if r.returncode != 0:
-                say(f"rebuild failed ({r.returncode}): {(r.stderr or r.stdout)[-800:]}")
-                return {"available": True, "error": (r.stderr or r.stdout)[-2000:]}
+                return ctl_failed("rebuild", r)
             seconds.append(took)
             say(f"rebuild run {i + 1}: {REBUILD_ENTRIES:,} entries in {took:.1f}s")
             if took > REBUILD_MAX_S:

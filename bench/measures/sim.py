@@ -16,7 +16,7 @@ import asyncpg
 
 from bench.machine import services_rules_native
 from bench.settings import ROOT, RUNS, SIM_EVENTS, say
-from bench.stack import Infra
+from bench.stack import Infra, ctl_failed, ledgerctl
 from bench.workload import Event
 
 
@@ -69,9 +69,6 @@ async def simulate_cli(infra: Infra, events: list[Event]) -> dict[str, Any]:
     from services.rules.rulebook_store import RULESETS_DIR
 
     cmd = [
-        sys.executable,
-        "-m",
-        "services.ctl",
         "rules",
         "simulate",
         "--ruleset",
@@ -82,25 +79,13 @@ async def simulate_cli(infra: Infra, events: list[Event]) -> dict[str, Any]:
         end,
         "--no-warmup",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": dsn}
     seconds: list[float] = []
     reported: list[float] = []
     try:
         for i in range(RUNS):
-            t = time.perf_counter()
-            r = await asyncio.to_thread(
-                subprocess.run,
-                cmd,
-                cwd=ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                stdin=subprocess.DEVNULL,
-            )
-            took = time.perf_counter() - t
+            r, took = await ledgerctl(cmd, dsn)
             if r.returncode != 0:
-                say(f"simulate failed ({r.returncode}): {(r.stderr or r.stdout)[-800:]}")
-                return {"available": True, "error": (r.stderr or r.stdout)[-2000:]}
+                return ctl_failed("simulate", r)
             seconds.append(took)
             m = re.search(r"replayed ([\d,]+) events in ([\d.]+) s", r.stderr)
             if m is None:
