@@ -301,6 +301,18 @@ async def end_offsets(bootstrap: str, topic: str) -> int:
     return int(sum(ends.values()))
 
 
+def ctl_available(*command: str) -> bool:
+    """Whether this checkout's `ledgerctl` has `command` (the bench is older than some)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "services.ctl", *command, "--help"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    return r.returncode == 0
+
+
 async def ledgerctl(args: list[str], dsn: str) -> tuple[subprocess.CompletedProcess[str], float]:
     """`python -m services.ctl ARGS` on `dsn`, as ops run it; the result and its wall time
     (process start-up included)."""

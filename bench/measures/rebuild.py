@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
 
 import asyncpg
 
-from bench.settings import REBUILD_ENTRIES, REBUILD_MAX_S, ROOT, RUNS, say
-from bench.stack import Infra, ctl_failed, ledgerctl
+from bench.settings import REBUILD_ENTRIES, REBUILD_MAX_S, RUNS, say
+from bench.stack import Infra, ctl_available, ctl_failed, ledgerctl
 
 GEN_ENTRIES = """
 INSERT INTO ledger_entries (entry_id, member_id, kind, points, balance_after, occurred_at,
@@ -26,19 +23,8 @@ FROM generate_series(1, $1) AS g
 """
 
 
-def rebuild_available() -> bool:
-    r = subprocess.run(
-        [sys.executable, "-m", "services.ctl", "ledger", "rebuild", "--help"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-    )
-    return r.returncode == 0
-
-
 async def rebuild_runs(infra: Infra) -> dict[str, Any]:
-    if not rebuild_available():
+    if not ctl_available("ledger", "rebuild"):
         say("rebuild: `python -m services.ctl ledger rebuild` not available yet; skipped")
         return {"available": False}
     db = "bench_rebuild"

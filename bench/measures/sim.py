@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import statistics
-import subprocess
-import sys
 import time
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,20 +12,9 @@ from typing import Any
 import asyncpg
 
 from bench.machine import services_rules_native
-from bench.settings import ROOT, RUNS, SIM_EVENTS, say
-from bench.stack import Infra, ctl_failed, ledgerctl
+from bench.settings import RUNS, SIM_EVENTS, say
+from bench.stack import Infra, ctl_available, ctl_failed, ledgerctl
 from bench.workload import Event
-
-
-def simulate_available() -> bool:
-    r = subprocess.run(
-        [sys.executable, "-m", "services.ctl", "rules", "simulate", "--help"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-    )
-    return r.returncode == 0
 
 
 async def simulate_cli(infra: Infra, events: list[Event]) -> dict[str, Any]:
@@ -152,7 +138,7 @@ def simulate(events: list[Event]) -> dict[str, Any]:
 
 async def sim_runs(infra: Infra, events: list[Event]) -> dict[str, Any]:
     pure = await asyncio.to_thread(simulate, events[:SIM_EVENTS])
-    if simulate_available():
+    if ctl_available("rules", "simulate"):
         out = await simulate_cli(infra, events[:SIM_EVENTS])
         out["pure_evaluator_eps"] = pure["eps"]
         return out
