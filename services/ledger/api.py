@@ -127,7 +127,8 @@ class RedemptionBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     redemption_id: str = _ID
-    points: int | None = Field(default=None, gt=0, le=MAX_POINTS)
+    # Strict: a JSON true or "7" is a client's bug, not a debit of 1 or 7 points.
+    points: int | None = Field(default=None, gt=0, le=MAX_POINTS, strict=True)
     reward: str | None = Field(default=None, min_length=1)
     cash: str | None = Field(
         default=None,
@@ -149,11 +150,14 @@ class AdjustmentBody(BaseModel):
     adjustment_id: str = _ID
     member_id: str = _ID
     points: int = Field(
-        ge=-MAX_POINTS, le=MAX_POINTS, description="signed: positive grants, negative deducts"
+        ge=-MAX_POINTS,
+        le=MAX_POINTS,
+        strict=True,
+        description="signed: positive grants, negative deducts",
     )
     reason: str = Field(min_length=1, max_length=500)
     operator: str = Field(min_length=1, max_length=200)
-    allow_debt: bool = False
+    allow_debt: bool = Field(default=False, strict=True)
 
     @model_validator(mode="after")
     def _moves(self) -> Self:

@@ -125,7 +125,7 @@ def decode_cursor(cursor: str) -> int:
     """Raises ValueError on a cursor we did not issue."""
     padded = cursor + "=" * (-len(cursor) % 4)
     seq = int(base64.urlsafe_b64decode(padded.encode()).decode())
-    if seq <= 0:
+    if not 0 < seq < 2**63:  # journal sequence numbers are bigint
         raise ValueError("cursor out of range")
     return seq
 

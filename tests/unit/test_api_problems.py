@@ -109,6 +109,30 @@ def test_an_oversized_cash_amount_is_a_422_naming_the_field(cash: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("path", "body", "headers", "field"),
+    [
+        ("/v1/members/m-1/redemptions", {"redemption_id": "r-1", "points": True}, REDEEMER,
+         "body.points"),
+        ("/v1/members/m-1/redemptions", {"redemption_id": "r-1", "points": "7"}, REDEEMER,
+         "body.points"),
+        ("/v1/members/m-1/redemptions", {"redemption_id": "r-1", "points": 500.0}, REDEEMER,
+         "body.points"),
+        ("/v1/adjustments", {"adjustment_id": "a-1", "member_id": "m-1", "points": True,
+                             "reason": "r", "operator": "o"}, OPS, "body.points"),
+        ("/v1/adjustments", {"adjustment_id": "a-1", "member_id": "m-1", "points": -5,
+                             "reason": "r", "operator": "o", "allow_debt": "yes"}, OPS,
+         "body.allow_debt"),
+    ],
+)  # fmt: skip
+def test_points_and_flags_must_be_json_numbers_and_booleans(
+    path: str, body: dict[str, Any], headers: dict[str, str], field: str
+) -> None:
+    """A client's `true` or `"7"` used to move 1 or 7 points (pydantic's lax mode)."""
+    resp = client(ConnectionResetError()).post(path, json=body, headers=headers)
+    assert [e["field"] for e in problem(resp, 422)["errors"]] == [field]
+
+
+@pytest.mark.parametrize(
     "error",
     [
         asyncpg.exceptions.CannotConnectNowError("the database system is shutting down"),
@@ -216,6 +240,9 @@ def test_other_instants_are_refused_with_a_reason(raw: str, says: str) -> None:
         ("/v1/members/m-1?as_of=2026-11-20T15:04:05", "query.as_of", "needs a UTC offset"),
         ("/v1/members/m-1?as_of=2026-13-20T15:04:05Z", "query.as_of", "not an RFC 3339"),
         ("/v1/members/m-1/entries?cursor=nope", "query.cursor", "not issued by this API"),
+        # A well-formed cursor past bigint reached the database (a 500).
+        ("/v1/members/m-1/entries?cursor=OTk5OTk5OTk5OTk5OTk5OTk5OTk5", "query.cursor",
+         "not issued by this API"),
         ("/v1/members/m-1/entries?limit=0", "query.limit", "greater than or equal to 1"),
         ("/v1/members/m-1/entries?limit=ten", "query.limit", "valid integer"),
         ("/v1/reports/summary?from=never", "query.from", "is not an RFC 3339 timestamp"),
