@@ -89,13 +89,14 @@ class Deliverer:
             failed = [f for _, f in outcomes if f is not None]
             if ok:
                 await conn.execute(
-                    "UPDATE notifications SET status = 'delivered', delivered_at = now(),"
+                    "UPDATE notifications SET status = 'delivered',"
+                    " delivered_at = clock_timestamp(),"
                     " attempts = attempts + 1 WHERE notification_id = ANY($1)",
                     ok,
                 )
             gave_up = 0
             for r, err in failed:
-                backoff = min(MAX_BACKOFF_S, 2 ** min(r["attempts"], 8))
+                backoff = min(MAX_BACKOFF_S, 2 ** min(r["attempts"] + 1, 9))  # 2, 4, … 300
                 status = await conn.fetchval(_FAILED, r["notification_id"], err,
                                              float(backoff), self._give_up_s)  # fmt: skip
                 if status == "failed":
@@ -155,19 +156,28 @@ class Deliverer:
 
 # A failed attempt: retried after the back-off, or given up on once the notification is
 # older than the give-up age (then the member's later ones go on).
+# Times are `clock_timestamp()`, not `now()`: the round's posts run inside its transaction,
+# and a back-off counted from the transaction's start was spent by a slow receiver's timeout.
 _FAILED: Final = """
 UPDATE notifications SET attempts = attempts + 1, last_error = $2,
-    next_attempt_at = now() + make_interval(secs => $3),
-    status = CASE WHEN created_at < now() - make_interval(secs => $4) THEN 'failed'
+    next_attempt_at = clock_timestamp() + make_interval(secs => $3),
+    status = CASE WHEN created_at < clock_timestamp() - make_interval(secs => $4) THEN 'failed'
                   ELSE status END
 WHERE notification_id = $1
 RETURNING status
 """
 # Due notifications, oldest first: which members have work this round (not locked yet).
+# Only rows no earlier one of their member's waits behind, as `_DUE` delivers: a member's
+# backlog held behind its first notification's back-off keeps its old due times, and
+# without the guard it filled every round's candidates and starved everyone else.
 _CANDIDATES: Final = """
-SELECT member_id FROM notifications
-WHERE status = 'pending' AND next_attempt_at <= now()
-ORDER BY next_attempt_at, seq LIMIT $1
+SELECT n.member_id FROM notifications AS n
+WHERE n.status = 'pending' AND n.next_attempt_at <= now()
+  AND NOT EXISTS (
+      SELECT 1 FROM notifications AS e
+      WHERE e.member_id = n.member_id AND e.status = 'pending' AND e.seq < n.seq
+        AND e.next_attempt_at > now())
+ORDER BY n.next_attempt_at, n.seq LIMIT $1
 """
 # The members no other notifier process is delivering to (held to the transaction's end).
 _TAKE_MEMBERS: Final = """

@@ -29,7 +29,7 @@ def verify(
     tolerance_s: float = TOLERANCE_S,
 ) -> bool:  # fmt: skip
     """True for a post signed with `secret` whose timestamp is within `tolerance_s` of now."""
-    if timestamp is None or signature is None or not timestamp.isdigit():
+    if timestamp is None or signature is None or not (timestamp.isascii() and timestamp.isdigit()):
         return False
     if abs(now - int(timestamp)) > tolerance_s:
         return False

@@ -5,6 +5,7 @@ that cannot be sent never holds up anyone else's."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -151,3 +152,44 @@ async def test_a_notification_refused_for_too_long_is_given_up_and_frees_the_mem
         )
         await deliverer.deliver_once(client)  # the member's next one is no longer held back
     assert [b["notification_id"] for b in rec.received] == ["e-new"]
+
+
+async def test_one_members_backlog_behind_a_retry_does_not_hold_up_other_members(
+    env: Any,
+) -> None:
+    # A member's backlog (a webhook outage, say) waits behind its first notification's
+    # back-off with its old due times; a round used to pick its candidates from those and
+    # deliver nothing to anyone until that back-off ended.
+    _, consumer, deliverer, rec = env
+    backlog = [earned(f"a-{i:03}", "m-1", 1, i + 1, "2026-03-01T10:00:00+08:00")
+               for i in range(60)]  # fmt: skip
+    await consumer.process(records(*backlog))
+    rec.fail_once.add("a-000")
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        await deliverer.deliver_once(client)  # a-000 refused: the other 59 wait behind it
+        assert rec.received == []
+        await consumer.process(records(earned("b-1", "m-2", 5, 5, "2026-03-01T10:01:00+08:00")))
+        await deliverer.deliver_once(client)
+    assert [b["notification_id"] for b in rec.received] == ["b-1"]
+
+
+async def test_a_retry_waits_its_back_off_from_the_failure_not_from_the_rounds_start(
+    env: Any,
+) -> None:
+    # The round's posts run inside its transaction, whose now() is its start: a receiver
+    # that took longer than the back-off to refuse was retried at once.
+    pool, consumer, deliverer, _ = env
+    await consumer.process(records(earned("s-1", "m-9", 1, 1, "2026-03-01T10:00:00+08:00")))
+
+    async def slow_refusal(client: httpx.AsyncClient, row: asyncpg.Record) -> str:
+        await asyncio.sleep(2.5)
+        return "HTTP 503"
+
+    deliverer._post = slow_refusal  # type: ignore[method-assign]
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        await deliverer.deliver_once(client)
+    wait = await pool.fetchval(
+        "SELECT extract(epoch FROM next_attempt_at - clock_timestamp()) FROM notifications"
+        " WHERE notification_id = 's-1'"
+    )
+    assert 1.5 < wait <= 2.0  # the first back-off (2 s), counted from the refusal

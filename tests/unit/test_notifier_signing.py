@@ -29,6 +29,7 @@ def test_a_replayed_altered_or_unsigned_post_is_refused() -> None:
     assert not verify(SECRET, "1700000000", BODY + b" ", sig, now=1700000000)
     assert not verify("other", "1700000000", BODY, sig, now=1700000000)
     assert not verify(SECRET, None, BODY, sig, now=1700000000)
+    assert not verify(SECRET, "²", BODY, sig, now=1700000000)  # a digit, but not ASCII
     assert not verify(SECRET, "1700000000", BODY, None, now=1700000000)
     assert not verify(SECRET, "-5", BODY, sig, now=1700000000)
 
