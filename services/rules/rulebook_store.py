@@ -24,12 +24,17 @@ from services.rules.ruleset import (
 RULESETS_DIR: Final = Path(__file__).resolve().parent / "rulesets"
 DEFAULT_RULESET: Final = RULESETS_DIR / "default.yaml"
 
-SELECT_VERSIONS: Final = "SELECT version, body FROM rules_rulesets ORDER BY effective_from"
+# Ties cannot be published (`publish`); the tie-break keeps any older pair of rows in one
+# order for every reader.
+SELECT_VERSIONS: Final = (
+    "SELECT version, body FROM rules_rulesets ORDER BY effective_from, published_at, version"
+)
 LIST_VERSIONS: Final = """
 SELECT version, effective_from, published_at, published_by FROM rules_rulesets
 ORDER BY effective_from, published_at
 """
 BOOK_STAMP: Final = "SELECT count(*), max(published_at) FROM rules_rulesets"
+PUBLISH_LOCK: Final = "SELECT pg_advisory_xact_lock(hashtextextended('rules_rulesets:publish', 0))"
 INSERT_VERSION: Final = """
 INSERT INTO rules_rulesets (version, effective_from, body, published_by)
 VALUES ($1, $2, $3, $4)
@@ -42,22 +47,38 @@ class VersionExists(RuleSetError):
 
 
 async def publish(conn: asyncpg.Connection, body: str, by: str) -> RuleSet:
-    """Validate, then store a new version; the same version twice is refused, not replaced."""
+    """Validate, then store a new version; the same version twice is refused, not replaced.
+
+    Publishes are serialized (an advisory lock for the transaction), so two at once cannot
+    both find a version or a starting moment free and both be told they were published.
+    """
     ruleset = load_ruleset(body)
     problems = publish_problems(ruleset)
     if problems:
         raise RuleSetError("; ".join(problems))
-    exists = await conn.fetchval(
-        "SELECT body FROM rules_rulesets WHERE version = $1", ruleset.version
-    )
-    if exists is not None:
-        if exists == body:
-            return ruleset
-        raise VersionExists(
-            f"rule set version {ruleset.version!r} is already published with other content;"
-            " publish changes under a new version"
+    async with conn.transaction():
+        await conn.execute(PUBLISH_LOCK)
+        exists = await conn.fetchval(
+            "SELECT body FROM rules_rulesets WHERE version = $1", ruleset.version
         )
-    await conn.execute(INSERT_VERSION, ruleset.version, ruleset.effective_from, body, by)
+        if exists is not None:
+            if exists == body:
+                return ruleset
+            raise VersionExists(
+                f"rule set version {ruleset.version!r} is already published with other"
+                " content; publish changes under a new version"
+            )
+        # Two versions from one moment: which is in force would depend on row order.
+        tied = await conn.fetchval(
+            "SELECT version FROM rules_rulesets WHERE effective_from = $1",
+            ruleset.effective_from,
+        )
+        if tied is not None:
+            raise RuleSetError(
+                f"version {tied!r} already takes effect at {ruleset.effective_from.isoformat()};"
+                " give this one another effective_from"
+            )
+        await conn.execute(INSERT_VERSION, ruleset.version, ruleset.effective_from, body, by)
     return ruleset
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -60,6 +60,14 @@ def _to_datetime(v: Any) -> Any:
 
 
 Num = Annotated[Decimal, BeforeValidator(_to_decimal), Field(ge=0)]
+
+# Upper bounds on the spans a rule set sets: past them the calendar arithmetic the rules
+# and the ledger do with them overflows (a 100,000-month window is a year out of range),
+# and every event priced under the version would be dead-lettered instead of paid.
+MAX_MONTHS = 120
+MAX_LEAD_HOURS = 24 * 365
+MAX_BURST_WINDOW_S = 7 * 24 * 3600
+MAX_PENDING_DAYS = 3650
 Points = Annotated[int, Field(ge=0)]
 When = Annotated[AwareDatetime, BeforeValidator(_to_datetime)]
 
@@ -85,8 +93,8 @@ _CASH_RATES: dict[Tier, int] = {"member": 100, "silver": 100, "gold": 80, "diamo
 class TierRules(_Strict):
     thresholds: dict[Tier, Num] = Field(default_factory=lambda: dict(_THRESHOLDS))
     multipliers: dict[Tier, Num] = Field(default_factory=lambda: dict(_MULTIPLIERS))
-    window_months: int = Field(default=12, ge=1)
-    keep_months: int = Field(default=12, ge=1)
+    window_months: int = Field(default=12, ge=1, le=MAX_MONTHS)
+    keep_months: int = Field(default=12, ge=1, le=MAX_MONTHS)
 
     @model_validator(mode="after")
     def _complete(self) -> TierRules:
@@ -134,7 +142,7 @@ class PurchaseRules(_Strict):
 
 class VisitRules(_Strict):
     points: Points = 50
-    min_booking_lead_hours: Num = Decimal(24)
+    min_booking_lead_hours: Annotated[Num, Field(le=MAX_LEAD_HOURS)] = Decimal(24)
     grace_minutes: Num = Decimal(15)
     streak_every: int = Field(default=3, ge=0)
     streak_points: Points = 200
@@ -183,7 +191,7 @@ class Campaign(_Strict):
 class EngagementRules(_Strict):
     daily_cap: Points | None = 200
     burst_max_events: int | None = Field(default=20, ge=1)
-    burst_window_seconds: int = Field(default=60, ge=1)
+    burst_window_seconds: int = Field(default=60, ge=1, le=MAX_BURST_WINDOW_S)
 
 
 class RedemptionRules(_Strict):
@@ -207,7 +215,7 @@ class ExpiryRules(_Strict):
     that priced it says. The ledger's expiry sweep warns 30 and 7 days ahead for every
     version alike (`publish_problems` refuses other days)."""
 
-    lot_lifetime_months: int = Field(default=12, ge=1)
+    lot_lifetime_months: int = Field(default=12, ge=1, le=MAX_MONTHS)
     warn_days_before: list[int] = Field(default_factory=lambda: [30, 7])
 
 
@@ -232,12 +240,29 @@ class RuleIds(_Strict):
     referral_indirect: str = "referral_indirect"
     tier: str = "tier"
 
+    @model_validator(mode="after")
+    def _distinct(self) -> Self:
+        """Payouts and grant ids are keyed by rule id: two rules under one id would
+        overwrite each other's points (a bonus replacing the base)."""
+        by_id: dict[str, list[str]] = {}
+        for rule, rule_id in self.model_dump().items():
+            by_id.setdefault(rule_id, []).append(rule)
+        if "" in by_id:
+            raise ValueError(f"rule ids must not be empty: {', '.join(by_id[''])}")
+        shared = {i: rules for i, rules in by_id.items() if len(rules) > 1}
+        if shared:
+            raise ValueError(
+                "rule ids must be distinct: "
+                + "; ".join(f"{i!r} names {', '.join(r)}" for i, r in shared.items())
+            )
+        return self
+
 
 class RuleSet(_Strict):
     version: str = Field(min_length=1)
     effective_from: When
     timezone: str = "Asia/Shanghai"
-    pending_days: int = Field(default=0, ge=0)
+    pending_days: int = Field(default=0, ge=0, le=MAX_PENDING_DAYS)
     tiers: TierRules = TierRules()
     purchase: PurchaseRules = PurchaseRules()
     visit: VisitRules = VisitRules()

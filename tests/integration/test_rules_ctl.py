@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -97,6 +97,18 @@ async def test_a_wrong_file_is_refused_naming_field_and_reason_and_nothing_is_st
     assert reason in ran.stderr, ran.stderr
     assert "bad.yaml" in ran.stderr
     assert await _q(db, "SELECT 1 FROM rules_rulesets WHERE version = 'bad.1'") == []
+
+
+async def test_two_versions_from_one_moment_are_refused(db: str, tmp_path: Path) -> None:
+    # Which of two versions starting together is in force would depend on row order.
+    first = default_with(tmp_path, "a.yaml", version="a.1", effective_from=FUTURE.isoformat())
+    assert (await ctl(db, "publish", str(first))).code == 0
+    same_instant = FUTURE.astimezone(UTC).isoformat()  # another offset, the same moment
+    second = default_with(tmp_path, "b.yaml", version="b.1", effective_from=same_instant)
+    ran = await ctl(db, "publish", str(second))
+    assert ran.code == 2
+    assert "'a.1' already takes effect at" in ran.stderr, ran.stderr
+    assert await _q(db, "SELECT 1 FROM rules_rulesets WHERE version = 'b.1'") == []
 
 
 async def test_effective_from_in_the_past_needs_allow_past(db: str, tmp_path: Path) -> None:

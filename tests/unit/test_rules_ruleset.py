@@ -76,6 +76,19 @@ def test_reference_file_loads_from_str_path() -> None:
             "ends_at must be after",
         ),
         ("purchase:\n  stack_purchase_bonuses: 'yes'\n", "purchase.stack_purchase_bonuses", "bool"),
+        # Payouts are keyed by rule id: a shared id let a bonus overwrite the base points.
+        ("rule_ids:\n  big_ticket: base\n", "rule_ids", "'base' names base, big_ticket"),
+        ("rule_ids:\n  tier: ''\n", "rule_ids", "must not be empty: tier"),
+        # Spans past which the calendar arithmetic overflows on every event.
+        ("tiers:\n  window_months: 100000\n", "tiers.window_months", "less than or equal to 120"),
+        ("expiry:\n  lot_lifetime_months: 1000\n", "expiry.lot_lifetime_months", "to 120"),
+        ("visit:\n  min_booking_lead_hours: 1e12\n", "visit.min_booking_lead_hours", "to 8760"),
+        (
+            "engagement:\n  burst_window_seconds: 1000000000000000\n",
+            "engagement.burst_window_seconds",
+            "less than or equal to 604800",
+        ),
+        ("pending_days: 1000000000\n", "pending_days", "less than or equal to 3650"),
     ],
 )
 def test_bad_file_names_field_and_reason(extra: str, field: str, reason: str) -> None:
