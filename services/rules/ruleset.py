@@ -358,7 +358,11 @@ def load_ruleset(path_or_text: str | Path) -> RuleSet:
     if isinstance(path_or_text, Path):
         origin = str(path_or_text)
         text = path_or_text.read_text(encoding="utf-8")
-    elif "\n" not in path_or_text and path_or_text.endswith((".yaml", ".yml")):
+    elif (
+        "\n" not in path_or_text
+        and path_or_text.endswith((".yaml", ".yml"))
+        and _is_file(path_or_text)
+    ):
         origin = path_or_text
         text = Path(path_or_text).read_text(encoding="utf-8")
     else:
@@ -368,6 +372,14 @@ def load_ruleset(path_or_text: str | Path) -> RuleSet:
     except yaml.YAMLError as exc:
         raise RuleSetError(f"rule set {origin} refused: not valid YAML: {exc}") from exc
     return parse_ruleset(data, origin)
+
+
+def _is_file(name: str) -> bool:
+    """A one-line flow-style body may end in ".yaml" too (a comment naming its source)."""
+    try:
+        return Path(name).is_file()
+    except (OSError, ValueError):  # a name too long, or with a NUL, is no file
+        return False
 
 
 def publish_problems(ruleset: RuleSet) -> list[str]:

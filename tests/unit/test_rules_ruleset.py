@@ -98,6 +98,13 @@ def test_bad_file_names_field_and_reason(extra: str, field: str, reason: str) ->
     assert reason in str(err.value)
 
 
+def test_a_one_line_body_ending_in_yaml_is_read_as_yaml_not_as_a_path() -> None:
+    body = "{version: one.1, effective_from: 2026-01-01T00:00:00+08:00}  # from default.yaml"
+    assert load_ruleset(body).version == "one.1"
+    with pytest.raises(FileNotFoundError):  # a Path is always read as a file
+        load_ruleset(Path("/nonexistent/x.yaml"))
+
+
 def test_naive_effective_from_and_garbage_refused(tmp_path: Path) -> None:
     with pytest.raises(RuleSetError, match="effective_from"):
         load_ruleset("version: v\neffective_from: 2026-01-01T00:00:00\n")
