@@ -166,18 +166,20 @@ UPDATE notifications SET attempts = attempts + 1, last_error = $2,
 WHERE notification_id = $1
 RETURNING status
 """
+# Row `n` goes only while no earlier pending row of its member waits for a retry.
+_NOTHING_EARLIER_WAITS: Final = """  AND NOT EXISTS (
+      SELECT 1 FROM notifications AS e
+      WHERE e.member_id = n.member_id AND e.status = 'pending' AND e.seq < n.seq
+        AND e.next_attempt_at > now())
+"""
 # Due notifications, oldest first: which members have work this round (not locked yet).
 # Only rows no earlier one of their member's waits behind, as `_DUE` delivers: a member's
 # backlog held behind its first notification's back-off keeps its old due times, and
 # without the guard it filled every round's candidates and starved everyone else.
-_CANDIDATES: Final = """
+_CANDIDATES: Final = f"""
 SELECT n.member_id FROM notifications AS n
 WHERE n.status = 'pending' AND n.next_attempt_at <= now()
-  AND NOT EXISTS (
-      SELECT 1 FROM notifications AS e
-      WHERE e.member_id = n.member_id AND e.status = 'pending' AND e.seq < n.seq
-        AND e.next_attempt_at > now())
-ORDER BY n.next_attempt_at, n.seq LIMIT $1
+{_NOTHING_EARLIER_WAITS}ORDER BY n.next_attempt_at, n.seq LIMIT $1
 """
 # The members no other notifier process is delivering to (held to the transaction's end).
 _TAKE_MEMBERS: Final = """
@@ -186,14 +188,10 @@ WHERE pg_try_advisory_xact_lock(hashtextextended('notifier:' || m, 0))
 """
 # Their due notifications in order, each only while no earlier one of the member's waits
 # for a retry (read again now that the members are ours).
-_DUE: Final = """
+_DUE: Final = f"""
 SELECT n.notification_id, n.member_id, n.kind, n.message, n.payload::text AS payload,
        n.attempts
 FROM notifications AS n
 WHERE n.member_id = ANY($1::text[]) AND n.status = 'pending' AND n.next_attempt_at <= now()
-  AND NOT EXISTS (
-      SELECT 1 FROM notifications AS e
-      WHERE e.member_id = n.member_id AND e.status = 'pending' AND e.seq < n.seq
-        AND e.next_attempt_at > now())
-ORDER BY n.seq LIMIT $2 FOR UPDATE OF n
+{_NOTHING_EARLIER_WAITS}ORDER BY n.seq LIMIT $2 FOR UPDATE OF n
 """
