@@ -48,15 +48,20 @@ BATCH_SECONDS = Histogram(
 )
 # Back-off for transient failures (database restart, network blip): short, then capped.
 RETRY_BACKOFF_S: Final = (0.1, 0.5, 1.0, 2.0, 5.0)
+# Failures of the database's state, not of the batch: retried, never dead-lettered. A
+# database refusing writes (read-only after a failover), out of disk or memory, or
+# shutting down fails every batch alike; isolating one would dead-letter good records.
 TRANSIENT = (
     OSError,
     asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
+    asyncpg.TransactionRollbackError,  # deadlocks and serialization failures among them
     asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
+    asyncpg.OperatorInterventionError,  # admin or crash shutdown, a cancelled statement
+    asyncpg.InsufficientResourcesError,  # disk full, out of memory
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.PostgresSystemError,  # I/O errors
 )
 
 
@@ -228,27 +233,39 @@ class BatchConsumer:
     # --- processing ---------------------------------------------------------------------
 
     async def process(self, records: Sequence[ConsumerRecord]) -> None:
-        """Apply a batch; transient failures retry, a poison record is isolated and DLQ'd."""
+        """Apply a batch; transient failures retry, a poison record is isolated and DLQ'd.
+
+        Nothing escapes: FastStream would swallow the exception with the fetch position
+        already past the batch, and the next batch's offsets would skip it (never paid,
+        never dead-lettered). So whatever cannot be applied or dead-lettered, a dead
+        letter's own write included, is retried with back-off until it can; records
+        already committed by an earlier attempt are skipped by their stored offsets.
+        """
         attempt = 0
         while True:
             try:
-                await self._apply(records)
+                await self._apply_or_isolate(records)
                 return
-            except TRANSIENT as exc:
+            except Exception as exc:
                 delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
                 log.warning("batch_retry", consumer=self.name, error=repr(exc), delay_s=delay)
                 attempt += 1
                 await asyncio.sleep(delay)
-            except Exception as exc:
-                if len(records) == 1:
-                    await self._dead_letter_poison(records[0], exc)
-                    return
-                # Something in the batch breaks the handler: apply one at a time so only
-                # the culprit goes to the DLQ and everything else is still paid.
-                log.exception("batch_failed_isolating", consumer=self.name, size=len(records))
-                for record in records:
-                    await self.process([record])
+
+    async def _apply_or_isolate(self, records: Sequence[ConsumerRecord]) -> None:
+        try:
+            await self._apply(records)
+        except TRANSIENT:
+            raise
+        except Exception as exc:
+            if len(records) == 1:
+                await self._dead_letter_poison(records[0], exc)
                 return
+            # Something in the batch breaks the handler: apply one at a time so only the
+            # culprit goes to the DLQ and everything else is still paid.
+            log.exception("batch_failed_isolating", consumer=self.name, size=len(records))
+            for record in records:
+                await self._apply_or_isolate([record])
 
     async def _apply(self, records: Sequence[ConsumerRecord]) -> None:
         started = time.perf_counter()

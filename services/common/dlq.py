@@ -46,6 +46,9 @@ def dead_letter(
 ) -> tuple[OutboxRow, tuple[object, ...]]:
     """The outbox row for the DLQ topic and the `dead_letters` row, with a stable id."""
     raw: bytes = record.value or b""
+    # An exception's text may quote the input, and a NUL or a lone surrogate would fail
+    # the `text` column: a dead letter must always be writable, or the consumer retries it.
+    reason = reason.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")
     try:
         original, encoding = raw.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:

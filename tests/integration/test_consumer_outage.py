@@ -1,0 +1,88 @@
+"""A database that refuses writes must hold a batch, not skip it.
+
+Before, a read-only database (after a failover) failed the batch with an error the
+consumer took for a poison record; its dead letter failed the same way, the exception
+escaped to FastStream, which swallows it with the fetch position already past the batch,
+and the next good batch stored offsets beyond it: the records were never paid and never
+dead-lettered. Real Postgres, the ledger's own handler, driven directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+from structlog.testing import capture_logs
+
+from services.common.config import Settings
+from services.common.runtime import init_connection
+from services.ledger import projector
+from services.ledger.rulebook import LedgerRules
+from tests.integration import direct
+from tests.integration.direct import consumer_of, migrated_pool
+from tests.integration.harness import wait_until
+from tests.integration.ledger_helpers import grant
+
+pytestmark = pytest.mark.integration
+TOPIC = "loyalty.grants.v1"
+
+
+async def test_a_batch_waits_while_the_database_refuses_writes(fresh_database: str) -> None:
+    settings = Settings(database_url=fresh_database, bootstrap_servers="")
+    handler = projector.make_handler(settings, "ledger", LedgerRules())
+    now = datetime.now(UTC)
+    batch = direct.records(TOPIC, grant("m-ro", 1200, now), grant("m-ro", 300, now))
+    async with migrated_pool(fresh_database) as pool:
+        read_only = await asyncpg.create_pool(
+            fresh_database, min_size=1, max_size=2, init=init_connection,
+            server_settings={"default_transaction_read_only": "on"},
+        )  # fmt: skip
+        assert read_only is not None
+        consumer = consumer_of(read_only, "ledger", TOPIC, handler)
+        with capture_logs() as logs:
+            task = asyncio.create_task(consumer.process(batch))
+            try:
+                await wait_until(
+                    lambda: asyncio.sleep(0, sum(e["event"] == "batch_retry" for e in logs) >= 3),
+                    what="three attempts on the read-only database",
+                )
+                assert not task.done()
+                # The database takes writes again (the failover is over).
+                consumer.bind(pool, handler)
+                await asyncio.wait_for(task, timeout=30)
+            finally:
+                task.cancel()
+                await read_only.close()
+        retried = [e for e in logs if e["event"] == "batch_retry"]
+        assert "ReadOnlySQLTransactionError" in retried[0]["error"]
+        assert not [e for e in logs if e["event"] in ("batch_failed_isolating", "poison_record")]
+        async with pool.acquire() as conn:
+            balance = await conn.fetchval(
+                "SELECT earned FROM ledger_members WHERE member_id = 'm-ro'"
+            )
+            dead = await conn.fetchval("SELECT count(*) FROM dead_letters")
+            stored = await conn.fetchval(
+                "SELECT next_offset FROM consumer_offsets WHERE consumer = 'ledger'"
+            )
+    assert balance == 1500
+    assert dead == 0
+    assert stored == batch[-1].offset + 1
+
+
+async def test_a_dead_letter_is_written_whatever_its_reason_quotes(fresh_database: str) -> None:
+    """Since nothing escapes `process`, a dead letter that cannot be written would be
+    retried for ever: a reason quoting a NUL or a lone surrogate (Postgres `text` takes
+    neither) is escaped."""
+
+    async def refuse(conn: asyncpg.Connection, records: object, work: object) -> None:
+        raise ValueError("cannot use 'a\x00b\ud800'")
+
+    async with migrated_pool(fresh_database) as pool:
+        consumer = consumer_of(pool, "ledger", TOPIC, refuse)
+        record = direct.records(TOPIC, grant("m-dl", 5, datetime.now(UTC)))
+        await asyncio.wait_for(consumer.process(record), timeout=30)
+        async with pool.acquire() as conn:
+            reason = await conn.fetchval("SELECT reason FROM dead_letters")
+    assert reason == "ValueError: cannot use 'a\\x00b\\ud800'"
