@@ -92,14 +92,18 @@ def _burst(
     at = event.occurred_at
     since = at - hot.burst_window
     recent = [t for t in state.recent_engagement if t > since]
-    held = len(recent) >= limit
-    # The last `limit` stamps are enough to decide the next event; held ones count too,
-    # so a sustained flood stays held. Stamps are kept sorted: in-order events append.
-    if not recent or recent[-1] <= at:
+    # A late event is judged by the events of the minute up to it, as it would have been
+    # on time, not by the ones after it.
+    late = bool(recent) and recent[-1] > at
+    held = len([t for t in recent if t <= at] if late else recent) >= limit
+    # The last `limit` stamps decide the next event; twice that many keep a late event's
+    # minute whole behind up to `limit` later ones. Held ones count too, so a sustained
+    # flood stays held. Stamps are kept sorted: in-order events append.
+    if not late:
         recent.append(at)
     else:
         recent = sorted([*recent, at])
-    return replace(state, recent_engagement=tuple(recent[-limit:])), held
+    return replace(state, recent_engagement=tuple(recent[-2 * limit :])), held
 
 
 def _register(state: MemberState, event: MemberRegistered | Referral) -> MemberState:
@@ -127,7 +131,12 @@ def _apply(
     tiers_at: tiers.TiersAt | None,
 ) -> tuple[MemberState, list[Payout]]:
     if isinstance(event, Purchase):
-        return purchase_rules.on_purchase(state, event, ruleset, referrers, day)
+        new, payouts = purchase_rules.on_purchase(state, event, ruleset, referrers, day)
+        if new.early_refunds and new.orders is not state.orders:
+            oid = event.data.order_id
+            if any(r.order_id == oid for r in new.early_refunds):
+                return purchase_rules.settle_early_refunds(new, oid, ruleset, tiers_at)
+        return new, payouts
     if isinstance(event, CheckIn):
         if event.data.kind == "visit":
             return engagement_rules.on_visit(state, event, ruleset, day)
@@ -171,7 +180,13 @@ def step(
         current, burst = _burst(current, event, ruleset, hot)
         if burst and isinstance(event, CheckIn | Review | Share):
             held = HeldEvent(event=event, reason=hot.burst_reason)
-            return Step(current, [], None, held)
+            # A tier expiry the held event caught up on is reported all the same: the
+            # state keeps it, so neither the next event nor the tier sweep would.
+            change = None
+            if report_tier:
+                change = _tier_change(state, current, current, at, tier_rules.window_months,
+                                      hot.zone)  # fmt: skip
+            return Step(current, [], change, held)
     if day is None:
         day = event.occurred_at.astimezone(hot.zone).date()
     new, payouts = _apply(current, event, ruleset, referrers, day, tiers_at)
@@ -210,8 +225,6 @@ def _evaluate(
     tiers_at: tiers.TiersAt | None,
 ) -> Evaluation:
     s = step(state, event, ruleset, referrers, check_burst=check_burst, tiers_at=tiers_at)
-    if s.held is not None:
-        return Evaluation(state=s.state, held=(s.held,))
     grants = grant_events(event, ruleset, s.payouts)
     if s.tier is not None:
         t = s.tier
@@ -220,7 +233,8 @@ def _evaluate(
                         previous=t.previous, tier=t.tier, spend=t.spend,
                         valid_until=t.valid_until)
         )  # fmt: skip
-    return Evaluation(state=s.state, grants=tuple(grants))
+    held = () if s.held is None else (s.held,)
+    return Evaluation(state=s.state, grants=tuple(grants), held=held)
 
 
 def evaluate(

@@ -126,6 +126,12 @@ def prune(
                 # Oldest first; an order that came late can be older than what went before.
                 marks.sort(key=spend_at)
                 changes["spend_history"] = tuple(marks)
+    early = state.early_refunds
+    if early and (now - min(r.at for r in early)).days >= 28 * keep_months - 1:
+        # A refund waits for its order as long as an order is kept: one older than that
+        # is of an order forgotten already (or never sent).
+        horizon = months_later(now, -keep_months, zone)
+        changes["early_refunds"] = tuple(r for r in early if r.at > horizon)
     history: tuple[SpendMark, ...] = changes.get("spend_history", state.spend_history)
     if history and (now - history[0].at).days >= 28 * history_months - 1:
         forget = months_later(now, -history_months, zone)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from datetime import date
-from decimal import Decimal, localcontext
+from datetime import date, datetime
+from decimal import MAX_PREC, ROUND_FLOOR, Context, Decimal, localcontext
 from typing import Final
 
 from schemas.activity import Purchase, Refund
@@ -18,7 +18,14 @@ from services.rules import tiers
 from services.rules.emit import GRANT, REVOKE, Payout
 from services.rules.pruning import put_order
 from services.rules.ruleset import PurchaseRules, RuleSet, derived
-from services.rules.state import BigTicketSnapshot, MemberState, Order, OtherPaid, replace
+from services.rules.state import (
+    BigTicketSnapshot,
+    EarlyRefund,
+    MemberState,
+    Order,
+    OtherPaid,
+    replace,
+)
 
 _SNAPSHOTS: dict[int, tuple[PurchaseRules, tuple[BigTicketSnapshot, ...]]] = {}
 _ZERO: Final = Decimal(0)
@@ -46,17 +53,28 @@ def floor_points(value: Decimal) -> int:
 
 
 def base_points(amount: Decimal, rate: Decimal, divisor: Decimal = _ONE) -> int:
-    """floor(amount x rate / divisor), dividing last: exact whenever the quotient is whole.
+    """floor(amount x rate / divisor), rounded down only, never up, whatever the digits.
 
-    `divisor` is 1 but for a project campaign (`_campaign_factor`). Then the product is
-    worked out at a precision it fits in, so the one rounding is the division's, at 60
-    significant digits: far finer than the 1/divisor a true fraction is from a whole.
+    `divisor` is 1 but for a project campaign (`_campaign_factor`). The product is exact
+    (a context at the maximum precision sizes it by its operands), and the division
+    rounds toward minus infinity at a precision holding every whole digit of the
+    quotient, so the floor of the rounded quotient is the floor of the exact one. (Under
+    the default context, 999.99999999999999999999999999 x 1.2 rounded to 1200 first.)
     """
+    product = _EXACT_PRODUCT.multiply(amount, rate)
     if divisor == _ONE:
-        return floor_points(amount * rate)
-    with localcontext() as exact:
-        exact.prec = EXACT_DIGITS
-        return floor_points(amount * rate / divisor)
+        return floor_points(product)
+    whole_digits = product.adjusted() - divisor.adjusted() + 2
+    ctx = _FLOOR if whole_digits <= EXACT_DIGITS else _floor_context(whole_digits + EXACT_DIGITS)
+    return floor_points(ctx.divide(product, divisor))
+
+
+def _floor_context(prec: int) -> Context:
+    return Context(prec=prec, rounding=ROUND_FLOOR)
+
+
+_EXACT_PRODUCT: Final = _floor_context(MAX_PREC)  # for products only: exact, never huge
+_FLOOR: Final = _floor_context(EXACT_DIGITS)
 
 
 def big_ticket_points(amount: Decimal, steps: Iterable[BigTicketSnapshot]) -> int:
@@ -221,18 +239,36 @@ def _targets(order: Order, net: Decimal) -> dict[str, int]:
 def on_refund(
     state: MemberState, event: Refund, ruleset: RuleSet, tiers_at: tiers.TiersAt | None = None
 ) -> tuple[MemberState, list[Payout]]:
-    """Proportional take-back; refunds past the order's amount, or of unknown orders, do nothing."""
-    order = state.orders.get(event.data.order_id)
+    """Proportional take-back; refunds past the order's amount do nothing. A refund of an
+    order not seen yet waits in the state for its purchase (`settle_early_refunds`)."""
+    d = event.data
+    order = state.orders.get(d.order_id)
     if order is None:
-        return state, []
-    effective = min(event.data.amount, order.net)
+        if d.amount <= 0:
+            return state, []
+        early = EarlyRefund(order_id=d.order_id, at=event.occurred_at, amount=d.amount)
+        kept = (*state.early_refunds, early)[-MAX_EARLY_REFUNDS:]
+        return replace(state, early_refunds=kept), []
+    return _refund(state, order, d.amount, event.occurred_at, event.member_id, ruleset, tiers_at)
+
+
+# Early refunds a member's state keeps (the newest): refunds of orders that never arrive
+# (forgotten, or never sent) must not grow it without bound.
+MAX_EARLY_REFUNDS: Final = 32
+
+
+def _refund(
+    state: MemberState, order: Order, amount: Decimal, at: datetime, member: str,
+    ruleset: RuleSet, tiers_at: tiers.TiersAt | None,
+) -> tuple[MemberState, list[Payout]]:  # fmt: skip
+    effective = min(amount, order.net)
     if effective <= 0:
         return state, []
     order = replace(order, refunded=order.refunded + effective)
     net = order.net
     targets = _targets(order, net)
     payouts: list[Payout] = []
-    oid, version, member = order.order_id, order.ruleset_version, event.member_id
+    oid, version = order.order_id, order.ruleset_version
     for rule_id in sorted({*order.paid, *targets}):
         diff = targets.get(rule_id, 0) - order.paid.get(rule_id, 0)
         if diff < 0:
@@ -246,4 +282,31 @@ def on_refund(
     order = replace(order, paid=targets, others=others)
     new = replace(state, orders=put_order(state.orders, order))
     zone = derived(ruleset).zone
-    return tiers.after_refund(new, order, event.occurred_at, ruleset.tiers, tiers_at, zone), payouts
+    return tiers.after_refund(new, order, at, ruleset.tiers, tiers_at, zone), payouts
+
+
+def settle_early_refunds(
+    state: MemberState, order_id: str, ruleset: RuleSet, tiers_at: tiers.TiersAt | None
+) -> tuple[MemberState, list[Payout]]:
+    """The order just bought with the refunds that came before it applied, in time order,
+    and what it pays net of them: as if the purchase and its refunds had arrived in that
+    order, but paid once, net (no grant taken back in the same breath, so every payout
+    keeps the purchase's grant id and rule-set version)."""
+    waiting = sorted((r for r in state.early_refunds if r.order_id == order_id), key=_refund_at)
+    state = replace(
+        state, early_refunds=tuple(r for r in state.early_refunds if r.order_id != order_id)
+    )
+    member = state.member_id
+    for r in waiting:
+        state, _ = _refund(state, state.orders[order_id], r.amount, r.at, member, ruleset,
+                           tiers_at)  # fmt: skip
+    order = state.orders[order_id]
+    payouts: list[Payout] = [
+        (GRANT, member, k, p, order_id, None) for k, p in order.paid.items() if p > 0
+    ]
+    payouts += [(GRANT, o.member_id, o.rule_id, o.points, order_id, None) for o in order.others]
+    return state, payouts
+
+
+def _refund_at(refund: EarlyRefund) -> datetime:
+    return refund.at

@@ -123,6 +123,21 @@ class SpendMark(
     net: Decimal
 
 
+class EarlyRefund(
+    msgspec.Struct,
+    frozen=True,
+    array_like=True,
+    forbid_unknown_fields=True,
+    gc=False,
+):
+    """A refund of an order not seen yet, as `[order_id, at, amount]` in JSON: applied
+    when the purchase arrives (systems that sync late can deliver the refund first)."""
+
+    order_id: str
+    at: datetime
+    amount: Decimal
+
+
 class MemberState(
     msgspec.Struct,
     frozen=True,
@@ -161,6 +176,8 @@ class MemberState(
     recent_engagement: tuple[datetime, ...] = ()
     referrer_id: str | None = None
     referral_paid: bool = False
+    # Refunds of orders not seen yet, in arrival order; kept as long as orders are.
+    early_refunds: tuple[EarlyRefund, ...] = ()
     birthday: str | None = None
 
 

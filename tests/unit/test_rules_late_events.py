@@ -1,0 +1,220 @@
+"""Events delivered out of their time order, and arithmetic at the edges: what a
+reviewing helper found (2026-11-29), each test failing on the code before its fix."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from rules_factories import (
+    DEFAULT,
+    T0,
+    Run,
+    by_rule,
+    purchase,
+    refund,
+    registered,
+    review,
+    ruleset,
+    share,
+    sign_in,
+    state_with,
+)
+
+from schemas.grants import PointsGranted, PointsRevoked
+from services.rules.purchase_rules import MAX_EARLY_REFUNDS, base_points
+from services.rules.state import EarlyRefund, dump_state, load_state
+
+D = timedelta(days=1)
+S = timedelta(seconds=1)
+
+
+def _returning() -> Run:
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    return run
+
+
+# --- Bursts ---------------------------------------------------------------------------
+
+
+def test_a_late_engagement_event_is_not_held_for_the_events_after_it() -> None:
+    """'More than 20 engagement events from one member in a minute': 20 in one minute, then
+    a review written 5 days earlier arrives. Its own minute holds nothing else."""
+    run = Run()
+    run.feed(*[review(at=T0 + 2 * i * S) for i in range(20)])
+    late = run.feed(review(at=T0 - 5 * D))
+    assert run.held == []
+    assert by_rule(late.grants) == {"review": 50}
+
+
+def test_a_late_event_inside_a_burst_is_still_held() -> None:
+    """Late, but the minute up to it already holds 20: held, as it would have been on
+    time."""
+    run = Run()
+    run.feed(*[review(at=T0 + i * S) for i in range(20)])
+    run.feed(review(at=T0 + 45 * S))  # 20 in the minute before it: held
+    assert len(run.held) == 1
+    run.feed(review(at=T0 + 30 * S))  # late: the 20 from T0 on are in its minute too
+    assert len(run.held) == 2
+    run.feed(review(at=T0 + 70 * S))  # from T0 + 10 s: 10 + the two held ones
+    assert len(run.held) == 2
+
+
+def test_a_tier_expiry_caught_up_by_a_held_event_is_reported() -> None:
+    """A burst straddling the end of a silver tier: the held 21st event applies the expiry
+    to the state. It used to be reported by nobody (the state already said member, so
+    neither the next event nor the tier sweep would), and the ledger kept silver."""
+    run = Run()
+    run.feed(purchase(amount=10000, at=T0, order_id="A"))
+    until = run.state().tier_valid_until
+    assert run.state().tier == "silver"
+    assert until is not None
+    run.feed(*[share(at=until - 30 * S + i * S) for i in range(3)])
+    run.feed(*[review(at=until - 27 * S + i * S) for i in range(17)])
+    before = len(run.tiers)
+    held = run.feed(review(at=until + 5 * S))  # 21st in a minute: held
+    assert len(run.held) == 1
+    assert run.state().tier == "member"
+    reports = [(t.data.previous_tier, t.data.tier) for t in run.tiers[before:]]
+    assert reports == [("silver", "member")]
+    assert [g.type for g in held.grants] == ["tier_evaluated"]
+    run.feed(sign_in(at=until + 2 * D))
+    assert len(run.tiers) == before + 1  # reported once
+
+
+# --- Rounding -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("amount", "rate", "divisor", "points"),
+    [
+        ("999.99999999999999999999999999", "1.2", "1", 1199),
+        ("0.99999999999999999999999999999", "1", "1", 0),
+        ("99999999999999999999999999999.99", "1.5", "1", 149999999999999999999999999999),
+        ("400", "4", "3", 533),  # a campaign on a third of the order: 400 x 4/3
+        ("300", "4", "3", 400),  # whole quotients stay whole
+        ("0.999999999999999999999999999999999999999999999999999999999999999", "3", "3", 0),
+    ],
+)
+def test_base_points_are_rounded_down_never_up(
+    amount: str, rate: str, divisor: str, points: int
+) -> None:
+    """'Fractions are rounded down': under the default 28-digit context the product was
+    rounded (half even) before the floor, so 999.99999999999999999999999999 x 1.2 paid
+    1,200."""
+    from decimal import Decimal
+
+    assert base_points(Decimal(amount), Decimal(rate), Decimal(divisor)) == points
+
+
+def test_a_purchase_of_many_decimals_is_paid_the_floor() -> None:
+    run = Run()
+    run.states["m-1"] = state_with(
+        first_purchase_done=True, tier="silver", tier_valid_until=T0 + 100 * D
+    )
+    r = run.feed(purchase(amount="999.99999999999999999999999999"))
+    assert by_rule(r.grants) == {"base": 1199}
+
+
+# --- A refund delivered before its purchase -------------------------------------------
+
+
+def _totals(run: Run, member: str = "m-1") -> dict[str, int]:
+    return {k: v for k, v in run.by_rule(member).items() if v}
+
+
+@pytest.mark.parametrize("refunded", [1000, 400, 2600, 5000])
+def test_a_refund_delivered_before_its_purchase_takes_back_what_it_would_have(
+    refunded: int,
+) -> None:
+    """DOMAIN: 'A refund of a purchase takes back the points that purchase earned'. A
+    refund that came first used to be dropped, and the purchase then paid in full. Now
+    the purchase pays net of it: what purchase-then-refund leaves, and the same state."""
+    buy = purchase(
+        amount=5000, at=T0, order_id="A", items=["facial-package", "gold-rf-microneedle"]
+    )
+    back = refund("m-1", "A", refunded, at=T0 + D)
+    in_order, reversed_ = _returning(), _returning()
+    in_order.feed(buy, back)
+    reversed_.feed(back, buy)
+    assert _totals(reversed_) == _totals(in_order)
+    assert reversed_.state().orders == in_order.state().orders
+    assert reversed_.state().tier == in_order.state().tier
+    assert reversed_.state().early_refunds == ()
+    # Paid once, net: no grant taken back in the same breath.
+    assert not [g for g in reversed_.grants if isinstance(g, PointsRevoked)]
+    spend = reversed_.tiers[-1].data.qualifying_spend if reversed_.tiers else 0
+    assert spend == in_order.tiers[-1].data.qualifying_spend
+
+
+def test_a_full_refund_before_a_first_purchase_pays_the_referrer_nothing() -> None:
+    run = Run()
+    run.feed(registered("m-new", referrer="m-ref"))
+    run.feed(refund("m-new", "A", 1200, at=T0 + D))
+    r = run.feed(purchase("m-new", amount=1200, at=T0 + S, order_id="A"))
+    assert [g for g in r.grants if isinstance(g, PointsGranted)] == []
+    assert run.balance("m-ref") == 0
+
+
+def test_two_refunds_before_their_purchase_are_both_applied() -> None:
+    in_order, reversed_ = _returning(), _returning()
+    buy = purchase(amount=3000, at=T0, order_id="A")
+    first, second = refund("m-1", "A", 500, at=T0 + D), refund("m-1", "A", 700, at=T0 + 2 * D)
+    in_order.feed(buy, first, second)
+    reversed_.feed(second, first, buy)
+    assert _totals(reversed_) == _totals(in_order)
+    assert reversed_.state().orders["A"].refunded == 1200
+
+
+def test_a_refund_of_another_order_waits_and_the_state_keeps_it_through_storage() -> None:
+    run = _returning()
+    run.feed(refund("m-1", "B", 300, at=T0 + D))
+    run.feed(purchase(amount=1000, at=T0, order_id="A"))
+    state = run.state()
+    assert [r.order_id for r in state.early_refunds] == ["B"]
+    assert load_state(dump_state(state)) == state
+
+
+def test_early_refunds_are_forgotten_with_the_orders_and_bounded() -> None:
+    run = _returning()
+    run.feed(refund("m-1", "gone", 300, at=T0))
+    run.feed(sign_in(at=T0 + 400 * D))  # more than keep_months later
+    assert run.state().early_refunds == ()
+    run.feed(*[refund("m-1", f"o-{i}", 10, at=T0 + 401 * D + i * S) for i in range(40)])
+    kept = run.state().early_refunds
+    assert len(kept) == MAX_EARLY_REFUNDS
+    assert kept[-1] == EarlyRefund(order_id="o-39", at=T0 + 401 * D + 39 * S, amount=10)
+
+
+def test_a_refund_before_a_repeated_order_id_is_not_applied_twice() -> None:
+    """The purchase sent again (same order id) pays nothing, and settles nothing again."""
+    run = _returning()
+    run.feed(refund("m-1", "A", 1000, at=T0 + D))
+    run.feed(purchase(amount=1000, at=T0, order_id="A"))
+    again = run.feed(purchase(amount=1000, at=T0, order_id="A"))
+    assert again.grants == ()
+    assert run.state().orders["A"].refunded == 1000
+
+
+def test_the_backtest_lane_prices_an_early_refund_too() -> None:
+    """`step` is what the backtest runs: the same answer there."""
+    from services.rules.engine import step
+
+    state = state_with(first_purchase_done=True)
+    s = step(state, refund("m-1", "A", 1000, at=T0 + D), DEFAULT, {}, report_tier=False)
+    s = step(s.state, purchase(amount=1000, at=T0, order_id="A"), DEFAULT, {},
+             report_tier=False)  # fmt: skip
+    assert s.payouts == []
+
+
+def test_rule_sets_with_stacking_bonuses_net_the_same_way() -> None:
+    rules = ruleset(purchase={"stack_purchase_bonuses": True})
+    buy = purchase(
+        amount=3500, at=T0, order_id="A", items=["facial-package", "gold-rf-microneedle"]
+    )
+    back = refund("m-1", "A", 1500, at=T0 + D)
+    in_order, reversed_ = Run(rules=rules), Run(rules=rules)
+    in_order.feed(buy, back)
+    reversed_.feed(back, buy)
+    assert _totals(reversed_) == _totals(in_order)
