@@ -112,11 +112,18 @@ def parse_instant(raw: str, name: str = "as_of") -> datetime:
             detail = f"{raw!r} is not an RFC 3339 timestamp, e.g. 2026-11-20T15:04:05+08:00"
         raise query_problem(name, f"Invalid {name}", detail)
     try:
-        return datetime.fromisoformat(raw.upper())
+        moment = datetime.fromisoformat(raw.upper())
     except ValueError as exc:  # well formed, but not a real moment (month 13, ...)
         raise query_problem(
             name, f"Invalid {name}", f"{raw!r} is not an RFC 3339 timestamp"
         ) from exc
+    try:
+        moment.astimezone(UTC)  # what the database driver does with it
+    except OverflowError as exc:  # 0001-01-01T00:00:00+08:00 is before year 1 in UTC
+        raise query_problem(
+            name, f"Invalid {name}", f"{raw!r} is outside the years 1 to 9999 in UTC"
+        ) from exc
+    return moment
 
 
 _ID = Field(min_length=1, max_length=200)

@@ -224,6 +224,10 @@ def test_rfc3339_instants_in_any_of_its_forms_are_read(raw: str, moment: datetim
         ("2026-13-20T15:04:05Z", "is not an RFC 3339 timestamp"),
         ("2026-11-20T15:04:05+08:60", "is not an RFC 3339 timestamp"),
         ("yesterday", "is not an RFC 3339 timestamp"),
+        # Real moments of their offset, but not in UTC, where the database takes them
+        # (the driver converts): they were a 500.
+        ("0001-01-01T00:00:00+08:00", "outside the years 1 to 9999 in UTC"),
+        ("9999-12-31T23:59:59-08:00", "outside the years 1 to 9999 in UTC"),
     ],
 )
 def test_other_instants_are_refused_with_a_reason(raw: str, says: str) -> None:
@@ -239,6 +243,8 @@ def test_other_instants_are_refused_with_a_reason(raw: str, says: str) -> None:
         ("/v1/members/m-1?as_of=yesterday", "query.as_of", "is not an RFC 3339 timestamp"),
         ("/v1/members/m-1?as_of=2026-11-20T15:04:05", "query.as_of", "needs a UTC offset"),
         ("/v1/members/m-1?as_of=2026-13-20T15:04:05Z", "query.as_of", "not an RFC 3339"),
+        ("/v1/members/m-1?as_of=0001-01-01T00:00:00%2B08:00", "query.as_of", "years 1 to"),
+        ("/v1/reports/summary?to=9999-12-31T23:59:59-08:00", "query.to", "years 1 to 9999"),
         ("/v1/members/m-1/entries?cursor=nope", "query.cursor", "not issued by this API"),
         # A well-formed cursor past bigint reached the database (a 500).
         ("/v1/members/m-1/entries?cursor=OTk5OTk5OTk5OTk5OTk5OTk5OTk5", "query.cursor",
