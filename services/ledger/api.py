@@ -165,11 +165,16 @@ class AdjustmentBody(BaseModel):
     reason: str = Field(min_length=1, max_length=500)
     operator: str = Field(min_length=1, max_length=200)
     allow_debt: bool = Field(default=False, strict=True)
+    # A member the ledger has no record of yet (registered, nothing earned) gets one with
+    # a grant only when asked: otherwise a mistyped id would be a new member with points.
+    new_member: bool = Field(default=False, strict=True)
 
     @model_validator(mode="after")
     def _moves(self) -> Self:
         if self.points == 0:
             raise ValueError("an adjustment must move points")
+        if self.new_member and self.points < 0:
+            raise ValueError("new_member goes with a grant: a new member has nothing to deduct")
         if not self.reason.strip() or not self.operator.strip():
             raise ValueError("an adjustment needs a reason and the operator's id")
         return self
@@ -342,6 +347,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 reason=body.reason.strip(),
                 operator=body.operator.strip(),
                 allow_debt=body.allow_debt,
+                new_member=body.new_member,
                 now=now,
                 lifetime_months=lifetime,
                 zone=zone,

@@ -24,7 +24,13 @@ import asyncpg
 from schemas.grants import TIERS, Tier
 from services.common.outbox import write_outbox
 from services.ledger import accounting as acc
-from services.ledger.journal import ledger_event, load_books, outbox_rows, write_journal
+from services.ledger.journal import (
+    ENSURE_MEMBERS,
+    ledger_event,
+    load_books,
+    outbox_rows,
+    write_journal,
+)
 from services.ledger.redemption import DEFAULT_POLICY, RedemptionPolicy, UnknownReward
 
 SERVICE: Final = "ledger"
@@ -122,7 +128,10 @@ async def _claim(
         return _replay(prior, request, what, key), ""
     member = await conn.fetchrow(LOCK_MEMBER, member_id)
     if member is None:
-        raise Refused(404, "Member not found", f"no ledger record for member {member_id!r}")
+        detail = f"no ledger record for member {member_id!r}"
+        if what == "Adjustment":
+            detail += ' (nothing earned yet); to grant to a new member, send "new_member": true'
+        raise Refused(404, "Member not found", detail)
     # Re-read under the lock: a twin request may have committed while we waited.
     prior = await conn.fetchrow(prior_sql, request_id)
     if prior is not None:
@@ -255,22 +264,28 @@ async def adjust(
     operator: str,
     allow_debt: bool,
     now: datetime,
+    new_member: bool = False,
     lifetime_months: int = acc.DEFAULT_LIFETIME_MONTHS,
     zone: tzinfo | None = None,
 ) -> Outcome:
     """A manual grant or deduction by ops: journaled with its reason and operator.
 
     A grant's points live `lifetime_months` on `zone`'s calendar (the rule set in force
-    now: `LedgerRules`)."""
-    request = {
+    now: `LedgerRules`). `new_member`: create the member's record if the ledger has none
+    (rolled back with the rest if the adjustment is refused)."""
+    request: dict[str, Any] = {
         "member_id": member_id,
         "points": points,
         "reason": reason,
         "operator": operator,
         "allow_debt": allow_debt,
     }
+    if new_member:  # absent otherwise, so requests stored before the flag replay equal
+        request["new_member"] = True
     try:
         async with conn.transaction():
+            if new_member:
+                await conn.execute(ENSURE_MEMBERS, [member_id])
             replayed, _tier = await _claim(
                 conn,
                 PRIOR_ADJUSTMENT,

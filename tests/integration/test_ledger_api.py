@@ -115,7 +115,10 @@ async def test_redemptions_adjustments_and_reports_through_the_api(stack: Stack)
     assert_problem(await post(stack, "/v1/adjustments", adj, key=READER_KEY), 403)
     assert_problem(await post(stack, "/v1/adjustments", {**adj, "points": 0}), 422)
     assert_problem(await post(stack, "/v1/adjustments", {**adj, "reason": " "}), 422)
-    assert_problem(await post(stack, "/v1/adjustments", {**adj, "member_id": "nobody"}), 404)
+    unknown = assert_problem(
+        await post(stack, "/v1/adjustments", {**adj, "member_id": "nobody"}), 404
+    )
+    assert '"new_member": true' in unknown["detail"]
     assert_problem(
         await post(stack, "/v1/adjustments", {**adj, "adjustment_id": "a-x", "points": -99999}), 409
     )
@@ -173,6 +176,19 @@ async def test_redemptions_adjustments_and_reports_through_the_api(stack: Stack)
     assert rep["issued"] == 1000
     assert rep["by_rule"] == {"big_ticket": 1000}
     assert rep["active_members"] == 1
+
+    # A member new to the ledger (registered, nothing earned yet) gets a goodwill grant
+    # when ops say so; a deduction cannot make one.
+    welcome = {**adj, "adjustment_id": "a-new", "member_id": "m-new", "points": 200}
+    assert_problem(await post(stack, "/v1/adjustments", {**welcome, "points": -5,
+                                                        "new_member": True}), 422)  # fmt: skip
+    assert_problem(await post(stack, "/v1/adjustments", {**welcome, "new_member": "yes"}), 422)
+    created = await post(stack, "/v1/adjustments", {**welcome, "new_member": True})
+    assert created.status_code == 201, created.text
+    assert (await member(stack, "m-new"))["points"]["available"] == 200
+    again = await post(stack, "/v1/adjustments", {**welcome, "new_member": True})
+    assert again.json() == created.json()
+    assert_problem(await post(stack, "/v1/adjustments", welcome), 409)  # another request
 
     await assert_verified(stack.dsn)
 
