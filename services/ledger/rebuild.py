@@ -357,8 +357,16 @@ async def _swap(conn: asyncpg.Connection, high: int, renames: list[str]) -> int:
 # --------------------------------------------------------------------------- verify
 
 
+# What verify compares of a lot: its points and dates, and what it is attributed to (the
+# expiry events and the per-store report read those from the lot).
+LOT_FIELDS: Final = (
+    "points", "remaining", "earned_at", "available_from", "expires_at", "source_event_id",
+    "order_id", "rule_id", "ruleset_version",
+)  # fmt: skip
+
+
 def _lot_key(row: Any) -> tuple[Any, ...]:
-    return (row[2], row[3], row[4], row[5], row[6])  # points, remaining, earned, from, expires
+    return tuple(row[2:11])  # `lot_row`'s columns after the ids, in LOT_FIELDS' order
 
 
 def _compare(book: acc.Book, member: asyncpg.Record | None, lots: list[Any]) -> list[str]:
@@ -371,16 +379,7 @@ def _compare(book: acc.Book, member: asyncpg.Record | None, lots: list[Any]) -> 
         if want != have:
             out.append(f"{m}: {col} journal={want} read-model={have}")
     want_lots = {lot.lot_id: _lot_key(lot_row(lot, lot.remaining)) for lot in book.lots}
-    have_lots = {
-        r["lot_id"]: (
-            r["points"],
-            r["remaining"],
-            r["earned_at"],
-            r["available_from"],
-            r["expires_at"],
-        )
-        for r in lots
-    }
+    have_lots = {r["lot_id"]: tuple(r[f] for f in LOT_FIELDS) for r in lots}
     for lot_id in sorted(want_lots.keys() | have_lots.keys()):
         want_lot, have_lot = want_lots.get(lot_id), have_lots.get(lot_id)
         if want_lot != have_lot:
@@ -393,10 +392,11 @@ def _compare(book: acc.Book, member: asyncpg.Record | None, lots: list[Any]) -> 
 def _fmt_lot(lot: tuple[Any, ...] | None) -> str:
     if lot is None:
         return "none"
-    points, remaining, _earned, available_from, expires = lot
+    points, remaining, _earned, available_from, expires, source, order, rule, version = lot
     return (
         f"(remaining {remaining}/{points}, available_from {_iso(available_from)},"
-        f" expires {_iso(expires)})"
+        f" expires {_iso(expires)}, rule {rule} {version or '-'}, source {source},"
+        f" order {order or '-'})"
     )
 
 

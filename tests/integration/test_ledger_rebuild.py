@@ -139,14 +139,30 @@ async def test_rebuild_then_verify_on_100k_entries_while_writes_go_on(
             await conn.execute(
                 "UPDATE ledger_members SET tier = 'gold' WHERE member_id = 'm-00009'"
             )
+            # A lot attributed to another rule and source (its points untouched): the
+            # expiry events and the per-store report read those from the lot.
+            misattributed = await conn.fetchrow(
+                "SELECT lot_id, member_id FROM ledger_lots"
+                " WHERE remaining > 0 AND member_id <> $1 ORDER BY lot_id DESC LIMIT 1",
+                lot["member_id"],
+            )
+            await conn.execute(
+                "UPDATE ledger_lots SET rule_id = 'combo', source_event_id = 'e-forged'"
+                " WHERE lot_id = $1",
+                misattributed["lot_id"],
+            )
         diffs = (await verify(dsn)).differences
-        assert len(diffs) == 3, diffs
+        assert len(diffs) == 4, diffs
         assert any(d.startswith("m-00007: earned journal=") for d in diffs)
         assert any(f"lot {lot['lot_id']}" in d for d in diffs)
         assert any(d.startswith("m-00009: tier history says member") for d in diffs)
+        forged = [d for d in diffs if f"lot {misattributed['lot_id']}" in d]
+        assert len(forged) == 1
+        assert "rule combo" in forged[0]
+        assert "source e-forged" in forged[0]
         bad = await asyncio.to_thread(ledgerctl, dsn, "verify")
         assert bad.returncode == 1
-        assert "3 difference(s)" in bad.stdout
+        assert "4 difference(s)" in bad.stdout
 
         # Rebuild repairs totals and lots from the journal, tiers from the tier history.
         await rebuild(dsn)
