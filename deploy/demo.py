@@ -161,7 +161,7 @@ def start_stack(run: str, receiver: WebhookReceiver) -> DemoStack:
     stack.LOGS.mkdir(exist_ok=True)
     previous = stack.read_env_file()
     _stop_services()
-    dsn = stack.ensure_postgres()
+    dsn = stack.ensure_postgres(previous)
     kind, bootstrap = stack.ensure_broker(previous)
     demo_dsn = asyncio.run(_recreate_database(dsn))
     say(f"database: {demo_dsn.rsplit('/', 1)[1]} (fresh for this run)")
@@ -175,6 +175,7 @@ def start_stack(run: str, receiver: WebhookReceiver) -> DemoStack:
         LOYALTY_TOPIC_PREFIX=topics.prefix,
         NOTIFIER_WEBHOOK_URL=receiver.url,
         NOTIFIER_WEBHOOK_SECRET=receiver.secret,
+        STACK_WRITER="demo",  # a later `make up` keeps none of these (deploy.stack.sticky)
     )
     stack.write_env_file(env)
     if not stack.ensure_services(env):

@@ -40,10 +40,51 @@ STACK_ENV = RUN / "stack.env"
 PG_DATA = RUN / "pgdata"
 KAFKA_DATA = RUN / "kafka-data"
 
-# The contract's topics, with LOYALTY_TOPIC_PREFIX in front when it is set (as the
-# services read it), so `make up` creates the topics the services will use.
-TOPIC_PREFIX = os.environ.get("LOYALTY_TOPIC_PREFIX", "")
-TOPICS = Topics(prefix=TOPIC_PREFIX).all()
+# Settings one `up` was given stick to the next ones (kept in stack.env) until given again
+# (empty to clear): a plain `make up` that restarts one dead service must not start it, or
+# the others, with a different configuration. (variable, default written when never given;
+# None: left out, so the service's own default applies.)
+STICKY: tuple[tuple[str, str | None], ...] = (
+    ("TOPIC_PARTITIONS", "6"),
+    ("LOYALTY_TOPIC_PREFIX", ""),
+    ("RULES_METRICS_PORT", "9101"),
+    ("NOTIFIER_METRICS_PORT", "9102"),
+    ("LEDGER_HOST", None),
+    ("NOTIFIER_WEBHOOK_URL", None),
+    ("NOTIFIER_WEBHOOK_SECRET", None),
+    ("NOTIFIER_GIVE_UP_HOURS", None),
+    ("CONSUMER_MAX_BATCH", None),
+    ("CONSUMER_BATCH_WAIT_MS", None),
+    ("DB_POOL_SIZE", None),
+    ("KAFKA_SESSION_TIMEOUT_MS", None),
+    ("RULEBOOK_POLL_SECONDS", None),
+    ("EXPIRY_SWEEP_SECONDS", None),
+    ("EXPIRY_GRACE_SECONDS", None),
+    ("TIER_SWEEP_SECONDS", None),
+    ("TIER_SWEEP_GRACE_SECONDS", None),
+    ("PLANNER_STATS_SECONDS", None),
+    ("LOG_LEVEL", None),
+    ("LOYALTY_NATIVE", None),
+)
+
+
+def sticky(previous: dict[str, str]) -> dict[str, str]:
+    """The sticky settings: given now, else as the last `up` wrote them, else defaults.
+    What `make demo` wrote (its own topics and webhook receiver) does not stick."""
+    if previous.get("STACK_WRITER") == "demo":
+        previous = {}
+    out: dict[str, str] = {}
+    for var, default in STICKY:
+        value = os.environ.get(var, previous.get(var, default))
+        if value is not None:
+            out[var] = value
+    return out
+
+
+def topics(previous: dict[str, str]) -> list[str]:
+    """The contract's topics with the stack's LOYALTY_TOPIC_PREFIX, as the services read it."""
+    return Topics(prefix=sticky(previous)["LOYALTY_TOPIC_PREFIX"]).all()
+
 
 #: (name, python module) of each service process, started in this order, stopped in reverse.
 SERVICES: list[tuple[str, str]] = [
@@ -203,13 +244,18 @@ def apply_migrations(dsn: str) -> None:
 def build_env(
     previous: dict[str, str], dsn: str, broker_kind: str, bootstrap: str
 ) -> dict[str, str]:
-    """The contents of stack.env. Keys generated once are reused from the previous file;
-    keys in `LEDGER_API_KEYS` from the environment are served too."""
-    ops_key = previous.get("LEDGER_OPS_KEY") or f"ops_{secrets.token_urlsafe(24)}"
-    reader_key = previous.get("LEDGER_READER_KEY") or f"rd_{secrets.token_urlsafe(24)}"
-    redeemer_key = previous.get("LEDGER_REDEEMER_KEY") or f"rdm_{secrets.token_urlsafe(24)}"
+    """The contents of stack.env. The three role keys: given, else the previous file's,
+    else generated once; `LEDGER_API_KEYS` adds keys of its own, kept like the sticky
+    settings (given again, they replace the ones added before)."""
+    ops_key = _key("LEDGER_OPS_KEY", previous, "ops")
+    reader_key = _key("LEDGER_READER_KEY", previous, "rd")
+    redeemer_key = _key("LEDGER_REDEEMER_KEY", previous, "rdm")
     keys = [f"{ops_key}:ops", f"{reader_key}:reader", f"{redeemer_key}:redeemer"]
-    keys += [k for k in _api_keys(os.environ.get("LEDGER_API_KEYS", "")) if k not in keys]
+    added = os.environ.get("LEDGER_API_KEYS", previous.get("LEDGER_API_KEYS", ""))
+    previous_roles = {previous.get(v) for v in ROLE_KEYS} - {None}
+    keys += [
+        k for k in _api_keys(added) if k not in keys and k.rpartition(":")[0] not in previous_roles
+    ]
     ledger_port = os.environ.get("LEDGER_PORT", previous.get("LEDGER_PORT", "8080"))
     return {
         "POSTGRES": "external" if external_postgres(previous) else "local",
@@ -222,13 +268,17 @@ def build_env(
         "LEDGER_READER_KEY": reader_key,
         "LEDGER_REDEEMER_KEY": redeemer_key,
         "LEDGER_API_KEYS": ",".join(keys),
-        "TOPIC_PARTITIONS": os.environ.get("TOPIC_PARTITIONS", "6"),
-        "LOYALTY_TOPIC_PREFIX": TOPIC_PREFIX,
         **local.consumer_env(broker_kind),
-        # The ledger serves /metrics on its API port; the others get a port of their own.
-        "RULES_METRICS_PORT": os.environ.get("RULES_METRICS_PORT", "9101"),
-        "NOTIFIER_METRICS_PORT": os.environ.get("NOTIFIER_METRICS_PORT", "9102"),
+        # (The ledger serves /metrics on its API port; the others get a port of their own.)
+        **sticky(previous),
     }
+
+
+ROLE_KEYS = ("LEDGER_OPS_KEY", "LEDGER_READER_KEY", "LEDGER_REDEEMER_KEY")
+
+
+def _key(var: str, previous: dict[str, str], prefix: str) -> str:
+    return os.environ.get(var) or previous.get(var) or f"{prefix}_{secrets.token_urlsafe(24)}"
 
 
 def _api_keys(value: str) -> list[str]:
@@ -282,14 +332,21 @@ def up() -> int:
     previous = read_env_file()
     dsn = ensure_postgres(previous)
     kind, bootstrap = ensure_broker(previous)
-    partitions = int(os.environ.get("TOPIC_PARTITIONS", "6"))
-    local.create_topics(bootstrap, TOPICS, partitions)
-    say(f"topics: {', '.join(TOPICS)} ({partitions} partitions)")
+    partitions = int(sticky(previous)["TOPIC_PARTITIONS"])
+    names = topics(previous)
+    local.create_topics(bootstrap, names, partitions)
+    say(f"topics: {', '.join(names)} ({partitions} partitions)")
     apply_migrations(dsn)
     stack_env = build_env(previous, dsn, kind, bootstrap)
     write_env_file(stack_env)
     say(f"env: {STACK_ENV}")
-    changed = [k for k, v in stack_env.items() if previous and previous.get(k) != v]
+    changed = sorted(
+        k
+        for k in stack_env.keys() | previous.keys()
+        if previous and previous.get(k) != stack_env.get(k)
+    )
+    if changed:
+        say(f"settings changed since the last up: {', '.join(changed)}")
     if not ensure_services(stack_env, restart=bool(changed)):
         return 1
     return 0 if wait_ready(stack_env["LEDGER_API_URL"]) else 1

@@ -8,10 +8,35 @@ script as its `__mp_main__`), and starting the forkserver there fails. So the wo
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
+
+# What `ledgerctl` takes from the stack `make up` wrote down, when the environment does not
+# set it: the database, the broker and the topic prefix of whatever ports and broker that
+# stack runs on (a `BROKER=kafka` stack's broker is not on the Tansu default port).
+FROM_STACK_ENV = ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "LOYALTY_TOPIC_PREFIX")
+
+
+def stack_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """`FROM_STACK_ENV` from `$STACK_RUN_DIR/stack.env` (default `.run/` of this checkout)."""
+    env = os.environ if environ is None else environ
+    run = env.get("STACK_RUN_DIR") or str(Path(__file__).resolve().parents[2] / ".run")
+    try:
+        text = (Path(run).resolve() / "stack.env").read_text()
+    except OSError:
+        return {}
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key in FROM_STACK_ENV:
+            found[key] = value
+    return found
 
 
 def main() -> None:
+    for key, value in stack_defaults().items():
+        os.environ.setdefault(key, value)
     if sys.argv[1:3] == ["rules", "simulate"] and "--help" not in sys.argv:
         # Its workers' forkserver does its imports while this process does its own.
         from services.rules.forkserver import start_forkserver

@@ -46,8 +46,15 @@ def test_up_writes_env_and_pids_and_a_second_up_restarts_only_the_dead(tmp_path:
         RULES_METRICS_PORT=str(free_port()),
         NOTIFIER_METRICS_PORT=str(free_port()),
     )
+    # Settings given to the first `up` only: a plain `up` keeps them.
+    given = {
+        "LOYALTY_TOPIC_PREFIX": "stk.",
+        "LEDGER_API_KEYS": "pos_app_key:redeemer",
+        "NOTIFIER_WEBHOOK_URL": "http://127.0.0.1:9/hook",
+        "NOTIFIER_WEBHOOK_SECRET": "s3cret",
+    }
     try:
-        first = _stack("up", env)
+        first = _stack("up", {**env, **given})
         assert first.returncode == 0, first.stdout + first.stderr
         stack_env = dict(
             line.split("=", 1)
@@ -70,6 +77,16 @@ def test_up_writes_env_and_pids_and_a_second_up_restarts_only_the_dead(tmp_path:
             if line and not line.startswith("#")
         )
         assert again["LEDGER_OPS_KEY"] == stack_env["LEDGER_OPS_KEY"], "keys must survive an up"
+        assert again == stack_env, "a plain up changed the settings of the first"
+        assert "settings changed" not in second.stdout
+        for var, value in given.items():
+            assert value in again[var]
+        pos = httpx.get(
+            f"{stack_env['LEDGER_API_URL']}/v1/members/nobody",
+            headers={"Authorization": "Bearer pos_app_key"},
+            timeout=10,
+        )
+        assert pos.status_code == 404, pos.text  # the key still serves (401 if not)
 
         # `up` returns only once the ledger is ready.
         ready = httpx.get(f"{stack_env['LEDGER_API_URL']}/readyz", timeout=10)
