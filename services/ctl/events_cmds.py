@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 from rich.console import Console
@@ -63,7 +64,32 @@ def topic_name(given: str, prefix: str) -> str:
     return given if not prefix or given.startswith(prefix) else prefix + given
 
 
+def refused_topic(topic: str) -> str | None:
+    """Why `topic` cannot take activity events, or None. The lines are checked as activity
+    events, so sending them anywhere else (the grants topic, a typo) is refused."""
+    if topic == ACTIVITY_TOPIC or topic.endswith(f".{ACTIVITY_TOPIC}"):
+        return None
+    return (
+        f"--topic {topic}: this sends activity events, to {ACTIVITY_TOPIC}"
+        " (with a prefix, e.g. stg.loyalty.activity.v1)"
+    )
+
+
+class UnknownTopic(Exception):
+    pass
+
+
 async def send(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]]) -> None:
+    """Sends to an existing topic only: a broker that creates topics on first use would
+    take a misspelt prefix for a new topic that nothing reads."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    try:
+        await admin.start()
+        known = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    if topic not in known:
+        raise UnknownTopic(topic)
     producer = make_producer(bootstrap)
     try:
         await producer.start()
@@ -93,10 +119,18 @@ def publish_cmd(
             f"[red]refused[/red] {escape(problem)}", highlight=False, markup=True, soft_wrap=True
         )
     target = topic_name(topic, settings.topics.prefix)
+    why = refused_topic(target)
+    if why is not None:
+        raise fail(why)
     if batch.events and not dry_run:
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the error below says it
         try:
             asyncio.run(send(settings.bootstrap_servers, target, batch.events))
+        except UnknownTopic:
+            raise fail(
+                f"broker: {settings.bootstrap_servers} has no topic {target}; nothing sent"
+                " (`make up` creates the topics; check $LOYALTY_TOPIC_PREFIX)"
+            ) from None
         except (KafkaError, OSError) as exc:
             raise fail(f"broker: {settings.bootstrap_servers}: {exc}") from exc
     verb = "would send" if dry_run else "sent"

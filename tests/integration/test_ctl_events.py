@@ -70,3 +70,23 @@ async def test_a_file_of_events_is_sent_keyed_by_member_and_paid(
     )
     first = {r.partition for r in records if r.key == b"m-file-1"}
     assert len(first) == 1  # one member's events on one partition, in order
+
+    # Only the activity topic takes them (the lines are checked as activity events), and
+    # only one that exists: a broker creating topics on first use would swallow a typo.
+    def publish_to(topic: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [LEDGERCTL, "events", "publish", str(path), "--topic", topic],
+            cwd=ROOT,
+            env={**stack.env("ctl"), "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    wrong = await asyncio.to_thread(publish_to, stack.topics.grants)
+    assert wrong.returncode == 2, wrong.stdout + wrong.stderr
+    assert "this sends activity events" in wrong.stderr
+    typo = await asyncio.to_thread(publish_to, "nope.loyalty.activity.v1")
+    assert typo.returncode == 2, typo.stdout + typo.stderr
+    assert "nope.loyalty.activity.v1; nothing sent" in " ".join(typo.stderr.split())
+    assert len(await stack.read_topic(stack.topics.activity, expect=3)) == 3
