@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Self
 
-from pydantic import Field, TypeAdapter, model_validator
+from pydantic import ConfigDict, Field, TypeAdapter, model_validator
+from pydantic.config import JsonDict
 
 from schemas.envelope import EventTime, Inbound, Money
 
@@ -59,7 +60,23 @@ class Refund(_Activity):
     data: RefundData
 
 
+# What `_a_visit_names_its_booking` checks, in the published schema.
+_VISIT_NEEDS_ITS_BOOKING: JsonDict = {
+    "if": {"properties": {"kind": {"const": "visit"}}, "required": ["kind"]},
+    "then": {
+        "required": ["booking_id", "booked_at", "slot_start"],
+        "properties": {
+            "booking_id": {"type": "string"},
+            "booked_at": {"type": "string"},
+            "slot_start": {"type": "string"},
+        },
+    },
+}
+
+
 class CheckInData(Inbound):
+    model_config = ConfigDict(json_schema_extra=_VISIT_NEEDS_ITS_BOOKING)
+
     kind: Literal["visit", "sign_in"]
     booking_id: str | None = None
     booked_at: EventTime | None = None

@@ -5,7 +5,14 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Annotated
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, PlainSerializer
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    PlainSerializer,
+    WithJsonSchema,
+)
 
 
 def _non_negative(v: Decimal) -> Decimal:
@@ -14,11 +21,20 @@ def _non_negative(v: Decimal) -> Decimal:
     return v
 
 
-# Amounts travel as decimal strings ("2500.00"): floats would lose fen.
+# Amounts travel as decimal strings ("2500.00"): floats would lose fen. The published
+# schema says so (a JSON number is read too, but is not what the contract promises), and
+# it says non-negative, which the validator enforces and a plain `string` would not.
 Money = Annotated[
     Decimal,
     AfterValidator(_non_negative),
     PlainSerializer(lambda v: format(v, "f"), return_type=str, when_used="json"),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^[0-9]+(\.[0-9]+)?$",
+            "description": 'a non-negative decimal amount in CNY, e.g. "2500.00"',
+        }
+    ),
 ]
 
 
@@ -34,7 +50,22 @@ class Internal(BaseModel):
     event, and the published JSON schemas do not forbid them. A typo in our own code that
     builds one is caught by mypy instead (pydantic plugin, `init_forbid_extra`)."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    # The published schema of what we write lists the fields we always write (`type`,
+    # `schema_version`, ...) as required, though the models give them defaults.
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", json_schema_serialization_defaults_required=True
+    )
 
 
-EventTime = AwareDatetime
+# RFC 3339 with its UTC offset: the pattern says "with an offset" to a validator that
+# does not check `format` (most do not by default), as the model refuses a time without.
+EventTime = Annotated[
+    AwareDatetime,
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "date-time",
+            "pattern": r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$",
+        }
+    ),
+]

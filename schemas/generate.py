@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter
+from pydantic.json_schema import JsonSchemaMode
 
 from schemas.activity import Activity
 from schemas.grants import GrantEvent
@@ -26,10 +27,16 @@ DOCUMENTS: dict[str, Any] = {
 }
 
 
+# Inbound events are described as we read them (what a producer may send), our own as
+# we write them (what a consumer will get).
+INBOUND = {"activity.v1"}
+
+
 def render_all() -> dict[str, str]:
     out: dict[str, str] = {}
     for name, model in DOCUMENTS.items():
-        schema = TypeAdapter(model).json_schema(mode="serialization")
+        mode: JsonSchemaMode = "validation" if name in INBOUND else "serialization"
+        schema = TypeAdapter(model).json_schema(mode=mode)
         schema["$id"] = f"urn:loyalty:schema:{name}"
         schema["title"] = f"loyalty.{name}"
         out[f"{name}.schema.json"] = json.dumps(schema, indent=2, ensure_ascii=False) + "\n"

@@ -1,6 +1,15 @@
 """Shared fixtures: real Postgres and real brokers (tests/infra.py), never mocks."""
 
+import os
+import tempfile
+
 pytest_plugins = ["tests.infra"]
+
+# No test reaches a developer's `make up` stack through its .run/stack.env, which
+# `ledgerctl` reads for the database, broker and prefix the environment does not set.
+os.environ.setdefault(
+    "STACK_RUN_DIR", os.path.join(tempfile.gettempdir(), "loyalty-tests-no-stack")
+)
 
 
 def pytest_report_header() -> str:

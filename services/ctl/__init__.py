@@ -29,6 +29,8 @@ def stack_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
     found: dict[str, str] = {}
     for line in text.splitlines():
         key, sep, value = line.strip().partition("=")
+        if key == "STACK_WRITER" and value == "demo":
+            return {}  # `make demo`'s own database and topics: not the stack's
         if sep and key in FROM_STACK_ENV:
             found[key] = value
     return found

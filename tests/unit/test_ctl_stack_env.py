@@ -25,3 +25,11 @@ def test_the_stack_env_gives_the_database_broker_and_prefix(tmp_path: Path) -> N
 
 def test_no_stack_env_gives_nothing(tmp_path: Path) -> None:
     assert stack_defaults({"STACK_RUN_DIR": str(tmp_path / "none")}) == {}
+
+
+def test_what_make_demo_wrote_is_not_the_stack(tmp_path: Path) -> None:
+    (tmp_path / "stack.env").write_text(
+        "DATABASE_URL=postgresql://loyalty:loyalty@127.0.0.1:55432/demo_x\n"
+        "LOYALTY_TOPIC_PREFIX=demo-x.\nSTACK_WRITER=demo\n"
+    )
+    assert stack_defaults({"STACK_RUN_DIR": str(tmp_path)}) == {}

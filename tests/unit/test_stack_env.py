@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = (
     "import json; from deploy import stack; "
-    "print(json.dumps([stack.TOPICS, "
+    "print(json.dumps([stack.topics({}), "
     "stack.build_env({}, 'postgresql://x@h/db', 'tansu', '127.0.0.1:1')['LOYALTY_TOPIC_PREFIX']]))"
 )
 
