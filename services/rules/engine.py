@@ -131,7 +131,8 @@ def _apply(
     tiers_at: tiers.TiersAt | None,
 ) -> tuple[MemberState, list[Payout]]:
     if isinstance(event, Purchase):
-        new, payouts = purchase_rules.on_purchase(state, event, ruleset, referrers, day)
+        new, payouts = purchase_rules.on_purchase(state, event, ruleset, referrers, day,
+                                                  tiers_at)  # fmt: skip
         if new.early_refunds and new.orders is not state.orders:
             oid = event.data.order_id
             if any(r.order_id == oid for r in new.early_refunds):

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from datetime import date, datetime
+from datetime import date, datetime, tzinfo
 from decimal import MAX_PREC, ROUND_FLOOR, Context, Decimal, localcontext
 from typing import Final
 
 from schemas.activity import Purchase, Refund
 from services.rules import tiers
 from services.rules.emit import GRANT, REVOKE, Payout
-from services.rules.pruning import put_order
+from services.rules.pruning import months_later, put_order
 from services.rules.ruleset import PurchaseRules, RuleSet, derived
 from services.rules.state import (
     BigTicketSnapshot,
@@ -138,14 +138,29 @@ def _birthday_factor(state: MemberState, day: date, ruleset: RuleSet) -> Decimal
 
 def on_purchase(
     state: MemberState, event: Purchase, ruleset: RuleSet, referrers: Mapping[str, str | None],
-    day: date,
+    day: date, tiers_at: tiers.TiersAt | None = None,
 ) -> tuple[MemberState, list[Payout]]:  # fmt: skip
-    """Earn at the tier held before this purchase; the upgrade applies from the next one."""
+    """Earn at the tier held before this purchase; the upgrade applies from the next one.
+
+    A purchase delivered after orders dated later (or after a later tier expiry) earns
+    at the tier held at its own moment, and the member's tier is then replayed from it
+    on, as a refund replays it (`tiers.after_refund`): what the orders would have made
+    of it had they arrived in time order. The orders already paid keep their points.
+    """
     d, ids, pr = event.data, ruleset.rule_ids, ruleset.purchase
     oid, amount, orders = d.order_id, d.amount, state.orders
     if oid in orders or amount <= 0:
         return state, []
-    hot, tier, member = derived(ruleset), state.tier, event.member_id
+    hot, member = derived(ruleset), event.member_id
+    at, tr = event.occurred_at, ruleset.tiers
+    tier, until_before = state.tier, state.tier_valid_until
+    late = _late(state, at, tr.window_months, hot.zone)
+    if late:
+        held = tiers.held_at(state, at, tr, tiers_at, hot.zone)
+        if held is None:
+            late = False
+        else:
+            tier, until_before = held
     campaign, divisor = _campaign_factor(event, ruleset)
     factors = {
         "points_per_cny": pr.points_per_cny,
@@ -195,18 +210,17 @@ def on_purchase(
 
     # The tier after this purchase (an upgrade at once; qualifying again restarts the
     # tier's months): rolling spend is the earlier orders' plus this order's amount.
-    at, tr = event.occurred_at, ruleset.tiers
     spend = tiers.window_spend(orders, state.spend_history, at, tr.window_months, hot.zone)
     spend += amount
     q = tiers.qualified_tier(spend, tr)
-    new_tier, until = tiers.on_qualifying(tier, state.tier_valid_until, q, at, tr, hot.zone)
+    new_tier, until = tiers.on_qualifying(tier, until_before, q, at, tr, hot.zone)
     order = Order(
         order_id=oid, at=at, amount=amount, ruleset_version=ruleset.version,
         store_id=event.store_id, base_rate=rate, base_rate_divisor=divisor, factors=factors,
         fixed_bonuses=fixed,
         big_ticket=steps, base_rule=ids.base, big_ticket_rule=ids.big_ticket,
         stack=pr.stack_purchase_bonuses, paid=paid, others=tuple(others), tier_before=tier,
-        tier_after=new_tier, valid_until_before=state.tier_valid_until,
+        tier_after=new_tier, valid_until_before=until_before,
     )  # fmt: skip
     new = replace(
         state,
@@ -217,9 +231,23 @@ def on_purchase(
         tier=new_tier,
         tier_valid_until=until,
     )
+    if late:  # the tier from this order on, as the orders in time order make it
+        new = tiers.after_refund(new, order, at, tr, tiers_at, hot.zone)
     payouts: list[Payout] = [(GRANT, member, r, p, oid, None) for r, p in paid.items()]
     payouts += [(GRANT, o.member_id, o.rule_id, o.points, oid, None) for o in others]
     return new, payouts
+
+
+def _late(state: MemberState, at: datetime, window_months: int, zone: tzinfo) -> bool:
+    """Whether a purchase at `at` comes after a later-dated order or tier expiry, with
+    all the spend its replay counts still known (`MemberState.spend_since`)."""
+    orders, checked = state.orders, state.tier_checked_at
+    if not (orders and next(reversed(orders.values())).at > at) and not (
+        checked is not None and checked > at
+    ):
+        return False
+    since = state.spend_since
+    return since is None or months_later(at, -window_months, zone) >= since
 
 
 def _targets(order: Order, net: Decimal) -> dict[str, int]:

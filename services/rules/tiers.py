@@ -266,6 +266,34 @@ def after_refund(
     return replace(state, tier=tier, tier_valid_until=until)
 
 
+def held_at(
+    state: MemberState, at: datetime, rules: TierRules, rules_at: TiersAt | None = None,
+    zone: tzinfo | None = None,
+) -> tuple[Tier, datetime | None] | None:  # fmt: skip
+    """The tier held just before `at` and its end, for a purchase delivered after ones
+    dated later (or after a later tier expiry): from the tier the member's last order
+    before `at` records it started from, that order qualified at its moment, then the
+    expiries up to `at`. With no order before `at` and no spend forgotten, nothing was
+    spent before it: "member". None when the orders kept cannot tell (the orders before
+    `at` are forgotten, their tiers with them)."""
+    orders, history = state.orders, state.spend_history
+    before: Order | None = None
+    for o in orders.values():  # oldest first
+        if o.at > at:
+            break
+        before = o
+    if before is not None:
+        r = rules if rules_at is None else rules_at(before.at)
+        q = qualified_tier(window_spend(orders, history, before.at, r.window_months, zone), r)
+        tier, until = on_qualifying(before.tier_before, before.valid_until_before, q,
+                                    before.at, r, zone)  # fmt: skip
+    elif not history and state.spend_since is None:
+        tier, until = "member", None
+    else:
+        return None
+    return _caught_up(tier, until, orders, at, rules, history, rules_at, zone)
+
+
 def _without_replay(
     state: MemberState, order: Order, at: datetime, rules: TierRules, zone: tzinfo | None
 ) -> MemberState:

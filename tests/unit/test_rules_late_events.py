@@ -4,8 +4,11 @@ reviewing helper found (2026-11-29), each test failing on the code before its fi
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rules_factories import (
     DEFAULT,
     T0,
@@ -21,7 +24,7 @@ from rules_factories import (
     state_with,
 )
 
-from schemas.grants import PointsGranted, PointsRevoked
+from schemas.grants import PointsGranted, PointsRevoked, TierEvaluated
 from services.rules.purchase_rules import MAX_EARLY_REFUNDS, base_points
 from services.rules.state import EarlyRefund, dump_state, load_state
 
@@ -218,3 +221,77 @@ def test_rule_sets_with_stacking_bonuses_net_the_same_way() -> None:
     in_order.feed(buy, back)
     reversed_.feed(back, buy)
     assert _totals(reversed_) == _totals(in_order)
+
+
+# --- A purchase delivered after later-dated ones ----------------------------------------
+
+
+def test_a_late_purchase_earns_at_the_tier_held_at_its_own_time() -> None:
+    """A (10 days later) made the member silver; B, dated before A but delivered after
+    it, was made while the member was still 'member': 500 x 1.0, not x 1.2."""
+    run = _returning()
+    run.feed(purchase(amount=10000, at=T0 + 10 * D, order_id="A"))
+    assert run.state().tier == "silver"
+    late = run.feed(purchase(amount=500, at=T0, order_id="B"))
+    assert by_rule(late.grants) == {"base": 500}
+    assert run.state().orders["B"].tier_before == "member"
+    assert run.state().tier == "silver"
+
+
+def test_a_late_purchase_replays_the_tier_of_the_orders_after_it() -> None:
+    """B (2,000, earlier) + A (9,000, later) = 11,000: in time order A crossed silver, so
+    C earns x1.2. The member used to stay 'member' (B was only checked at its own
+    moment), and C earned x1.0."""
+    run = _returning()
+    run.feed(purchase(amount=9000, at=T0 + 10 * D, order_id="A"))
+    late = run.feed(purchase(amount=2000, at=T0, order_id="B"))
+    assert run.state().tier == "silver"
+    reports = [g.data for g in late.grants if isinstance(g, TierEvaluated)]
+    assert [(t.previous_tier, t.tier) for t in reports] == [("member", "silver")]
+    c = run.feed(purchase(amount=100, at=T0 + 20 * D, order_id="C"))
+    assert by_rule(c.grants) == {"base": 120}
+    assert run.state().orders["A"].tier_after == "silver"
+
+
+def test_a_purchase_before_a_tier_expiry_already_applied_keeps_the_tier() -> None:
+    """Silver from A ends 6 months on (a rule set with 6-month tiers and windows, so A is
+    still kept then); the next event applied the drop. A purchase dated just before that
+    end, delivered after, qualifies again at its moment (A's spend is in its window): in
+    time order the member never dropped."""
+    run = Run(rules=ruleset(tiers={"window_months": 6, "keep_months": 6}))
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    run.feed(purchase(amount=10000, at=T0, order_id="A"))
+    until = run.state().tier_valid_until
+    assert until is not None
+    run.feed(sign_in(at=until + D))
+    assert run.state().tier == "member"
+    late = run.feed(purchase(amount=100, at=until - D, order_id="B"))
+    assert by_rule(late.grants) == {"base": 120}  # earned at silver, held then
+    assert run.state().tier == "silver"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    orders=st.lists(
+        st.tuples(st.integers(0, 300), st.sampled_from([500, 3000, 8000, 12000, 25000])),
+        min_size=2, max_size=7, unique_by=lambda o: o[0],
+    ),
+    seed=st.randoms(use_true_random=False),
+)  # fmt: skip
+def test_orders_in_any_arrival_order_leave_the_tiers_of_time_order(
+    orders: list[tuple[int, int]], seed: Any
+) -> None:
+    """Whatever order a member's purchases arrive in (none forgotten: all within 300
+    days), every order records the tier it was made at and reached, and the member ends
+    at the tier and end date time order gives."""
+    events = [purchase(amount=a, at=T0 + d * D, order_id=f"o{d}") for d, a in orders]
+    in_time, shuffled = _returning(), _returning()
+    in_time.feed(*sorted(events, key=lambda e: e.occurred_at))
+    arrival = list(events)
+    seed.shuffle(arrival)
+    shuffled.feed(*arrival)
+    a, b = in_time.state(), shuffled.state()
+    assert (b.tier, b.tier_valid_until) == (a.tier, a.tier_valid_until)
+    assert {k: (o.tier_before, o.tier_after) for k, o in b.orders.items()} == {
+        k: (o.tier_before, o.tier_after) for k, o in a.orders.items()
+    }
