@@ -18,7 +18,7 @@ from schemas.activity import CheckIn, Review, Share
 from services.rules.emit import GRANT, AnyActivity, Payout
 from services.rules.pruning import put_count, put_day, put_review
 from services.rules.ruleset import RuleSet, derived
-from services.rules.state import MemberState, ReviewMark, replace
+from services.rules.state import MemberState, ReviewMark, SignInRun, replace
 
 Outcome = tuple[MemberState, list[Payout]]
 _ONE_DAY: Final = timedelta(days=1)
@@ -77,32 +77,78 @@ def on_visit(state: MemberState, event: CheckIn, ruleset: RuleSet, day: date) ->
     return replace(state, visits_seen=seen, visit_streak=streak), payouts
 
 
-def on_sign_in(state: MemberState, event: CheckIn, ruleset: RuleSet, day: date) -> Outcome:
-    rules, ids = ruleset.sign_in, ruleset.rule_ids
+def sign_in_runs(state: MemberState) -> tuple[SignInRun, ...]:
+    """The member's runs of signed-in days, a state written before them read as one."""
     last = state.sign_in_last_day
-    if last is not None and day <= last:
-        return state, []
-    streak = state.sign_in_streak + 1 if last == day - _ONE_DAY else 1
-    cap, by_day, member = ruleset.engagement.daily_cap, state.engagement_by_day, event.member_id
-    before = used = by_day.get(day, 0)
+    if state.sign_in_runs or last is None:
+        return state.sign_in_runs
+    first = last - (max(state.sign_in_streak, 1) - 1) * _ONE_DAY
+    return (SignInRun(first=first, last=last),)
+
+
+def on_sign_in(state: MemberState, event: CheckIn, ruleset: RuleSet, day: date) -> Outcome:
+    """One sign-in a day; every `streak_every`-th consecutive day pays the streak bonus.
+
+    A day delivered late (or released from a hold after later days) is filled in: it
+    pays its sign-in, and joins the runs of days before and after it. The streak bonuses
+    due are those of the joined run (one for each `streak_every` days from its first);
+    what the two runs already paid is deducted, and the rest is paid now, counted on the
+    day each falls due. Bonuses are never taken back, so a member who filled in a day
+    late is paid at least what time order pays.
+    """
+    runs = sign_in_runs(state)
+    before = after = None
+    for r in runs:
+        if r.first <= day <= r.last:
+            return state, []  # signed in that day already
+        if r.last == day - _ONE_DAY:
+            before = r
+        elif r.first == day + _ONE_DAY:
+            after = r
+    joined = SignInRun(
+        first=day if before is None else before.first,
+        last=day if after is None else after.last,
+    )
+    kept = tuple(r for r in runs if r is not before and r is not after)
+    if not kept or kept[-1].last < day:
+        runs = (*kept, joined)  # in time order: the newest run
+    else:
+        runs = tuple(sorted((*kept, joined), key=_run_first))
+    new = replace(state, sign_in_runs=runs, sign_in_last_day=None, sign_in_streak=0)
+    if not counted(state, day):  # the runs still count the day; its budget is unknown
+        return new, []
+    rules, ids, member = ruleset.sign_in, ruleset.rule_ids, event.member_id
+    cap, by_day = ruleset.engagement.daily_cap, new.engagement_by_day
     payouts: list[Payout] = []
-    if not counted(state, day):  # the streak still counts the day; its budget is unknown
-        return replace(state, sign_in_last_day=day, sign_in_streak=streak), payouts
-    paid = _capped(used, rules.points, cap)
-    if paid:
-        used += paid
-        payouts.append((GRANT, member, ids.sign_in, paid, None, None))
-    if rules.streak_every and streak % rules.streak_every == 0:
-        paid = _capped(used, rules.streak_points, cap)
+    spent: dict[date, int] = {}
+
+    def pay(rule_id: str, points: int, on: date) -> None:
+        used = spent.get(on, by_day.get(on, 0))
+        paid = _capped(used, points, cap)
         if paid:
-            used += paid
-            payouts.append((GRANT, member, ids.sign_in_streak, paid, None, None))
-    if used == before:
-        return replace(state, sign_in_last_day=day, sign_in_streak=streak), payouts
-    return replace(
-        state, sign_in_last_day=day, sign_in_streak=streak,
-        engagement_by_day=put_count(by_day, day, used),
-    ), payouts  # fmt: skip
+            spent[on] = used + paid
+            payouts.append((GRANT, member, rule_id, paid, None, None))
+
+    pay(ids.sign_in, rules.points, day)
+    every = rules.streak_every
+    if every:
+        due = joined.days // every
+        owed = due - sum(r.days // every for r in (before, after) if r is not None)
+        # The bonuses of the joined run not paid yet are its last `owed` due days (the
+        # run before kept its own; those after the filled day moved).
+        for k in range(due - owed + 1, due + 1):
+            on = joined.first + (k * every - 1) * _ONE_DAY
+            if counted(new, on):
+                pay(ids.sign_in_streak, rules.streak_points, on)
+    for on, used in sorted(spent.items()):
+        by_day = put_count(by_day, on, used)
+    if spent:
+        new = replace(new, engagement_by_day=by_day)
+    return new, payouts
+
+
+def _run_first(run: SignInRun) -> date:
+    return run.first
 
 
 def on_review(state: MemberState, event: Review, ruleset: RuleSet, day: date) -> Outcome:

@@ -111,6 +111,11 @@ def prune(
             changes["reviews"] = {k: r for k, r in reviews.items() if r.day > day_horizon}
         if visits and next(iter(visits.values())) <= day_horizon:
             changes["visits_seen"] = {k: d for k, d in visits.items() if d > day_horizon}
+    runs = state.sign_in_runs
+    if runs and runs[0].last < today - COUNTER_DAYS:
+        # A run that ended before the counters' horizon can no longer be joined by a day
+        # that pays (a day that old earns nothing capped): forgotten with the counters.
+        changes["sign_in_runs"] = tuple(r for r in runs if r.last >= today - COUNTER_DAYS)
     orders = state.orders
     if orders:
         oldest = next(iter(orders.values())).at

@@ -123,6 +123,23 @@ class SpendMark(
     net: Decimal
 
 
+class SignInRun(
+    msgspec.Struct,
+    frozen=True,
+    array_like=True,
+    forbid_unknown_fields=True,
+    gc=False,
+):
+    """Consecutive days signed in, `[first, last]` in JSON."""
+
+    first: date
+    last: date
+
+    @property
+    def days(self) -> int:
+        return (self.last - self.first).days + 1
+
+
 class EarlyRefund(
     msgspec.Struct,
     frozen=True,
@@ -164,6 +181,12 @@ class MemberState(
     new_projects_bought: tuple[str, ...] = ()
     visit_streak: int = 0
     visits_seen: dict[str, date] = msgspec.field(default_factory=dict)
+    # Days signed in, as runs of consecutive days, oldest first, kept while their last day
+    # is inside the day counters' horizon: a sign-in delivered late fills its day in and
+    # joins the runs around it, as it would have in time order.
+    sign_in_runs: tuple[SignInRun, ...] = ()
+    # A state written before the runs: the last day and the streak ending on it (read as
+    # one run by `engagement_rules.sign_in_runs`, and cleared when the runs are written).
     sign_in_last_day: date | None = None
     sign_in_streak: int = 0
     shares_paid: dict[str, date] = msgspec.field(default_factory=dict)

@@ -295,3 +295,87 @@ def test_orders_in_any_arrival_order_leave_the_tiers_of_time_order(
     assert {k: (o.tier_before, o.tier_after) for k, o in b.orders.items()} == {
         k: (o.tier_before, o.tier_after) for k, o in a.orders.items()
     }
+
+
+# --- Sign-ins delivered late ----------------------------------------------------------
+
+
+def test_a_late_sign_in_fills_its_day_and_mends_the_streak() -> None:
+    """Seven consecutive days, day 4's sign-in arriving after day 7's: 7 x 5 + 20. It
+    used to earn nothing, and the streak bonus was lost."""
+    days = [sign_in(at=T0 + i * D) for i in range(7)]
+    run = Run()
+    run.feed(*days[:3], *days[4:], days[3])
+    assert run.by_rule() == {"sign_in": 35, "sign_in_streak": 20}
+    assert [(r.first, r.last) for r in run.state().sign_in_runs] == [
+        (T0.date(), (T0 + 6 * D).date())
+    ]
+
+
+def test_the_streak_bonus_of_a_filled_run_counts_on_the_day_it_falls_due() -> None:
+    """Day 7's budget is spent (reviews up to the 200 cap): the bonus that filling day 4
+    completes falls due on day 7, and is cut there, as it would have been on time."""
+    run = Run()
+    run.feed(*[sign_in(at=T0 + i * D) for i in (0, 1, 2, 4, 5)])
+    run.feed(*[review(at=T0 + 6 * D + i * S) for i in range(4)])  # day 7: 200 by reviews
+    run.feed(sign_in(at=T0 + 6 * D + 10 * S))  # day 7's sign-in: capped to nothing
+    late = run.feed(sign_in(at=T0 + 3 * D))
+    assert by_rule(late.grants) == {"sign_in": 5}  # day 4's; the bonus cut on day 7
+
+
+def test_a_held_sign_in_released_after_the_next_days_one_still_pays() -> None:
+    """README: a release pays under the rules of the event's time, with its own day's
+    cap. A sign-in held in a burst and released after the member signed in the next day
+    paid nothing (any day up to the last one was dropped)."""
+    from services.rules.engine import release
+
+    rules = ruleset(engagement={"burst_max_events": 3})
+    run = Run(rules=rules)
+    run.feed(*[review(at=T0 + i * S) for i in range(3)])
+    run.feed(sign_in(at=T0 + 10 * S))  # the 4th engagement event in a minute: held
+    assert len(run.held) == 1
+    run.feed(sign_in(at=T0 + D))
+    released = release(run.state(), run.held[0], rules)
+    assert by_rule(released.grants) == {"sign_in": 5}
+
+
+def test_a_state_written_before_the_runs_reads_its_streak_as_one() -> None:
+    """Stored states hold the last day and the streak ending on it: day 7 of a streak
+    still pays its bonus, and the state is written back as runs."""
+    run = Run()
+    run.states["m-1"] = state_with(sign_in_last_day=(T0 + 5 * D).date(), sign_in_streak=6)
+    r = run.feed(sign_in(at=T0 + 6 * D))
+    assert by_rule(r.grants) == {"sign_in": 5, "sign_in_streak": 20}
+    state = run.state()
+    assert (state.sign_in_last_day, state.sign_in_streak) == (None, 0)
+    assert [(x.first, x.last) for x in state.sign_in_runs] == [(T0.date(), (T0 + 6 * D).date())]
+    assert load_state(dump_state(state)) == state
+    assert b"sign_in_last_day" not in dump_state(state)
+
+
+def test_sign_in_runs_are_forgotten_with_the_day_counters() -> None:
+    run = Run()
+    run.feed(sign_in(at=T0), sign_in(at=T0 + D))
+    run.feed(sign_in(at=T0 + 40 * D))
+    assert [(x.first, x.last) for x in run.state().sign_in_runs] == [
+        ((T0 + 40 * D).date(), (T0 + 40 * D).date())
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    days=st.lists(st.integers(0, 30), min_size=1, max_size=30, unique=True),
+    seed=st.randoms(use_true_random=False),
+)
+def test_sign_ins_in_any_arrival_order_pay_what_time_order_pays(days: list[int], seed: Any) -> None:
+    """The bonuses paid when a day is filled in are what the joined run owes beyond what
+    its parts were paid, so however the days arrive the total is time order's (no cap is
+    reached by sign-ins alone)."""
+    events = [sign_in(at=T0 + d * D) for d in days]
+    in_time, shuffled = Run(), Run()
+    in_time.feed(*sorted(events, key=lambda e: e.occurred_at))
+    arrival = list(events)
+    seed.shuffle(arrival)
+    shuffled.feed(*arrival)
+    assert shuffled.by_rule() == in_time.by_rule()
+    assert shuffled.state().sign_in_runs == in_time.state().sign_in_runs
