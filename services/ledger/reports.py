@@ -45,9 +45,12 @@ WHERE e.occurred_at >= $1 AND e.occurred_at < $2
   AND ($3::text IS NULL OR COALESCE(e.store_id, src.store_id) = $3)
 GROUP BY e.kind, e.rule_id
 """
+# Active: the member did something in the period (earned, redeemed, had a purchase
+# refunded). An expiry is what happens to an inactive member, and an adjustment is ops'.
 ACTIVE_MEMBERS: Final = """
 SELECT count(DISTINCT member_id) FROM ledger_entries
 WHERE occurred_at >= $1 AND occurred_at < $2 AND ($3::text IS NULL OR store_id = $3)
+  AND kind IN ('earn', 'redeem', 'revoke')
 """
 # Points held per tier now: unexpired lots (pending included) less each member's debt;
 # and, in the same scan, the points of those lots that expire in [$3, $4).

@@ -177,6 +177,14 @@ async def test_redemptions_adjustments_and_reports_through_the_api(stack: Stack)
     assert rep["by_rule"] == {"big_ticket": 1000}
     assert rep["active_members"] == 1
 
+    # A member whose only entry in the period is an expiry is not active in it.
+    recent = (now - timedelta(days=60)).isoformat().replace("+", "%2B")
+    before = (await stack.get(f"/v1/reports/summary?from={recent}", key=OPS_KEY)).json()
+    await give(stack, grant("m-lapsed", 70, now - timedelta(days=400)))  # expired at once
+    after = (await stack.get(f"/v1/reports/summary?from={recent}", key=OPS_KEY)).json()
+    assert after["expired"] == before["expired"] + 70
+    assert after["active_members"] == before["active_members"]
+
     # A member new to the ledger (registered, nothing earned yet) gets a goodwill grant
     # when ops say so; a deduction cannot make one.
     welcome = {**adj, "adjustment_id": "a-new", "member_id": "m-new", "points": 200}
