@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Self
 from pydantic import ConfigDict, Field, TypeAdapter, model_validator
 from pydantic.config import JsonDict
 
-from schemas.envelope import EventTime, Inbound, Money
+from schemas.envelope import Amount, EventTime, Inbound
 
 ACTIVITY_TOPIC = "loyalty.activity.v1"
 
@@ -15,7 +15,7 @@ ACTIVITY_TOPIC = "loyalty.activity.v1"
 class PurchaseItem(Inbound):
     project_code: str = Field(min_length=1)
     category: str = ""
-    amount: Money
+    amount: Amount
 
 
 class _Activity(Inbound):
@@ -41,7 +41,7 @@ class MemberRegistered(_Activity):
 
 class PurchaseData(Inbound):
     order_id: str = Field(min_length=1)
-    amount: Money
+    amount: Amount
     items: list[PurchaseItem] = []
 
 
@@ -52,7 +52,7 @@ class Purchase(_Activity):
 
 class RefundData(Inbound):
     order_id: str = Field(min_length=1)
-    amount: Money
+    amount: Amount
 
 
 class Refund(_Activity):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Final
 
 from pydantic import (
     AfterValidator,
@@ -21,6 +21,17 @@ def _non_negative(v: Decimal) -> Decimal:
     return v
 
 
+# No clinic takes an order of a trillion CNY: such an amount is a unit or typing error
+# upstream, dead-lettered rather than paid (and summed into spend the ledger stores).
+MAX_AMOUNT: Final = Decimal(10) ** 12
+
+
+def _below_a_trillion(v: Decimal) -> Decimal:
+    if not v < MAX_AMOUNT:  # NaN and infinity are refused by the Decimal parse already
+        raise ValueError("amount must be below 1,000,000,000,000 CNY")
+    return v
+
+
 # Amounts travel as decimal strings ("2500.00"): floats would lose fen. The published
 # schema says so (a JSON number is read too, but is not what the contract promises), and
 # it says non-negative, which the validator enforces and a plain `string` would not.
@@ -33,6 +44,21 @@ Money = Annotated[
             "type": "string",
             "pattern": r"^[0-9]+(\.[0-9]+)?$",
             "description": 'a non-negative decimal amount in CNY, e.g. "2500.00"',
+        }
+    ),
+]
+
+# An amount upstream sends (a purchase, an item, a refund): Money below a trillion CNY.
+Amount = Annotated[
+    Decimal,
+    AfterValidator(_non_negative),
+    AfterValidator(_below_a_trillion),
+    PlainSerializer(lambda v: format(v, "f"), return_type=str, when_used="json"),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^[0-9]{1,12}(\.[0-9]+)?$",
+            "description": 'a decimal amount in CNY from 0 to below a trillion, e.g. "2500.00"',
         }
     ),
 ]

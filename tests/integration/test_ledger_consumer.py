@@ -201,3 +201,22 @@ async def test_a_rebuild_swap_that_deadlocks_with_an_expiry_page_is_retried(
             await conn.fetchval("SELECT expired FROM ledger_members WHERE member_id = 'm-s'") == 100
         )
     assert (await verify(dsn)).differences == []
+
+
+async def test_a_spend_of_two_orders_at_the_largest_amount_is_stored(env: Env) -> None:
+    """An order may be just below a trillion CNY (the activity contract's bound), so a
+    tier window can hold more: numeric(14,2) could not, and the report was dead-lettered
+    while the ledger kept the old tier (migration 0019)."""
+    dsn, pool, consumer = env
+    now = datetime.now(UTC)
+    report = tier_report("m-big", now, "member", "diamond", "1999999999999.98", None,
+                         now + timedelta(days=365))  # fmt: skip
+    await consumer.process(records(report))
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT tier, qualifying_spend FROM ledger_members WHERE member_id = 'm-big'"
+        )
+        dead = await conn.fetchval("SELECT count(*) FROM dead_letters")
+    assert dead == 0
+    assert (row["tier"], str(row["qualifying_spend"])) == ("diamond", "1999999999999.98")
+    assert (await verify(dsn)).differences == []
