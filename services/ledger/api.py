@@ -180,8 +180,13 @@ class AdjustmentBody(BaseModel):
         return self
 
 
-def _written(outcome: redemptions.Outcome) -> JSONResponse:
-    resp = JSONResponse(outcome.body, status_code=outcome.status)
+def _written(request: Request, outcome: redemptions.Outcome) -> JSONResponse:
+    if outcome.status >= 400:  # a refusal kept as the first answer to its id
+        body = dict(outcome.body)
+        title, detail = str(body.pop("title")), str(body.pop("detail"))
+        resp = problem_response(request, outcome.status, title, detail, **body)
+    else:
+        resp = JSONResponse(outcome.body, status_code=outcome.status)
     if not outcome.fresh:
         resp.headers["Idempotent-Replayed"] = "true"
     return resp
@@ -314,7 +319,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post(
         "/v1/members/{member_id}/redemptions", status_code=201, dependencies=needs("redeemer")
     )
-    async def post_redemption(member_id: str, body: RedemptionBody) -> JSONResponse:
+    async def post_redemption(
+        request: Request, member_id: str, body: RedemptionBody
+    ) -> JSONResponse:
         now = datetime.now(UTC)
         async with pool().acquire() as conn:
             outcome = await redemptions.redeem(
@@ -331,10 +338,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         if outcome.fresh:
             ledger.wake_relay()
-        return _written(outcome)
+        return _written(request, outcome)
 
     @app.post("/v1/adjustments", status_code=201, dependencies=needs("ops"))
-    async def post_adjustment(body: AdjustmentBody) -> JSONResponse:
+    async def post_adjustment(request: Request, body: AdjustmentBody) -> JSONResponse:
         now = datetime.now(UTC)
         async with pool().acquire() as conn:
             lifetime, zone = await ledger.rules.lifetime_at(conn, now)
@@ -354,7 +361,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         if outcome.fresh:
             ledger.wake_relay()
-        return _written(outcome)
+        return _written(request, outcome)
 
     @app.get("/v1/reports/summary", dependencies=needs("ops"))
     async def get_summary(

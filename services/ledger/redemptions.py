@@ -37,14 +37,15 @@ SERVICE: Final = "ledger"
 
 LOCK_MEMBER: Final = "SELECT tier FROM ledger_members WHERE member_id = $1 FOR UPDATE"
 PRIOR_REDEMPTION: Final = """
-SELECT member_id, request, response FROM ledger_redemptions WHERE redemption_id = $1
+SELECT member_id, request, response, status FROM ledger_redemptions WHERE redemption_id = $1
 """
 INSERT_REDEMPTION: Final = """
-INSERT INTO ledger_redemptions (redemption_id, member_id, request, response)
-VALUES ($1, $2, $3, $4)
+INSERT INTO ledger_redemptions (redemption_id, member_id, request, response, status)
+VALUES ($1, $2, $3, $4, $5)
 """
 PRIOR_ADJUSTMENT: Final = """
-SELECT member_id, request, response FROM ledger_adjustments WHERE adjustment_id = $1
+SELECT member_id, request, response, 201 AS status FROM ledger_adjustments
+WHERE adjustment_id = $1
 """
 INSERT_ADJUSTMENT: Final = """
 INSERT INTO ledger_adjustments (adjustment_id, member_id, request, response)
@@ -66,9 +67,17 @@ class Refused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
+    """The answer: 201 and the body, or a refusal kept as the first answer to its id
+    (status 409/422, `body` the problem's title, detail and extra members)."""
+
     status: int
     body: dict[str, Any]
     fresh: bool  # False when this is the stored answer to an earlier identical request
+
+
+def refusal(exc: Refused) -> dict[str, Any]:
+    """What is kept of a refusal to answer it again: the problem without its envelope."""
+    return {"title": exc.title, "detail": exc.detail, **exc.extra}
 
 
 def _bad_cash(detail: str) -> Refused:
@@ -110,7 +119,7 @@ def _replay(prior: asyncpg.Record, request: dict[str, Any], what: str, key: str)
             f"this {key} was already used with a different request",
             first_request=prior["request"],
         )
-    return Outcome(201, prior["response"], fresh=False)
+    return Outcome(prior["status"], prior["response"], fresh=False)
 
 
 async def _claim(
@@ -187,49 +196,58 @@ async def redeem(
             )
             if replayed is not None:
                 return replayed
-            tier = tier_of(raw_tier)
-            if reward is not None:
+            try:
+                tier = tier_of(raw_tier)
+                if reward is not None:
+                    try:
+                        points = policy.reward(reward).points
+                    except UnknownReward:
+                        raise Refused(
+                            422,
+                            "Unknown reward",
+                            f"{reward!r} is not in the catalogue",
+                            catalogue=sorted(policy.rewards),
+                        ) from None
+                elif cash_value is not None:
+                    points = policy.points_for_cash(tier, cash_value)
+                assert points is not None
+                if cash_value is None:
+                    cash_value = policy.cash_value(tier, points)
+                before = await load_books(conn, [member_id])
+                command = acc.Redeem(
+                    entry_id=acc.derived_entry_id("redeem", redemption_id),
+                    points=points,
+                    at=now,
+                    redemption_id=redemption_id,
+                    min_balance=policy.min_balance,
+                    store_id=store_id,
+                )
                 try:
-                    points = policy.reward(reward).points
-                except UnknownReward:
+                    entries = acc.decide(before[member_id], command)
+                except acc.BelowMinimum as exc:
                     raise Refused(
                         422,
-                        "Unknown reward",
-                        f"{reward!r} is not in the catalogue",
-                        catalogue=sorted(policy.rewards),
+                        "Below the redemption minimum",
+                        str(exc),
+                        available=exc.available,
+                        minimum=exc.minimum,
                     ) from None
-            elif cash_value is not None:
-                points = policy.points_for_cash(tier, cash_value)
-            assert points is not None
-            if cash_value is None:
-                cash_value = policy.cash_value(tier, points)
-            before = await load_books(conn, [member_id])
-            command = acc.Redeem(
-                entry_id=acc.derived_entry_id("redeem", redemption_id),
-                points=points,
-                at=now,
-                redemption_id=redemption_id,
-                min_balance=policy.min_balance,
-                store_id=store_id,
-            )
-            try:
-                entries = acc.decide(before[member_id], command)
-            except acc.BelowMinimum as exc:
-                raise Refused(
-                    422,
-                    "Below the redemption minimum",
-                    str(exc),
-                    available=exc.available,
-                    minimum=exc.minimum,
-                ) from None
-            except acc.InsufficientPoints as exc:
-                raise Refused(
-                    409,
-                    "Insufficient points",
-                    str(exc),
-                    available=exc.available,
-                    requested=exc.requested,
-                ) from None
+                except acc.InsufficientPoints as exc:
+                    raise Refused(
+                        409,
+                        "Insufficient points",
+                        str(exc),
+                        available=exc.available,
+                        requested=exc.requested,
+                    ) from None
+            except Refused as refused:
+                # Refused for this member's balance or the catalogue: the first answer to
+                # this id, kept and given again (CONTRACT.md), not redeemed on a retry.
+                kept = refusal(refused)
+                await conn.execute(
+                    INSERT_REDEMPTION, redemption_id, member_id, request, kept, refused.status
+                )
+                return Outcome(refused.status, kept, fresh=True)
             await _journal(conn, topic, before, entries)
             body = {
                 "redemption_id": redemption_id,
@@ -242,7 +260,7 @@ async def redeem(
                 "entry_id": entries[-1].entry_id,
                 "redeemed_at": now.isoformat(),
             }
-            await conn.execute(INSERT_REDEMPTION, redemption_id, member_id, request, body)
+            await conn.execute(INSERT_REDEMPTION, redemption_id, member_id, request, body, 201)
             return Outcome(201, body, fresh=True)
     except asyncpg.UniqueViolationError:
         # The same id was committed concurrently (for another member: the entry id or the

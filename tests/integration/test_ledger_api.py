@@ -76,6 +76,10 @@ async def test_redemptions_adjustments_and_reports_through_the_api(stack: Stack)
     assert low["minimum"] == 500
     short = assert_problem(await post(stack, path, {"redemption_id": "r-big", "points": 4001}), 409)
     assert short["available"] == 4000
+    # A refusal is the first answer to its id too (CONTRACT.md): given again.
+    retried = await post(stack, path, {"redemption_id": "r-big", "points": 4001})
+    assert retried.headers["idempotent-replayed"] == "true"
+    assert assert_problem(retried, 409) == short
 
     # By points: FIFO takes the 40-day-old lot first.
     first = await post(stack, path, {"redemption_id": "r-1", "points": 1200, "store_id": "s1"})
@@ -387,7 +391,19 @@ async def test_fifty_concurrent_redemptions_never_overspend(stack: Stack) -> Non
     assert doc["points"]["redeemed"] == 9800
     afters = sorted(r.json()["available_after"] for r in responses if r.status_code == 201)
     assert afters == [200 + 700 * k for k in range(14)]
-    assert await stack.scalar("SELECT count(*) FROM ledger_redemptions") == 14
+    assert await stack.scalar("SELECT count(*) FROM ledger_redemptions WHERE status = 201") == 14
+    # Each refusal is kept as the first answer to its id (CONTRACT.md): retried once the
+    # balance would pay it, it is refused again, not redeemed.
+    topped = await post(stack, "/v1/adjustments", {"adjustment_id": "a-c", "member_id": "m-c",
+                        "points": 5000, "reason": "test", "operator": "ops-7"})  # fmt: skip
+    assert topped.status_code == 201, topped.text
+    i = next(i for i, r in enumerate(responses) if r.status_code != 201)
+    again = await post(stack, "/v1/members/m-c/redemptions",
+                       {"redemption_id": f"c-{i}", "points": 700})  # fmt: skip
+    assert again.status_code == responses[i].status_code
+    assert again.json() == responses[i].json()
+    assert again.headers["idempotent-replayed"] == "true"
+    assert (await member(stack, "m-c"))["points"]["redeemed"] == 9800
     await assert_verified(stack.dsn)
 
 
