@@ -18,6 +18,7 @@ ids recorded (nothing is dead-lettered).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -311,14 +312,6 @@ class BatchConsumer:
             self._on_commit()
 
     async def _dead_letter_poison(self, record: ConsumerRecord, exc: Exception) -> None:
-        async def handler(
-            conn: asyncpg.Connection, records: Sequence[ConsumerRecord], work: BatchWork
-        ) -> None:
-            label, reason = classify(exc)
-            row, dead = dead_letter(record, self.name, label, reason, self.dlq_topic)
-            work.outbox.append(row)
-            work.dead.append(dead)
-
         log.error(
             "poison_record",
             consumer=self.name,
@@ -326,6 +319,29 @@ class BatchConsumer:
             offset=record.offset,
             error=repr(exc),
         )
+        label, reason = classify(exc)
+        try:
+            await self._write_dead_letter(record, label, reason)
+        except TRANSIENT:
+            raise
+        except Exception as failed:
+            # The letter itself holds something the tables refuse: a plain one instead (no
+            # key, the reason's kind), so that the record is kept and the partition moves.
+            log.error("dead_letter_unwritable", consumer=self.name, partition=record.partition,
+                      offset=record.offset, error=repr(failed))  # fmt: skip
+            plain = dataclasses.replace(record, key=None)
+            await self._write_dead_letter(
+                plain, label, f"{label} (its reason could not be stored: {type(failed).__name__})"
+            )
+
+    async def _write_dead_letter(self, record: ConsumerRecord, label: str, reason: str) -> None:
+        async def handler(
+            conn: asyncpg.Connection, records: Sequence[ConsumerRecord], work: BatchWork
+        ) -> None:
+            row, dead = dead_letter(record, self.name, label, reason, self.dlq_topic)
+            work.outbox.append(row)
+            work.dead.append(dead)
+
         original, self._handler = self._handler, handler
         try:
             await self._apply([record])

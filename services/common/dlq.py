@@ -41,6 +41,11 @@ def classify(exc: Exception) -> tuple[str, str]:
     return "processing_error", f"{type(exc).__name__}: {exc}"
 
 
+def writable(text: str) -> str:
+    """`text` as a Postgres `text` column takes it: no NUL, no lone surrogate."""
+    return text.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")
+
+
 def dead_letter(
     record: ConsumerRecord, consumer: str, label: str, reason: str, dlq_topic: str
 ) -> tuple[OutboxRow, tuple[object, ...]]:
@@ -48,7 +53,7 @@ def dead_letter(
     raw: bytes = record.value or b""
     # An exception's text may quote the input, and a NUL or a lone surrogate would fail
     # the `text` column: a dead letter must always be writable, or the consumer retries it.
-    reason = reason.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")
+    reason = writable(reason)
     try:
         original, encoding = raw.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
@@ -56,7 +61,7 @@ def dead_letter(
     dlq_id = str(
         uuid.uuid5(_DLQ_NAMESPACE, f"{consumer}|{record.topic}|{record.partition}|{record.offset}")
     )
-    key = record.key.decode("utf-8", "replace") if record.key else None
+    key = writable(record.key.decode("utf-8", "replace")) if record.key else None
     letter = DeadLetter(
         dlq_id=dlq_id,
         consumer=consumer,

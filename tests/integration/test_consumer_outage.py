@@ -86,3 +86,48 @@ async def test_a_dead_letter_is_written_whatever_its_reason_quotes(fresh_databas
         async with pool.acquire() as conn:
             reason = await conn.fetchval("SELECT reason FROM dead_letters")
     assert reason == "ValueError: cannot use 'a\\x00b\\ud800'"
+
+
+async def test_a_record_keyed_with_a_nul_is_dead_lettered(fresh_database: str) -> None:
+    """A malformed message whose key holds a NUL: the dead letter's outbox row copies the
+    key into `outbox.key` (text), which Postgres refuses. Since nothing escapes `process`
+    that would be retried for ever, the partition stuck; the key is escaped."""
+    settings = Settings(database_url=fresh_database, bootstrap_servers="")
+    handler = projector.make_handler(settings, "ledger", LedgerRules())
+    bad = grant("m\x00x", 5, datetime.now(UTC))
+    bad["_raw"] = b"not json"
+    async with migrated_pool(fresh_database) as pool:
+        consumer = consumer_of(pool, "ledger", TOPIC, handler)
+        await asyncio.wait_for(consumer.process(direct.records(TOPIC, bad)), timeout=30)
+        async with pool.acquire() as conn:
+            key = await conn.fetchval("SELECT key FROM outbox WHERE topic = 'loyalty.dlq.v1'")
+            dead = await conn.fetchval("SELECT count(*) FROM dead_letters")
+    assert (key, dead) == ("m\\x00x", 1)
+
+
+async def test_a_dead_letter_the_tables_refuse_is_kept_plainer(fresh_database: str) -> None:
+    """Should a dead letter still hold something the tables refuse (here a constraint the
+    test adds on its reason), a plain one is written instead: the record is kept and the
+    partition moves on."""
+
+    async def refuse(conn: asyncpg.Connection, records: object, work: object) -> None:
+        raise ValueError("forbidden words")
+
+    async with migrated_pool(fresh_database) as pool:
+        async with pool.acquire() as conn:
+            await conn.execute(
+                "ALTER TABLE dead_letters ADD CONSTRAINT no_forbidden"
+                " CHECK (reason NOT LIKE '%forbidden%')"
+            )
+        consumer = consumer_of(pool, "ledger", TOPIC, refuse)
+        batch = direct.records(TOPIC, grant("m-plain", 5, datetime.now(UTC)))
+        with capture_logs() as logs:
+            await asyncio.wait_for(consumer.process(batch), timeout=30)
+        async with pool.acquire() as conn:
+            reason = await conn.fetchval("SELECT reason FROM dead_letters")
+            stored = await conn.fetchval("SELECT next_offset FROM consumer_offsets")
+    assert reason == "processing_error (its reason could not be stored: CheckViolationError)"
+    assert stored == batch[-1].offset + 1
+    assert [e["event"] for e in logs if e["event"] == "dead_letter_unwritable"] == [
+        "dead_letter_unwritable"
+    ]
