@@ -152,7 +152,16 @@ class ChainWork:
     ) -> None:  # fmt: skip
         """Called with each evaluated event: notes what steps 1-3 need."""
         if isinstance(event, Purchase):
-            if not before.referral_paid and after.referral_paid and after.referrer_id:
+            order = after.orders.get(event.data.order_id)
+            # A purchase already refunded in full (its refund came first) paid no referral,
+            # and none is owed late: in time order it was granted and taken back.
+            refunded = order is not None and order.net <= 0
+            if (
+                not before.referral_paid
+                and after.referral_paid
+                and after.referrer_id
+                and (not refunded)
+            ):
                 ruleset = book.at(event.occurred_at)
                 rule = ruleset.rule_ids.referral_indirect
                 paid = [g for g in grants if isinstance(g, PointsGranted)

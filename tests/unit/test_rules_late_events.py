@@ -379,3 +379,29 @@ def test_sign_ins_in_any_arrival_order_pay_what_time_order_pays(days: list[int],
     shuffled.feed(*arrival)
     assert shuffled.by_rule() == in_time.by_rule()
     assert shuffled.state().sign_in_runs == in_time.state().sign_in_runs
+
+
+def test_a_first_purchase_refunded_before_it_arrived_owes_no_late_referral() -> None:
+    """B's full refund arrives before B's purchase: the purchase pays nothing, and it must
+    not be recorded as a referral that paid no indirect bonus, or the referrer's referrer
+    (learnt later, step 2 of the referral chain) would be paid for a refunded order."""
+    from services.rules import referral_chain as chain
+    from services.rules.engine import evaluate
+    from services.rules.ruleset import RuleBook
+    from services.rules.state import MemberState
+
+    book = RuleBook([DEFAULT])
+    state = evaluate(MemberState(member_id="B"), registered("B", referrer="A"), DEFAULT, {}).state
+    work = chain.ChainWork()
+    for event in (refund("B", "o-B", 800, at=T0 + D), purchase("B", 800, at=T0, order_id="o-B")):
+        result = evaluate(state, event, DEFAULT, {})
+        work.observe(state, result.state, event, book, result.grants)
+        state = result.state
+    assert work.referrals == []
+    # A partial early refund keeps the referral (paid, and recorded for the chain).
+    state = evaluate(MemberState(member_id="D"), registered("D", referrer="A"), DEFAULT, {}).state
+    for event in (refund("D", "o-D", 300, at=T0 + D), purchase("D", 800, at=T0, order_id="o-D")):
+        result = evaluate(state, event, DEFAULT, {})
+        work.observe(state, result.state, event, book, result.grants)
+        state = result.state
+    assert [r[0] for r in work.referrals] == ["D"]
