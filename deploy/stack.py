@@ -76,6 +76,8 @@ def sticky(previous: dict[str, str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for var, default in STICKY:
         value = os.environ.get(var, previous.get(var, default))
+        if value == "":  # given empty: cleared, back to the default (or the service's own)
+            value = default
         if value is not None:
             out[var] = value
     return out

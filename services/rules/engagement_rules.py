@@ -97,6 +97,13 @@ def on_sign_in(state: MemberState, event: CheckIn, ruleset: RuleSet, day: date) 
     late is paid at least what time order pays.
     """
     runs = sign_in_runs(state)
+    known_from = state.sign_in_known_from
+    if runs and not state.sign_in_runs:  # read from an older state: its one run
+        # The day before the run was not signed (or the streak would be longer); those
+        # before it are not known, and the older code paid none of them again.
+        known_from = runs[0].first - _ONE_DAY
+    if known_from is not None and day < known_from:
+        return state, []
     before = after = None
     for r in runs:
         if r.first <= day <= r.last:
@@ -114,7 +121,8 @@ def on_sign_in(state: MemberState, event: CheckIn, ruleset: RuleSet, day: date) 
         runs = (*kept, joined)  # in time order: the newest run
     else:
         runs = tuple(sorted((*kept, joined), key=_run_first))
-    new = replace(state, sign_in_runs=runs, sign_in_last_day=None, sign_in_streak=0)
+    new = replace(state, sign_in_runs=runs, sign_in_known_from=known_from,
+                  sign_in_last_day=None, sign_in_streak=0)  # fmt: skip
     if not counted(state, day):  # the runs still count the day; its budget is unknown
         return new, []
     rules, ids, member = ruleset.sign_in, ruleset.rule_ids, event.member_id
@@ -132,12 +140,14 @@ def on_sign_in(state: MemberState, event: CheckIn, ruleset: RuleSet, day: date) 
     pay(ids.sign_in, rules.points, day)
     every = rules.streak_every
     if every:
-        due = joined.days // every
-        owed = due - sum(r.days // every for r in (before, after) if r is not None)
-        # The bonuses of the joined run not paid yet are its last `owed` due days (the
-        # run before kept its own; those after the filled day moved).
-        for k in range(due - owed + 1, due + 1):
-            on = joined.first + (k * every - 1) * _ONE_DAY
+        owed = joined.days // every
+        owed -= sum(r.days // every for r in (before, after) if r is not None)
+        # The joined run's bonus days after the run before it (whose own stay where they
+        # were) that the run after it had not paid on, earliest first: at least `owed`.
+        paid_after = set() if after is None else set(_bonus_days(after, every))
+        unpaid = [on for on in _bonus_days(joined, every)
+                  if on >= day and on not in paid_after]  # fmt: skip
+        for on in unpaid[:owed]:
             if counted(new, on):
                 pay(ids.sign_in_streak, rules.streak_points, on)
     for on, used in sorted(spent.items()):
@@ -149,6 +159,11 @@ def on_sign_in(state: MemberState, event: CheckIn, ruleset: RuleSet, day: date) 
 
 def _run_first(run: SignInRun) -> date:
     return run.first
+
+
+def _bonus_days(run: SignInRun, every: int) -> list[date]:
+    """The days a run's streak bonuses fall on: its `every`-th, 2×`every`-th, ... day."""
+    return [run.first + (k * every - 1) * _ONE_DAY for k in range(1, run.days // every + 1)]
 
 
 def on_review(state: MemberState, event: Review, ruleset: RuleSet, day: date) -> Outcome:

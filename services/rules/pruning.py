@@ -29,6 +29,7 @@ D = TypeVar("D", date, datetime)
 # the day's cap. An event for a day older than the counters kept earns no capped points
 # (`MemberState.counters_since`).
 COUNTER_DAYS: Final = timedelta(days=35)
+_ONE_DAY: Final = timedelta(days=1)
 
 
 def add_months(dt: D, months: int) -> D:
@@ -111,11 +112,14 @@ def prune(
             changes["reviews"] = {k: r for k, r in reviews.items() if r.day > day_horizon}
         if visits and next(iter(visits.values())) <= day_horizon:
             changes["visits_seen"] = {k: d for k, d in visits.items() if d > day_horizon}
-    runs = state.sign_in_runs
-    if runs and runs[0].last < today - COUNTER_DAYS:
-        # A run that ended before the counters' horizon can no longer be joined by a day
-        # that pays (a day that old earns nothing capped): forgotten with the counters.
-        changes["sign_in_runs"] = tuple(r for r in runs if r.last >= today - COUNTER_DAYS)
+    runs, known_from = state.sign_in_runs, state.sign_in_known_from
+    if runs and runs[0].last < today - COUNTER_DAYS - _ONE_DAY:
+        # A run that ended before the day before the counters' horizon can no longer be
+        # joined by a day that pays (one that old earns nothing capped): forgotten.
+        horizon = today - COUNTER_DAYS - _ONE_DAY
+        changes["sign_in_runs"] = tuple(r for r in runs if r.last >= horizon)
+    if known_from is not None and known_from < today - COUNTER_DAYS:
+        changes["sign_in_known_from"] = None  # the days before the horizon pay nothing anyway
     orders = state.orders
     if orders:
         oldest = next(iter(orders.values())).at

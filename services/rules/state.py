@@ -185,6 +185,9 @@ class MemberState(
     # is inside the day counters' horizon: a sign-in delivered late fills its day in and
     # joins the runs around it, as it would have in time order.
     sign_in_runs: tuple[SignInRun, ...] = ()
+    # For a state whose runs were read from an older one (below): the first day its days
+    # are known from. Before it, the old state kept no days, and any was taken as signed.
+    sign_in_known_from: date | None = None
     # A state written before the runs: the last day and the streak ending on it (read as
     # one run by `engagement_rules.sign_in_runs`, and cleared when the runs are written).
     sign_in_last_day: date | None = None

@@ -281,7 +281,8 @@ def held_at(
     for o in orders.values():  # oldest first
         if o.at > at:
             break
-        before = o
+        if o.amount - o.refunded > 0:  # a replay skips one refunded in full: its record too
+            before = o
     if before is not None:
         r = rules if rules_at is None else rules_at(before.at)
         q = qualified_tier(window_spend(orders, history, before.at, r.window_months, zone), r)

@@ -405,3 +405,78 @@ def test_a_first_purchase_refunded_before_it_arrived_owes_no_late_referral() -> 
         work.observe(state, result.state, event, book, result.grants)
         state = result.state
     assert [r[0] for r in work.referrals] == ["D"]
+
+
+# --- Found reviewing the above (2026-11-29) -------------------------------------------
+
+H = timedelta(hours=1)
+
+
+def test_a_state_written_before_the_runs_does_not_pay_an_old_day_again() -> None:
+    """Old code: any day <= sign_in_last_day earns nothing. A stored state that signed in
+    on days 1-3, missed day 4 and signed in on day 5 reads as the run [5, 5]; a second
+    sign-in for day 3 (a resend under a new event id) is now paid 5 again."""
+    run = Run()
+    run.states["m-1"] = state_with(
+        sign_in_last_day=(T0 + 4 * D).date(),
+        sign_in_streak=1,
+        engagement_by_day={(T0 + i * D).date(): 5 for i in (0, 1, 2, 4)},
+    )
+    again = run.feed(sign_in(at=T0 + 2 * D + H))
+    assert by_rule(again.grants) == {}, "second sign-in on day 3 paid"
+
+
+def test_the_bonus_a_filled_day_completes_is_booked_on_its_own_day() -> None:
+    """Days 0-5 and 7-14 signed in, day 6 arrives last. Time order: bonuses fall on day 6
+    and day 13. Day 13's budget is spent by reviews before its sign-in, so time order pays
+    the day-6 bonus only (20). Filling day 6 books the owed bonus on day 13 (already the
+    after-run's bonus day, and full), so it is cut: 0."""
+
+    def events() -> list[Any]:
+        ev = [sign_in(at=T0 + i * D) for i in range(15) if i not in (6, 13)]
+        ev += [review(at=T0 + 13 * D + i * S) for i in range(4)]  # day 13: 200 by reviews
+        ev += [sign_in(at=T0 + 13 * D + 10 * S)]
+        return ev
+
+    in_time = Run()
+    in_time.feed(*sorted([*events(), sign_in(at=T0 + 6 * D)], key=lambda e: e.occurred_at))
+    late = Run()
+    late.feed(*events())
+    late.feed(sign_in(at=T0 + 6 * D))
+    assert in_time.by_rule().get("sign_in_streak") == 20
+    assert late.by_rule().get("sign_in_streak") == in_time.by_rule().get("sign_in_streak")
+
+
+def test_a_run_is_kept_while_the_day_after_it_still_pays() -> None:
+    """Six days signed in ending on day L; an event on L + 36 prunes the run (L < today -
+    35) but day L + 1 = today - 35 is still counted (counters kept from today - 35). The
+    late sign-in of day L + 1 is paid 5 but does not join the run: the 7th-day bonus (20)
+    that time order pays is lost."""
+    run = Run()
+    run.feed(*[sign_in(at=T0 + i * D) for i in range(6)])  # days 0..5
+    run.feed(sign_in(at=T0 + 41 * D))  # today = day 41: day 5 < 41 - 35 = day 6
+    late = run.feed(sign_in(at=T0 + 6 * D))
+    assert by_rule(late.grants) == {"sign_in": 5, "sign_in_streak": 20}
+
+
+def test_a_late_purchase_after_fully_refunded_orders_earns_at_member() -> None:
+    """A (10,000) makes silver; B (100) is placed at silver; both are refunded in full
+    (B first, then A): nothing was spent, the member is 'member'. C (100), dated after
+    both refunds, earns x1.0 in time order. Delivered after a later order D, `held_at`
+    starts from B's recorded tier_before (silver: a fully refunded order is skipped by the
+    replay, so its record is stale) and C earns x1.2 and leaves the member silver."""
+    evs = [
+        purchase(amount=10000, at=T0, order_id="A"),
+        purchase(amount=100, at=T0 + 5 * D, order_id="B"),
+        refund("m-1", "B", 100, at=T0 + 6 * D),
+        refund("m-1", "A", 10000, at=T0 + 7 * D),
+    ]
+    c = purchase(amount=100, at=T0 + 8 * D, order_id="C")
+    d = purchase(amount=100, at=T0 + 20 * D, order_id="D")
+    in_time, late = _returning(), _returning()
+    in_time.feed(*evs, c, d)
+    late.feed(*evs, d)
+    r = late.feed(c)
+    assert in_time.state().tier == "member"
+    assert by_rule(r.grants) == {"base": 100}
+    assert late.state().tier == in_time.state().tier

@@ -112,3 +112,15 @@ def test_an_exported_broker_address_of_our_own_broker_is_not_external(
     assert stack.external_broker(previous)
     # A stack that was already pointed elsewhere stays pointed there.
     assert stack.external_broker({**previous, "BROKER": "external"})
+
+
+def test_clearing_ledger_host_goes_back_to_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: 'give a variable again to change it (empty to clear it)'. `LEDGER_HOST=`
+    after `LEDGER_HOST=0.0.0.0` was written empty, and the ledger bound host "": every
+    interface. Cleared, it is left out, and the ledger's own default (loopback) applies."""
+    from deploy import stack
+
+    monkeypatch.setenv("LEDGER_HOST", "")
+    assert "LEDGER_HOST" not in stack.sticky({"LEDGER_HOST": "0.0.0.0"})
+    monkeypatch.setenv("TOPIC_PARTITIONS", "")
+    assert stack.sticky({"TOPIC_PARTITIONS": "12"})["TOPIC_PARTITIONS"] == "6"
