@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -121,14 +122,25 @@ def read_env_file(path: Path = STACK_ENV) -> dict[str, str]:
         if not line or line.startswith("#") or "=" not in line:
             continue
         key, _, value = line.partition("=")
-        env[key.strip()] = value.strip()
+        env[key.strip()] = unquoted(value.strip())
     return env
+
+
+def unquoted(value: str) -> str:
+    """A value as `write_env_file` quotes it for a shell (`. .run/stack.env`)."""
+    try:
+        words = shlex.split(value)
+    except ValueError:  # an unbalanced quote: written by hand, taken as it stands
+        return value
+    return words[0] if len(words) == 1 else value
 
 
 def write_env_file(env: dict[str, str], path: Path = STACK_ENV) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# written by `python -m deploy.stack up`; regenerated on every up"]
-    lines += [f"{k}={v}" for k, v in env.items()]
+    # Quoted for the shell that sources the file: a secret or URL with `&`, `$`, `;` or a
+    # space would otherwise be cut short there, or run.
+    lines += [f"{k}={shlex.quote(v)}" for k, v in env.items()]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.chmod(tmp, 0o600)  # holds API keys

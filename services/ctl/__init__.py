@@ -32,8 +32,19 @@ def stack_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
         if key == "STACK_WRITER" and value == "demo":
             return {}  # `make demo`'s own database and topics: not the stack's
         if sep and key in FROM_STACK_ENV:
-            found[key] = value
+            found[key] = _unquoted(value)
     return found
+
+
+def _unquoted(value: str) -> str:
+    """As `deploy.stack.write_env_file` quotes values (shlex), without importing deploy."""
+    import shlex
+
+    try:
+        words = shlex.split(value)
+    except ValueError:
+        return value
+    return words[0] if len(words) == 1 else value
 
 
 def main() -> None:

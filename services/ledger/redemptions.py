@@ -8,8 +8,11 @@ its answer under the caller's id, and put the ledger event in the outbox.
 
 Idempotency: the stored request is the *normalised* body (``cash`` "10" and "10.00" are
 the same request). The same id with the same body gets the first answer again, with the
-first status (201); the same id with another body is a `Conflict` (409). A refusal (short
-balance, minimum) is not stored: the caller may retry the same id once the balance allows.
+first status; the same id with another body is a 409. A redemption refused for the
+member's balance or the catalogue (409, 422) is kept as its first answer too (CONTRACT.md:
+"the same redemption_id again returns the first answer"), so a retry is refused again
+rather than redeemed later. A request refused before the member is locked (a malformed
+cash amount, an unknown member) is not kept. An adjustment's refusal is not kept.
 """
 
 from __future__ import annotations

@@ -124,3 +124,26 @@ def test_clearing_ledger_host_goes_back_to_loopback(monkeypatch: pytest.MonkeyPa
     assert "LEDGER_HOST" not in stack.sticky({"LEDGER_HOST": "0.0.0.0"})
     monkeypatch.setenv("TOPIC_PARTITIONS", "")
     assert stack.sticky({"TOPIC_PARTITIONS": "12"})["TOPIC_PARTITIONS"] == "6"
+
+
+def test_stack_env_values_survive_a_shell_and_a_read_back(tmp_path: Path) -> None:
+    """stack.env is sourced by a shell (`set -a; . .run/stack.env`): a secret with shell
+    characters is quoted, the shell reads it whole, and so do `make up` and ledgerctl."""
+    from deploy import stack
+    from services.ctl import stack_defaults
+
+    tricky = {
+        "NOTIFIER_WEBHOOK_SECRET": "s3$cret & ; `x` 'q'",
+        "DATABASE_URL": "postgresql://u:p@h:5432/db",
+        "LOYALTY_TOPIC_PREFIX": "",
+    }
+    path = tmp_path / "stack.env"
+    stack.write_env_file(tricky, path)
+    assert stack.read_env_file(path) == tricky
+    shell = subprocess.run(
+        ["bash", "-c", f'set -a; . "{path}"; printf %s "$NOTIFIER_WEBHOOK_SECRET"'],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert shell.stdout == tricky["NOTIFIER_WEBHOOK_SECRET"]
+    found = stack_defaults({"STACK_RUN_DIR": str(tmp_path)})
+    assert found == {"DATABASE_URL": tricky["DATABASE_URL"], "LOYALTY_TOPIC_PREFIX": ""}
