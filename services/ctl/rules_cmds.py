@@ -230,7 +230,8 @@ def _table(report: Report, start: datetime, end: datetime) -> Table:
         table.add_row(
             row.rule_id, f"{row.in_force:,}", f"{row.candidate:,}", diff,
             f"{row.cash_in_force:,}", f"{row.cash_candidate:,}", f"{row.cash_difference:+,}",
-            f"{row.members_affected:,}", style=style, end_section=row is report.rows[-1],
+            f"{row.members_affected:,}", style=style,
+            end_section=bool(report.rows) and row is report.rows[-1],
         )  # fmt: skip
     return table
 

@@ -61,11 +61,15 @@ COUNT: Final = """
 SELECT count(*) FROM rules_activity
 WHERE occurred_at >= coalesce($1, '-infinity'::timestamptz) AND occurred_at < $2
 """
+# At one instant, sign-ups and referrals first: the live service counts a referrer set at
+# a purchase's very moment (`referral_chain.as_of`), whichever of the two it saw first.
 STREAM: Final = """
 SELECT member_id, payload FROM rules_activity
 WHERE occurred_at >= coalesce($1, '-infinity'::timestamptz) AND occurred_at < $2
-ORDER BY occurred_at, partition, "offset"
+ORDER BY occurred_at, type NOT IN ('member_registered', 'referral'), partition, "offset"
 """
+# Held events ops released (paid through `rules held release`): the in-force lane pays them.
+RELEASED: Final = "SELECT event_id FROM rules_held WHERE status = 'released'"
 # Every payload that may name a referrer (a bytes match, so nothing is parsed in SQL and a
 # malformed payload cannot fail the query; a false match only joins members needlessly).
 REFERRALS: Final = """
@@ -133,11 +137,14 @@ def _take(sim: Simulation, phase: Phase, chunk: Iterable[bytes]) -> int:
     return skipped
 
 
-def _lane_worker(book: RuleBook, candidate: RuleSet, lane: Lane, inbox: Any, outbox: Any) -> None:
+def _lane_worker(
+    book: RuleBook, candidate: RuleSet, lane: Lane, inbox: Any, outbox: Any,
+    released: frozenset[str] = frozenset(),
+) -> None:  # fmt: skip
     """One lane in a worker process: chunks of raw payloads in, the lane's totals out."""
     gc.disable()  # member states hold no cycles; the collector only costs time here
     try:
-        sim = Simulation(book, candidate, lanes=(lane,))
+        sim = Simulation(book, candidate, lanes=(lane,), released=released)
         skipped = 0
         while True:
             phase, chunk = inbox.get()
@@ -150,11 +157,14 @@ def _lane_worker(book: RuleBook, candidate: RuleSet, lane: Lane, inbox: Any, out
         raise
 
 
-def _member_worker(book: RuleBook, candidate: RuleSet, inbox: Any, outbox: Any) -> None:
+def _member_worker(
+    book: RuleBook, candidate: RuleSet, inbox: Any, outbox: Any,
+    released: frozenset[str] = frozenset(),
+) -> None:  # fmt: skip
     """Both lanes for a share of the members: each payload is parsed once, not per lane."""
     gc.disable()  # member states hold no cycles; the collector only costs time here
     try:
-        sim = Simulation(book, candidate)
+        sim = Simulation(book, candidate, released=released)
         skipped = 0
         while True:
             phase, chunk = inbox.get()
@@ -184,7 +194,10 @@ class LaneWorkers:
 
     POLL_S: Final = 1.0
 
-    def __init__(self, book: RuleBook, candidate: RuleSet, context: str = "forkserver") -> None:
+    def __init__(
+        self, book: RuleBook, candidate: RuleSet, context: str = "forkserver",
+        released: frozenset[str] = frozenset(),
+    ) -> None:  # fmt: skip
         ctx: Any = multiprocessing.get_context(context)
         if context == "forkserver":
             ctx.set_forkserver_preload(PRELOAD)
@@ -194,7 +207,8 @@ class LaneWorkers:
         self._outbox = ctx.Queue()
         self._procs = [
             ctx.Process(target=_lane_worker, name=f"backtest-{lane}", daemon=True,
-                        args=(book, candidate, lane, self._inboxes[lane], self._outbox))
+                        args=(book, candidate, lane, self._inboxes[lane], self._outbox,
+                              released))
             for lane in LANES
         ]  # fmt: skip
 
@@ -262,6 +276,7 @@ class MemberWorkers:
         groups: Mapping[str, str] | None = None,
         workers: int = 2,
         context: str = "forkserver",
+        released: frozenset[str] = frozenset(),
     ) -> None:
         ctx: Any = multiprocessing.get_context(context)
         if context == "forkserver":
@@ -275,7 +290,7 @@ class MemberWorkers:
         self._outbox = ctx.Queue()
         self._procs = [
             ctx.Process(target=_member_worker, name=f"backtest-{i}", daemon=True,
-                        args=(book, candidate, self._inboxes[i], self._outbox))
+                        args=(book, candidate, self._inboxes[i], self._outbox, released))
             for i in range(workers)
         ]  # fmt: skip
 
@@ -375,6 +390,7 @@ async def run_backtest(
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             book = await read_book(conn)
+            released = frozenset(r[0] for r in await conn.fetch(RELEASED))
             if on_total is not None:
                 total = await conn.fetchval(COUNT, None if warmup else start, end)
                 on_total(int(total))
@@ -383,7 +399,7 @@ async def run_backtest(
                 phases.append((None, start, "warm"))
             phases.append((start, end, "feed"))
             if workers:
-                pool = MemberWorkers(book, candidate)
+                pool = MemberWorkers(book, candidate, released=released)
                 try:
                     # The workers boot in a thread while the referral links are read.
                     booting = asyncio.ensure_future(asyncio.to_thread(pool.start))
@@ -400,7 +416,7 @@ async def run_backtest(
                     return pool.finish()
                 finally:
                     pool.close()
-            sim = Simulation(book, candidate)
+            sim = Simulation(book, candidate, released=released)
             skipped = 0
             for lo, hi, phase in phases:
                 async for rows in _rows(conn, lo, hi):

@@ -9,8 +9,10 @@ candidate file, as if it had been in force from the period's start (its own
 state once (tiers, first purchases, streaks, orders a refund refers to) under the rule
 book, and both lanes start from that state; nothing of the warm-up is counted.
 
-Cash liability values points at the redemption rate of the recipient's tier just
-before the event, from the rule set that priced it.
+Cash liability values each member's points at the redemption rate of the tier the member
+holds in that lane at the end (as of their last event of the period), from the rule set
+of the lane's last event: as the ledger's liability values points at the tier now. So a
+grant and its take-back cancel in cash as in points, whatever tier each was paid at.
 
 The lanes are independent, so a `Simulation` may run only one of them (`lanes=`), and
 members are independent outside referral chains: the backtest adapter prices shares of
@@ -45,11 +47,10 @@ class _Lane:
     states: dict[str, MemberState] = field(default_factory=dict)
     referrers: dict[str, str | None] = field(default_factory=dict)
     held: int = 0
-    # (rule id, member, points per CNY of the member's tier then) -> points: one count per
-    # payout; `result` sums it into points per (rule, member) and per (rule, rate).
-    counted: defaultdict[tuple[str, str, int], int] = field(
-        default_factory=lambda: defaultdict(int)
-    )
+    # (rule id, member) -> points: one count per payout; `result` values them at the
+    # member's tier at the end, at the points-per-CNY rates of the lane's last rule set.
+    counted: defaultdict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    rates: Mapping[Tier, int] = field(default_factory=dict)
 
     def fork(self) -> _Lane:
         # States are frozen models: sharing them between lanes is safe, only the maps copy.
@@ -57,8 +58,10 @@ class _Lane:
 
     def step(
         self, event: Activity, ruleset: RuleSet, count: bool, day: date,
-        tiers_at: TiersAt | None = None,
+        tiers_at: TiersAt | None = None, released: bool = False,
     ) -> None:  # fmt: skip
+        """`released`: held, the event was released by ops (`rules held release`), which
+        paid it as `engine.release` does: here at once, on the state that held it."""
         member = event.member_id
         states = self.states
         state = states.get(member)
@@ -70,25 +73,30 @@ class _Lane:
         new = states[member] = result.state
         if new.referrer_id is not None:
             self.referrers[member] = new.referrer_id
+        if result.held is not None:
+            if count:
+                self.held += 1
+            if not released:
+                return
+            result = step(result.state, event, ruleset, self.referrers, check_burst=False,
+                          report_tier=False, day=day, tiers_at=tiers_at)  # fmt: skip
+            new = states[member] = result.state
+            if new.referrer_id is not None:
+                self.referrers[member] = new.referrer_id
         if not count:
             return
-        if result.held is not None:
-            self.held += 1
-            return
-        rates = ruleset.redemption.points_per_cny
+        self.rates = ruleset.redemption.points_per_cny
         counted = self.counted
         for revoke, who, rule, points, _, _ in result.payouts:
-            tier = state.tier if who == member else self._tier(who)
-            counted[(rule, who, rates.get(tier, 0))] += -points if revoke else points
+            counted[(rule, who)] += -points if revoke else points
 
     def result(self) -> LaneResult:
-        points: defaultdict[tuple[str, str], int] = defaultdict(int)
         by_rate: defaultdict[tuple[str, int], int] = defaultdict(int)
-        for (rule, who, rate), p in self.counted.items():
-            points[(rule, who)] += p
-            by_rate[(rule, rate)] += p
+        rates = self.rates
+        for (rule, who), p in self.counted.items():
+            by_rate[(rule, rates.get(self._tier(who), 0))] += p
         return LaneResult(
-            points=dict(points),
+            points=dict(self.counted),
             by_rate=dict(by_rate),
             held=self.held,
             members=frozenset(self.states),
@@ -158,11 +166,17 @@ class Simulation:
     are what a worker process hands back for `combine`.
     """
 
-    def __init__(self, book: RuleBook, candidate: RuleSet, lanes: Sequence[Lane] = LANES) -> None:
+    def __init__(
+        self, book: RuleBook, candidate: RuleSet, lanes: Sequence[Lane] = LANES,
+        released: frozenset[str] = frozenset(),
+    ) -> None:  # fmt: skip
         if not lanes or any(lane not in LANES for lane in lanes):
             raise ValueError(f"lanes must be some of {LANES}, got {lanes!r}")
         self.book = book
         self.candidate = candidate
+        # Held events ops released (paid): the in-force lane pays them too. The candidate
+        # lane, a rule set nobody reviewed bursts under, counts its holds as unpaid.
+        self.released = released
         self.lanes: tuple[Lane, ...] = tuple(dict.fromkeys(lanes))
         self._warm = _Lane()
         self._lanes: dict[Lane, _Lane] | None = None
@@ -190,7 +204,8 @@ class Simulation:
             event = with_shared_tz(event)
             ruleset = self._rules_at(event.occurred_at)
             day = self._day(event, derived(ruleset).zone)
-            self._warm.step(event, ruleset, False, day, self.book.tiers_at)
+            released = event.event_id in self.released
+            self._warm.step(event, ruleset, False, day, self.book.tiers_at, released)
             self.warmup_events += 1
 
     def _start(self) -> dict[Lane, _Lane]:
@@ -210,7 +225,8 @@ class Simulation:
         in_force, candidate = lanes.get("in_force"), lanes.get("candidate")
         if in_force is not None:
             day = self._day(event, derived(ruleset).zone)
-            in_force.step(event, ruleset, True, day, self.book.tiers_at)
+            released = event.event_id in self.released
+            in_force.step(event, ruleset, True, day, self.book.tiers_at, released)
         if candidate is not None:  # the candidate as if in force throughout
             candidate.step(event, self.candidate, True, self._day(event, self._candidate_zone))
         self.events += 1

@@ -264,3 +264,47 @@ async def test_simulate_reports_in_force_vs_candidate_without_touching_live_stat
     # Nothing live was written.
     assert await _q(db, "SELECT 1 FROM rules_member_state") == []
     assert await _q(db, "SELECT 1 FROM outbox") == []
+
+
+async def test_simulate_counts_a_referrer_set_at_the_purchases_very_moment(
+    db: str, tmp_path: Path
+) -> None:
+    """The live service pays the indirect bonus when the referrer's own referrer was set
+    at or before the purchase, whichever it saw first; the backtest read a tie in
+    (partition, offset) order, and the purchase recorded first paid nothing."""
+    t0 = datetime(2026, 3, 2, 10, tzinfo=CST)
+    t1 = t0 + timedelta(days=1)
+
+    def event(type_: str, member: str, at: datetime, data: dict[str, object]) -> dict[str, object]:
+        return {"event_id": f"{type_}-{member}", "type": type_, "occurred_at": at.isoformat(),
+                "member_id": member, "data": data}  # fmt: skip
+
+    await _record(db, [
+        event("member_registered", "m-b", t0, {"referrer_id": "m-a"}),
+        event("purchase", "m-b", t1, {"order_id": "ob", "amount": "100", "items": []}),
+        event("member_registered", "m-a", t1, {"referrer_id": "m-c"}),
+    ])  # fmt: skip
+    out = tmp_path / "r.json"
+    ran = await ctl(db, "simulate", "--ruleset", str(RULESETS_DIR / "default.yaml"),
+                    "--from", t0.isoformat(), "--to", (t1 + timedelta(days=1)).isoformat(),
+                    "--output", str(out), "--no-warmup")  # fmt: skip
+    assert ran.code == 0, ran.stderr
+    by_rule = {r["rule_id"]: r for r in json.loads(out.read_text())["rules"]}
+    assert by_rule["referral_indirect"]["in_force"] == 50
+
+
+async def test_simulate_over_a_period_with_no_payouts_prints_its_table(
+    db: str, tmp_path: Path
+) -> None:
+    """An empty period (or one of sign-ups only) failed with an IndexError in the table."""
+    t0 = datetime(2026, 3, 2, 10, tzinfo=CST)
+    signed_up = {"event_id": "r-1", "type": "member_registered", "occurred_at": t0.isoformat(),
+                 "member_id": "m-1", "data": {}}  # fmt: skip
+    await _record(db, [signed_up])
+    out = tmp_path / "r.json"
+    ran = await ctl(db, "simulate", "--ruleset", str(RULESETS_DIR / "default.yaml"),
+                    "--from", t0.isoformat(), "--to", (t0 + timedelta(days=1)).isoformat(),
+                    "--output", str(out))  # fmt: skip
+    assert ran.code == 0, ran.stderr
+    assert "TOTAL" in ran.stdout
+    assert json.loads(out.read_text())["total"]["difference"] == 0

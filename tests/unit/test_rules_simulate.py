@@ -270,3 +270,56 @@ def test_member_split_keeps_a_referral_chain_in_one_worker() -> None:
             reports[name], _ = workers.finish()
     assert reports["by_component"] == expected
     assert reports["by_member"] != expected
+
+
+# Found by a reviewing helper (2026-11-29): cash at the tier each member ends the period at.
+BOOK = RuleBook([DEFAULT])
+
+
+def test_purchase_and_its_full_refund_cost_nothing_in_cash() -> None:
+    """A member's first purchase of 30,000 CNY crosses gold; it is then fully refunded.
+    Net points 0, so the cash liability must be 0 too."""
+    buy = purchase("m-1", amount=30000, at=T0, order_id="o-1")
+    back = refund("m-1", "o-1", 30000, at=T0 + timedelta(days=1))
+    report = Simulation(BOOK, DEFAULT).feed_all([buy, back]).report()
+    assert report.total.in_force == 0
+    # Was -76.50: the grant valued at the member rate (100/CNY), the take-back at gold's (80).
+    assert report.total.cash_in_force == Decimal("0.00")
+
+
+def test_cash_is_valued_at_the_tier_the_member_ends_at_not_an_expired_one() -> None:
+    """Gold reached at T0, kept 12 months; the next purchase is 13 months later, after
+    the tier expired (rolling spend 0 -> member). Its points are priced at 1.0x (member)
+    and must be valued at the member rate (100 points = 1 CNY)."""
+    first = purchase("m-1", amount=30000, at=T0, order_id="o-1")
+    later = purchase("m-1", amount=1000, at=T0 + timedelta(days=400), order_id="o-2")
+    sim = Simulation(BOOK, DEFAULT)
+    sim.warm_up(first)
+    report = sim.feed_all([later]).report()
+    rows = {r.rule_id: r for r in report.rows}
+    assert rows["base"].in_force == 1000  # priced at member's 1.0: the tier did expire
+    # Was 13.75: 1,100 points valued at the expired gold's 80 points per CNY.
+    assert report.total.cash_in_force == Decimal("11.00")
+
+
+def test_a_burst_ops_released_is_paid_in_the_in_force_lane() -> None:
+    """21 reviews with adopted suggestions in one minute: live holds the 21st, ops release
+    it (`rules held release`), and it pays. The in-force lane counted it unpaid."""
+    from services.rules.engine import evaluate, release
+
+    events = [review("m-1", at=T0 + timedelta(seconds=i), suggestion=True) for i in range(21)]
+    state, live, held = MemberState(member_id="m-1"), 0, []
+    for e in events:
+        r = evaluate(state, e, DEFAULT, {}, BOOK.tiers_at)
+        state, held = r.state, [*held, *r.held]
+        live += sum(g.data.points for g in r.grants if isinstance(g, PointsGranted))
+    assert len(held) == 1
+    r = release(state, held[0], DEFAULT, {}, BOOK.tiers_at)
+    live += sum(g.data.points for g in r.grants if isinstance(g, PointsGranted))
+    released = frozenset({held[0].event.event_id})
+    report = Simulation(BOOK, DEFAULT, released=released).feed_all(events).report()
+    assert report.held_in_force == 1
+    assert report.total.in_force == live
+    # The candidate lane holds it too, and nobody released it under the candidate.
+    assert report.held_candidate == 1
+    assert report.total.candidate == live - 200
