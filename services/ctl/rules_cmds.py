@@ -24,7 +24,7 @@ import services.rules
 from services.common.config import load_settings
 from services.ctl.common import exit_codes, fail, with_connection
 from services.rules import held as held_store
-from services.rules.backtest import report_csv, report_json, run_backtest
+from services.rules.backtest import LaneWorkerError, report_csv, report_json, run_backtest
 from services.rules.forkserver import start_forkserver
 from services.rules.rulebook_store import VersionExists, list_versions, load_book, publish
 from services.rules.ruleset import RuleSetError, load_ruleset, publish_problems
@@ -264,6 +264,11 @@ def simulate_cmd(
         candidate = load_ruleset(ruleset)
     except RuleSetError as exc:
         raise _fail(str(exc), code=2) from exc
+    # Held to what a publish requires: a candidate missing a tier's cash rate would value
+    # that tier's points at nothing, silently, in a report about cost.
+    problems = publish_problems(candidate)
+    if problems:
+        raise _fail(f"rule set {ruleset} refused: {'; '.join(problems)}", code=2)
 
     progress = Progress(
         TextColumn("replaying"),
@@ -295,6 +300,8 @@ def simulate_cmd(
             report, skipped = _with_db(work)
     except RuleSetError as exc:  # a stored version that no longer loads
         raise _fail(str(exc), code=2) from exc
+    except LaneWorkerError as exc:  # a worker died (out of memory, killed) or failed
+        raise _fail(f"backtest: {exc}", code=2) from exc
     seconds = time.perf_counter() - started
     out.print(_table(report, t1, t2))
     replayed = report.events + report.warmup_events

@@ -308,3 +308,15 @@ async def test_simulate_over_a_period_with_no_payouts_prints_its_table(
     assert ran.code == 0, ran.stderr
     assert "TOTAL" in ran.stdout
     assert json.loads(out.read_text())["total"]["difference"] == 0
+
+
+async def test_simulate_refuses_a_candidate_publish_would_refuse(db: str, tmp_path: Path) -> None:
+    """A candidate without a gold cash rate valued gold members' points at 0 CNY, silently."""
+    candidate = default_with(tmp_path, "c.yaml", version="c-1",
+                             redemption={"points_per_cny": {"member": 100}})  # fmt: skip
+    t0 = datetime(2026, 3, 2, 10, tzinfo=CST)
+    ran = await ctl(db, "simulate", "--ruleset", str(candidate), "--from", t0.isoformat(),
+                    "--to", (t0 + timedelta(days=1)).isoformat())  # fmt: skip
+    assert ran.code == 2
+    assert "refused" in ran.stderr
+    assert "missing tiers ['silver', 'gold', 'diamond']" in " ".join(ran.stderr.split())
