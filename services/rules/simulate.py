@@ -51,6 +51,8 @@ class _Lane:
     # member's tier at the end, at the points-per-CNY rates of the lane's last rule set.
     counted: defaultdict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     rates: Mapping[Tier, int] = field(default_factory=dict)
+    # Members with an event in the period (warm-up members without one are not reported).
+    active: set[str] = field(default_factory=set)
 
     def fork(self) -> _Lane:
         # States are frozen models: sharing them between lanes is safe, only the maps copy.
@@ -73,6 +75,8 @@ class _Lane:
         new = states[member] = result.state
         if new.referrer_id is not None:
             self.referrers[member] = new.referrer_id
+        if count:
+            self.active.add(member)
         if result.held is not None:
             if count:
                 self.held += 1
@@ -99,7 +103,7 @@ class _Lane:
             points=dict(self.counted),
             by_rate=dict(by_rate),
             held=self.held,
-            members=frozenset(self.states),
+            members=frozenset(self.active),
         )
 
     def _tier(self, member: str) -> Tier:

@@ -323,3 +323,12 @@ def test_a_burst_ops_released_is_paid_in_the_in_force_lane() -> None:
     # The candidate lane holds it too, and nobody released it under the candidate.
     assert report.held_candidate == 1
     assert report.total.candidate == live - 200
+
+
+def test_members_are_those_with_an_event_in_the_period() -> None:
+    """The report's `members` counted every member the warm-up had seen."""
+    sim = Simulation(BOOK, DEFAULT)
+    for i in range(50):
+        sim.warm_up(purchase(f"old-{i}", amount=100, at=T0 - timedelta(days=300)))
+    report = sim.feed_all([purchase("m-1", amount=100, at=T0)]).report()
+    assert report.members == 1
