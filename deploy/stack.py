@@ -312,6 +312,9 @@ def ensure_services(stack_env: dict[str, str], restart: bool = False) -> bool:
     broker address), since a process only reads its environment at start.
     """
     env = {**os.environ, **stack_env, "PYTHONUNBUFFERED": "1"}
+    for var, _ in STICKY:  # cleared (left out of stack.env): not from this shell either
+        if var not in stack_env:
+            env.pop(var, None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     started: list[tuple[str, int]] = []
     for name, module in SERVICES:

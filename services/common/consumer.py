@@ -34,7 +34,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
-from services.common.dlq import classify, dead_letter, record_dead_letters
+from services.common.dlq import DEAD_LETTERS, classify, dead_letter, record_dead_letters
 from services.common.log_end import log_ends_of
 from services.common.outbox import OutboxRow, write_outbox
 
@@ -72,6 +72,9 @@ class BatchWork:
 
     outbox: list[OutboxRow] = field(default_factory=list)
     dead: list[tuple[object, ...]] = field(default_factory=list)
+    # Each dead letter's reason label, counted in loyalty_dlq_messages_total once the
+    # batch commits (an attempt rolled back and retried counts nothing).
+    dead_labels: list[str] = field(default_factory=list)
 
 
 Handler = Callable[[asyncpg.Connection, Sequence[ConsumerRecord], BatchWork], Awaitable[None]]
@@ -307,6 +310,8 @@ class BatchConsumer:
                 )
         self.next_offsets.update(next_offsets)
         CONSUMED.labels(self.name).inc(len(fresh))
+        for label in work.dead_labels:
+            DEAD_LETTERS.labels(self.name, label).inc()
         BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
         if work.outbox:
             self._on_commit()
@@ -341,6 +346,7 @@ class BatchConsumer:
             row, dead = dead_letter(record, self.name, label, reason, self.dlq_topic)
             work.outbox.append(row)
             work.dead.append(dead)
+            work.dead_labels.append(label)
 
         original, self._handler = self._handler, handler
         try:
@@ -412,6 +418,7 @@ def validate_records(
             row, dead = dead_letter(record, consumer, label, reason, dlq_topic)
             work.outbox.append(row)
             work.dead.append(dead)
+            work.dead_labels.append(label)
             log.warning(
                 "dead_letter",
                 consumer=consumer,

@@ -74,7 +74,6 @@ def dead_letter(
         original_key=key,
         received_at=datetime.now(UTC),
     )
-    DEAD_LETTERS.labels(consumer, label).inc()
     row = (dlq_id, consumer, record.topic, record.partition, record.offset, reason, raw)
     return OutboxRow(dlq_topic, key, letter.model_dump_json().encode()), row
 

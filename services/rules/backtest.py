@@ -61,12 +61,22 @@ COUNT: Final = """
 SELECT count(*) FROM rules_activity
 WHERE occurred_at >= coalesce($1, '-infinity'::timestamptz) AND occurred_at < $2
 """
-# At one instant, sign-ups and referrals first: the live service counts a referrer set at
-# a purchase's very moment (`referral_chain.as_of`), whichever of the two it saw first.
+# At one instant, sign-ups and referrals before other members' events: the live service
+# counts a referrer set at a purchase's very moment (`referral_chain.as_of`), whichever of
+# the two it saw first. Not before the member's own earlier events of that instant, which
+# live applied first (a referrer named after the first purchase is refused). The EXISTS
+# runs for sign-up rows only (CASE evaluates in order), on the `occurred_at` index.
 STREAM: Final = """
-SELECT member_id, payload FROM rules_activity
+SELECT member_id, payload FROM rules_activity AS a
 WHERE occurred_at >= coalesce($1, '-infinity'::timestamptz) AND occurred_at < $2
-ORDER BY occurred_at, type NOT IN ('member_registered', 'referral'), partition, "offset"
+ORDER BY occurred_at,
+         CASE WHEN type NOT IN ('member_registered', 'referral') THEN 1
+              WHEN EXISTS (SELECT 1 FROM rules_activity AS b
+                           WHERE b.occurred_at = a.occurred_at AND b.member_id = a.member_id
+                             AND b.type NOT IN ('member_registered', 'referral')
+                             AND (b.partition, b."offset") < (a.partition, a."offset"))
+              THEN 1 ELSE 0 END,
+         partition, "offset"
 """
 # Held events ops released (paid through `rules held release`): the in-force lane pays them.
 RELEASED: Final = "SELECT event_id FROM rules_held WHERE status = 'released'"
@@ -139,12 +149,12 @@ def _take(sim: Simulation, phase: Phase, chunk: Iterable[bytes]) -> int:
 
 def _lane_worker(
     book: RuleBook, candidate: RuleSet, lane: Lane, inbox: Any, outbox: Any,
-    released: frozenset[str] = frozenset(),
+    released: frozenset[str] = frozenset(), valued_at: datetime | None = None,
 ) -> None:  # fmt: skip
     """One lane in a worker process: chunks of raw payloads in, the lane's totals out."""
     gc.disable()  # member states hold no cycles; the collector only costs time here
     try:
-        sim = Simulation(book, candidate, lanes=(lane,), released=released)
+        sim = Simulation(book, candidate, lanes=(lane,), released=released, valued_at=valued_at)
         skipped = 0
         while True:
             phase, chunk = inbox.get()
@@ -159,12 +169,12 @@ def _lane_worker(
 
 def _member_worker(
     book: RuleBook, candidate: RuleSet, inbox: Any, outbox: Any,
-    released: frozenset[str] = frozenset(),
+    released: frozenset[str] = frozenset(), valued_at: datetime | None = None,
 ) -> None:  # fmt: skip
     """Both lanes for a share of the members: each payload is parsed once, not per lane."""
     gc.disable()  # member states hold no cycles; the collector only costs time here
     try:
-        sim = Simulation(book, candidate, released=released)
+        sim = Simulation(book, candidate, released=released, valued_at=valued_at)
         skipped = 0
         while True:
             phase, chunk = inbox.get()
@@ -196,7 +206,7 @@ class LaneWorkers:
 
     def __init__(
         self, book: RuleBook, candidate: RuleSet, context: str = "forkserver",
-        released: frozenset[str] = frozenset(),
+        released: frozenset[str] = frozenset(), valued_at: datetime | None = None,
     ) -> None:  # fmt: skip
         ctx: Any = multiprocessing.get_context(context)
         if context == "forkserver":
@@ -208,7 +218,7 @@ class LaneWorkers:
         self._procs = [
             ctx.Process(target=_lane_worker, name=f"backtest-{lane}", daemon=True,
                         args=(book, candidate, lane, self._inboxes[lane], self._outbox,
-                              released))
+                              released, valued_at))
             for lane in LANES
         ]  # fmt: skip
 
@@ -277,6 +287,7 @@ class MemberWorkers:
         workers: int = 2,
         context: str = "forkserver",
         released: frozenset[str] = frozenset(),
+        valued_at: datetime | None = None,
     ) -> None:
         ctx: Any = multiprocessing.get_context(context)
         if context == "forkserver":
@@ -290,7 +301,8 @@ class MemberWorkers:
         self._outbox = ctx.Queue()
         self._procs = [
             ctx.Process(target=_member_worker, name=f"backtest-{i}", daemon=True,
-                        args=(book, candidate, self._inboxes[i], self._outbox, released))
+                        args=(book, candidate, self._inboxes[i], self._outbox, released,
+                              valued_at))
             for i in range(workers)
         ]  # fmt: skip
 
@@ -399,7 +411,7 @@ async def run_backtest(
                 phases.append((None, start, "warm"))
             phases.append((start, end, "feed"))
             if workers:
-                pool = MemberWorkers(book, candidate, released=released)
+                pool = MemberWorkers(book, candidate, released=released, valued_at=end)
                 try:
                     # The workers boot in a thread while the referral links are read.
                     booting = asyncio.ensure_future(asyncio.to_thread(pool.start))
@@ -416,7 +428,7 @@ async def run_backtest(
                     return pool.finish()
                 finally:
                     pool.close()
-            sim = Simulation(book, candidate, released=released)
+            sim = Simulation(book, candidate, released=released, valued_at=end)
             skipped = 0
             for lo, hi, phase in phases:
                 async for rows in _rows(conn, lo, hi):

@@ -10,9 +10,11 @@ state once (tiers, first purchases, streaks, orders a refund refers to) under th
 book, and both lanes start from that state; nothing of the warm-up is counted.
 
 Cash liability values each member's points at the redemption rate of the tier the member
-holds in that lane at the end (as of their last event of the period), from the rule set
-of the lane's last event: as the ledger's liability values points at the tier now. So a
-grant and its take-back cancel in cash as in points, whatever tier each was paid at.
+holds in that lane at the end (as of their last event of the period), at one set of rates
+per lane (the in-force lane: the version in force at `valued_at`, the period's end; the
+candidate lane: the candidate's): as the ledger's liability values points at the tier now.
+So a grant and its take-back cancel in cash as in points, whatever tier each was paid at,
+and how members are split over worker processes changes nothing.
 
 The lanes are independent, so a `Simulation` may run only one of them (`lanes=`), and
 members are independent outside referral chains: the backtest adapter prices shares of
@@ -50,7 +52,6 @@ class _Lane:
     # (rule id, member) -> points: one count per payout; `result` values them at the
     # member's tier at the end, at the points-per-CNY rates of the lane's last rule set.
     counted: defaultdict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
-    rates: Mapping[Tier, int] = field(default_factory=dict)
     # Members with an event in the period (warm-up members without one are not reported).
     active: set[str] = field(default_factory=set)
 
@@ -89,14 +90,12 @@ class _Lane:
                 self.referrers[member] = new.referrer_id
         if not count:
             return
-        self.rates = ruleset.redemption.points_per_cny
         counted = self.counted
         for revoke, who, rule, points, _, _ in result.payouts:
             counted[(rule, who)] += -points if revoke else points
 
-    def result(self) -> LaneResult:
+    def result(self, rates: Mapping[Tier, int]) -> LaneResult:
         by_rate: defaultdict[tuple[str, int], int] = defaultdict(int)
-        rates = self.rates
         for (rule, who), p in self.counted.items():
             by_rate[(rule, rates.get(self._tier(who), 0))] += p
         return LaneResult(
@@ -172,8 +171,10 @@ class Simulation:
 
     def __init__(
         self, book: RuleBook, candidate: RuleSet, lanes: Sequence[Lane] = LANES,
-        released: frozenset[str] = frozenset(),
+        released: frozenset[str] = frozenset(), valued_at: datetime | None = None,
     ) -> None:  # fmt: skip
+        """`valued_at`: the moment whose rule set's cash rates value the in-force lane (the
+        period's end); None: the book's latest version."""
         if not lanes or any(lane not in LANES for lane in lanes):
             raise ValueError(f"lanes must be some of {LANES}, got {lanes!r}")
         self.book = book
@@ -181,6 +182,11 @@ class Simulation:
         # Held events ops released (paid): the in-force lane pays them too. The candidate
         # lane, a rule set nobody reviewed bursts under, counts its holds as unpaid.
         self.released = released
+        in_force = book.versions[-1] if valued_at is None else book.at(valued_at)
+        self._rates: dict[Lane, Mapping[Tier, int]] = {
+            "in_force": in_force.redemption.points_per_cny,
+            "candidate": candidate.redemption.points_per_cny,
+        }
         self.lanes: tuple[Lane, ...] = tuple(dict.fromkeys(lanes))
         self._warm = _Lane()
         self._lanes: dict[Lane, _Lane] | None = None
@@ -269,7 +275,7 @@ class Simulation:
     def lane_results(self) -> dict[Lane, LaneResult]:
         # No period events yet: nothing counted (the warm-up alone is not reported).
         lanes = self._lanes or {name: _Lane() for name in self.lanes}
-        return {name: lane.result() for name, lane in lanes.items()}
+        return {name: lane.result(self._rates[name]) for name, lane in lanes.items()}
 
     def progress(self) -> Progress:
         return Progress(self.events, self.warmup_events, tuple(sorted(self._versions)))

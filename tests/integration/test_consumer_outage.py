@@ -17,6 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from services.common.config import Settings
+from services.common.dlq import DEAD_LETTERS
 from services.common.runtime import init_connection
 from services.ledger import projector
 from services.ledger.rulebook import LedgerRules
@@ -131,3 +132,22 @@ async def test_a_dead_letter_the_tables_refuse_is_kept_plainer(fresh_database: s
     assert [e["event"] for e in logs if e["event"] == "dead_letter_unwritable"] == [
         "dead_letter_unwritable"
     ]
+
+
+async def test_a_plainer_dead_letter_is_counted_once(fresh_database: str) -> None:
+    async def refuse(conn: asyncpg.Connection, records: object, work: object) -> None:
+        raise ValueError("forbidden words")
+
+    async with migrated_pool(fresh_database) as pool:
+        async with pool.acquire() as conn:
+            await conn.execute("ALTER TABLE dead_letters ADD CONSTRAINT no_forbidden"
+                               " CHECK (reason NOT LIKE '%forbidden%')")  # fmt: skip
+        consumer = consumer_of(pool, "ledger", TOPIC, refuse)
+        metric = DEAD_LETTERS.labels(consumer.name, "processing_error")
+        before = metric._value.get()
+        batch = direct.records(TOPIC, grant("m-plain", 5, datetime.now(UTC)))
+        await asyncio.wait_for(consumer.process(batch), timeout=30)
+        async with pool.acquire() as conn:
+            letters = await conn.fetchval("SELECT count(*) FROM dead_letters")
+    assert letters == 1
+    assert metric._value.get() - before == 1  # loyalty_dlq_messages_total

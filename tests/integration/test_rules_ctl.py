@@ -320,3 +320,29 @@ async def test_simulate_refuses_a_candidate_publish_would_refuse(db: str, tmp_pa
     assert ran.code == 2
     assert "refused" in ran.stderr
     assert "missing tiers ['silver', 'gold', 'diamond']" in " ".join(ran.stderr.split())
+
+
+async def test_a_members_own_late_sign_up_at_its_purchases_instant_pays_no_referral(
+    db: str, tmp_path: Path
+) -> None:
+    """m-b's purchase and m-b's own sign-up (naming m-a) share an instant; the purchase came
+    first on m-b's partition. Live (engine._register: too late after a purchase) pays no
+    referral. The backtest sorted sign-ups first at one instant, even within one member's
+    partition, and its in-force lane paid the referral that was never paid."""
+    t0 = datetime(2026, 3, 2, 10, tzinfo=CST)
+
+    def event(type_: str, member: str, at: datetime, data: dict[str, object]) -> dict[str, object]:
+        return {"event_id": f"{type_}-{member}", "type": type_, "occurred_at": at.isoformat(),
+                "member_id": member, "data": data}  # fmt: skip
+
+    await _record(db, [
+        event("purchase", "m-b", t0, {"order_id": "ob", "amount": "100", "items": []}),
+        event("member_registered", "m-b", t0, {"referrer_id": "m-a"}),
+    ])  # fmt: skip
+    out = tmp_path / "r.json"
+    ran = await ctl(db, "simulate", "--ruleset", str(RULESETS_DIR / "default.yaml"),
+                    "--from", t0.isoformat(), "--to", (t0 + timedelta(days=1)).isoformat(),
+                    "--output", str(out), "--no-warmup")  # fmt: skip
+    assert ran.code == 0, ran.stderr
+    by_rule = {r["rule_id"]: r for r in json.loads(out.read_text())["rules"]}
+    assert "referral_referrer" not in by_rule or by_rule["referral_referrer"]["in_force"] == 0

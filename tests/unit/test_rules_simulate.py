@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -332,3 +332,37 @@ def test_members_are_those_with_an_event_in_the_period() -> None:
         sim.warm_up(purchase(f"old-{i}", amount=100, at=T0 - timedelta(days=300)))
     report = sim.feed_all([purchase("m-1", amount=100, at=T0)]).report()
     assert report.members == 1
+
+
+HALF = ruleset(version="2026.2", effective_from=(T0 + timedelta(days=1)).isoformat(),
+               redemption={"points_per_cny": {"member": 50, "silver": 50, "gold": 40,
+                                              "diamond": 30}})  # fmt: skip
+HALF_BOOK = RuleBook([DEFAULT, HALF])
+
+
+def _buy(member: str, oid: str, amount: str, at: datetime) -> tuple[str, bytes]:
+    item = {"project_code": "thermage", "category": "t", "amount": amount}
+    body = {"event_id": f"e-{oid}", "occurred_at": at.isoformat(), "member_id": member,
+            "store_id": "sh-jingan", "source": "test", "type": "purchase",
+            "data": {"order_id": oid, "amount": amount, "items": [item]}}  # fmt: skip
+    return member, json.dumps(body).encode()
+
+
+def test_cash_does_not_depend_on_how_members_are_split_across_workers() -> None:
+    """The in-force lane valued points at the rates of the lane's last event: with the
+    member workers each worker has its own, so m-a (only a v1 event) was valued at v1's
+    100/CNY in its worker and at v2's 50/CNY in a single process. One set of rates now."""
+    rows = [
+        _buy("m-a", "o-1", "1000.00", T0),
+        _buy("m-d", "o-2", "1000.00", T0 + timedelta(days=2)),
+    ]
+    assert worker_of("m-a", {}, 2) != worker_of("m-d", {}, 2)
+    whole = Simulation(HALF_BOOK, DEFAULT).feed_all(
+        activity_adapter.validate_json(r) for _, r in rows
+    )
+    expected = whole.report()
+    with MemberWorkers(HALF_BOOK, DEFAULT, {}) as workers:
+        workers.send("feed", rows)
+        split, _ = workers.finish()
+    assert split.total.in_force == expected.total.in_force
+    assert split.total.cash_in_force == expected.total.cash_in_force

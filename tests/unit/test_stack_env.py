@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -147,3 +148,33 @@ def test_stack_env_values_survive_a_shell_and_a_read_back(tmp_path: Path) -> Non
     assert shell.stdout == tricky["NOTIFIER_WEBHOOK_SECRET"]
     found = stack_defaults({"STACK_RUN_DIR": str(tmp_path)})
     assert found == {"DATABASE_URL": tricky["DATABASE_URL"], "LOYALTY_TOPIC_PREFIX": ""}
+
+
+def test_cleared_ledger_host_does_not_reach_the_ledger(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`LEDGER_HOST= make up`: sticky() leaves LEDGER_HOST out of stack.env, but the
+    services are started with {**os.environ, **stack_env}, so the ledger still gets
+    LEDGER_HOST="" and binds every interface (the very thing the fix was for)."""
+    from deploy import stack
+
+    monkeypatch.setenv("LEDGER_HOST", "")
+    stack_env = {"LEDGER_PORT": "8080", **stack.sticky({"LEDGER_HOST": "0.0.0.0"})}
+    assert "LEDGER_HOST" not in stack_env
+    seen: dict[str, dict[str, str]] = {}
+
+    def start(cmd: list[str], log: Path, env: dict[str, str], cwd: Any) -> int:
+        seen[cmd[-1]] = env
+        return 1
+
+    monkeypatch.setattr(stack, "LOGS", tmp_path)
+    monkeypatch.setattr(stack, "RUN", tmp_path)
+    monkeypatch.setattr(stack.local, "read_pid", lambda p: None)
+    monkeypatch.setattr(stack.local, "pid_alive", lambda *a, **k: a[0] is not None)
+    monkeypatch.setattr(stack.local, "start_process", start)
+    monkeypatch.setattr(stack.local, "write_pid", lambda *a: None)
+    monkeypatch.setattr(stack.time, "sleep", lambda s: None)
+    stack.ensure_services(stack_env)
+    ledger_env = seen["services.ledger"]
+    # The ledger reads os.environ.get("LEDGER_HOST", "127.0.0.1"): "" means every interface.
+    assert ledger_env.get("LEDGER_HOST", "127.0.0.1") == "127.0.0.1"
