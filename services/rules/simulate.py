@@ -52,7 +52,8 @@ class _Lane:
     # (rule id, member) -> points: one count per payout; `result` values them at the
     # member's tier at the end, at the points-per-CNY rates of the lane's last rule set.
     counted: defaultdict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
-    # Members with an event in the period (warm-up members without one are not reported).
+    # Members with an event or a payout in the period (warm-up members without either are
+    # not reported).
     active: set[str] = field(default_factory=set)
 
     def fork(self) -> _Lane:
@@ -90,9 +91,11 @@ class _Lane:
                 self.referrers[member] = new.referrer_id
         if not count:
             return
-        counted = self.counted
+        counted, active = self.counted, self.active
         for revoke, who, rule, points, _, _ in result.payouts:
             counted[(rule, who)] += -points if revoke else points
+            if who != member:
+                active.add(who)  # a referrer paid in the period is one of its members
 
     def result(self, rates: Mapping[Tier, int]) -> LaneResult:
         by_rate: defaultdict[tuple[str, int], int] = defaultdict(int)

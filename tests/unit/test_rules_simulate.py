@@ -366,3 +366,14 @@ def test_cash_does_not_depend_on_how_members_are_split_across_workers() -> None:
         split, _ = workers.finish()
     assert split.total.in_force == expected.total.in_force
     assert split.total.cash_in_force == expected.total.cash_in_force
+
+
+def test_a_referrer_paid_in_the_period_is_one_of_its_members() -> None:
+    """`members` counts the referrer the period paid, so `members affected` never exceeds it."""
+    from rules_factories import registered
+
+    sim = Simulation(BOOK, DEFAULT)
+    sim.warm_up(registered("m-new", referrer="m-ref", at=T0 - timedelta(days=1)))
+    report = sim.feed_all([purchase("m-new", amount=500, at=T0)]).report()
+    assert report.members == 2
+    assert report.total.members_affected <= report.members
