@@ -266,6 +266,12 @@ async def test_simulate_reports_in_force_vs_candidate_without_touching_live_stat
     assert await _q(db, "SELECT 1 FROM outbox") == []
 
 
+def _event(type_: str, member: str, at: datetime, data: dict[str, object]) -> dict[str, object]:
+    """An activity event as `_record` stores it, its id from its type and member."""
+    return {"event_id": f"{type_}-{member}", "type": type_, "occurred_at": at.isoformat(),
+            "member_id": member, "data": data}  # fmt: skip
+
+
 async def test_simulate_counts_a_referrer_set_at_the_purchases_very_moment(
     db: str, tmp_path: Path
 ) -> None:
@@ -275,14 +281,10 @@ async def test_simulate_counts_a_referrer_set_at_the_purchases_very_moment(
     t0 = datetime(2026, 3, 2, 10, tzinfo=CST)
     t1 = t0 + timedelta(days=1)
 
-    def event(type_: str, member: str, at: datetime, data: dict[str, object]) -> dict[str, object]:
-        return {"event_id": f"{type_}-{member}", "type": type_, "occurred_at": at.isoformat(),
-                "member_id": member, "data": data}  # fmt: skip
-
     await _record(db, [
-        event("member_registered", "m-b", t0, {"referrer_id": "m-a"}),
-        event("purchase", "m-b", t1, {"order_id": "ob", "amount": "100", "items": []}),
-        event("member_registered", "m-a", t1, {"referrer_id": "m-c"}),
+        _event("member_registered", "m-b", t0, {"referrer_id": "m-a"}),
+        _event("purchase", "m-b", t1, {"order_id": "ob", "amount": "100", "items": []}),
+        _event("member_registered", "m-a", t1, {"referrer_id": "m-c"}),
     ])  # fmt: skip
     out = tmp_path / "r.json"
     ran = await ctl(db, "simulate", "--ruleset", str(RULESETS_DIR / "default.yaml"),
@@ -331,13 +333,9 @@ async def test_a_members_own_late_sign_up_at_its_purchases_instant_pays_no_refer
     partition, and its in-force lane paid the referral that was never paid."""
     t0 = datetime(2026, 3, 2, 10, tzinfo=CST)
 
-    def event(type_: str, member: str, at: datetime, data: dict[str, object]) -> dict[str, object]:
-        return {"event_id": f"{type_}-{member}", "type": type_, "occurred_at": at.isoformat(),
-                "member_id": member, "data": data}  # fmt: skip
-
     await _record(db, [
-        event("purchase", "m-b", t0, {"order_id": "ob", "amount": "100", "items": []}),
-        event("member_registered", "m-b", t0, {"referrer_id": "m-a"}),
+        _event("purchase", "m-b", t0, {"order_id": "ob", "amount": "100", "items": []}),
+        _event("member_registered", "m-b", t0, {"referrer_id": "m-a"}),
     ])  # fmt: skip
     out = tmp_path / "r.json"
     ran = await ctl(db, "simulate", "--ruleset", str(RULESETS_DIR / "default.yaml"),
