@@ -10,7 +10,8 @@ state once (tiers, first purchases, streaks, orders a refund refers to) under th
 book, and both lanes start from that state; nothing of the warm-up is counted.
 
 Cash liability values each member's points at the redemption rate of the tier the member
-holds in that lane at the end (as of their last event of the period), at one set of rates
+holds in that lane at the end (tiers that ended by then expired as the tier sweep would
+expire them), at one set of rates
 per lane (the in-force lane: the version in force at `valued_at`, the period's end; the
 candidate lane: the candidate's): as the ledger's liability values points at the tier now.
 So a grant and its take-back cancel in cash as in points, whatever tier each was paid at,
@@ -36,7 +37,7 @@ from schemas.grants import Tier
 from services.rules.engine import step
 from services.rules.ruleset import RuleBook, RuleSet, derived
 from services.rules.state import MemberState, with_shared_tz
-from services.rules.tiers import TiersAt
+from services.rules.tiers import TiersAt, catch_up
 
 CENT = Decimal("0.01")
 TOTAL = "TOTAL"
@@ -97,10 +98,19 @@ class _Lane:
             if who != member:
                 active.add(who)  # a referrer paid in the period is one of its members
 
-    def result(self, rates: Mapping[Tier, int]) -> LaneResult:
+    def result(
+        self, rates: Mapping[Tier, int], at: datetime | None = None,
+        ruleset: RuleSet | None = None, tiers_at: TiersAt | None = None,
+    ) -> LaneResult:  # fmt: skip
+        """`at` (with the `ruleset` in force then): tiers that ended by then are expired
+        as the tier sweep would have, before the points are valued."""
         by_rate: defaultdict[tuple[str, int], int] = defaultdict(int)
+        tier_of: dict[str, Tier] = {}
         for (rule, who), p in self.counted.items():
-            by_rate[(rule, rates.get(self._tier(who), 0))] += p
+            tier = tier_of.get(who)
+            if tier is None:
+                tier = tier_of[who] = self._tier(who, at, ruleset, tiers_at)
+            by_rate[(rule, rates.get(tier, 0))] += p
         return LaneResult(
             points=dict(self.counted),
             by_rate=dict(by_rate),
@@ -108,9 +118,16 @@ class _Lane:
             members=frozenset(self.active),
         )
 
-    def _tier(self, member: str) -> Tier:
-        other = self.states.get(member)
-        return "member" if other is None else other.tier
+    def _tier(
+        self, member: str, at: datetime | None, ruleset: RuleSet | None, tiers_at: TiersAt | None
+    ) -> Tier:
+        state = self.states.get(member)
+        if state is None:
+            return "member"
+        until = state.tier_valid_until
+        if at is None or ruleset is None or until is None or until > at:
+            return state.tier
+        return catch_up(state, at, ruleset.tiers, tiers_at, derived(ruleset).zone).tier
 
 
 class LaneResult(NamedTuple):
@@ -185,6 +202,7 @@ class Simulation:
         # Held events ops released (paid): the in-force lane pays them too. The candidate
         # lane, a rule set nobody reviewed bursts under, counts its holds as unpaid.
         self.released = released
+        self.valued_at = valued_at
         in_force = book.versions[-1] if valued_at is None else book.at(valued_at)
         self._rates: dict[Lane, Mapping[Tier, int]] = {
             "in_force": in_force.redemption.points_per_cny,
@@ -278,7 +296,14 @@ class Simulation:
     def lane_results(self) -> dict[Lane, LaneResult]:
         # No period events yet: nothing counted (the warm-up alone is not reported).
         lanes = self._lanes or {name: _Lane() for name in self.lanes}
-        return {name: lane.result(self._rates[name]) for name, lane in lanes.items()}
+        at = self.valued_at
+        rules: dict[Lane, tuple[RuleSet | None, TiersAt | None]] = {
+            "in_force": (None if at is None else self.book.at(at), self.book.tiers_at),
+            "candidate": (self.candidate, None),
+        }
+        return {
+            name: lane.result(self._rates[name], at, *rules[name]) for name, lane in lanes.items()
+        }
 
     def progress(self) -> Progress:
         return Progress(self.events, self.warmup_events, tuple(sorted(self._versions)))

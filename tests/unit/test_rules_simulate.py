@@ -377,3 +377,18 @@ def test_a_referrer_paid_in_the_period_is_one_of_its_members() -> None:
     report = sim.feed_all([purchase("m-new", amount=500, at=T0)]).report()
     assert report.members == 2
     assert report.total.members_affected <= report.members
+
+
+def test_cash_at_the_periods_end_counts_a_tier_that_ended_before_it() -> None:
+    """Gold (80 points per CNY) reached in the warm-up ends 12 months later, before the
+    period's end, with no event of the member after it: valued at the member rate (100),
+    as the ledger's tier sweep would have dropped it, not at gold's."""
+    sim = Simulation(BOOK, DEFAULT, valued_at=T0 + timedelta(days=400))
+    sim.warm_up(purchase("m-1", amount=30000, at=T0, order_id="o-1"))
+    report = sim.feed_all([review("m-1", at=T0 + timedelta(days=30))]).report()
+    assert report.total.in_force == 50
+    assert report.total.cash_in_force == Decimal("0.50")
+    held = Simulation(BOOK, DEFAULT, valued_at=T0 + timedelta(days=60))
+    held.warm_up(purchase("m-1", amount=30000, at=T0, order_id="o-1"))
+    gold = held.feed_all([review("m-1", at=T0 + timedelta(days=30))]).report()
+    assert gold.total.cash_in_force == Decimal("0.63")  # 50 / 80, still gold then
