@@ -61,22 +61,12 @@ COUNT: Final = """
 SELECT count(*) FROM rules_activity
 WHERE occurred_at >= coalesce($1, '-infinity'::timestamptz) AND occurred_at < $2
 """
-# At one instant, sign-ups and referrals before other members' events: the live service
-# counts a referrer set at a purchase's very moment (`referral_chain.as_of`), whichever of
-# the two it saw first. Not before the member's own earlier events of that instant, which
-# live applied first (a referrer named after the first purchase is refused). The EXISTS
-# runs for sign-up rows only (CASE evaluates in order), on the `occurred_at` index.
+# In event time; `_rows` puts a sign-up first among the events of its instant.
 STREAM: Final = """
-SELECT member_id, payload FROM rules_activity AS a
+SELECT member_id, payload, occurred_at, type IN ('member_registered', 'referral')
+FROM rules_activity
 WHERE occurred_at >= coalesce($1, '-infinity'::timestamptz) AND occurred_at < $2
-ORDER BY occurred_at,
-         CASE WHEN type NOT IN ('member_registered', 'referral') THEN 1
-              WHEN EXISTS (SELECT 1 FROM rules_activity AS b
-                           WHERE b.occurred_at = a.occurred_at AND b.member_id = a.member_id
-                             AND b.type NOT IN ('member_registered', 'referral')
-                             AND (b.partition, b."offset") < (a.partition, a."offset"))
-              THEN 1 ELSE 0 END,
-         partition, "offset"
+ORDER BY occurred_at, partition, "offset"
 """
 # Held events ops released (paid through `rules held release`): the in-force lane pays them.
 RELEASED: Final = "SELECT event_id FROM rules_held WHERE status = 'released'"
@@ -92,9 +82,50 @@ WHERE occurred_at >= coalesce($1, '-infinity'::timestamptz) AND occurred_at < $2
 async def _rows(
     conn: asyncpg.Connection, start: datetime | None, end: datetime
 ) -> AsyncIterator[list[asyncpg.Record]]:
+    """The stream in chunks, each instant whole in one chunk and its sign-ups first."""
     cursor = await conn.cursor(STREAM, start, end)
-    while rows := await cursor.fetch(CHUNK):
-        yield rows
+    held: list[asyncpg.Record] = []
+    while chunk := await cursor.fetch(CHUNK):
+        rows = held + chunk if held else chunk
+        last, cut = rows[-1][2], len(rows)
+        while cut > 0 and rows[cut - 1][2] == last:  # the next chunk may hold more of it
+            cut -= 1
+        held = rows[cut:]
+        if cut:
+            yield sign_ups_first(rows[:cut])
+    if held:
+        yield sign_ups_first(held)
+
+
+def sign_ups_first(rows: list[Any]) -> list[Any]:
+    """At one instant, sign-ups and referrals before other members' events: the live
+    service counts a referrer set at a purchase's very moment (`referral_chain.as_of`),
+    whichever of the two it saw first. Not before the member's own earlier events of that
+    instant, which live applied first (a referrer named after a first purchase is
+    refused). Rows are (member_id, payload, occurred_at, is a sign-up) in stream order; instants
+    shared by several rows are rare, so most chunks come back as they are."""
+    out: list[Any] | None = None
+    i, n = 0, len(rows)
+    while i < n:
+        j = i + 1
+        while j < n and rows[j][2] == rows[i][2]:
+            j += 1
+        if j - i > 1 and any(r[3] for r in rows[i:j]):
+            if out is None:
+                out = list(rows[:i])
+            first, rest, busy = [], [], set()
+            for r in rows[i:j]:
+                if r[3] and r[0] not in busy:
+                    first.append(r)
+                else:
+                    rest.append(r)
+                    if not r[3]:
+                        busy.add(r[0])
+            out += first + rest
+        elif out is not None:
+            out += rows[i:j]
+        i = j
+    return rows if out is None else out
 
 
 def referral_groups(edges: Iterable[tuple[str, bytes]]) -> dict[str, str]:
@@ -351,7 +382,8 @@ class MemberWorkers:
             raise RuntimeError("route_by(groups) must come before the first rows")
         shares: list[list[bytes]] = [[] for _ in range(self._n)]
         where, n = self._where, self._n
-        for member, raw in rows:
+        for row in rows:
+            member, raw = row[0], row[1]
             i = where.get(member)
             if i is None:
                 i = where[member] = worker_of(member, groups, n)

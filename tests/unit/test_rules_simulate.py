@@ -392,3 +392,20 @@ def test_cash_at_the_periods_end_counts_a_tier_that_ended_before_it() -> None:
     held.warm_up(purchase("m-1", amount=30000, at=T0, order_id="o-1"))
     gold = held.feed_all([review("m-1", at=T0 + timedelta(days=30))]).report()
     assert gold.total.cash_in_force == Decimal("0.63")  # 50 / 80, still gold then
+
+
+def test_sign_ups_go_first_at_their_instant_but_not_before_the_members_own_events() -> None:
+    from services.rules.backtest import sign_ups_first
+
+    t0, t1 = T0, T0 + timedelta(seconds=1)
+    rows = [
+        ("m-x", b"1", t0, False),
+        ("m-b", b"2", t1, False),  # m-b buys ...
+        ("m-b", b"3", t1, True),  # ... then names a referrer: stays after
+        ("m-a", b"4", t1, True),  # another member's sign-up: goes first
+        ("m-c", b"5", t1, True),
+        ("m-y", b"6", t1 + timedelta(seconds=1), False),
+    ]
+    assert [r[1] for r in sign_ups_first(rows)] == [b"1", b"4", b"5", b"2", b"3", b"6"]
+    plain = [("m-x", b"1", t0, False), ("m-y", b"2", t1, True)]
+    assert sign_ups_first(plain) is plain  # no shared instant: the chunk as it came
