@@ -128,6 +128,8 @@ def read_env_file(path: Path = STACK_ENV) -> dict[str, str]:
 
 def unquoted(value: str) -> str:
     """A value as `write_env_file` quotes it for a shell (`. .run/stack.env`)."""
+    if not value.startswith("'"):  # shlex.quote leaves a safe value bare: as it stands
+        return value
     try:
         words = shlex.split(value)
     except ValueError:  # an unbalanced quote: written by hand, taken as it stands

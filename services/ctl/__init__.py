@@ -40,6 +40,8 @@ def _unquoted(value: str) -> str:
     """As `deploy.stack.write_env_file` quotes values (shlex), without importing deploy."""
     import shlex
 
+    if not value.startswith("'"):  # shlex.quote leaves a safe value bare: as it stands
+        return value
     try:
         words = shlex.split(value)
     except ValueError:

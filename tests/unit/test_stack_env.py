@@ -178,3 +178,16 @@ def test_cleared_ledger_host_does_not_reach_the_ledger(
     ledger_env = seen["services.ledger"]
     # The ledger reads os.environ.get("LEDGER_HOST", "127.0.0.1"): "" means every interface.
     assert ledger_env.get("LEDGER_HOST", "127.0.0.1") == "127.0.0.1"
+
+
+def test_a_stack_env_written_before_quoting_reads_as_it_was(tmp_path: Path) -> None:
+    """Values written bare by an older `make up` (a secret with a backslash or quotes
+    inside) read back unchanged: only a value `shlex.quote` quoted is unquoted."""
+    from deploy import stack
+
+    path = tmp_path / "stack.env"
+    path.write_text('NOTIFIER_WEBHOOK_SECRET=a\\b"c\nLEDGER_PORT=8080\n')
+    assert stack.read_env_file(path) == {
+        "NOTIFIER_WEBHOOK_SECRET": 'a\\b"c',
+        "LEDGER_PORT": "8080",
+    }
