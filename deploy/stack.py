@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import shlex
 import sys
 import time
 from pathlib import Path
 
 from deploy import local
+from services.common import stack_env as env_file
 from services.common.config import Topics
 from services.common.migrations import apply_migrations as migrate
 
@@ -111,38 +111,17 @@ def say(msg: str) -> None:
 
 
 def read_env_file(path: Path = STACK_ENV) -> dict[str, str]:
-    """Parse KEY=VALUE lines (blank lines and # comments ignored)."""
-    env: dict[str, str] = {}
+    """The settings the last `up` wrote (`services.common.stack_env`); none without a file."""
     try:
-        text = path.read_text()
+        return env_file.parse(path.read_text())
     except OSError:
-        return env
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        env[key.strip()] = unquoted(value.strip())
-    return env
-
-
-def unquoted(value: str) -> str:
-    """A value as `write_env_file` quotes it for a shell (`. .run/stack.env`)."""
-    if not value.startswith("'"):  # shlex.quote leaves a safe value bare: as it stands
-        return value
-    try:
-        words = shlex.split(value)
-    except ValueError:  # an unbalanced quote: written by hand, taken as it stands
-        return value
-    return words[0] if len(words) == 1 else value
+        return {}
 
 
 def write_env_file(env: dict[str, str], path: Path = STACK_ENV) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# written by `python -m deploy.stack up`; regenerated on every up"]
-    # Quoted for the shell that sources the file: a secret or URL with `&`, `$`, `;` or a
-    # space would otherwise be cut short there, or run.
-    lines += [f"{k}={shlex.quote(v)}" for k, v in env.items()]
+    lines += [env_file.line(k, v) for k, v in env.items()]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.chmod(tmp, 0o600)  # holds API keys

@@ -22,31 +22,15 @@ def stack_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
     """`FROM_STACK_ENV` from `$STACK_RUN_DIR/stack.env` (default `.run/` of this checkout)."""
     env = os.environ if environ is None else environ
     run = env.get("STACK_RUN_DIR") or str(Path(__file__).resolve().parents[2] / ".run")
+    from services.common import stack_env
+
     try:
-        text = (Path(run).resolve() / "stack.env").read_text()
+        written = stack_env.parse((Path(run).resolve() / "stack.env").read_text())
     except OSError:
         return {}
-    found: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.strip().partition("=")
-        if key == "STACK_WRITER" and value == "demo":
-            return {}  # `make demo`'s own database and topics: not the stack's
-        if sep and key in FROM_STACK_ENV:
-            found[key] = _unquoted(value)
-    return found
-
-
-def _unquoted(value: str) -> str:
-    """As `deploy.stack.write_env_file` quotes values (shlex), without importing deploy."""
-    import shlex
-
-    if not value.startswith("'"):  # shlex.quote leaves a safe value bare: as it stands
-        return value
-    try:
-        words = shlex.split(value)
-    except ValueError:
-        return value
-    return words[0] if len(words) == 1 else value
+    if written.get("STACK_WRITER") == "demo":
+        return {}  # `make demo`'s own database and topics: not the stack's
+    return {k: v for k, v in written.items() if k in FROM_STACK_ENV}
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import json
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -19,7 +20,7 @@ from services.rules.rulebook_store import RULESETS_DIR, read_book
 from services.rules.ruleset import load_ruleset
 from services.rules.simulate import Simulation
 from tests.integration.events import CST
-from tests.integration.rules_helpers import ctl, default_with
+from tests.integration.rules_helpers import Ran, ctl, default_with
 
 pytestmark = pytest.mark.integration
 RFC3339 = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)"
@@ -266,6 +267,18 @@ async def test_simulate_reports_in_force_vs_candidate_without_touching_live_stat
     assert await _q(db, "SELECT 1 FROM outbox") == []
 
 
+async def _simulate_default(
+    db: str, tmp_path: Path, start: datetime, end: datetime, *flags: str
+) -> tuple[Ran, dict[str, Any]]:
+    """`rules simulate` of the default rule set over [start, end), its JSON report."""
+    out = tmp_path / "r.json"
+    ran = await ctl(db, "simulate", "--ruleset", str(RULESETS_DIR / "default.yaml"),
+                    "--from", start.isoformat(), "--to", end.isoformat(),
+                    "--output", str(out), *flags)  # fmt: skip
+    assert ran.code == 0, ran.stderr
+    return ran, json.loads(out.read_text())
+
+
 def _event(type_: str, member: str, at: datetime, data: dict[str, object]) -> dict[str, object]:
     """An activity event as `_record` stores it, its id from its type and member."""
     return {"event_id": f"{type_}-{member}", "type": type_, "occurred_at": at.isoformat(),
@@ -286,12 +299,8 @@ async def test_simulate_counts_a_referrer_set_at_the_purchases_very_moment(
         _event("purchase", "m-b", t1, {"order_id": "ob", "amount": "100", "items": []}),
         _event("member_registered", "m-a", t1, {"referrer_id": "m-c"}),
     ])  # fmt: skip
-    out = tmp_path / "r.json"
-    ran = await ctl(db, "simulate", "--ruleset", str(RULESETS_DIR / "default.yaml"),
-                    "--from", t0.isoformat(), "--to", (t1 + timedelta(days=1)).isoformat(),
-                    "--output", str(out), "--no-warmup")  # fmt: skip
-    assert ran.code == 0, ran.stderr
-    by_rule = {r["rule_id"]: r for r in json.loads(out.read_text())["rules"]}
+    _, report = await _simulate_default(db, tmp_path, t0, t1 + timedelta(days=1), "--no-warmup")
+    by_rule = {r["rule_id"]: r for r in report["rules"]}
     assert by_rule["referral_indirect"]["in_force"] == 50
 
 
@@ -303,13 +312,9 @@ async def test_simulate_over_a_period_with_no_payouts_prints_its_table(
     signed_up = {"event_id": "r-1", "type": "member_registered", "occurred_at": t0.isoformat(),
                  "member_id": "m-1", "data": {}}  # fmt: skip
     await _record(db, [signed_up])
-    out = tmp_path / "r.json"
-    ran = await ctl(db, "simulate", "--ruleset", str(RULESETS_DIR / "default.yaml"),
-                    "--from", t0.isoformat(), "--to", (t0 + timedelta(days=1)).isoformat(),
-                    "--output", str(out))  # fmt: skip
-    assert ran.code == 0, ran.stderr
+    ran, report = await _simulate_default(db, tmp_path, t0, t0 + timedelta(days=1))
     assert "TOTAL" in ran.stdout
-    assert json.loads(out.read_text())["total"]["difference"] == 0
+    assert report["total"]["difference"] == 0
 
 
 async def test_simulate_refuses_a_candidate_publish_would_refuse(db: str, tmp_path: Path) -> None:
@@ -337,10 +342,6 @@ async def test_a_members_own_late_sign_up_at_its_purchases_instant_pays_no_refer
         _event("purchase", "m-b", t0, {"order_id": "ob", "amount": "100", "items": []}),
         _event("member_registered", "m-b", t0, {"referrer_id": "m-a"}),
     ])  # fmt: skip
-    out = tmp_path / "r.json"
-    ran = await ctl(db, "simulate", "--ruleset", str(RULESETS_DIR / "default.yaml"),
-                    "--from", t0.isoformat(), "--to", (t0 + timedelta(days=1)).isoformat(),
-                    "--output", str(out), "--no-warmup")  # fmt: skip
-    assert ran.code == 0, ran.stderr
-    by_rule = {r["rule_id"]: r for r in json.loads(out.read_text())["rules"]}
+    _, report = await _simulate_default(db, tmp_path, t0, t0 + timedelta(days=1), "--no-warmup")
+    by_rule = {r["rule_id"]: r for r in report["rules"]}
     assert "referral_referrer" not in by_rule or by_rule["referral_referrer"]["in_force"] == 0
