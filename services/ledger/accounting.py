@@ -23,10 +23,13 @@ Definitions (the numbers the HTTP API and the reports expose):
 * ``debt`` is points owed: a revoke (refund) or a debt-allowing deduction that the lots
   could not cover. Later earnings (earns and positive adjustments) pay it off first.
 * A lot is *pending at t* iff ``available_from > t`` (a rule set may hold points for N
-  days, `Earn.pending_days`): it is shown (`pending`) but neither counted in ``available``
-  nor spent by a redemption. A refund may still take it back (its own purchase's points),
-  and a debt-allowing deduction takes it before it creates debt, so debt still only
-  exists while no unexpired lot (pending or not) has points left.
+  days, `Earn.pending_days`), or, with no ``available_from``, iff ``earned_at > t`` (a
+  grant dated ahead of the clock, a till whose clock runs fast: the reads show it pending
+  until then, so a redemption must not spend it either): it is shown (`pending`) but
+  neither counted in ``available`` nor spent by a redemption. A refund may still take it
+  back (its own purchase's points), and a debt-allowing deduction takes it before it
+  creates debt, so debt still only exists while no unexpired lot (pending or not) has
+  points left.
 * ``spendable(book, t) = max(0, available(book, t) - debt)`` is what a redemption or a
   (debt-refusing) deduction may take. When a member's commands arrive in time order, debt
   is only ever positive while no unexpired lot has points left, so then spendable equals
@@ -220,7 +223,7 @@ class Lot(msgspec.Struct, frozen=True, gc=False):
     ruleset_version: str | None = None
 
     def pending_at(self, at: datetime) -> bool:
-        return self.available_from is not None and self.available_from > at
+        return (self.available_from or self.earned_at) > at
 
 
 def _fifo_key(lot: Lot) -> tuple[datetime, datetime, str]:
@@ -295,7 +298,7 @@ def available(book: Book, at: datetime) -> int:
     return sum(
         lot.remaining
         for lot in book.lots[_first_unexpired(book.lots, at) :]
-        if lot.available_from is None or lot.available_from <= at
+        if (lot.available_from or lot.earned_at) <= at
     )
 
 
@@ -304,7 +307,7 @@ def pending(book: Book, at: datetime) -> int:
     return sum(
         lot.remaining
         for lot in book.lots[_first_unexpired(book.lots, at) :]
-        if lot.available_from is not None and lot.available_from > at
+        if (lot.available_from or lot.earned_at) > at
     )
 
 

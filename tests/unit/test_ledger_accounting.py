@@ -608,6 +608,23 @@ def test_pending_points_are_shown_not_spent_until_available_from() -> None:
     assert replay("m-1", [*_journal_of(book, t0)]).lots == book.lots
 
 
+def test_points_dated_ahead_of_the_clock_are_pending_until_then() -> None:
+    """A till whose clock runs fast dates a grant in the future: the reads show it pending
+    until its moment (reads.py), so the core must not let a redemption spend it sooner."""
+    from services.ledger.accounting import pending, spendable_lots
+
+    now = at(30)
+    book, _ = run(earn("soon", 1000, now + timedelta(hours=2)))
+    assert (available(book, now), pending(book, now), spendable(book, now)) == (0, 1000, 0)
+    assert spendable_lots(book, now) == []
+    with pytest.raises(BelowMinimum):
+        decide(book, redeem("r1", 600, now))
+    later = now + timedelta(hours=2)
+    assert (available(book, later), pending(book, later)) == (1000, 0)
+    [entry] = decide(book, redeem("r2", 600, later))
+    assert dict(entry.allocations) == {"soon": 600}
+
+
 def _journal_of(book: Book, t0: datetime) -> list[Entry]:
     return [
         Entry(
