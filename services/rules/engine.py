@@ -273,7 +273,8 @@ def expire_tier(state: MemberState, ruleset: RuleSet) -> tuple[MemberState, Tier
     report = tier_report(
         tier_expiry_id(state.member_id, until), until, state.member_id, ruleset,
         previous=state.tier, tier=new.tier,
-        spend=tiers.window_spend(new.orders, new.spend_history, until, rules.window_months, zone),
+        spend=tiers.window_spend(new.orders, new.spend_history, until, rules.window_months, zone,
+                                 tiers.expiry_window_start(until, rules, zone)),
         valid_until=new.tier_valid_until,
     )  # fmt: skip
     return new, report

@@ -64,6 +64,28 @@ def months_later(moment: datetime, months: int, zone: tzinfo | None = None) -> d
     return add_months(moment.astimezone(zone), months).astimezone(moment.tzinfo)
 
 
+def latest_start(end: datetime, months: int, zone: tzinfo | None = None) -> datetime:
+    """The latest moment `months` before `end`: the latest whose `months_later` is `end`.
+
+    Clipping maps several days onto a month's last day (29 February + 12 months = 28
+    February), so `months_later(end, -months)` is the earliest of them, not the latest: a
+    tier reached on 29 February and held to 28 February would be re-decided on a window
+    that still holds the very order that reached it. Same wall time, the earlier month's
+    last day, when `end` is on its month's last day.
+    """
+    start = months_later(end, -months, zone)
+    local_end = end if zone is None else end.astimezone(zone)
+    day = local_end.day
+    if day < 28 or day != calendar.monthrange(local_end.year, local_end.month)[1]:
+        return start
+    local_start = start if zone is None else start.astimezone(zone)
+    last = calendar.monthrange(local_start.year, local_start.month)[1]
+    if local_start.day == last:
+        return start
+    moved = local_start.replace(day=last)
+    return moved if zone is None else moved.astimezone(end.tzinfo)
+
+
 _DAY_BOUNDS: dict[tuple[date, int], tuple[date, date]] = {}
 
 

@@ -21,7 +21,7 @@ from decimal import (
 )
 
 from schemas.grants import TIERS, Tier
-from services.rules.pruning import months_later
+from services.rules.pruning import latest_start, months_later
 from services.rules.ruleset import TierRules
 from services.rules.state import MemberState, Order, SpendMark, replace
 
@@ -106,16 +106,18 @@ def on_qualifying(
 
 def window_spend(
     orders: Mapping[str, Order], history: tuple[SpendMark, ...], at: datetime, window: int,
-    zone: tzinfo | None = None,
+    zone: tzinfo | None = None, start: datetime | None = None,
 ) -> Decimal:  # fmt: skip
     """Rolling spend counting forgotten orders too (`MemberState.spend_history`).
 
     Orders are forgotten a full window (or more) behind the member's latest event, so
     their spend counts only at a moment further back: an event that arrived late, or an
     order or expiry a refund replays. The marks are oldest first, so the newest are read
-    until one falls before the window: nothing, usually.
+    until one falls before the window: nothing, usually. `start`: the window's start, when
+    not `window` months before `at` (a tier expiry, `expiry_window_start`).
     """
-    start = months_later(at, -window, zone)
+    if start is None:
+        start = months_later(at, -window, zone)
     total = _net_between(orders, start, at)
     for m in reversed(history):
         if m.at <= start:
@@ -170,18 +172,37 @@ class SpendIndex:
         self._ats = ats
         self._sums = sums
 
-    def spend(self, at: datetime, window: int) -> Decimal:
-        """What `window_spend(orders, history, at, window, zone)` sums: (at - window, at]."""
+    def spend(self, at: datetime, window: int, start: datetime | None = None) -> Decimal:
+        """What `window_spend(orders, history, at, window, zone, start)` sums: (start, at],
+        the start `window` months before `at` unless given."""
         ats = self._ats
         if ats is None:
-            return window_spend(self._orders, self._history, at, window, self._zone)
-        start = months_later(at, -window, self._zone)
+            return window_spend(self._orders, self._history, at, window, self._zone, start)
+        if start is None:
+            start = months_later(at, -window, self._zone)
         sums = self._sums
         return sums[bisect_right(ats, at)] - sums[bisect_right(ats, start)]
 
 
 def _moment(m: tuple[datetime, Decimal]) -> datetime:
     return m[0]
+
+
+def expiry_window_start(until: datetime, rules: TierRules, zone: tzinfo | None) -> datetime:
+    """Where the window re-deciding a tier at its expiry `until` starts.
+
+    The tier was last qualified for `keep_months` before `until`, on the spend of the
+    window ending then; at `until` the window is the one ending there. Where clipping
+    made several days end on `until` (29 February and 28 February both + 12 months), the
+    window starts no earlier than the latest of them shifted back by the window, so the
+    order that qualified on 29 February is not counted a second time: without this, one
+    order held the tier two years.
+    """
+    start = months_later(until, -rules.window_months, zone)
+    since = latest_start(until, rules.keep_months, zone)
+    if rules.keep_months != rules.window_months:
+        since = months_later(since, rules.keep_months - rules.window_months, zone)
+    return max(start, since)
 
 
 def _caught_up(
@@ -193,10 +214,11 @@ def _caught_up(
     under the version in force then (`rules_at`, else `rules`)."""
     while until is not None and until <= at:
         r = rules if rules_at is None else rules_at(until)
+        start = expiry_window_start(until, r, zone)
         spend = (
-            window_spend(orders, history, until, r.window_months, zone)
+            window_spend(orders, history, until, r.window_months, zone, start)
             if index is None
-            else index.spend(until, r.window_months)
+            else index.spend(until, r.window_months, start)
         )
         q = qualified_tier(spend, r)
         tier = q if rank(q) < rank(tier) else tier

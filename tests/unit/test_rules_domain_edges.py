@@ -9,14 +9,20 @@ from zoneinfo import ZoneInfo
 
 from rules_factories import (
     CST,
+    DEFAULT,
     T0,
     Run,
     by_rule,
     purchase,
     review,
+    ruleset,
     share,
+    sign_in,
     state_with,
 )
+
+from services.rules.engine import expire_tier
+from services.rules.pruning import latest_start, months_later
 
 
 def _returning_member(**fields: object) -> Run:
@@ -126,3 +132,80 @@ def test_a_late_purchase_does_not_cut_short_the_months_a_later_dated_one_gave() 
     assert (run.state().tier, run.state().tier_valid_until) == ("gold", held)
     later = run.feed(purchase(amount=1000, at=T0 + timedelta(hours=1), order_id="p4"))
     assert by_rule(later.grants)["base"] == 1500  # still earning at gold's x1.5
+
+
+def _gold_on(at: datetime, rules: object = None) -> Run:
+    run = _returning_member()
+    if rules is not None:
+        run.rules = rules  # type: ignore[assignment]
+    run.feed(purchase(amount=30000, at=at))
+    return run
+
+
+def test_a_tier_reached_on_29_february_is_not_kept_a_second_year_by_the_same_order() -> None:
+    """29 February + 12 months is clipped to 28 February, whose window reaching 12 months
+    back starts on 28 February: it still held the order that reached gold, so that one
+    order kept gold two years. Reached on 28 February or 1 March it lapsed after one."""
+    for at in (datetime(2028, 2, 28, 10, tzinfo=CST), datetime(2028, 3, 1, 10, tzinfo=CST),
+               datetime(2028, 2, 29, 10, tzinfo=CST)):  # fmt: skip
+        run = _gold_on(at)
+        until = run.state().tier_valid_until
+        assert until == months_later(at, 12)
+        swept = expire_tier(run.state(), DEFAULT)
+        assert swept is not None
+        state, report = swept
+        assert (state.tier, state.tier_valid_until) == ("member", None), at
+        assert report.data.qualifying_spend == 0
+        # An event after the expiry catches up on it the same way.
+        later = _gold_on(at)
+        later.feed(sign_in(at=until + timedelta(days=1)))
+        assert later.state().tier == "member", at
+
+
+def test_a_one_month_tier_reached_on_31_january_lapses_at_the_end_of_february() -> None:
+    """With months of one, every order on the 29th-31st was counted again at its expiry."""
+    monthly = ruleset(tiers={"window_months": 1, "keep_months": 1})
+    run = _gold_on(datetime(2027, 1, 31, 10, tzinfo=CST), monthly)
+    assert run.state().tier_valid_until == datetime(2027, 2, 28, 10, tzinfo=CST)
+    swept = expire_tier(run.state(), monthly)
+    assert swept is not None
+    assert swept[0].tier == "member"
+
+
+def test_a_tier_kept_six_months_is_re_decided_on_the_twelve_month_window() -> None:
+    """With `keep_months` shorter than the window, the order that reached the tier still
+    counts at the first expiry (the window reaches back past it), not at the second."""
+    rules = ruleset(tiers={"window_months": 12, "keep_months": 6})
+    run = _gold_on(datetime(2028, 2, 29, 10, tzinfo=CST), rules)
+    assert run.state().tier_valid_until == datetime(2028, 8, 29, 10, tzinfo=CST)
+    first = expire_tier(run.state(), rules)
+    assert first is not None
+    assert (first[0].tier, first[0].tier_valid_until) == (
+        "gold",
+        datetime(2029, 2, 28, 10, tzinfo=CST),
+    )
+    second = expire_tier(first[0], rules)
+    assert second is not None
+    assert second[0].tier == "member"
+
+
+def test_latest_start_is_the_latest_moment_the_months_reach_the_end_from() -> None:
+    for end, months, start in (
+        (datetime(2029, 2, 28, 10, tzinfo=CST), 12, datetime(2028, 2, 29, 10, tzinfo=CST)),
+        (datetime(2027, 2, 28, 10, tzinfo=CST), 1, datetime(2027, 1, 31, 10, tzinfo=CST)),
+        (datetime(2027, 3, 15, 10, tzinfo=CST), 1, datetime(2027, 2, 15, 10, tzinfo=CST)),
+        (datetime(2027, 4, 30, 10, tzinfo=CST), 1, datetime(2027, 3, 31, 10, tzinfo=CST)),
+    ):
+        assert latest_start(end, months, SH) == start
+        assert months_later(start, months, SH) == end
+        assert months_later(start + timedelta(days=1), months, SH) > end
+    # No moment is 2 months before 30 April (28 February + 2 months is 28 April): the
+    # plain calendar answer.
+    assert latest_start(datetime(2027, 4, 30, 10, tzinfo=CST), 2, SH) == datetime(
+        2027, 2, 28, 10, tzinfo=CST
+    )
+    # A UTC stamp is read on the zone's calendar: 16:00 UTC on 28 Feb is 29 Feb's midnight
+    # in Shanghai, not a month end there.
+    utc = datetime(2029, 2, 28, 15, 0, tzinfo=UTC)  # 23:00 on 28 Feb in Shanghai
+    assert latest_start(utc, 12, SH) == datetime(2028, 2, 29, 23, tzinfo=SH)
+    assert latest_start(utc, 12, SH).utcoffset() == timedelta(0)
