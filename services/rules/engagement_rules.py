@@ -39,6 +39,13 @@ def counted(state: MemberState, day: date) -> bool:
     return since is None or day >= since
 
 
+def forgotten(state: MemberState, day: date) -> bool:
+    """Whether `day`'s business ids are no longer kept (`MemberState.ids_since`), so an
+    event of that day cannot be told from one already paid."""
+    since = state.ids_since
+    return since is not None and day <= since
+
+
 def pay_capped(
     state: MemberState, event: AnyActivity, ruleset: RuleSet, rule_id: str, points: int,
     day: date,
@@ -61,8 +68,10 @@ def on_visit(state: MemberState, event: CheckIn, ruleset: RuleSet, day: date) ->
     key = d.booking_id or event.event_id
     if key in state.visits_seen or d.booked_at is None or d.slot_start is None:
         return state, []
-    seen = put_day(state.visits_seen, key, day)
     hot = derived(ruleset)
+    if forgotten(state, day) or forgotten(state, d.slot_start.astimezone(hot.zone).date()):
+        return state, []  # a booking of a day whose ids are forgotten may have been paid
+    seen = put_day(state.visits_seen, key, day)
     if d.slot_start - d.booked_at < hot.min_booking_lead:
         return replace(state, visits_seen=seen), []
     if d.arrived_at is None or d.arrived_at > d.slot_start + hot.grace:
@@ -169,7 +178,10 @@ def _bonus_days(run: SignInRun, every: int) -> list[date]:
 def on_review(state: MemberState, event: Review, ruleset: RuleSet, day: date) -> Outcome:
     """A review re-sent once featured pays the top-up only; a suggestion pays once, uncapped."""
     d, rules, ids = event.data, ruleset.review, ruleset.rule_ids
-    mark = state.reviews.get(d.review_id) or ReviewMark(day=day)
+    old = state.reviews.get(d.review_id)
+    if old is None and forgotten(state, day):
+        return state, []
+    mark = old or ReviewMark(day=day)
     due = math.floor(rules.points * rules.featured_multiplier) if d.featured else rules.points
     top_up = max(due - mark.points_due, 0)
     payouts: list[Payout] = []
@@ -191,7 +203,7 @@ def on_review(state: MemberState, event: Review, ruleset: RuleSet, day: date) ->
 def on_share(state: MemberState, event: Share, ruleset: RuleSet, day: date) -> Outcome:
     """Pays once per share id; a share over the daily count stays unpaid and may pay later."""
     d, rules = event.data, ruleset.share
-    if d.share_id in state.shares_paid:
+    if d.share_id in state.shares_paid or forgotten(state, day):
         return state, []
     by_likes = rules.likes_threshold is not None and d.likes >= rules.likes_threshold
     if not (by_likes or (d.approved and rules.pays_on_approval)):

@@ -128,12 +128,18 @@ def prune(
         since = state.counters_since
         if changes and (since is None or since < oldest_counter):  # only counters so far
             changes["counters_since"] = oldest_counter
+        forgot = False
         if shares_paid and next(iter(shares_paid.values())) <= day_horizon:
             changes["shares_paid"] = {k: d for k, d in shares_paid.items() if d > day_horizon}
+            forgot = True
         if reviews and next(iter(reviews.values())).day <= day_horizon:
             changes["reviews"] = {k: r for k, r in reviews.items() if r.day > day_horizon}
+            forgot = True
         if visits and next(iter(visits.values())) <= day_horizon:
             changes["visits_seen"] = {k: d for k, d in visits.items() if d > day_horizon}
+            forgot = True
+        if forgot and (state.ids_since is None or state.ids_since < day_horizon):
+            changes["ids_since"] = day_horizon
     runs, known_from = state.sign_in_runs, state.sign_in_known_from
     if runs and runs[0].last < today - COUNTER_DAYS - _ONE_DAY:
         # A run that ended before the day before the counters' horizon can no longer be

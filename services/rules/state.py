@@ -199,6 +199,11 @@ class MemberState(
     # The oldest day whose counters (engagement_by_day, shares_by_day) are still complete;
     # None: none dropped yet. A capped payout for an earlier day cannot check its cap.
     counters_since: date | None = None
+    # The newest day whose business ids (visits_seen, shares_paid, reviews) were forgotten
+    # (`pruning.prune`, `keep_months` back); None: none yet. An engagement event of that
+    # day or earlier cannot be told from one already paid, so it earns nothing: a booking
+    # re-sent under a new event id a year on was paid again.
+    ids_since: date | None = None
     recent_engagement: tuple[datetime, ...] = ()
     referrer_id: str | None = None
     referral_paid: bool = False

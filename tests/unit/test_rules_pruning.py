@@ -49,15 +49,22 @@ def reference_prune(state: MemberState, now: datetime, today: date) -> MemberSta
     if by_day != state.engagement_by_day or shares_by_day != state.shares_by_day:
         since = counter_floor if since is None else max(since, counter_floor)
     history = tuple(m for m in state.spend_history if m.at > add_months(now, -(KEEP + 12)))
+    shares_paid = {k: d for k, d in state.shares_paid.items() if d > horizon}
+    reviews = {k: r for k, r in state.reviews.items() if r.day > horizon}
+    visits = {k: d for k, d in state.visits_seen.items() if d > horizon}
+    ids_since = state.ids_since
+    if (shares_paid, reviews, visits) != (state.shares_paid, state.reviews, state.visits_seen):
+        ids_since = horizon if ids_since is None else max(ids_since, horizon)
     return replace(
         state,
         spend_history=history,
         engagement_by_day=by_day,
         shares_by_day=shares_by_day,
         counters_since=since,
-        shares_paid={k: d for k, d in state.shares_paid.items() if d > horizon},
-        reviews={k: r for k, r in state.reviews.items() if r.day > horizon},
-        visits_seen={k: d for k, d in state.visits_seen.items() if d > horizon},
+        ids_since=ids_since,
+        shares_paid=shares_paid,
+        reviews=reviews,
+        visits_seen=visits,
         orders={k: o for k, o in state.orders.items() if o.at > order_horizon},
     )
 
@@ -213,3 +220,35 @@ def test_months_are_counted_on_the_zones_calendar_whatever_offset_the_moment_car
         assert got.astimezone(UTC) == instant_of
         assert got.tzinfo is written.tzinfo  # written as the moment was
         assert ledger_months_later(written, months, tz).astimezone(UTC) == instant_of
+
+
+def test_an_engagement_event_of_a_day_whose_ids_are_forgotten_earns_nothing() -> None:
+    """A booking, share or review id is kept `keep_months`; re-sent under a new event id
+    with its own dates after that (a backfill exported again), it could not be told from
+    the one paid, and was paid again. Within the months it is still recognised."""
+    for days, paid_again in ((300, {}), (400, {})):
+        run = Run()
+        run.feed(visit(slot=T0, booking_id="b-1"), review(at=T0, review_id="r-1", suggestion=True),
+                 share(at=T0, share_id="s-1"))  # fmt: skip
+        first = run.by_rule()
+        assert first == {"on_time_visit": 50, "review": 50, "suggestion_adopted": 200,
+                         "share": 100}  # fmt: skip
+        run.feed(sign_in(at=T0 + timedelta(days=days)))
+        before = len(run.grants)
+        run.feed(visit(slot=T0, booking_id="b-1"), review(at=T0, review_id="r-1", suggestion=True),
+                 share(at=T0, share_id="s-1"))  # fmt: skip
+        again = {
+            g.data.rule_id: g.data.points for g in run.grants[before:] if g.type == "points_granted"
+        }
+        assert again == paid_again, days
+    assert run.state().ids_since == add_months(T0.date() + timedelta(days=400), -KEEP)
+
+
+def test_a_new_engagement_event_after_the_forgotten_days_still_pays() -> None:
+    run = Run()
+    run.feed(visit(slot=T0, booking_id="b-1"))
+    run.feed(sign_in(at=T0 + timedelta(days=400)))
+    since = run.state().ids_since
+    assert since is not None
+    new = run.feed(visit(slot=T0 + timedelta(days=399), booking_id="b-2"))
+    assert [g.data.rule_id for g in new.grants if g.type == "points_granted"] == ["on_time_visit"]
