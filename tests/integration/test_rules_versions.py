@@ -27,7 +27,9 @@ async def _grants(stack: Stack, expect: int) -> list[Any]:
 async def test_rule_change_applies_from_effective_from_and_a_replay_reproduces_grants(
     stack: Stack, tmp_path: Path
 ) -> None:
-    effective = datetime.now(CST).replace(microsecond=0) + timedelta(seconds=8)
+    # Far enough ahead that `ledgerctl rules publish` (a process start and a connection)
+    # is still before it on a loaded machine: 8 s was not, once, with the CPUs shared.
+    effective = datetime.now(CST).replace(microsecond=0) + timedelta(seconds=15)
     v2 = default_with(tmp_path, "v2.yaml", version="it-v2", effective_from=effective.isoformat(),
                       purchase={"points_per_cny": 3})  # fmt: skip
     sent: list[dict[str, Any]] = []
