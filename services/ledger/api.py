@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Final, Self
+from typing import Annotated, Any, Final, Self
 
 import asyncpg
 import orjson
@@ -25,7 +25,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.config import Settings, load_settings
@@ -126,6 +126,16 @@ def parse_instant(raw: str, name: str = "as_of") -> datetime:
     return moment
 
 
+def storable(text: str) -> str:
+    """Refuses a NUL, which Postgres's `text` and `jsonb` cannot hold: it reached the
+    database and came back a 500. (pydantic already refuses a lone surrogate.)"""
+    if "\x00" in text:
+        raise ValueError("must not contain a NUL character (\\u0000)")
+    return text
+
+
+# Any string the client sends that reaches the database: the body's and the query's.
+Text = Annotated[str, AfterValidator(storable)]
 _ID = Field(min_length=1, max_length=200)
 
 
@@ -133,16 +143,16 @@ class RedemptionBody(BaseModel):
     """Exactly one of ``points``, ``reward`` (catalogue code) or ``cash`` (CNY string)."""
 
     model_config = ConfigDict(extra="forbid")
-    redemption_id: str = _ID
+    redemption_id: Text = _ID
     # Strict: a JSON true or "7" is a client's bug, not a debit of 1 or 7 points.
     points: int | None = Field(default=None, gt=0, le=MAX_POINTS, strict=True)
-    reward: str | None = Field(default=None, min_length=1)
+    reward: Text | None = Field(default=None, min_length=1)
     cash: str | None = Field(
         default=None,
         pattern=rf"^0*[0-9]{{1,{redemptions.MAX_CASH_DIGITS}}}(\.[0-9]{{1,2}})?$",
         description=f"CNY, at most {redemptions.MAX_CASH_DIGITS} digits and 2 decimals",
     )
-    store_id: str | None = None
+    store_id: Text | None = None
 
     @model_validator(mode="after")
     def _one_amount(self) -> Self:
@@ -154,16 +164,16 @@ class RedemptionBody(BaseModel):
 
 class AdjustmentBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    adjustment_id: str = _ID
-    member_id: str = _ID
+    adjustment_id: Text = _ID
+    member_id: Text = _ID
     points: int = Field(
         ge=-MAX_POINTS,
         le=MAX_POINTS,
         strict=True,
         description="signed: positive grants, negative deducts",
     )
-    reason: str = Field(min_length=1, max_length=500)
-    operator: str = Field(min_length=1, max_length=200)
+    reason: Text = Field(min_length=1, max_length=500)
+    operator: Text = Field(min_length=1, max_length=200)
     allow_debt: bool = Field(default=False, strict=True)
     # A member the ledger has no record of yet (registered, nothing earned) gets one with
     # a grant only when asked: otherwise a mistyped id would be a new member with points.
@@ -202,6 +212,20 @@ class Needs:
 
     def __call__(self, authorization: str | None = Header(default=None)) -> None:
         self.keys.require(authorization, self.role)
+
+
+def member_path(member_id: str) -> str:
+    """The path's member id; one Postgres could not hold was never recorded: a 404 like any
+    unknown member's, before the database is asked (it refused the id, a 500)."""
+    try:
+        return storable(member_id)
+    except ValueError:
+        raise Problem(
+            404, "Member not found", f"no ledger record for member {member_id!r}"
+        ) from None
+
+
+MemberId = Annotated[str, Depends(member_path)]
 
 
 def needed_role(request: Request) -> Needs | None:
@@ -285,7 +309,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/members/{member_id}", dependencies=needs("reader"))
     async def get_member(
-        member_id: str,
+        member_id: MemberId,
         as_of: str | None = Query(default=None, description="RFC 3339 instant"),
     ) -> JSONResponse:
         at = parse_instant(as_of) if as_of is not None else datetime.now(UTC)
@@ -303,7 +327,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/members/{member_id}/entries", dependencies=needs("reader"))
     async def get_entries(
-        member_id: str,
+        member_id: MemberId,
         limit: int = Query(default=50, ge=1, le=500),
         cursor: str | None = None,
     ) -> JSONResponse:
@@ -320,7 +344,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/v1/members/{member_id}/redemptions", status_code=201, dependencies=needs("redeemer")
     )
     async def post_redemption(
-        request: Request, member_id: str, body: RedemptionBody
+        request: Request, member_id: MemberId, body: RedemptionBody
     ) -> JSONResponse:
         now = datetime.now(UTC)
         async with pool().acquire() as conn:
@@ -367,7 +391,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def get_summary(
         from_: str | None = Query(default=None, alias="from", description="RFC 3339, inclusive"),
         to: str | None = Query(default=None, description="RFC 3339, exclusive; default now"),
-        store_id: str | None = None,
+        store_id: Text | None = None,
     ) -> JSONResponse:
         now = datetime.now(UTC)
         start = parse_instant(from_, "from") if from_ else datetime(1970, 1, 1, tzinfo=UTC)

@@ -292,3 +292,48 @@ def test_an_encoded_plus_is_read() -> None:
     assert refused.value.extra["errors"] == [
         {"field": "query.from", "message": refused.value.detail}
     ]
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/members/a%00b", "/v1/members/a%00b/entries", "/v1/members/%00"]
+)
+def test_a_member_id_with_a_nul_is_an_unknown_member(path: str) -> None:
+    """Postgres cannot hold a NUL, so no such member was ever recorded: it was a 500."""
+    body = problem(client(KeyError("never reached")).get(path, headers=READER), 404)
+    assert body["title"] == "Member not found"
+    resp = client(KeyError("never reached")).post(
+        "/v1/members/a%00b/redemptions", json={"redemption_id": "r-1", "points": 500},
+        headers=REDEEMER,
+    )  # fmt: skip
+    assert problem(resp, 404)["title"] == "Member not found"
+    problem(client().get(path), 401)  # the key still comes first
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "field"),
+    [
+        ("get", "/v1/reports/summary?store_id=a%00b", None, OPS, "query.store_id"),
+        ("post", "/v1/members/m-1/redemptions", {"redemption_id": "a\u0000b", "points": 500},
+         REDEEMER, "body.redemption_id"),
+        ("post", "/v1/members/m-1/redemptions",
+         {"redemption_id": "r-1", "points": 500, "store_id": "s\u0000"}, REDEEMER,
+         "body.store_id"),
+        ("post", "/v1/members/m-1/redemptions", {"redemption_id": "r-1", "reward": "\u0000"},
+         REDEEMER, "body.reward"),
+        *(("post", "/v1/adjustments",
+           {"adjustment_id": "a-1", "member_id": "m-1", "points": 5, "reason": "r",
+            "operator": "o", name: "x\u0000"}, OPS, f"body.{name}")
+          for name in ("adjustment_id", "member_id", "reason", "operator")),
+    ],
+)  # fmt: skip
+def test_a_nul_in_a_body_string_or_query_value_is_a_422_naming_it(
+    method: str, path: str, body: dict[str, Any] | None, headers: dict[str, str], field: str
+) -> None:
+    """Each reached Postgres, which refused it (CharacterNotInRepertoireError): a 500."""
+    kwargs: dict[str, Any] = (
+        {"headers": headers} if body is None else {"headers": headers, "json": body}
+    )
+    resp = getattr(client(KeyError("never reached")), method)(path, **kwargs)
+    errors = problem(resp, 422)["errors"]
+    assert [e["field"] for e in errors] == [field]
+    assert "NUL" in errors[0]["message"]
