@@ -214,6 +214,18 @@ class Needs:
         self.keys.require(authorization, self.role)
 
 
+def unreadable(cause: Exception) -> str:
+    """Why a body that is JSON in form could not be read (FastAPI says only that it could
+    not be parsed, and answered 400 before the key was checked)."""
+    if isinstance(cause, RecursionError):
+        return "JSON nested too deeply"
+    if isinstance(cause, UnicodeDecodeError):
+        return "the body is not valid UTF-8"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "a number of more than 4,300 digits"
+    return "the body could not be read as JSON"
+
+
 def member_path(member_id: str) -> str:
     """The path's member id; one Postgres could not hold was never recorded: a 404 like any
     unknown member's, before the database is asked (it refused the id, a 500)."""
@@ -292,6 +304,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, Exception):
+            # FastAPI's "There was an error parsing the body", for JSON that json.loads
+            # refuses other than as a decode error: one more invalid request, after the key.
+            error = {"type": "json_invalid", "loc": ("body",), "msg": unreadable(exc.__cause__)}
+            return await _invalid(request, RequestValidationError([error]))
         return problem_response(request, exc.status_code, str(exc.detail), str(exc.detail))
 
     @app.exception_handler(Exception)

@@ -337,3 +337,27 @@ def test_a_nul_in_a_body_string_or_query_value_is_a_422_naming_it(
     errors = problem(resp, 422)["errors"]
     assert [e["field"] for e in errors] == [field]
     assert "NUL" in errors[0]["message"]
+
+
+UNREADABLE = [
+    (b"[" * 100_000, "nested too deeply"),  # json.loads: RecursionError
+    (b'{"redemption_id": "\xff", "points": 500}', "not valid UTF-8"),
+    (b'{"redemption_id": "a", "points": ' + b"9" * 5000 + b"}", "4,300 digits"),
+]
+
+
+@pytest.mark.parametrize(("raw", "says"), UNREADABLE)
+def test_a_body_json_cannot_read_is_checked_for_the_key_then_a_422(raw: bytes, says: str) -> None:
+    """FastAPI answered these 400 "There was an error parsing the body", key or none."""
+
+    def post(headers: dict[str, str]) -> Any:
+        return client(KeyError("never reached")).post(
+            "/v1/members/m-1/redemptions", content=raw,
+            headers={"content-type": "application/json", **headers},
+        )  # fmt: skip
+
+    problem(post({}), 401)
+    problem(post(READER), 403)
+    body = problem(post(REDEEMER), 422)
+    assert body["errors"] == [{"field": "body", "message": body["errors"][0]["message"]}]
+    assert says in body["errors"][0]["message"]
