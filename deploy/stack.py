@@ -51,6 +51,7 @@ STICKY: tuple[tuple[str, str | None], ...] = (
     ("RULES_METRICS_PORT", "9101"),
     ("NOTIFIER_METRICS_PORT", "9102"),
     ("LEDGER_HOST", None),
+    ("LEDGER_MAX_BODY_BYTES", None),
     ("NOTIFIER_WEBHOOK_URL", None),
     ("NOTIFIER_WEBHOOK_SECRET", None),
     ("NOTIFIER_GIVE_UP_HOURS", None),

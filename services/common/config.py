@@ -63,6 +63,10 @@ class Settings:
     metrics_port: int = 0
     ledger_port: int = 8080
     api_keys: str = ""
+    # Largest request body the ledger API reads (services/ledger/body_limit.py): its
+    # bodies are a few hundred bytes, so 64 KiB is generous and bounds what a client
+    # without a key can make it buffer.
+    max_body_bytes: int = 64 * 1024
     webhook_url: str = ""
     webhook_secret: str = ""
     # A notification still refused this long after it was recorded is given up on
@@ -101,6 +105,7 @@ def load_settings() -> Settings:
         metrics_port=_int("METRICS_PORT", 0),
         ledger_port=_int("LEDGER_PORT", 8080),
         api_keys=os.environ.get("LEDGER_API_KEYS", ""),
+        max_body_bytes=_int("LEDGER_MAX_BODY_BYTES", 64 * 1024),
         webhook_url=os.environ.get("NOTIFIER_WEBHOOK_URL", ""),
         webhook_secret=os.environ.get("NOTIFIER_WEBHOOK_SECRET", ""),
         notifier_give_up_hours=float(os.environ.get("NOTIFIER_GIVE_UP_HOURS") or 24.0),

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.common.config import Settings, load_settings
 from services.ledger import redemptions, reports
 from services.ledger.auth import AuthError, KeyRing, Role
+from services.ledger.body_limit import BodyLimit
 from services.ledger.reads import entries_page, lacks_next_tier, member_view, with_next_tier
 from services.ledger.service import LedgerService
 
@@ -271,6 +272,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Balances, tiers, expiring lots and redemptions of clinic members.",
     )
     app.state.ledger = ledger
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
