@@ -116,8 +116,12 @@ class DeadLetter(Internal):
     source_partition: int
     source_offset: int
     reason: str
-    # The original bytes, decoded as UTF-8 when they are text, else base64.
+    # The original bytes, decoded as UTF-8 when they are text, else base64; only their start
+    # when the letter would be too big for the broker (`original_truncated`): the whole
+    # bytes stay in the `dead_letters` table.
     original: str
     original_encoding: Literal["utf-8", "base64"]
     original_key: str | None = None
     received_at: EventTime
+    original_truncated: bool = False
+    original_size: int | None = None  # of the original bytes; absent in older letters

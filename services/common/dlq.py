@@ -9,11 +9,13 @@ from __future__ import annotations
 import base64
 import uuid
 from datetime import UTC, datetime
+from typing import Final
 
 import asyncpg
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import Counter
 from pydantic import ValidationError
+from pydantic_core import to_json
 
 from schemas.ledger import DeadLetter
 from services.common.outbox import OutboxRow
@@ -23,6 +25,14 @@ DEAD_LETTERS = Counter(
 )
 
 _DLQ_NAMESPACE = uuid.UUID("0d7f6a5e-2b8c-4a1e-9f3d-6c5b4a392817")
+# Apache Kafka refuses a record over `message.max.bytes` (~1 MB by default) and the relay's
+# `send_batch` does not check the producer's `max_request_size`: one bigger letter (a
+# 700 KB message of quotes is 1.4 MB once JSON-escaped) failed the relay's batch for ever,
+# holding every outbox row behind it. Half that leaves room for the key and the framing.
+MAX_LETTER_BYTES: Final = 512 * 1024
+# In a letter cut to size, the reason and the key keep this many characters at most.
+MAX_REASON_CHARS: Final = 8192
+MAX_KEY_CHARS: Final = 1024
 
 
 def classify(exc: Exception) -> tuple[str, str]:
@@ -73,9 +83,42 @@ def dead_letter(
         original_encoding=encoding,
         original_key=key,
         received_at=datetime.now(UTC),
+        original_size=len(raw),
     )
+    payload = letter.model_dump_json().encode()
+    if len(payload) > MAX_LETTER_BYTES:
+        letter = cut_to_size(letter)
+        key = letter.original_key
+        payload = letter.model_dump_json().encode()
     row = (dlq_id, consumer, record.topic, record.partition, record.offset, reason, raw)
-    return OutboxRow(dlq_topic, key, letter.model_dump_json().encode()), row
+    return OutboxRow(dlq_topic, key, payload), row
+
+
+def cut_to_size(letter: DeadLetter, limit: int = MAX_LETTER_BYTES) -> DeadLetter:
+    """`letter` with as much of the original's start as keeps its JSON within `limit` bytes
+    (the reason, ids and coordinates whole, bar a reason or key of a silly length)."""
+    reason, key = letter.reason, letter.original_key
+    smaller = letter.model_copy(
+        update={
+            "reason": reason[:MAX_REASON_CHARS] + ("…" if len(reason) > MAX_REASON_CHARS else ""),
+            "original_key": key[:MAX_KEY_CHARS] if key is not None else None,
+            "original": "",
+            "original_truncated": True,
+        }
+    )
+    budget = limit - len(smaller.model_dump_json().encode())
+    text = letter.original
+    # The longest start whose JSON string fits: escaping makes a character cost 1 to 6 bytes.
+    low, high = 0, len(text)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if len(to_json(text[:mid])) - 2 <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    if letter.original_encoding == "base64":
+        low -= low % 4  # whole quanta, so what is kept still decodes
+    return smaller.model_copy(update={"original": text[:low]})
 
 
 async def record_dead_letters(conn: asyncpg.Connection, rows: list[tuple[object, ...]]) -> None:
