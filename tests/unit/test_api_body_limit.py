@@ -67,7 +67,8 @@ def run(limit: int, chunks: int, size: int) -> tuple[Inner, list[dict[str, Any]]
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/adjustments", "headers": []}
+    scope = {"type": "http", "method": "POST", "path": "/v1/adjustments",
+             "headers": [(b"transfer-encoding", b"chunked")]}  # fmt: skip
     asyncio.run(BodyLimit(inner, limit)(scope, receive, send))
     return inner, sent, reads
 
@@ -83,3 +84,24 @@ def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_cap() -> None:
 def test_a_chunked_body_under_the_cap_reaches_the_application_whole() -> None:
     inner, sent, reads = run(LIMIT, chunks=4, size=1024)
     assert (reads, inner.bodies, sent) == (4, [b"x" * 4096], [])
+
+
+def test_a_request_without_a_chunked_body_passes_through_unread() -> None:
+    """A GET (no body) or a body of declared length under the cap: the server delivers no
+    more than declared, so the middleware neither reads nor copies it."""
+    received: list[Any] = []
+    for headers in ([], [(b"content-length", b"10")]):
+        received.clear()
+
+        async def receive() -> dict[str, Any]:
+            raise AssertionError("the middleware read the body")
+
+        async def app(scope: Any, receive_: Any, send: Any) -> None:
+            received.append(receive_)
+
+        async def send(message: dict[str, Any]) -> None:
+            raise AssertionError("the middleware answered")
+
+        scope = {"type": "http", "method": "GET", "path": "/v1/members/m-1", "headers": headers}
+        asyncio.run(BodyLimit(app, LIMIT)(scope, receive, send))
+        assert received == [receive]
