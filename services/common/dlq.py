@@ -7,6 +7,7 @@ offset, so a bad message is never lost and never dead-lettered twice.
 from __future__ import annotations
 
 import base64
+import hashlib
 import uuid
 from datetime import UTC, datetime
 from typing import Final
@@ -56,6 +57,15 @@ def writable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")
 
 
+def letter_id(consumer: str, record: ConsumerRecord) -> str:
+    """The same message read again gets the same id (one `dead_letters` row); a different
+    one at the same coordinates, a topic recreated after a broker restart reusing its
+    offsets, gets its own: with the coordinates alone the second was dropped as a repeat."""
+    digest = hashlib.blake2b(record.value or b"", digest_size=8).hexdigest()
+    coordinates = f"{consumer}|{record.topic}|{record.partition}|{record.offset}"
+    return str(uuid.uuid5(_DLQ_NAMESPACE, f"{coordinates}|{digest}"))
+
+
 def dead_letter(
     record: ConsumerRecord, consumer: str, label: str, reason: str, dlq_topic: str
 ) -> tuple[OutboxRow, tuple[object, ...]]:
@@ -68,9 +78,7 @@ def dead_letter(
         original, encoding = raw.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         original, encoding = base64.b64encode(raw).decode(), "base64"
-    dlq_id = str(
-        uuid.uuid5(_DLQ_NAMESPACE, f"{consumer}|{record.topic}|{record.partition}|{record.offset}")
-    )
+    dlq_id = letter_id(consumer, record)
     key = writable(record.key.decode("utf-8", "replace")) if record.key else None
     letter = DeadLetter(
         dlq_id=dlq_id,

@@ -68,3 +68,14 @@ def test_a_huge_key_is_cut_too() -> None:
     )
     assert len(row.payload) <= MAX_LETTER_BYTES
     assert row.key == "k" * MAX_KEY_CHARS
+
+
+def test_a_letter_id_follows_the_message_not_only_its_coordinates() -> None:
+    """A topic recreated after a broker restart reuses offsets: a different bad message at
+    offset 42 was given the first one's id, and `dead_letters` kept only the first."""
+    first, _, row_first = letter_of(b"first bad message")
+    again, _, _ = letter_of(b"first bad message")
+    other, _, row_other = letter_of(b"another bad message")
+    assert first.dlq_id == again.dlq_id  # the same message read twice: one row
+    assert other.dlq_id != first.dlq_id
+    assert (row_first[0], row_other[0]) == (first.dlq_id, other.dlq_id)
