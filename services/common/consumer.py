@@ -75,6 +75,10 @@ class BatchWork:
     # Each dead letter's reason label, counted in loyalty_dlq_messages_total once the
     # batch commits (an attempt rolled back and retried counts nothing).
     dead_labels: list[str] = field(default_factory=list)
+    # Rows a background task of the service picks up from its tables (the notifier's
+    # pending notifications): `on_commit` runs once the batch commits, as for outbox rows.
+    # Woken earlier, the task finds nothing committed yet and sleeps its full poll.
+    wake: bool = False
 
 
 Handler = Callable[[asyncpg.Connection, Sequence[ConsumerRecord], BatchWork], Awaitable[None]]
@@ -313,7 +317,7 @@ class BatchConsumer:
         for label in work.dead_labels:
             DEAD_LETTERS.labels(self.name, label).inc()
         BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
-        if work.outbox:
+        if work.outbox or work.wake:
             self._on_commit()
 
     async def _dead_letter_poison(self, record: ConsumerRecord, exc: Exception) -> None:

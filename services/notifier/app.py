@@ -55,7 +55,7 @@ def parse_or_skip(raw: bytes) -> LedgerEvent | None:
         raise  # the validation error, to the DLQ
 
 
-def make_handler(settings: Settings, consumer_name: str, deliverer: Deliverer):  # type: ignore[no-untyped-def]
+def make_handler(settings: Settings, consumer_name: str):  # type: ignore[no-untyped-def]
     # With no webhook there is nothing to deliver: record each notification as `skipped`
     # at once, rather than as `pending` for the deliverer to select and update again
     # (those two statements were a third of Postgres's time in the benchmark).
@@ -90,7 +90,7 @@ def make_handler(settings: Settings, consumer_name: str, deliverer: Deliverer): 
                 "notifications", records=list(rows.values()), columns=COLUMNS
             )
             if status == "pending":
-                deliverer.wake()
+                work.wake = True  # the deliverer, once they are committed (`consumer.bind`)
             else:
                 DELIVERED.labels("skipped").inc(len(rows))
 
@@ -140,7 +140,12 @@ def create_app(settings: Settings | None = None) -> FastStream:
         relay = OutboxRelay(pool, producer, SERVICE)
         deliverer = Deliverer(pool, settings.webhook_url, settings.webhook_secret,
                               give_up_s=settings.notifier_give_up_hours * 3600)  # fmt: skip
-        consumer.bind(pool, make_handler(settings, consumer_name, deliverer), relay.wake)
+
+        def committed() -> None:
+            relay.wake()  # dead letters
+            deliverer.wake()  # new pending notifications
+
+        consumer.bind(pool, make_handler(settings, consumer_name), committed)
         state.update(pool=pool, producer=producer)
         background.spawn("outbox-relay", relay.run)
         background.spawn("webhook-delivery", deliverer.run)

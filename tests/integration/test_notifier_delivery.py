@@ -52,7 +52,7 @@ async def env(
         settings = Settings(database_url=fresh_database, bootstrap_servers="", webhook_url=url,
                             webhook_secret="s")  # fmt: skip
         deliverer = Deliverer(pool, url, "s")
-        handler = make_handler(settings, "notifier", deliverer)
+        handler = make_handler(settings, "notifier")
         yield pool, consumer_of(pool, "notifier", TOPIC, handler), deliverer, rec
 
 
@@ -95,6 +95,32 @@ async def test_one_members_notifications_reach_the_webhook_in_ledger_order(env: 
     assert got == ["e-1", "e-2", "e-3"]
     left = "SELECT count(*) FROM notifications WHERE status <> 'delivered'"
     assert await pool.fetchval(left) == 0
+
+
+async def test_the_deliverer_is_woken_once_the_notifications_are_committed(env: Any) -> None:
+    # Woken from inside the consumer's transaction, the deliverer could look before the
+    # commit, find nothing and sleep out its poll (a second) with the notification waiting.
+    pool, _, _, _ = env
+    settings = Settings(database_url="", bootstrap_servers="", webhook_url="http://x/hook",
+                        webhook_secret="s")  # fmt: skip
+    wakes: list[int] = []
+    handler = make_handler(settings, "notifier")
+    woken_inside: list[int] = []
+
+    async def spied(conn: asyncpg.Connection, recs: Any, work: Any) -> None:
+        await handler(conn, recs, work)
+        woken_inside.append(len(wakes))  # still inside the batch's transaction
+
+    consumer = BatchConsumer(name="notifier", service="notifier", topic=TOPIC,
+                             dlq_topic="loyalty.dlq.v1")  # fmt: skip
+    consumer.bind(pool, spied, lambda: wakes.append(1))
+    batch = [earned("w-1", "m-w", 10, 10, "2026-03-01T10:00:00+08:00")]
+    await consumer.process(records(*batch))
+    assert woken_inside == [0]
+    assert wakes == [1]
+    # A redelivered batch records nothing new: nothing to wake the deliverer for.
+    await consumer.process(records(earned("w-1", "m-w", 10, 10, "2026-03-01T10:00:00+08:00")))
+    assert wakes == [1]
 
 
 async def test_a_member_taken_by_another_process_is_left_to_it(env: Any) -> None:
