@@ -18,7 +18,7 @@ from services.common.consumer import BatchConsumer, BatchWork, register_lag, val
 from services.common.outbox import OutboxRelay, make_producer
 from services.common.planner_stats import keep_planner_stats
 from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
-from services.notifier.delivery import DELIVERED, Deliverer
+from services.notifier.delivery import DELIVERED, Deliverer, hold_behind_retries
 from services.notifier.render import render
 
 SERVICE: Final = "notifier"
@@ -90,6 +90,8 @@ def make_handler(settings: Settings, consumer_name: str):  # type: ignore[no-unt
                 "notifications", records=list(rows.values()), columns=COLUMNS
             )
             if status == "pending":
+                # Behind their member's retry, if one waits (services/notifier/delivery.py).
+                await hold_behind_retries(conn, sorted({r[1] for r in rows.values()}), list(rows))
                 work.wake = True  # the deliverer, once they are committed (`consumer.bind`)
             else:
                 DELIVERED.labels("skipped").inc(len(rows))
