@@ -79,7 +79,7 @@ def account() -> list[acc.Entry]:
 entries = account()
 events = [ledger_event_json(e) for e in entries]
 parsed_events = [parse_ledger_event(b) for b in events]
-rendered = [e for e in parsed_events if render(e) is not None]
+rendered = [e for e in parsed_events if render(e, datetime.now(UTC)) is not None]
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "tuned"
 if mode == "tuned":

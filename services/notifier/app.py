@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Final
 
 import asyncpg
@@ -19,7 +20,7 @@ from services.common.outbox import OutboxRelay, make_producer
 from services.common.planner_stats import keep_planner_stats
 from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
 from services.notifier.delivery import DELIVERED, Deliverer, hold_behind_retries
-from services.notifier.render import render
+from services.notifier.render import render, skip_reason
 
 SERVICE: Final = "notifier"
 log = structlog.get_logger()
@@ -66,13 +67,21 @@ def make_handler(settings: Settings, consumer_name: str):  # type: ignore[no-unt
     ) -> None:
         good = validate_records(records, parse_or_skip, work, consumer_name, settings.topics.dlq)
         rows: dict[str, tuple[str, str, str, str, object, str]] = {}
+        now = datetime.now(UTC)
         for record, event in good:
             if event is None:
                 DELIVERED.labels("unknown_type").inc()
                 log.info("ledger_event_type_unknown", partition=record.partition,
                          offset=record.offset)  # fmt: skip
                 continue
-            message = render(event)
+            reason = skip_reason(event, now)
+            if reason is not None:
+                # Not bad input (no DLQ): an event members are better not told about.
+                DELIVERED.labels(reason).inc()
+                log.info("notification_skipped", event_id=event.event_id,
+                         member_id=event.member_id, reason=reason)  # fmt: skip
+                continue
+            message = render(event, now)
             if message is not None and event.event_id not in rows:
                 # The event as the ledger published it, which just passed the contract
                 # model (fields a newer ledger added are kept, as published). The json

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Final
 from zoneinfo import ZoneInfo
 
 from schemas.ledger import LedgerEvent, PointsEarned, PointsExpiring, TierChanged
@@ -15,6 +16,10 @@ TIER_NAMES_ZH = {
     "diamond": "钻石会员",
 }
 _TIER_ORDER = ("member", "silver", "gold", "diamond")
+# A points_earned's `balance_after` is the balance at its `occurred_at`: for one dated
+# longer ago than this (a grant delivered late) it is no longer the member's current
+# balance, and the message dates it instead of calling it current.
+CURRENT_FOR: Final = timedelta(days=1)
 RULE_NAMES_ZH = {
     "base": "消费积分",
     "big_ticket": "大额消费奖励",
@@ -40,12 +45,30 @@ def _day(dt: datetime) -> str:
     return f"{local.year}年{local.month}月{local.day}日"
 
 
-def render(event: LedgerEvent) -> str | None:
+def skip_reason(event: LedgerEvent, now: datetime) -> str | None:
+    """Why members are not told about an event of a kind they are told about, or None.
+
+    `now` is when the notifier handles the event. A grant delivered more than a lot's
+    lifetime late is journaled with its expiry in the same batch: its points are gone
+    before the member could be told they have them.
+    """
+    if isinstance(event, PointsEarned):
+        expires_at = event.data.expires_at
+        if expires_at is not None and expires_at <= now:
+            return "expired_on_arrival"
+    return None
+
+
+def render(event: LedgerEvent, now: datetime) -> str | None:
     """The message for a ledger event, or None when members are not told about it."""
     if isinstance(event, PointsEarned):
         earned = event.data
         why = RULE_NAMES_ZH.get(earned.rule_id or "", "积分奖励")
-        return f"您获得{earned.points}积分（{why}），当前可用积分{earned.balance_after}。"
+        if now - event.occurred_at > CURRENT_FOR:
+            balance = f"截至{_day(event.occurred_at)}可用积分{earned.balance_after}"
+        else:
+            balance = f"当前可用积分{earned.balance_after}"
+        return f"您获得{earned.points}积分（{why}），{balance}。"
     if isinstance(event, TierChanged):
         tier = event.data
         new, old = TIER_NAMES_ZH[tier.tier], TIER_NAMES_ZH[tier.previous_tier]

@@ -1,4 +1,4 @@
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from schemas.ledger import (
     MovementData,
@@ -8,9 +8,10 @@ from schemas.ledger import (
     TierChanged,
     TierChangedData,
 )
-from services.notifier.render import render
+from services.notifier.render import render, skip_reason
 
 AT = datetime(2026, 11, 20, 7, 0, tzinfo=UTC)
+NOW = AT + timedelta(minutes=5)  # when the notifier handles the event
 
 
 def test_points_earned_names_points_reason_and_balance() -> None:
@@ -20,7 +21,43 @@ def test_points_earned_names_points_reason_and_balance() -> None:
         member_id="m-1",
         data=MovementData(points=3850, balance_after=4000, rule_id="base"),
     )
-    assert render(event) == "您获得3850积分（消费积分），当前可用积分4000。"
+    assert render(event, NOW) == "您获得3850积分（消费积分），当前可用积分4000。"
+
+
+def test_points_earned_long_ago_dates_its_balance_rather_than_calling_it_current() -> None:
+    # `balance_after` is the balance at the entry's occurred_at: for a grant delivered
+    # days late, later entries may have moved the balance since.
+    event = PointsEarned(
+        event_id="e1",
+        occurred_at=AT,
+        member_id="m-1",
+        data=MovementData(points=1000, balance_after=1000, rule_id="base"),
+    )
+    assert (
+        render(event, AT + timedelta(hours=23)) == "您获得1000积分（消费积分），当前可用积分1000。"
+    )
+    assert (
+        render(event, AT + timedelta(days=3))
+        == "您获得1000积分（消费积分），截至2026年11月20日可用积分1000。"
+    )
+
+
+def test_points_earned_already_expired_when_handled_are_not_announced() -> None:
+    # A grant delivered more than 12 months late: the ledger journals its earn and its
+    # expiry in one batch, and the points are gone before the member could use them.
+    def earned(expires_at: datetime) -> PointsEarned:
+        return PointsEarned(
+            event_id="e1",
+            occurred_at=AT - timedelta(days=400),
+            member_id="m-1",
+            data=MovementData(
+                points=1000, balance_after=1000, rule_id="base", expires_at=expires_at
+            ),
+        )
+
+    assert skip_reason(earned(NOW - timedelta(days=35)), NOW) == "expired_on_arrival"
+    assert skip_reason(earned(NOW), NOW) == "expired_on_arrival"
+    assert skip_reason(earned(NOW + timedelta(days=1)), NOW) is None
 
 
 def test_tier_upgrade_congratulates_and_downgrade_informs() -> None:
@@ -39,8 +76,8 @@ def test_tier_upgrade_congratulates_and_downgrade_informs() -> None:
             ),
         )
 
-    assert render(changed("silver", "gold")) == "恭喜您由银卡会员升级为金卡会员！"
-    assert render(changed("gold", "member")) == "您的会员等级已由金卡会员调整为普通会员。"
+    assert render(changed("silver", "gold"), NOW) == "恭喜您由银卡会员升级为金卡会员！"
+    assert render(changed("gold", "member"), NOW) == "您的会员等级已由金卡会员调整为普通会员。"
 
 
 def test_expiry_warning_uses_shanghai_calendar_day() -> None:
@@ -52,11 +89,11 @@ def test_expiry_warning_uses_shanghai_calendar_day() -> None:
             points=-120, balance_after=500, expires_at=datetime(2026, 12, 1, 17, 0, tzinfo=UTC)
         ),
     )
-    assert render(event) == "您有120积分将于2026年12月2日过期，请尽快使用。"
+    assert render(event, NOW) == "您有120积分将于2026年12月2日过期，请尽快使用。"
 
 
 def test_redemptions_are_not_notified() -> None:
     event = PointsRedeemed(
         event_id="r", occurred_at=AT, member_id="m", data=MovementData(points=-500, balance_after=0)
     )
-    assert render(event) is None
+    assert render(event, NOW) is None

@@ -1,0 +1,95 @@
+"""The ledger's events, as its real consumer publishes them, fed to the notifier's real
+handler and delivered to a local webhook: what members are told about grants that arrive
+late or come from a refund."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+from starlette.requests import Request
+from starlette.responses import Response
+
+from services.common.config import Settings
+from services.ledger import projector
+from services.ledger.rulebook import LedgerRules
+from services.notifier.app import make_handler as notifier_handler
+from services.notifier.delivery import DELIVERED, Deliverer
+from tests.integration import direct
+from tests.integration.direct import consumer_of, migrated_pool, webhook
+from tests.integration.ledger_helpers import grant
+
+pytestmark = pytest.mark.integration
+LEDGER_TOPIC = "loyalty.ledger.v1"
+
+
+class Env:
+    def __init__(self, pool: asyncpg.Pool, ledger: Any, notifier: Any, deliverer: Deliverer,
+                 received: list[dict[str, Any]]) -> None:  # fmt: skip
+        self.pool, self.ledger, self.notifier = pool, ledger, notifier
+        self.deliverer, self.received = deliverer, received
+
+    async def grants(self, *events: dict[str, Any]) -> list[dict[str, Any]]:
+        """The grants through the ledger, its published events through the notifier."""
+        await self.ledger.process(direct.records("loyalty.grants.v1", *events))
+        rows = await self.pool.fetch(
+            "DELETE FROM outbox WHERE service = 'ledger' RETURNING id, payload")  # fmt: skip
+        published = [orjson.loads(r["payload"]) for r in sorted(rows, key=lambda r: r["id"])]
+        await self.notifier.process(direct.records(LEDGER_TOPIC, *published))
+        return published
+
+    async def messages(self) -> list[str]:
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            await self.deliverer.deliver_once(client)
+        return [b["message"] for b in self.received]
+
+
+@pytest.fixture
+async def env(fresh_database: str) -> AsyncIterator[Env]:
+    received: list[dict[str, Any]] = []
+
+    async def hook(request: Request) -> Response:
+        received.append(json.loads(await request.body()))
+        return Response(status_code=204)
+
+    async with migrated_pool(fresh_database, max_size=4) as pool, webhook(hook) as url:
+        settings = Settings(database_url=fresh_database, bootstrap_servers="",
+                            webhook_url=url, webhook_secret="s")  # fmt: skip
+        ledger = consumer_of(pool, "ledger", "loyalty.grants.v1",
+                             projector.make_handler(settings, "ledger", LedgerRules()))  # fmt: skip
+        notifier = consumer_of(pool, "notifier", LEDGER_TOPIC,
+                               notifier_handler(settings, "notifier"))  # fmt: skip
+        yield Env(pool, ledger, notifier, Deliverer(pool, url, "s"), received)
+
+
+def _count(outcome: str) -> float:
+    return DELIVERED.labels(outcome)._value.get()
+
+
+async def test_a_grant_already_expired_when_it_arrives_is_not_announced(env: Env) -> None:
+    # A grant dated 13 months ago (a till syncing very late): the ledger journals its lot
+    # and, in the same batch, its expiry. The member was told "1000 points, 1000 now
+    # available" for points gone 35 days before.
+    skipped = _count("expired_on_arrival")
+    published = await env.grants(grant("m-late", 1000, datetime.now(UTC) - timedelta(days=400)))
+    assert [e["type"] for e in published] == ["points_earned", "points_expired"]
+    assert await env.messages() == []
+    assert await env.pool.fetchval("SELECT count(*) FROM notifications") == 0
+    assert _count("expired_on_arrival") == skipped + 1
+
+
+async def test_a_grant_days_late_dates_the_balance_it_reports(env: Env) -> None:
+    # Its balance_after is the balance ten days ago, not the member's current one.
+    late = datetime.now(UTC) - timedelta(days=10)
+    await env.grants(grant("m-days", 300, late))
+    day = late.astimezone(ZoneInfo("Asia/Shanghai"))
+    assert await env.messages() == [
+        f"您获得300积分（消费积分），截至{day.year}年{day.month}月{day.day}日可用积分300。"
+    ]
