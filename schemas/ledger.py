@@ -35,6 +35,10 @@ class MovementData(Internal):
     expires_at: EventTime | None = None
     reason: str | None = None
     operator: str | None = None
+    # points_earned: the type of the activity whose grant this is (`purchase`, `refund`,
+    # `check_in`, …), so that a refund's re-priced bonus is not taken for a reward; null on
+    # other events and on earns published before it was added.
+    source_type: str | None = None
 
 
 class PointsEarned(_LedgerEvent):

@@ -146,7 +146,10 @@ def make_handler(settings: Settings, consumer_name: str, rules: LedgerRules):  #
             entries.extend(new)
             after[member_id] = book
         await write_journal(conn, entries, before, after)
-        work.outbox.extend(entry_outbox_rows(settings.topics.ledger, entries))
+        # An earn says which kind of activity caused it (a refund re-prices bonuses, and
+        # can grant one): its entry id is its grant's id.
+        causes = {g.event_id: g.data.source_type for g in moves if isinstance(g, PointsGranted)}
+        work.outbox.extend(entry_outbox_rows(settings.topics.ledger, entries, causes))
         if tiers:
             work.outbox.extend(outbox_rows(settings.topics.ledger, await _apply_tiers(conn, tiers)))
 

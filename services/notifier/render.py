@@ -50,9 +50,14 @@ def skip_reason(event: LedgerEvent, now: datetime) -> str | None:
 
     `now` is when the notifier handles the event. A grant delivered more than a lot's
     lifetime late is journaled with its expiry in the same batch: its points are gone
-    before the member could be told they have them.
+    before the member could be told they have them. A refund re-prices the order's
+    bonuses (they do not stack, so a partial refund can swap a big-ticket bonus for the
+    first-purchase one): the bonus it grants comes with take-backs members are not told
+    about, and on its own would read as a reward for the refund.
     """
     if isinstance(event, PointsEarned):
+        if event.data.source_type == "refund":
+            return "caused_by_refund"
         expires_at = event.data.expires_at
         if expires_at is not None and expires_at <= now:
             return "expired_on_arrival"

@@ -93,3 +93,24 @@ async def test_a_grant_days_late_dates_the_balance_it_reports(env: Env) -> None:
     assert await env.messages() == [
         f"您获得300积分（消费积分），截至{day.year}年{day.month}月{day.day}日可用积分300。"
     ]
+
+
+async def test_a_bonus_a_refund_grants_is_published_as_such_and_not_announced(
+    env: Env,
+) -> None:
+    # Bonuses do not stack: a partial refund of a big-ticket order takes back base and
+    # big-ticket points (not messaged) and grants the first-purchase bonus instead. The
+    # member was told "您获得200积分（首次消费奖励）" about their refund.
+    skipped = _count("caused_by_refund")
+    at = datetime.now(UTC) - timedelta(hours=1)
+    await env.grants(grant("m-r", 3000, at), grant("m-r", 600, at, rule="big_ticket"))
+    swap = grant("m-r", 200, at + timedelta(minutes=30), rule="first_purchase")
+    swap["data"]["source_type"] = "refund"
+    published = await env.grants(swap)
+    assert [(e["type"], e["data"]["source_type"]) for e in published] == [
+        ("points_earned", "refund")
+    ]
+    messages = await env.messages()
+    assert len(messages) == 2  # the purchase's two grants, as rewards
+    assert not any("首次消费奖励" in m for m in messages)
+    assert _count("caused_by_refund") == skipped + 1

@@ -81,6 +81,18 @@ def test_times_keep_pydantics_format_in_every_zone(zone: Any, micro: int) -> Non
 def test_outbox_rows_of_entries_match_rows_of_their_events() -> None:
     entries = history()
     assert entry_outbox_rows("t", entries) == outbox_rows("t", map(ledger_event, entries))
+    # An earn's grant's source type, by entry id (the journal does not keep it).
+    types = {"g1": "purchase", "g2": "check_in"}
+    events = [ledger_event(e, types.get(e.entry_id)) for e in entries]
+    assert entry_outbox_rows("t", entries, types) == outbox_rows("t", events)
+
+
+@pytest.mark.parametrize("source_type", ["refund", 'odd "quoted"\n', "lone \ud800 surrogate", 7])
+def test_a_source_type_is_written_or_refused_as_pydantic_does(source_type: Any) -> None:
+    for entry in history():
+        assert outcome(lambda e: ledger_event_json(e, source_type), entry) == outcome(
+            lambda e: ledger_event(e, source_type).model_dump_json().encode(), entry
+        )
 
 
 @pytest.mark.parametrize(

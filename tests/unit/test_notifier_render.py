@@ -1,5 +1,8 @@
 from datetime import UTC, datetime, timedelta
 
+from rules_factories import T0, Run, order_of, purchase, refund
+
+from schemas.grants import PointsGranted
 from schemas.ledger import (
     MovementData,
     PointsEarned,
@@ -7,7 +10,11 @@ from schemas.ledger import (
     PointsRedeemed,
     TierChanged,
     TierChangedData,
+    parse_ledger_event,
 )
+from services.ledger import accounting as acc
+from services.ledger.journal import ledger_event_json
+from services.ledger.projector import command_for
 from services.notifier.render import render, skip_reason
 
 AT = datetime(2026, 11, 20, 7, 0, tzinfo=UTC)
@@ -97,3 +104,26 @@ def test_redemptions_are_not_notified() -> None:
         event_id="r", occurred_at=AT, member_id="m", data=MovementData(points=-500, balance_after=0)
     )
     assert render(event, NOW) is None
+
+
+def test_a_bonus_a_refund_grants_is_not_presented_as_a_reward() -> None:
+    # A partial refund of a 3,000 CNY order: base and big-ticket points taken back (not
+    # messaged), the first-purchase bonus granted in place of the big-ticket one.
+    run = Run()
+    buy = purchase("m-1", 3000, at=T0)
+    run.feed(buy)
+    grants = run.feed(refund("m-1", order_of(buy), 2500, at=T0 + timedelta(days=1))).grants
+    (bonus,) = [g for g in grants if isinstance(g, PointsGranted)]
+    book = acc.Book(member_id="m-1")
+    book, (entry,) = acc.apply(book, command_for(bonus))
+    event = parse_ledger_event(ledger_event_json(entry, bonus.data.source_type))
+    assert isinstance(event, PointsEarned)
+    assert (event.data.rule_id, event.data.source_type) == ("first_purchase", "refund")
+    assert skip_reason(event, T0 + timedelta(days=1)) == "caused_by_refund"
+    # A purchase's grants are rewards, as before.
+    later = run.feed(purchase("m-1", 500, at=T0 + timedelta(days=2))).grants
+    (base,) = [g for g in later if isinstance(g, PointsGranted)]
+    book, (entry,) = acc.apply(book, command_for(base))
+    earned = parse_ledger_event(ledger_event_json(entry, base.data.source_type))
+    assert skip_reason(earned, T0 + timedelta(days=2)) is None
+    assert render(earned, T0 + timedelta(days=2)) is not None
