@@ -46,10 +46,21 @@ KAFKA_POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
 FETCH_WAIT_MS = {"tansu": "5", "kafka": "500"}
 
 
-def consumer_env(broker_kind: str) -> dict[str, str]:
-    """The services' CONSUMER_FETCH_WAIT_MS for a broker kind; one set by hand wins."""
-    chosen = os.environ.get("CONSUMER_FETCH_WAIT_MS") or FETCH_WAIT_MS.get(broker_kind, "500")
-    return {"CONSUMER_FETCH_WAIT_MS": chosen}
+def consumer_env(broker_kind: str, previous: dict[str, str] | None = None) -> dict[str, str]:
+    """The services' CONSUMER_FETCH_WAIT_MS for a broker kind: given now (empty: the
+    kind's default), else as the last `make up` wrote it (``previous``, its stack.env),
+    else the kind's default. What the last `up` wrote is kept on the same broker kind, and
+    on another only if it was set by hand: the default for Tansu is no setting for Kafka."""
+    default = FETCH_WAIT_MS.get(broker_kind, "500")
+    given = os.environ.get("CONSUMER_FETCH_WAIT_MS")
+    if given is not None:
+        return {"CONSUMER_FETCH_WAIT_MS": given or default}
+    previous = {} if previous is None or previous.get("STACK_WRITER") == "demo" else previous
+    kept = previous.get("CONSUMER_FETCH_WAIT_MS")
+    was = previous.get("BROKER", "")
+    if kept and (was == broker_kind or kept != FETCH_WAIT_MS.get(was, "500")):
+        return {"CONSUMER_FETCH_WAIT_MS": kept}
+    return {"CONSUMER_FETCH_WAIT_MS": default}
 
 
 # --------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
    data in ``.run/pgdata`` (kept across down/up) on ``PG_PORT`` (default 55432).
 2. Broker: ``KAFKA_BOOTSTRAP_SERVERS`` if set (external); else Tansu on 19092 (default,
    memory only) or Apache Kafka with ``BROKER=kafka`` on 29092, data in
-   ``.run/kafka-data`` (kept across down/up). The choice sticks until BROKER is given again.
+   ``.run/kafka-data`` (kept across down/up). The choice sticks until BROKER is given again,
+   and so do the ports (``PG_PORT``, ``TANSU_PORT``, ``KAFKA_PORT``: :data:`PORTS`).
 3. Topics (``TOPIC_PARTITIONS`` partitions, default 6) and DB migrations
    (``services.common.migrations.apply_migrations(dsn)``).
 4. ``.run/stack.env``: the settings every service and tool reads. Generated API keys are
@@ -27,6 +28,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from deploy import local
 from services.common import stack_env as env_file
@@ -40,6 +42,15 @@ LOGS = RUN / "logs"
 STACK_ENV = RUN / "stack.env"
 PG_DATA = RUN / "pgdata"
 KAFKA_DATA = RUN / "kafka-data"
+
+# The local processes' ports: sticky too (see STICKY), read by `up` alone. A broker that died
+# and is started again must come back on the port the services and stack.env know.
+PORTS: dict[str, int] = {
+    "PG_PORT": 55432,
+    "TANSU_PORT": 19092,
+    "KAFKA_PORT": 29092,
+    "KAFKA_CONTROLLER_PORT": 29093,
+}
 
 # Settings one `up` was given stick to the next ones (kept in stack.env) until given again
 # (empty to clear): a plain `make up` that restarts one dead service must not start it, or
@@ -67,14 +78,17 @@ STICKY: tuple[tuple[str, str | None], ...] = (
     ("PLANNER_STATS_SECONDS", None),
     ("LOG_LEVEL", None),
     ("LOYALTY_NATIVE", None),
+    *((var, str(number)) for var, number in PORTS.items()),
 )
 
 
 def sticky(previous: dict[str, str]) -> dict[str, str]:
     """The sticky settings: given now, else as the last `up` wrote them, else defaults.
-    What `make demo` wrote (its own topics and webhook receiver) does not stick."""
+    What `make demo` wrote (its own topics and webhook receiver) does not stick; the
+    ports it ran the stack on are the stack's."""
     if previous.get("STACK_WRITER") == "demo":
-        previous = {}
+        previous = {k: v for k, v in previous.items() if k in PORTS}
+    previous = {**_ports_in_use(previous), **previous}
     out: dict[str, str] = {}
     for var, default in STICKY:
         value = os.environ.get(var, previous.get(var, default))
@@ -83,6 +97,36 @@ def sticky(previous: dict[str, str]) -> dict[str, str]:
         if value is not None:
             out[var] = value
     return out
+
+
+def _ports_in_use(previous: dict[str, str]) -> dict[str, str]:
+    """The ports of the addresses a stack.env written before the ports stuck names (its
+    local Postgres, its broker), so the first `up` after the upgrade keeps them too."""
+    found: dict[str, str] = {}
+    addresses = [("PG_PORT", "DATABASE_URL", previous.get("POSTGRES") == "local")]
+    for kind in ("tansu", "kafka"):
+        addresses.append(
+            (f"{kind.upper()}_PORT", "KAFKA_BOOTSTRAP_SERVERS", previous.get("BROKER") == kind)
+        )
+    for var, address, ours in addresses:
+        if not ours or not previous.get(address):
+            continue
+        where = previous[address]
+        try:
+            port = urlsplit(where if "://" in where else f"//{where}").port
+        except ValueError:
+            continue
+        if port:
+            found[var] = str(port)
+    return found
+
+
+def port(previous: dict[str, str], var: str) -> int:
+    """A local process's port, sticky like the settings above."""
+    value = sticky(previous)[var]
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise SystemExit(f"{var} must be a port number (1-65535), not {value!r}")
+    return int(value)
 
 
 def topics(previous: dict[str, str]) -> list[str]:
@@ -96,10 +140,6 @@ SERVICES: list[tuple[str, str]] = [
     ("ledger", "services.ledger"),
     ("notifier", "services.notifier"),
 ]
-
-TANSU_PORT = 19092
-KAFKA_PORT = 29092
-KAFKA_CONTROLLER_PORT = 29093
 
 
 def say(msg: str) -> None:
@@ -170,9 +210,9 @@ def ensure_postgres(previous: dict[str, str]) -> str:
     if external_postgres(previous):
         say("postgres: external (DATABASE_URL)")
         return os.environ["DATABASE_URL"]
-    port = int(os.environ.get("PG_PORT", "55432"))
+    pg_port = port(previous, "PG_PORT")
     was_running = local.postgres_running(PG_DATA)
-    dsn = local.start_postgres(PG_DATA, port, log_path=LOGS / "postgres.log")
+    dsn = local.start_postgres(PG_DATA, pg_port, log_path=LOGS / "postgres.log")
     pid = local.postgres_pid(PG_DATA)
     if pid:
         local.write_pid(_pidfile("postgres"), pid)
@@ -218,13 +258,11 @@ def ensure_broker(previous: dict[str, str]) -> tuple[str, str]:
         local.stop_pid(pid, 30)
     t0 = time.monotonic()
     if kind == "tansu":
-        port = int(os.environ.get("TANSU_PORT", TANSU_PORT))
-        pid, bootstrap = local.start_tansu(port, LOGS / "tansu.log")
+        pid, bootstrap = local.start_tansu(port(previous, "TANSU_PORT"), LOGS / "tansu.log")
         note = "memory storage: topics and offsets reset on restart"
     else:
-        port = int(os.environ.get("KAFKA_PORT", KAFKA_PORT))
-        cport = int(os.environ.get("KAFKA_CONTROLLER_PORT", KAFKA_CONTROLLER_PORT))
-        pid, bootstrap = local.start_kafka(port, cport, KAFKA_DATA, LOGS / "kafka.log")
+        ports = port(previous, "KAFKA_PORT"), port(previous, "KAFKA_CONTROLLER_PORT")
+        pid, bootstrap = local.start_kafka(*ports, KAFKA_DATA, LOGS / "kafka.log")
         note = f"Apache Kafka {local.KAFKA_VERSION}, data in {_shown(KAFKA_DATA)}"
     local.write_pid(_pidfile("broker"), pid)
     say(f"broker: {kind} started on {bootstrap} (pid {pid}, {time.monotonic() - t0:.1f}s; {note})")
@@ -264,7 +302,7 @@ def build_env(
         "LEDGER_READER_KEY": reader_key,
         "LEDGER_REDEEMER_KEY": redeemer_key,
         "LEDGER_API_KEYS": ",".join(keys),
-        **local.consumer_env(broker_kind),
+        **local.consumer_env(broker_kind, previous),
         # (The ledger serves /metrics on its API port; the others get a port of their own.)
         **sticky(previous),
     }
@@ -342,7 +380,8 @@ def up() -> int:
     changed = sorted(
         k
         for k in stack_env.keys() | previous.keys()
-        if previous and previous.get(k) != stack_env.get(k)
+        # The ports only `up` reads: what changes for the services is the address.
+        if previous and previous.get(k) != stack_env.get(k) and k not in PORTS
     )
     if changed:
         say(f"settings changed since the last up: {', '.join(changed)}")

@@ -40,8 +40,6 @@ def test_up_writes_env_and_pids_and_a_second_up_restarts_only_the_dead(tmp_path:
         PYTHONPATH=str(ROOT),
         STACK_RUN_DIR=str(run),
         BROKER="tansu",
-        PG_PORT=str(free_port()),
-        TANSU_PORT=str(free_port()),
         LEDGER_PORT=str(free_port()),
         RULES_METRICS_PORT=str(free_port()),
         NOTIFIER_METRICS_PORT=str(free_port()),
@@ -52,6 +50,11 @@ def test_up_writes_env_and_pids_and_a_second_up_restarts_only_the_dead(tmp_path:
         "LEDGER_API_KEYS": "pos_app_key:redeemer",
         "NOTIFIER_WEBHOOK_URL": "http://127.0.0.1:9/hook",
         "NOTIFIER_WEBHOOK_SECRET": "s3cret",
+        # Read from the environment alone, they went back to their defaults (the fetch
+        # wait changed, so every service restarted; a broker started again moved port).
+        "CONSUMER_FETCH_WAIT_MS": "50",
+        "PG_PORT": str(free_port()),
+        "TANSU_PORT": str(free_port()),
     }
     try:
         first = _stack("up", {**env, **given})
@@ -81,6 +84,7 @@ def test_up_writes_env_and_pids_and_a_second_up_restarts_only_the_dead(tmp_path:
         assert "settings changed" not in second.stdout
         for var, value in given.items():
             assert value in again[var]
+        assert again["KAFKA_BOOTSTRAP_SERVERS"].endswith(f":{given['TANSU_PORT']}")
         pos = httpx.get(
             f"{stack_env['LEDGER_API_URL']}/v1/members/nobody",
             headers={"Authorization": "Bearer pos_app_key"},

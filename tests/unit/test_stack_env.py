@@ -191,3 +191,72 @@ def test_a_stack_env_written_before_quoting_reads_as_it_was(tmp_path: Path) -> N
         "NOTIFIER_WEBHOOK_SECRET": 'a\\b"c',
         "LEDGER_PORT": "8080",
     }
+
+
+PORT_VARS = ("PG_PORT", "TANSU_PORT", "KAFKA_PORT", "KAFKA_CONTROLLER_PORT")
+
+
+def test_the_ports_make_up_was_given_stick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`TANSU_PORT=19492 make up`, then a plain `make up` after the broker died started it
+    again on 19092: a new KAFKA_BOOTSTRAP_SERVERS, and every service restarted for it."""
+    from deploy import stack
+
+    for var in PORT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert {v: stack.sticky({})[v] for v in PORT_VARS} == {
+        "PG_PORT": "55432", "TANSU_PORT": "19092", "KAFKA_PORT": "29092",
+        "KAFKA_CONTROLLER_PORT": "29093",
+    }  # fmt: skip
+    monkeypatch.setenv("TANSU_PORT", "19492")
+    monkeypatch.setenv("PG_PORT", "56632")
+    written = stack.sticky({})
+    monkeypatch.delenv("TANSU_PORT")
+    monkeypatch.delenv("PG_PORT")
+    assert stack.port(written, "TANSU_PORT") == 19492
+    assert stack.port(written, "PG_PORT") == 56632
+    monkeypatch.setenv("TANSU_PORT", "")  # cleared: the default again
+    assert stack.port(written, "TANSU_PORT") == 19092
+    monkeypatch.setenv("KAFKA_PORT", "nine")
+    with pytest.raises(SystemExit, match="KAFKA_PORT must be a port number"):
+        stack.port(written, "KAFKA_PORT")
+
+
+def test_a_stack_env_from_before_the_ports_stuck_keeps_the_ports_of_its_addresses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from deploy import stack
+
+    for var in PORT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    older = {"POSTGRES": "local", "DATABASE_URL": "postgresql://l:l@127.0.0.1:56632/loyalty",
+             "BROKER": "tansu", "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:19492"}  # fmt: skip
+    assert (stack.port(older, "PG_PORT"), stack.port(older, "TANSU_PORT")) == (56632, 19492)
+    assert stack.port(older, "KAFKA_PORT") == 29092
+    kafka = {**older, "BROKER": "kafka", "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:29492"}
+    assert (stack.port(kafka, "KAFKA_PORT"), stack.port(kafka, "TANSU_PORT")) == (29492, 19092)
+    # Servers `make up` does not run are no ports of its own.
+    external = {**older, "POSTGRES": "external", "BROKER": "external"}
+    assert (stack.port(external, "PG_PORT"), stack.port(external, "TANSU_PORT")) == (55432, 19092)
+
+
+def test_a_broker_that_died_comes_back_on_its_port(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from deploy import stack
+
+    for var in (*PORT_VARS, "BROKER", "KAFKA_BOOTSTRAP_SERVERS"):
+        monkeypatch.delenv(var, raising=False)
+    previous = {"BROKER": "tansu", "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:19492",
+                "TANSU_PORT": "19492"}  # fmt: skip
+    started: list[int] = []
+
+    def start_tansu(port: int, log: Path) -> tuple[int, str]:
+        started.append(port)
+        return 4242, f"127.0.0.1:{port}"
+
+    monkeypatch.setattr(stack, "RUN", tmp_path)
+    monkeypatch.setattr(stack.local, "read_pid", lambda p: None)  # the broker is gone
+    monkeypatch.setattr(stack.local, "start_tansu", start_tansu)
+    monkeypatch.setattr(stack.local, "write_pid", lambda *a: None)
+    assert stack.ensure_broker(previous) == ("tansu", "127.0.0.1:19492")
+    assert started == [19492]
