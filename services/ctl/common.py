@@ -41,19 +41,39 @@ def database_error(exc: BaseException) -> typer.Exit:
     return fail(f"database: {text}", code=2)
 
 
+class BadDatabaseUrl(Exception):
+    """A database URL asyncpg cannot use at all (a port that is no number or out of range,
+    another scheme): the operator's input, not a database failure."""
+
+
 def run_db(coro: Coroutine[Any, Any, T]) -> T:
     """asyncio.run, with a database failure turned into a one-line error and exit code 2."""
     try:
         return asyncio.run(coro)
+    except BadDatabaseUrl as exc:
+        raise fail(f"database URL refused: {exc}") from exc
     except DATABASE_ERRORS as exc:
         raise database_error(exc) from exc
+
+
+async def connect(dsn: str) -> asyncpg.Connection:
+    """asyncpg.connect; what it raises for an unusable URL (ValueError, OverflowError) is
+    a `BadDatabaseUrl`, so that only the connection attempt is read as such."""
+    try:
+        return await asyncpg.connect(dsn)
+    except asyncpg.ClientConfigurationError as exc:
+        raise BadDatabaseUrl(str(exc)) from exc
+    except asyncpg.InterfaceError:
+        raise
+    except (ValueError, OverflowError) as exc:
+        raise BadDatabaseUrl(str(exc) or type(exc).__name__) from exc
 
 
 def with_connection(dsn: str, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
     """Run ``work`` on one connection to ``dsn``; database failures as in `run_db`."""
 
     async def run() -> T:
-        conn = await asyncpg.connect(dsn)
+        conn = await connect(dsn)
         try:
             return await work(conn)
         finally:

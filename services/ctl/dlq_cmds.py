@@ -41,7 +41,10 @@ def parse_since(value: str, now: datetime) -> datetime:
     """An RFC 3339 time with its offset, or a span back from now: 30m, 24h, 7d."""
     ago = _AGO.fullmatch(value.strip())
     if ago:
-        return now - timedelta(**{_UNITS[ago[2]]: int(ago[1])})
+        try:
+            return now - timedelta(**{_UNITS[ago[2]]: int(ago[1])})
+        except OverflowError as exc:  # 99999999d: before year 1
+            raise typer.BadParameter(f"{value!r} reaches back before year 1") from exc
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
@@ -50,6 +53,10 @@ def parse_since(value: str, now: datetime) -> datetime:
         ) from exc
     if parsed.tzinfo is None:
         raise typer.BadParameter(f"{value!r} needs a UTC offset, e.g. 2026-11-20T15:04:05+08:00")
+    try:  # compared as UTC: 0001-01-01T00:00:00+08:00 is a moment before year 1
+        parsed.astimezone(UTC)
+    except OverflowError as exc:
+        raise typer.BadParameter(f"{value!r} is out of range (years 1 to 9999 in UTC)") from exc
     return parsed
 
 

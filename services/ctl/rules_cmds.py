@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -27,7 +28,12 @@ from services.rules import held as held_store
 from services.rules.backtest import LaneWorkerError, report_csv, report_json, run_backtest
 from services.rules.forkserver import start_forkserver
 from services.rules.rulebook_store import VersionExists, list_versions, load_book, publish
-from services.rules.ruleset import RuleSetError, load_ruleset, publish_problems
+from services.rules.ruleset import (
+    RuleSetError,
+    load_ruleset,
+    publish_problems,
+    read_ruleset_file,
+)
 from services.rules.simulate import Report
 
 app = typer.Typer(
@@ -62,6 +68,10 @@ def _when(value: str) -> datetime:
         raise typer.BadParameter(f"{value!r} is not an ISO 8601 time") from exc
     if parsed.tzinfo is None:
         raise typer.BadParameter(f"{value!r} needs a UTC offset, e.g. 2026-01-01T00:00:00+08:00")
+    try:  # stored as UTC: 0001-01-01T00:00:00+08:00 is a moment before year 1
+        parsed.astimezone(UTC)
+    except OverflowError as exc:
+        raise typer.BadParameter(f"{value!r} is out of range (years 1 to 9999 in UTC)") from exc
     return parsed
 
 
@@ -78,8 +88,8 @@ def publish_cmd(
     ] = False,
 ) -> None:
     """Validate FILE and store it as a new version; running instances pick it up."""
-    body = file.read_text(encoding="utf-8")
     try:
+        body = read_ruleset_file(file)
         ruleset = load_ruleset(body)
     except RuleSetError as exc:
         raise _fail(str(exc).replace("<text>", str(file), 1), code=2) from exc
@@ -157,7 +167,7 @@ def list_cmd(
 @held_app.command("list", epilog=exit_codes())
 def held_list(
     status: Annotated[str, typer.Option(help="pending, released, rejected or all")] = "pending",
-    limit: int = 1000,
+    limit: Annotated[int, typer.Option(min=1, help="show at most this many")] = 1000,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
 ) -> None:
     """Engagement events held back as a burst, oldest first."""
@@ -211,6 +221,18 @@ def held_reject(
     out.print(f"rejected {event_id}")
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why the report could not be written to `path`, or None."""
+    parent = path.parent
+    if path.is_dir():
+        return "is a directory"
+    if not parent.is_dir():
+        return f"no directory {parent}"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else "not writable"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot write in {parent}"
+
+
 def _table(report: Report, start: datetime, end: datetime) -> Table:
     table = Table(
         title=f"backtest {start.isoformat()} .. {end.isoformat()}: "
@@ -260,6 +282,10 @@ def simulate_cmd(
         raise typer.BadParameter("--to must be after --from")
     if output is not None and output.suffix.lower() not in (".json", ".csv"):
         raise typer.BadParameter("--output must end in .json or .csv")
+    if output is not None:
+        problem = _unwritable(output)
+        if problem:  # known before a run that may take minutes, not after it
+            raise _fail(f"--output {output}: {problem}", code=2)
     try:
         candidate = load_ruleset(ruleset)
     except RuleSetError as exc:
@@ -316,5 +342,8 @@ def simulate_cmd(
         text = (
             report_csv(report) if output.suffix.lower() == ".csv" else report_json(report, t1, t2)
         )
-        output.write_text(text, encoding="utf-8")
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as exc:  # checked before the run; a full disk, a directory gone
+            raise _fail(f"--output {output}: {exc.strerror or exc}", code=2) from exc
         out.print(f"written {output}")

@@ -91,7 +91,7 @@ async def load_book(
             raise RuleSetError("no rule set is published yet (ledgerctl rules publish FILE)")
         await publish(conn, await asyncio.to_thread(seed.read_text, encoding="utf-8"), "seed")
         rows = await conn.fetch(SELECT_VERSIONS)
-    return RuleBook(load_ruleset(r["body"]) for r in rows)
+    return RuleBook(_stored(r["body"]) for r in rows)
 
 
 async def read_book(conn: asyncpg.Connection, seed: Path = DEFAULT_RULESET) -> RuleBook:
@@ -99,7 +99,13 @@ async def read_book(conn: asyncpg.Connection, seed: Path = DEFAULT_RULESET) -> R
     rows = await conn.fetch(SELECT_VERSIONS)
     if not rows:
         return RuleBook([load_ruleset(await asyncio.to_thread(seed.read_text, encoding="utf-8"))])
-    return RuleBook(load_ruleset(r["body"]) for r in rows)
+    return RuleBook(_stored(r["body"]) for r in rows)
+
+
+def _stored(body: str) -> RuleSet:
+    """A published body loads as it was accepted: one stored before keys given twice were
+    refused must not stop the services (its last key counts, as it did then)."""
+    return load_ruleset(body, allow_duplicate_keys=True)
 
 
 async def list_versions(conn: asyncpg.Connection) -> list[asyncpg.Record]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Self
@@ -351,27 +351,94 @@ def parse_ruleset(data: Any, origin: str = "<data>") -> RuleSet:
         raise RuleSetError(_readable(exc, origin)) from exc
 
 
-def load_ruleset(path_or_text: str | Path) -> RuleSet:
-    """A Path, or a str naming an existing .yaml/.yml file, is read; any other str is YAML."""
+def load_ruleset(path_or_text: str | Path, *, allow_duplicate_keys: bool = False) -> RuleSet:
+    """A Path, or a str naming an existing .yaml/.yml file, is read; any other str is YAML.
+
+    ``allow_duplicate_keys`` is for bodies already published: one stored before keys
+    given twice were refused loads as it was accepted then (the last one counts), so the
+    services still start.
+    """
     origin = "<text>"
     text: str
     if isinstance(path_or_text, Path):
         origin = str(path_or_text)
-        text = path_or_text.read_text(encoding="utf-8")
+        text = read_ruleset_file(path_or_text)
     elif (
         "\n" not in path_or_text
         and path_or_text.endswith((".yaml", ".yml"))
         and _is_file(path_or_text)
     ):
         origin = path_or_text
-        text = Path(path_or_text).read_text(encoding="utf-8")
+        text = read_ruleset_file(Path(path_or_text))
     else:
         text = path_or_text
+    loader = yaml.SafeLoader if allow_duplicate_keys else _UniqueKeyLoader
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=loader)  # both are SafeLoaders
+    except DuplicateKey as exc:
+        raise RuleSetError(f"rule set {origin} refused: {exc}") from exc
     except yaml.YAMLError as exc:
         raise RuleSetError(f"rule set {origin} refused: not valid YAML: {exc}") from exc
     return parse_ruleset(data, origin)
+
+
+def read_ruleset_file(path: Path) -> str:
+    """The file's text; one that is not UTF-8 (saved as GBK by an editor) or cannot be
+    read is a `RuleSetError` naming it, not a traceback."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RuleSetError(
+            f"rule set {path} refused: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at"
+            f" offset {exc.start}); save it as UTF-8"
+        ) from exc
+    except OSError as exc:
+        raise RuleSetError(f"rule set {path}: cannot be read: {exc.strerror or exc}") from exc
+
+
+class DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Refuses a key given twice in one mapping. PyYAML keeps the last one silently, so a
+    second `tiers:` pasted lower down, meant to change one threshold, replaced the whole
+    section (the other tiers gone, the multipliers back to their defaults)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_duplicates(self, node, (), set())
+        return super().construct_document(node)
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _refuse_duplicates(
+    loader: yaml.SafeLoader, node: yaml.Node, path: tuple[str, ...], seen: set[int]
+) -> None:
+    if id(node) in seen:  # an alias: checked where its anchor is (and no endless loop)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[object, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:  # `<<: *base`: keys given beside it override it
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                earlier = first.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the constructor refuses it itself
+                continue
+            where = ".".join((*path, str(key)))
+            if earlier is not key_node:
+                raise DuplicateKey(
+                    f"{where}: key given twice (lines {earlier.start_mark.line + 1} and"
+                    f" {key_node.start_mark.line + 1}); only the last would count"
+                )
+            _refuse_duplicates(loader, value_node, (*path, str(key)), seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicates(loader, item, (*path, str(i)), seen)
 
 
 def _is_file(name: str) -> bool:
@@ -390,6 +457,13 @@ def publish_problems(ruleset: RuleSet) -> list[str]:
     are held to it.
     """
     problems = []
+    try:  # stored as UTC: 9999-12-31T23:00:00-10:00 is a moment in year 10000
+        ruleset.effective_from.astimezone(UTC)
+    except OverflowError:
+        problems.append(
+            f"effective_from: {ruleset.effective_from.isoformat()} is out of range"
+            " (years 1 to 9999 in UTC)"
+        )
     if sorted(ruleset.expiry.warn_days_before, reverse=True) != [30, 7]:
         problems.append(
             "expiry.warn_days_before: the ledger warns 30 and 7 days before points expire;"

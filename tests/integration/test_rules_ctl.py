@@ -121,6 +121,17 @@ async def test_effective_from_in_the_past_needs_allow_past(db: str, tmp_path: Pa
     assert (await ctl(db, "publish", str(past), "--allow-past")).code == 0
 
 
+async def test_simulate_at_the_edges_of_the_calendar_is_a_report_not_a_traceback(
+    db: str, tmp_path: Path
+) -> None:
+    """The widest period the options accept (year 1 to year 9999, in UTC)."""
+    ran = await ctl(db, "simulate", "--ruleset", str(RULESETS_DIR / "default.yaml"),
+                    "--from", "0001-01-01T08:00:00+08:00", "--to", "9999-12-31T13:00:00-10:00",
+                    "--output", str(tmp_path / "all.csv"))  # fmt: skip
+    assert ran.code == 0, ran.stdout + ran.stderr
+    assert (tmp_path / "all.csv").exists()
+
+
 def _review(member: str, at: datetime, n: int) -> dict[str, object]:
     return {"event_id": f"rev-{member}-{n}", "type": "review", "occurred_at": at.isoformat(),
             "member_id": member, "store_id": "sh-jingan",

@@ -101,7 +101,7 @@ def test_bad_file_names_field_and_reason(extra: str, field: str, reason: str) ->
 def test_a_one_line_body_ending_in_yaml_is_read_as_yaml_not_as_a_path() -> None:
     body = "{version: one.1, effective_from: 2026-01-01T00:00:00+08:00}  # from default.yaml"
     assert load_ruleset(body).version == "one.1"
-    with pytest.raises(FileNotFoundError):  # a Path is always read as a file
+    with pytest.raises(RuleSetError, match=r"x\.yaml: cannot be read"):  # always a file
         load_ruleset(Path("/nonexistent/x.yaml"))
 
 
@@ -116,6 +116,39 @@ def test_naive_effective_from_and_garbage_refused(tmp_path: Path) -> None:
     f.write_text(MINIMAL + "version2: 1\n")
     with pytest.raises(RuleSetError, match=r"x\.yaml"):
         load_ruleset(f)
+
+
+def test_a_file_that_is_not_utf8_or_not_readable_is_a_rule_set_error(tmp_path: Path) -> None:
+    """A file an editor saved as GBK (a Chinese comment) was a UnicodeDecodeError
+    traceback; a directory, an OSError one."""
+    gbk = tmp_path / "clinic2.yaml"
+    gbk.write_bytes(MINIMAL.encode() + "# 规则\n".encode("gbk"))
+    with pytest.raises(RuleSetError, match=r"clinic2\.yaml refused: not UTF-8 \(byte 0xb9"):
+        load_ruleset(gbk)
+    with pytest.raises(RuleSetError, match="not UTF-8"):
+        load_ruleset(str(gbk))
+    with pytest.raises(RuleSetError, match="cannot be read"):
+        load_ruleset(tmp_path)
+
+
+def test_a_key_given_twice_is_refused_naming_its_path() -> None:
+    """PyYAML keeps the last of two equal keys: a second `tiers:` pasted lower down to
+    change one threshold dropped silver and diamond and reset the multipliers."""
+    text = MINIMAL + "tiers:\n  thresholds: {silver: 10000, gold: 30000}\n"
+    with pytest.raises(RuleSetError, match=r"refused: tiers: key given twice \(lines 3 and 5\)"):
+        load_ruleset(text + "tiers:\n  thresholds: {gold: 25000}\n")
+    with pytest.raises(RuleSetError, match=r"tiers\.thresholds\.gold: key given twice"):
+        load_ruleset(MINIMAL + "tiers:\n  thresholds: {gold: 30000, silver: 1, gold: 25000}\n")
+    with pytest.raises(RuleSetError, match=r"campaigns\.0\.multiplier: key given twice"):
+        load_ruleset(MINIMAL + "campaigns:\n  - {multiplier: 2, multiplier: 3}\n")
+    # Keys given beside a merge override it, as YAML means them to; that is no duplicate.
+    assert load_ruleset(MINIMAL + "visit: {<<: {points: 10}, points: 20}\n").visit.points == 20
+
+
+def test_a_stored_version_with_a_key_given_twice_still_loads() -> None:
+    """Published before the check: the services must start, with what was paid under it."""
+    text = MINIMAL + "pending_days: 3\npending_days: 5\n"
+    assert load_ruleset(text, allow_duplicate_keys=True).pending_days == 5
 
 
 def test_rule_book_picks_version_in_force() -> None:
@@ -187,3 +220,13 @@ def test_what_the_ledger_cannot_honour_is_refused_at_publish_not_at_load(
     loaded = load_ruleset(MINIMAL + extra)
     assert any(says in p for p in publish_problems(loaded)), publish_problems(loaded)
     assert publish_problems(DEFAULT) == []
+
+
+@pytest.mark.parametrize("when", ["9999-12-31T23:00:00-10:00", "0001-01-01T00:00:00+08:00"])
+def test_an_effective_from_outside_the_years_utc_holds_is_refused_at_publish(when: str) -> None:
+    """Stored as UTC, these are moments in year 10000 and year 0: the insert failed, and
+    ledgerctl reported the operator's date as `error: database: ...`."""
+    loaded = load_ruleset(MINIMAL.replace("2026-01-01T00:00:00+08:00", when))
+    assert publish_problems(loaded) == [
+        f"effective_from: {when} is out of range (years 1 to 9999 in UTC)"
+    ]
