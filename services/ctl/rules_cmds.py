@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Final, TypeVar
 
 import asyncpg
 import typer
@@ -75,6 +75,13 @@ def _when(value: str) -> datetime:
     return parsed
 
 
+# Activity at or after a new version's start, already received (and so paid, or held
+# under the version in force then). The index on occurred_at answers it.
+RECEIVED_FROM: Final = (
+    "SELECT count(*), max(occurred_at) FROM rules_activity WHERE occurred_at >= $1"
+)
+
+
 @app.command("publish", epilog=exit_codes("published, or already published unchanged"))
 def publish_cmd(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
@@ -82,8 +89,9 @@ def publish_cmd(
     allow_past: Annotated[
         bool,
         typer.Option(
-            help="accept an effective_from in the past: events already paid keep their "
-            "grants, but a replay would price them under this version"
+            help="accept an effective_from in the past, or before activity already received:"
+            " events already paid keep their grants, but a replay would price them under"
+            " this version"
         ),
     ] = False,
 ) -> None:
@@ -111,6 +119,19 @@ def publish_cmd(
                 "already paid would be priced differently on replay; pick a later time or "
                 "pass --allow-past"
             )
+        # In the future, but before activity already received: a till whose clock runs
+        # fast, a booking system that sends events ahead. Those are paid under the version
+        # in force now, and a replay would price them under this one.
+        if stored is None and not allow_past:
+            count, latest = await conn.fetchrow(RECEIVED_FROM, ruleset.effective_from)
+            if count:
+                return "refused", (
+                    f"effective_from {ruleset.effective_from.isoformat()} is before activity"
+                    f" already received: {count} event(s) at or after it, the latest at"
+                    f" {latest.astimezone(ruleset.effective_from.tzinfo).isoformat()}; they"
+                    " would be priced differently on replay; pick a time after them or pass"
+                    " --allow-past"
+                )
         async with conn.transaction():
             await load_book(conn)  # seeds the default first, so earlier events keep it
             await publish(conn, body, by or _operator())  # other content: VersionExists

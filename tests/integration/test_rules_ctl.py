@@ -121,6 +121,32 @@ async def test_effective_from_in_the_past_needs_allow_past(db: str, tmp_path: Pa
     assert (await ctl(db, "publish", str(past), "--allow-past")).code == 0
 
 
+async def test_effective_from_before_activity_already_received_needs_allow_past(
+    db: str, tmp_path: Path
+) -> None:
+    """A till whose clock runs fast sent a purchase dated after a version's start: it was
+    paid under the version in force, and a replay would price it under the new one."""
+    ahead = FUTURE + timedelta(days=10)
+    items = [{"project_code": "hydrafacial", "amount": "100"}]
+    bought = {"order_id": "o-1", "amount": "100", "items": items}
+    earlier = ahead - timedelta(days=1)
+    await _record(db, [_event("purchase", "m-fut", ahead, bought),
+                       _event("purchase", "m-fut2", earlier, bought)])  # fmt: skip
+    x5 = default_with(tmp_path, "x5.yaml", version="x5.1", effective_from=FUTURE.isoformat(),
+                      purchase={"points_per_cny": 5})  # fmt: skip
+    ran = await ctl(db, "publish", str(x5))
+    assert ran.code == 2, ran.stdout + ran.stderr
+    assert "Traceback" not in ran.stderr
+    assert "before activity already received: 2 event(s) at or after it" in ran.stderr
+    assert f"the latest at {ahead.isoformat()}" in ran.stderr, ran.stderr
+    assert await _q(db, "SELECT 1 FROM rules_rulesets WHERE version = 'x5.1'") == []
+    # After the latest received activity it is accepted; so is the earlier time, knowingly.
+    later = default_with(tmp_path, "later.yaml", version="later.1",
+                         effective_from=(ahead + timedelta(seconds=1)).isoformat())  # fmt: skip
+    assert (await ctl(db, "publish", str(later))).code == 0
+    assert (await ctl(db, "publish", str(x5), "--allow-past")).code == 0
+
+
 async def test_simulate_at_the_edges_of_the_calendar_is_a_report_not_a_traceback(
     db: str, tmp_path: Path
 ) -> None:
