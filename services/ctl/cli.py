@@ -8,7 +8,7 @@ from services.ctl import dlq_cmds, events_cmds, ledger_cmds, rules_cmds
 
 app = typer.Typer(
     help="Operate the loyalty ledger: publish and backtest rule sets, rebuild and verify,"
-    " read dead letters, send activity events.",
+    " read and replay dead letters, send activity events.",
     no_args_is_help=True,
 )
 app.add_typer(rules_cmds.app, name="rules")

@@ -1,4 +1,5 @@
-"""`ledgerctl dlq list` on a running stack: what a service dead-lettered, newest first."""
+"""`ledgerctl dlq list` on a running stack: what a service dead-lettered, newest first;
+`dlq replay`: a grant the ledger dead-lettered for a bug since fixed is paid, once."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import json
 import subprocess
 from datetime import datetime, timedelta
 
+import asyncpg
 import pytest
 
 from tests.integration.default_broker import broker  # noqa: F401 (fixture: default broker only)
 from tests.integration.events import CST, purchase
 from tests.integration.harness import Stack, wait_until
+from tests.integration.ledger_helpers import give, grant, member
 from tests.integration.rules_helpers import LEDGERCTL, ROOT, Ran
 
 pytestmark = pytest.mark.integration
@@ -20,10 +23,10 @@ pytestmark = pytest.mark.integration
 NOW = datetime.now(CST).replace(microsecond=0)
 
 
-async def dlq(stack: Stack, *args: str) -> Ran:
+async def dlq(stack: Stack, *args: str, command: str = "list") -> Ran:
     def run() -> Ran:
         proc = subprocess.run(
-            [LEDGERCTL, "dlq", "list", *args],
+            [LEDGERCTL, "dlq", command, *args],
             cwd=ROOT,
             env={**stack.env("ctl"), "COLUMNS": "250"},
             capture_output=True,
@@ -81,3 +84,68 @@ async def test_a_message_dead_lettered_by_a_running_service_is_listed(stack: Sta
     assert len((await dlq(stack, "--json", "--since", "1h")).stdout.splitlines()) == 2
     later = (datetime.now(CST) + timedelta(minutes=5)).isoformat()
     assert (await dlq(stack, "--json", "--since", later)).stdout == ""
+
+
+# A ledger bug for one member, which the test then fixes: any journal row of theirs fails
+# (RAISE is no database outage, so the consumer dead-letters the grant as poison).
+LEDGER_BUG = """
+CREATE FUNCTION test_ledger_bug() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN RAISE EXCEPTION 'ledger bug for %', NEW.member_id; END $$;
+CREATE TRIGGER test_ledger_bug BEFORE INSERT ON ledger_entries FOR EACH ROW
+    WHEN (NEW.member_id = 'm-replay') EXECUTE FUNCTION test_ledger_bug();
+"""
+
+
+async def execute(stack: Stack, sql: str) -> None:
+    conn = await asyncpg.connect(stack.dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def test_a_grant_dead_lettered_for_a_ledger_bug_is_replayed_and_paid_once(
+    stack: Stack,
+) -> None:
+    await execute(stack, LEDGER_BUG)
+    good = grant("m-replay", 40, NOW - timedelta(minutes=5))
+    bad = grant("m-replay", 7, NOW - timedelta(minutes=4))
+    bad["data"]["points"] = -7  # refused by the grant model, then and now
+    await stack.produce([good, bad], topic=stack.topics.grants)
+    await wait_until(
+        lambda: stack.scalar("SELECT count(*) = 2 FROM dead_letters"),
+        what="both grants dead-lettered",
+    )
+    rows = await stack.fetch('SELECT dlq_id, reason FROM dead_letters ORDER BY "offset"')
+    (good_id, why_good), (bad_id, why_bad) = ((r["dlq_id"], r["reason"]) for r in rows)
+    assert why_good.startswith("RaiseError: ledger bug for m-replay"), why_good
+    assert why_bad.startswith("schema violation"), why_bad
+    await execute(stack, "DROP TRIGGER test_ledger_bug ON ledger_entries")  # the fix
+
+    dry = await dlq(stack, "--consumer", "ledger", "--dry-run", command="replay")
+    assert dry.code == 1, dry.stderr
+    assert dry.stdout.splitlines() == [
+        f"would send {good_id} to {stack.topics.grants}, key m-replay",
+        "would send 1, still bad 1, skipped 0",
+    ]
+    assert f"still bad {bad_id}: schema violation: points_granted.data.points" in dry.stderr
+
+    first = await dlq(stack, "--consumer", "ledger", "--since", "1h", command="replay")
+    assert first.code == 1, first.stderr
+    assert first.stdout.splitlines()[-1] == "sent 1, still bad 1, skipped 0"
+    assert f"still bad {bad_id}" in first.stderr
+    journaled = "SELECT count(*) FROM ledger_entries WHERE entry_id = $1"
+    await wait_until(lambda: stack.scalar(journaled, good["event_id"]), what="replayed grant paid")
+
+    again = await dlq(stack, "--id", good_id, command="replay")
+    assert again.code == 0, again.stderr
+    assert again.stdout.splitlines()[-1] == "sent 1, still bad 0, skipped 0"
+    # A later grant of the member's, on the same partition, is applied after the replays.
+    await give(stack, grant("m-replay", 5, NOW - timedelta(minutes=1)))
+
+    assert await stack.scalar(journaled, good["event_id"]) == 1
+    assert (await member(stack, "m-replay"))["points"]["earned"] == 45
+    assert await stack.scalar("SELECT count(*) FROM dead_letters") == 2  # bad one not re-sent
+    # The two originals, two replays of the good one and the later grant: nothing else.
+    consumed = "SELECT sum(next_offset) FROM consumer_offsets WHERE topic = $1"
+    assert await stack.scalar(consumed, stack.topics.grants) == 5

@@ -63,6 +63,8 @@ DATABASE_COMMANDS = [
     ("rules", "held", "reject", "ev-1"),
     ("dlq", "list"),
     ("dlq", "list", "--json", "--consumer", "rules", "--since", "24h"),
+    ("dlq", "replay", "--consumer", "ledger", "--since", "24h"),
+    ("dlq", "replay", "--id", "d-1", "--dry-run"),
     ("rules", "simulate", "--ruleset", str(DEFAULT_RULESET),
      "--from", "2026-01-01T00:00:00+08:00", "--to", "2026-02-01T00:00:00+08:00"),
 ]  # fmt: skip
@@ -125,6 +127,7 @@ REFUSED_INPUT = [
     (("ledger", "verify"), BAD_PORT, "database URL refused:"),
     (("ledger", "rebuild"), PORT_OUT_OF_RANGE, "database URL refused:"),
     (("dlq", "list"), BAD_PORT, "database URL refused:"),
+    (("dlq", "replay", "--limit", "5"), BAD_PORT, "database URL refused:"),
 ]  # fmt: skip
 
 
@@ -155,6 +158,8 @@ def test_a_rule_set_file_that_is_not_utf8_is_one_line_from_the_console_script(
 BAD_OPTIONS = [
     ("dlq", "list", "--since", "99999999d"),
     ("dlq", "list", "--since", "0001-01-01T00:00:00+08:00"),
+    ("dlq", "replay", "--since", "99999999d"),
+    ("dlq", "replay", "--limit", "0"),
     (*SIMULATE[:2], "--from", "0001-01-01T00:00:00+08:00", "--to", "2026-01-01T00:00:00+08:00",
      "--ruleset", str(DEFAULT_RULESET)),
     (*SIMULATE[:2], "--from", "2026-01-01T00:00:00+08:00", "--to", FAR,
