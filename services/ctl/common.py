@@ -80,3 +80,17 @@ def with_connection(dsn: str, work: Callable[[asyncpg.Connection], Awaitable[T]]
             await conn.close()
 
     return run_db(run())
+
+
+async def missing_topics(bootstrap: str, topics: set[str]) -> set[str]:
+    """Which of `topics` the broker does not have: the ctl sends to existing topics only,
+    since a broker that creates topics on first use would take a misspelt prefix for a
+    new topic that nothing reads."""
+    from aiokafka.admin import AIOKafkaAdminClient  # the broker's client, only when sending
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    try:
+        await admin.start()
+        return topics - set(await admin.list_topics())
+    finally:
+        await admin.close()

@@ -28,7 +28,6 @@ from typing import Annotated, Any, Final
 import asyncpg
 import orjson
 import typer
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from pydantic import ValidationError
 from rich.console import Console
@@ -42,7 +41,7 @@ from schemas.ledger import LEDGER_TOPIC, parse_ledger_event
 from services.common.config import load_settings
 from services.common.dlq import classify
 from services.common.outbox import make_producer
-from services.ctl.common import TWO, err, exit_codes, fail, with_connection
+from services.ctl.common import TWO, err, exit_codes, fail, missing_topics, with_connection
 
 app = typer.Typer(
     help="Dead letters: messages a service could not use; list them, replay them.",
@@ -282,15 +281,9 @@ class UnknownTopics(Exception):
 
 
 async def send(bootstrap: str, verdicts: list[Verdict]) -> dict[str, str]:
-    """Sends to existing topics only (a broker creating topics on first use would take a
-    wrong one for new); returns the letters the producer refused, with why."""
-    topics = {v.letter.topic for v in verdicts}
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    try:
-        await admin.start()
-        missing = topics - set(await admin.list_topics())
-    finally:
-        await admin.close()
+    """Sends to existing topics only (`missing_topics`); returns the letters the producer
+    refused, with why."""
+    missing = await missing_topics(bootstrap, {v.letter.topic for v in verdicts})
     if missing:
         raise UnknownTopics(", ".join(sorted(missing)))
     refused: dict[str, str] = {}

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 from rich.console import Console
@@ -27,7 +26,7 @@ from schemas.activity import ACTIVITY_TOPIC, parse_activity
 from services.common.config import load_settings
 from services.common.dlq import classify
 from services.common.outbox import make_producer
-from services.ctl.common import err, fail
+from services.ctl.common import err, fail, missing_topics
 
 app = typer.Typer(help="Activity events: send a file of them to the broker.", no_args_is_help=True)
 out = Console()
@@ -80,15 +79,8 @@ class UnknownTopic(Exception):
 
 
 async def send(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]]) -> None:
-    """Sends to an existing topic only: a broker that creates topics on first use would
-    take a misspelt prefix for a new topic that nothing reads."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    try:
-        await admin.start()
-        known = set(await admin.list_topics())
-    finally:
-        await admin.close()
-    if topic not in known:
+    """Sends to an existing topic only (`missing_topics`)."""
+    if await missing_topics(bootstrap, {topic}):
         raise UnknownTopic(topic)
     producer = make_producer(bootstrap)
     try:
