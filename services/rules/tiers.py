@@ -191,18 +191,19 @@ def _moment(m: tuple[datetime, Decimal]) -> datetime:
 def expiry_window_start(until: datetime, rules: TierRules, zone: tzinfo | None) -> datetime:
     """Where the window re-deciding a tier at its expiry `until` starts.
 
-    The tier was last qualified for `keep_months` before `until`, on the spend of the
-    window ending then; at `until` the window is the one ending there. Where clipping
-    made several days end on `until` (29 February and 28 February both + 12 months), the
-    window starts no earlier than the latest of them shifted back by the window, so the
-    order that qualified on 29 February is not counted a second time: without this, one
-    order held the tier two years.
+    The tier was last qualified for `keep_months` before `until`. When the window is as
+    long as the months kept, it is meant to start right after that moment, so the order
+    that qualified is not counted again; but where clipping made several days end on
+    `until` (29 February and 28 February both + 12 months), `window_months` back from
+    `until` is the earliest of them. So the window starts at the latest: without this,
+    one order of 29 February held the tier two years. With other lengths the rolling
+    window is all there is (a window longer than the months kept counts the qualifying
+    order again by design; a shorter one is a month or more past it).
     """
     start = months_later(until, -rules.window_months, zone)
-    since = latest_start(until, rules.keep_months, zone)
     if rules.keep_months != rules.window_months:
-        since = months_later(since, rules.keep_months - rules.window_months, zone)
-    return max(start, since)
+        return start
+    return max(start, latest_start(until, rules.keep_months, zone))
 
 
 def _caught_up(

@@ -172,21 +172,21 @@ def test_a_one_month_tier_reached_on_31_january_lapses_at_the_end_of_february() 
     assert swept[0].tier == "member"
 
 
-def test_a_tier_kept_six_months_is_re_decided_on_the_twelve_month_window() -> None:
-    """With `keep_months` shorter than the window, the order that reached the tier still
-    counts at the first expiry (the window reaches back past it), not at the second."""
+def test_a_tier_kept_six_months_counts_the_whole_twelve_month_window_at_its_expiry() -> None:
+    """With `keep_months` shorter than the window, the rolling window is all there is: an
+    end clipped to 28 February (31 August + 6 months) must not cut the window's first day
+    (a first fix started it at 29 February and dropped A, found by the review)."""
     rules = ruleset(tiers={"window_months": 12, "keep_months": 6})
-    run = _gold_on(datetime(2028, 2, 29, 10, tzinfo=CST), rules)
-    assert run.state().tier_valid_until == datetime(2028, 8, 29, 10, tzinfo=CST)
-    first = expire_tier(run.state(), rules)
-    assert first is not None
-    assert (first[0].tier, first[0].tier_valid_until) == (
-        "gold",
-        datetime(2029, 2, 28, 10, tzinfo=CST),
-    )
-    second = expire_tier(first[0], rules)
-    assert second is not None
-    assert second[0].tier == "member"
+    run = _returning_member()
+    run.rules = rules
+    run.feed(purchase(amount=10000, at=datetime(2028, 2, 28, 12, tzinfo=CST), order_id="A"))
+    run.feed(purchase(amount=20000, at=datetime(2028, 8, 31, 10, tzinfo=CST), order_id="B"))
+    assert run.state().tier_valid_until == datetime(2029, 2, 28, 10, tzinfo=CST)
+    swept = expire_tier(run.state(), rules)
+    assert swept is not None
+    state, report = swept
+    assert report.data.qualifying_spend == 30000
+    assert state.tier == "gold"
 
 
 def test_latest_start_is_the_latest_moment_the_months_reach_the_end_from() -> None:
