@@ -13,6 +13,7 @@ from pydantic import (
     PlainSerializer,
     WithJsonSchema,
 )
+from pydantic.config import JsonDict
 
 
 def _non_negative(v: Decimal) -> Decimal:
@@ -70,6 +71,23 @@ class Inbound(BaseModel):
     model_config = ConfigDict(frozen=True, extra="allow")
 
 
+# A field added to an event after its v1 schema was published: the events already in the
+# topics lack it, so the published schema must not require it (CONTRACT.md: adding fields
+# is fine), though we always write it now. Marked in the schema, and left out of
+# `required` by `Internal`'s schema hook.
+ADDED_LATER: Final[JsonDict] = {"x-added-later": True}
+
+
+def _added_fields_optional(schema: JsonDict, _model: type[BaseModel]) -> None:
+    properties = schema.get("properties")
+    required = schema.get("required")
+    if not isinstance(properties, dict) or not isinstance(required, list):
+        return
+    later = {k for k, v in properties.items() if isinstance(v, dict) and v.get("x-added-later")}
+    if later:
+        schema["required"] = [name for name in required if name not in later]
+
+
 class Internal(BaseModel):
     """Our own events (grants, ledger events). Read tolerantly: CONTRACT.md lets a producer
     add fields, so a consumer ignores one it does not know rather than dead-lettering the
@@ -79,7 +97,10 @@ class Internal(BaseModel):
     # The published schema of what we write lists the fields we always write (`type`,
     # `schema_version`, ...) as required, though the models give them defaults.
     model_config = ConfigDict(
-        frozen=True, extra="ignore", json_schema_serialization_defaults_required=True
+        frozen=True,
+        extra="ignore",
+        json_schema_serialization_defaults_required=True,
+        json_schema_extra=_added_fields_optional,
     )
 
 

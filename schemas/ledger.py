@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
-from schemas.envelope import EventTime, Internal, Money
+from schemas.envelope import ADDED_LATER, EventTime, Internal, Money
 from schemas.grants import Tier
 
 LEDGER_TOPIC = "loyalty.ledger.v1"
@@ -38,7 +38,7 @@ class MovementData(Internal):
     # points_earned: the type of the activity whose grant this is (`purchase`, `refund`,
     # `check_in`, …), so that a refund's re-priced bonus is not taken for a reward; null on
     # other events and on earns published before it was added.
-    source_type: str | None = None
+    source_type: str | None = Field(default=None, json_schema_extra=ADDED_LATER)
 
 
 class PointsEarned(_LedgerEvent):
@@ -127,5 +127,6 @@ class DeadLetter(Internal):
     original_encoding: Literal["utf-8", "base64"]
     original_key: str | None = None
     received_at: EventTime
-    original_truncated: bool = False
-    original_size: int | None = None  # of the original bytes; absent in older letters
+    original_truncated: bool = Field(default=False, json_schema_extra=ADDED_LATER)
+    # Of the original bytes; absent in older letters.
+    original_size: int | None = Field(default=None, json_schema_extra=ADDED_LATER)

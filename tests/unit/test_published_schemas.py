@@ -125,3 +125,33 @@ def test_a_dead_letter_holds_to_the_dlq_schema() -> None:
         original_encoding="utf-8", received_at=T0,
     )  # fmt: skip
     _validator("dlq.v1").validate(json.loads(letter.model_dump_json()))
+
+
+# As the ledger and a consumer wrote them on 2026-11-28, before fields were added to them.
+EARNED_BEFORE = {
+    "event_id": "g-1", "type": "points_earned", "schema_version": 1,
+    "occurred_at": "2026-11-20T07:04:05Z", "member_id": "m-10086",
+    "data": {"points": 3850, "balance_after": 3850, "rule_id": "base", "ruleset_version": "2026.1",
+             "source_event_id": "e-1", "redemption_id": None, "adjustment_id": None,
+             "order_id": "o-1", "store_id": "sh-jingan", "expires_at": "2027-11-20T07:04:05Z",
+             "reason": None, "operator": None},
+}  # fmt: skip
+LETTER_BEFORE = {
+    "dlq_id": "d", "consumer": "rules", "source_topic": "loyalty.activity.v1",
+    "source_partition": 0, "source_offset": 7, "reason": "malformed JSON", "original": "{oops",
+    "original_encoding": "utf-8", "original_key": None, "received_at": "2026-11-28T01:00:00Z",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "document"), [("ledger.v1", EARNED_BEFORE),
+                                                ("dlq.v1", LETTER_BEFORE)])  # fmt: skip
+def test_events_written_before_a_field_was_added_still_hold_to_the_schema(
+    name: str, document: dict[str, Any]
+) -> None:
+    """A field added later is written always but required never: the events already in the
+    topics lack it (a replay from the start, a producer not upgraded yet)."""
+    validator = _validator(name)
+    validator.validate(document)
+    added = {"ledger.v1": "source_type", "dlq.v1": "original_size"}[name]
+    assert '"x-added-later": true' in json.dumps(validator.schema)
+    assert added not in json.dumps(validator.schema.get("required", []))
