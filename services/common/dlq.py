@@ -129,10 +129,18 @@ def cut_to_size(letter: DeadLetter, limit: int = MAX_LETTER_BYTES) -> DeadLetter
     return smaller.model_copy(update={"original": text[:low]})
 
 
+# One row per message: the same id, or (a letter written before ids hashed the bytes, met
+# again in a replay) the same bytes at the same coordinates (migration 0022's index).
+_RECORD: Final = """
+INSERT INTO dead_letters (dlq_id, consumer, topic, partition, "offset", reason, original)
+SELECT $1, $2, $3, $4, $5, $6, $7
+WHERE NOT EXISTS (
+    SELECT 1 FROM dead_letters
+    WHERE topic = $3 AND partition = $4 AND "offset" = $5 AND consumer = $2 AND original = $7)
+ON CONFLICT DO NOTHING
+"""
+
+
 async def record_dead_letters(conn: asyncpg.Connection, rows: list[tuple[object, ...]]) -> None:
     if rows:
-        await conn.executemany(
-            'INSERT INTO dead_letters (dlq_id, consumer, topic, partition, "offset", reason,'
-            " original) VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT DO NOTHING",
-            rows,
-        )
+        await conn.executemany(_RECORD, rows)
