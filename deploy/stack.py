@@ -75,6 +75,7 @@ STICKY: tuple[tuple[str, str | None], ...] = (
     ("EXPIRY_GRACE_SECONDS", None),
     ("TIER_SWEEP_SECONDS", None),
     ("TIER_SWEEP_GRACE_SECONDS", None),
+    ("ACTIVITY_MAX_AHEAD_SECONDS", None),
     ("PLANNER_STATS_SECONDS", None),
     ("LOG_LEVEL", None),
     ("LOYALTY_NATIVE", None),

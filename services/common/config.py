@@ -81,6 +81,9 @@ class Settings:
     # and how old an expiry must be before it is applied (late events land first).
     tier_sweep_seconds: int = 60
     tier_sweep_grace_seconds: int = 3600
+    # Activity dated more than this after the broker's timestamp of its record is refused
+    # (dead-lettered) by the rules service; 0: none is. See services/rules/app.py.
+    activity_max_ahead_seconds: int = 86_400
     session_timeout_ms: int = 10_000
     # How often each service looks for tables that outgrew their planner statistics
     # (services/common/planner_stats.py); 0 leaves it all to autovacuum.
@@ -113,6 +116,7 @@ def load_settings() -> Settings:
         expiry_grace_seconds=_int("EXPIRY_GRACE_SECONDS", 3600),
         tier_sweep_seconds=_int("TIER_SWEEP_SECONDS", 60),
         tier_sweep_grace_seconds=_int("TIER_SWEEP_GRACE_SECONDS", 3600),
+        activity_max_ahead_seconds=_int("ACTIVITY_MAX_AHEAD_SECONDS", 86_400),
         session_timeout_ms=_int("KAFKA_SESSION_TIMEOUT_MS", 10_000),
         planner_stats_seconds=float(os.environ.get("PLANNER_STATS_SECONDS") or 2.0),
     )

@@ -411,12 +411,17 @@ def validate_records(
     work: BatchWork,
     consumer: str,
     dlq_topic: str,
+    check: Callable[[ConsumerRecord, Any], None] | None = None,
 ) -> list[tuple[ConsumerRecord, Any]]:
-    """Parse each record; the bad ones become dead letters in `work`, the rest are returned."""
+    """Parse each record; the bad ones become dead letters in `work`, the rest are returned.
+    `check(record, parsed)` may refuse a message that parses (raising `dlq.Refused`)."""
     good: list[tuple[ConsumerRecord, Any]] = []
     for record in records:
         try:
-            good.append((record, parse(record.value or b"")))
+            parsed = parse(record.value or b"")
+            if check is not None:
+                check(record, parsed)
+            good.append((record, parsed))
         except Exception as exc:
             label, reason = classify(exc)
             row, dead = dead_letter(record, consumer, label, reason, dlq_topic)

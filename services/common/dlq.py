@@ -36,8 +36,18 @@ MAX_REASON_CHARS: Final = 8192
 MAX_KEY_CHARS: Final = 1024
 
 
+class Refused(ValueError):
+    """A message that parses but that a consumer must not use: its own label and reason."""
+
+    def __init__(self, label: str, reason: str) -> None:
+        super().__init__(reason)
+        self.label = label
+
+
 def classify(exc: Exception) -> tuple[str, str]:
     """(metric label, human reason) for why a message could not be used."""
+    if isinstance(exc, Refused):
+        return exc.label, str(exc)
     if isinstance(exc, ValidationError):
         errors = exc.errors(include_url=False)
         kinds = {e["type"] for e in errors}

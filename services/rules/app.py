@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import asyncpg
@@ -21,10 +21,11 @@ from faststream import FastStream
 from faststream.specification import AsyncAPI
 
 import services.rules
-from schemas.activity import parse_activity
+from schemas.activity import Activity, parse_activity
 from schemas.grants import GrantEvent
 from services.common.config import Settings, load_settings
 from services.common.consumer import BatchConsumer, BatchWork, register_lag, validate_records
+from services.common.dlq import Refused
 from services.common.outbox import OutboxRelay, OutboxRow, make_producer
 from services.common.planner_stats import keep_planner_stats
 from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
@@ -121,6 +122,25 @@ class RulesProcessor:
                 # A bad published body must not stop payments under the versions in force.
                 log.exception("rulebook_reload_failed")
 
+    def _dated_ahead(self, record: ConsumerRecord, event: Activity) -> None:
+        """Refuses activity dated far after the broker received it (a year typed wrong, a
+        till's clock a year ahead): the rules forget what lies a year behind a member's
+        latest event, so one such event would drop their orders, day counters and business
+        ids, and every event of the present would then earn as if a year old. Judged by
+        the record's own timestamp, so a replay refuses the same events."""
+        limit = self.settings.activity_max_ahead_seconds
+        if limit <= 0 or record.timestamp is None or record.timestamp <= 0:
+            return
+        received = datetime.fromtimestamp(record.timestamp / 1000, UTC)
+        ahead = (event.occurred_at - received).total_seconds()
+        if ahead > limit:
+            raise Refused(
+                "dated_ahead",
+                f"occurred_at {event.occurred_at.isoformat()} is {ahead / 3600:.1f} h after"
+                f" the broker received it ({received.isoformat()}); at most"
+                f" {limit / 3600:g} h is taken (ACTIVITY_MAX_AHEAD_SECONDS)",
+            )
+
     async def handle(
         self, conn: asyncpg.Connection, records: Sequence[ConsumerRecord], work: BatchWork
     ) -> None:
@@ -129,8 +149,9 @@ class RulesProcessor:
         async with self._book_lock:
             await self._reload(conn)
         good = validate_records(
-            records, parse_activity, work, self.consumer_name, self.settings.topics.dlq
-        )
+            records, parse_activity, work, self.consumer_name, self.settings.topics.dlq,
+            self._dated_ahead,
+        )  # fmt: skip
         first: dict[str, tuple[ConsumerRecord, Any]] = {}
         for record, event in good:
             first.setdefault(event.event_id, (record, event))

@@ -112,6 +112,9 @@ async def test_bad_messages_go_to_the_dlq_and_the_next_good_one_is_paid(stack: S
                 "data": {"order_id": "o", "amount": "-5"},
             }
         ).encode(),
+        # Valid, but dated a year after the broker received it (ACTIVITY_MAX_AHEAD_SECONDS):
+        # taken, it would have made the member's present a year old.
+        json.dumps(purchase("m-bad", "900.00", NOW + timedelta(days=400))).encode(),
     ]
     good = purchase("m-bad", "300.00", NOW - timedelta(minutes=5))
     await stack.produce([*bad, good])
@@ -121,7 +124,7 @@ async def test_bad_messages_go_to_the_dlq_and_the_next_good_one_is_paid(stack: S
 
     doc = await wait_until(paid, what="the good message after the bad ones")
     assert doc["points"]["earned"] == 300 + 200
-    letters = await stack.read_topic(stack.topics.dlq, expect=3)
+    letters = await stack.read_topic(stack.topics.dlq, expect=4)
     bodies = [json.loads(r.value) for r in letters]
     assert sorted(b["original"] for b in bodies) == sorted(b.decode() for b in bad)
     assert {b["source_topic"] for b in bodies} == {stack.topics.activity}
@@ -129,6 +132,7 @@ async def test_bad_messages_go_to_the_dlq_and_the_next_good_one_is_paid(stack: S
     assert "malformed JSON" in reasons
     assert "unknown event type" in reasons
     assert "schema violation" in reasons
+    assert "after the broker received it" in reasons
     assert all(isinstance(b["source_offset"], int) for b in bodies)
     async with httpx.AsyncClient() as client:
         metrics = (
@@ -139,7 +143,7 @@ async def test_bad_messages_go_to_the_dlq_and_the_next_good_one_is_paid(stack: S
         for line in metrics.splitlines()
         if line.startswith("loyalty_dlq_messages_total{")
     )
-    assert counted == 3
+    assert counted == 4
 
 
 async def test_api_requires_keys_and_answers_problem_json(stack: Stack) -> None:
