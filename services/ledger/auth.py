@@ -24,10 +24,12 @@ class KeyRing:
     def parse(cls, spec: str) -> KeyRing:
         """`key1:ops,key2:reader`; a malformed entry is a start-up error, not a silent skip."""
         pairs: list[tuple[str, Role]] = []
-        for item in filter(None, (p.strip() for p in spec.split(","))):
+        for n, item in enumerate(filter(None, (p.strip() for p in spec.split(","))), 1):
             key, sep, role = item.rpartition(":")
             if not sep or not key or role not in _RANK:
-                raise ValueError(f"LEDGER_API_KEYS entry {item!r} is not KEY:reader|redeemer|ops")
+                # Named by position and role, never by its text: the key is a secret, and
+                # this message goes to the log.
+                raise ValueError(f"LEDGER_API_KEYS entry {n} is not KEY:reader|redeemer|ops")
             pairs.append((key, role))  # type: ignore[arg-type]
         return cls(tuple(pairs))
 

@@ -361,3 +361,13 @@ def test_a_body_json_cannot_read_is_checked_for_the_key_then_a_422(raw: bytes, s
     body = problem(post(REDEEMER), 422)
     assert body["errors"] == [{"field": "body", "message": body["errors"][0]["message"]}]
     assert says in body["errors"][0]["message"]
+
+
+def test_a_malformed_key_entry_is_refused_without_printing_the_key() -> None:
+    """The message goes to the service's log: it names the entry, never its text."""
+    from services.ledger.auth import KeyRing
+
+    for spec in ("good-key:ops,s3cret-no-role", "good-key:ops,s3cr:et"):
+        with pytest.raises(ValueError, match="entry 2 is not KEY") as refused:
+            KeyRing.parse(spec)
+        assert str(refused.value) == "LEDGER_API_KEYS entry 2 is not KEY:reader|redeemer|ops"
