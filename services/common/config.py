@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 from schemas.activity import ACTIVITY_TOPIC
 from schemas.grants import GRANTS_TOPIC
@@ -120,3 +121,17 @@ def load_settings() -> Settings:
         session_timeout_ms=_int("KAFKA_SESSION_TIMEOUT_MS", 10_000),
         planner_stats_seconds=float(os.environ.get("PLANNER_STATS_SECONDS") or 2.0),
     )
+
+
+def redacted(url: str) -> str:
+    """`url` with any password replaced by ``***``: for messages and logs, never the secret."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparsable URL>"
+    if not password:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

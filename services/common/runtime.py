@@ -14,7 +14,7 @@ import orjson
 import structlog
 from prometheus_client import start_http_server
 
-from services.common.config import Settings
+from services.common.config import Settings, redacted
 
 if TYPE_CHECKING:
     from faststream.kafka import KafkaBroker
@@ -86,7 +86,7 @@ async def create_pool(settings: Settings, min_size: int = 2) -> asyncpg.Pool:
             log.warning("database_unavailable", attempt=attempt, error=str(exc))
             await asyncio.sleep(delay)
             delay = min(delay * 2, 3.0)
-    raise RuntimeError(f"database unreachable: {settings.database_url}")
+    raise RuntimeError(f"database unreachable: {redacted(settings.database_url)}")
 
 
 def create_broker(settings: Settings, service: str) -> KafkaBroker:

@@ -40,3 +40,16 @@ def test_an_unknown_log_level_is_refused_at_start(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("LOG_LEVEL", "chatty")
     with pytest.raises(ValueError, match="LOG_LEVEL='CHATTY'"):
         configure_logging("rules")
+
+
+def test_a_database_url_is_redacted_before_it_is_printed() -> None:
+    """`database unreachable: <url>` went to the log with the password in it."""
+    from services.common.config import redacted
+
+    assert (
+        redacted("postgresql://loyalty:s3cret@127.0.0.1:55432/loyalty")
+        == "postgresql://loyalty:***@127.0.0.1:55432/loyalty"
+    )
+    assert redacted("postgresql://loyalty@db/loyalty") == "postgresql://loyalty@db/loyalty"
+    assert redacted("postgresql://u:p@[::1]:5432/x") == "postgresql://u:***@[::1]:5432/x"
+    assert "p@ss" not in redacted("postgresql://u:p@ss@h:notaport/x")
