@@ -134,7 +134,7 @@ class BatchConsumer:
                 consumer.assigned -= set(revoked)
 
             async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-                await consumer._seek_to_stored(assigned)
+                await consumer.seek_assigned(assigned)
 
         async def _raw(msg: Any) -> Any:
             # Skip FastStream's JSON decoding: we validate bytes ourselves so that a bad
@@ -164,6 +164,36 @@ class BatchConsumer:
         @self.subscriber  # type: ignore[untyped-decorator]
         async def on_batch(records: Any) -> None:  # the batch (`_raw`)
             await consumer.process(list(records))
+
+    async def seek_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Seek the assigned partitions to their stored offsets, however long that takes.
+
+        aiokafka logs and swallows an exception of the rebalance listener: the partitions
+        then kept the broker's position (`auto_offset_reset`, the log's start) and were
+        never counted assigned, so /readyz answered 503, the lag gauge was empty and the
+        rules' tier sweep (it waits to be caught up) never ran again, until a restart.
+        So every failure is retried with back-off, as a batch waits for a database restart;
+        the rebalance waits too, the partitions paused meanwhile.
+        """
+        # Until then the fetcher reads from a position of its own (the log's start): a
+        # record it handed over would be applied before the partition's earlier ones, were
+        # the log a new one. Paused, none is.
+        kafka = self.subscriber.consumer
+        kafka.pause(*assigned)
+        attempt = 0
+        while True:
+            try:
+                await self._seek_to_stored(assigned)
+                kafka.resume(*assigned)
+                return
+            except Exception as exc:
+                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                # Anything else is not expected to pass by itself: logged with its trace,
+                # retried all the same (readiness stays false meanwhile).
+                emit = log.warning if isinstance(exc, TRANSIENT) else log.exception
+                emit("assignment_retry", consumer=self.name, error=repr(exc), delay_s=delay)
+                attempt += 1
+                await asyncio.sleep(delay)
 
     async def _seek_to_stored(self, assigned: set[TopicPartition]) -> None:
         tps = sorted(assigned)
