@@ -3,8 +3,12 @@
 Each batch runs in one Postgres transaction that (1) locks this consumer's offset rows,
 (2) drops records below the stored offsets (a redelivery, or a zombie consumer's batch
 after a rebalance), (3) lets the service apply the rest and write its outbox, (4) stores
-the next offsets. On assignment the consumer seeks to the stored offsets, so Kafka's own
-group commits are never relied upon (and never made).
+the next offsets, with a fingerprint of each partition's last record applied. On
+assignment the consumer seeks to the stored offsets, so Kafka's own group commits are never
+relied upon (and never made), once it has found that fingerprint in the log: a log that no
+longer holds it was recreated (an in-memory broker restarted, a topic deleted and created
+again) and is read from its start, since offsets alone cannot tell a recreated log that has
+grown past them. Re-reading is harmless: every handler dedupes by event id.
 
 Handlers may therefore write rows keyed by event id as "select the ids already recorded,
 COPY the rest" (the journal, `rules_activity`, notifications) instead of `INSERT … ON
@@ -20,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -35,7 +39,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 from services.common.dlq import DEAD_LETTERS, classify, dead_letter, record_dead_letters
-from services.common.log_end import log_ends_of
+from services.common.log_end import fingerprint, fingerprint_offset, log_ends_of, records_at_of
 from services.common.outbox import OutboxRow, write_outbox
 
 log = structlog.get_logger()
@@ -107,6 +111,15 @@ class BatchConsumer:
         self._bootstrap = ""
         self.next_offsets: dict[tuple[str, int], int] = {}
         self.assigned: set[TopicPartition] = set()
+        # Partitions a batch met below their stored offset, with the stored offset and
+        # fingerprint it saw, to look for in the log once the batch is done; and the
+        # last such state found there, so later batches need not ask again.
+        self._went_back: dict[tuple[str, int], tuple[int, bytes]] = {}
+        self._verified: dict[tuple[str, int], tuple[int, bytes]] = {}
+        # Per partition, a record of the log this process consumed: found there at the
+        # last seek, or else the first applied since (kept through a revocation: the group
+        # revokes everything when a restarted broker forgets it).
+        self._anchors: dict[tuple[str, int], bytes] = {}
 
     # --- wiring -------------------------------------------------------------------------
 
@@ -132,6 +145,8 @@ class BatchConsumer:
         class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
             async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
                 consumer.assigned -= set(revoked)
+                for tp in revoked:
+                    consumer._verified.pop((tp.topic, tp.partition), None)
 
             async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
                 await consumer.seek_assigned(assigned)
@@ -207,42 +222,58 @@ class BatchConsumer:
                 [tp.partition for tp in tps],
             )
             rows = await conn.fetch(
-                "SELECT topic, partition, next_offset FROM consumer_offsets"
+                "SELECT topic, partition, next_offset, last_record FROM consumer_offsets"
                 " WHERE consumer = $1 AND topic = ANY($2::text[])",
                 self.name,
                 list({tp.topic for tp in tps}),
             )
         stored = {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+        marks = {
+            (r["topic"], r["partition"]): _mark_of(r["next_offset"], r["last_record"]) for r in rows
+        }
         kafka = self.subscriber.consumer
-        ends = await kafka.end_offsets(tps)
         starts = await kafka.beginning_offsets(tps)
-        beyond = [tp for tp in tps if stored.get((tp.topic, tp.partition), 0) > ends[tp]]
-        if beyond:
-            # ListOffsets can answer short of the last record (Tansu: `log_end`); the high
-            # watermark decides whether the log really ends before what we consumed.
-            try:
-                ends.update(await log_ends_of(self._bootstrap, beyond))
-            except Exception as exc:
-                # Not knowing, take the log as recreated and read it from its start: ids
-                # make the re-read harmless, whereas trusting the stored offset over a
-                # really recreated log would skip its records below that offset.
-                log.warning("high_watermark_unknown", consumer=self.name, error=repr(exc))
+        marked = {
+            tp: stored[(tp.topic, tp.partition)] - 1
+            for tp in tps
+            if marks.get((tp.topic, tp.partition)) is not None
+        }
+        recreated = await self._logs_not_holding(marked, marks)
+        recreated.update(await self._logs_ending_before(
+            [tp for tp in tps if tp not in marked], stored, kafka
+        ))  # fmt: skip
+        # And the record this process consumed earlier (`_anchors`): a running consumer
+        # whose log was recreated under it (Tansu restarted) may have fetched the new log
+        # at its old position before the group noticed, and stored a fingerprint of the new
+        # log. Not below the log's start (retention may have deleted it; a new log starts
+        # at 0).
+        anchored = {
+            tp: fingerprint_offset(self._anchors[key])
+            for tp in tps
+            if (key := (tp.topic, tp.partition)) in self._anchors
+            and tp not in recreated
+            and self._anchors[key] != marks.get(key)
+            and fingerprint_offset(self._anchors[key]) >= starts[tp]
+        }
+        recreated.update(await self._logs_not_holding(anchored, self._anchors))
         for tp in tps:
-            offset = stored.get((tp.topic, tp.partition), 0)
-            if offset > ends[tp]:
-                # The log is shorter than what we consumed: the topic was recreated (an
+            key = (tp.topic, tp.partition)
+            offset = stored.get(key, 0)
+            if tp in recreated:
+                # The log does not hold what we consumed: the topic was recreated (an
                 # in-memory broker restarted, or ops deleted it). Start over from its
                 # beginning; event-id dedupe downstream keeps a re-read from paying twice.
                 log.warning(
-                    "stored_offset_beyond_log_end",
+                    recreated[tp],
                     consumer=self.name,
                     topic=tp.topic,
                     partition=tp.partition,
                     stored=offset,
-                    log_end=ends[tp],
+                    log_start=starts[tp],
                 )
                 offset = starts[tp]
                 await self._reset_offset(tp, offset)
+                self._anchors.pop(key, None)
             elif offset < starts[tp]:
                 log.warning(
                     "stored_offset_before_log_start",
@@ -252,16 +283,67 @@ class BatchConsumer:
                     stored=offset,
                     log_start=starts[tp],
                 )
-            self.next_offsets[(tp.topic, tp.partition)] = offset
+            self.next_offsets[key] = offset
             kafka.seek(tp, offset)
+            if tp not in recreated and (mark := marks.get(key)) is not None:
+                self._anchors[key] = mark
         self.assigned |= set(tps)
         log.info("partitions_assigned", consumer=self.name, partitions=[tp.partition for tp in tps])
+
+    async def _logs_not_holding(
+        self,
+        wanted: dict[TopicPartition, int],
+        marks: Mapping[tuple[str, int], bytes | None],
+    ) -> dict[TopicPartition, str]:
+        """The partitions whose log does not hold, at the offset asked, the record whose
+        fingerprint is stored, each with the event to log."""
+        if not wanted:
+            return {}
+        try:
+            held = await records_at_of(self._bootstrap, wanted)
+        except Exception as exc:
+            # Not knowing, take the logs as recreated and read them from their start: ids
+            # make the re-read harmless, whereas trusting the stored offset over a really
+            # recreated log would skip its records below that offset.
+            log.warning("last_record_unknown", consumer=self.name, error=repr(exc))
+            return dict.fromkeys(wanted, "log_recreated_unknown")
+        out: dict[TopicPartition, str] = {}
+        for tp, record in held.items():
+            if record is None:
+                out[tp] = "log_recreated_record_missing"
+            elif fingerprint(record) != marks[(tp.topic, tp.partition)]:
+                out[tp] = "log_recreated_record_differs"
+        return out
+
+    async def _logs_ending_before(
+        self, tps: list[TopicPartition], stored: dict[tuple[str, int], int], kafka: Any
+    ) -> dict[TopicPartition, str]:
+        """Of partitions without a fingerprint (stored before migration 0021, or lowered by
+        hand), those whose log ends before the stored offset: recreated, all that offsets
+        alone can tell."""
+        if not tps:
+            return {}
+        ends = await kafka.end_offsets(tps)
+        beyond = [tp for tp in tps if stored.get((tp.topic, tp.partition), 0) > ends[tp]]
+        if beyond:
+            # ListOffsets can answer short of the last record (Tansu: `log_end`); the high
+            # watermark decides whether the log really ends before what we consumed.
+            try:
+                ends.update(await log_ends_of(self._bootstrap, beyond))
+            except Exception as exc:
+                # Not knowing, read from the start (as `_logs_not_holding`).
+                log.warning("high_watermark_unknown", consumer=self.name, error=repr(exc))
+        return {
+            tp: "stored_offset_beyond_log_end"
+            for tp in beyond
+            if stored.get((tp.topic, tp.partition), 0) > ends[tp]
+        }
 
     async def _reset_offset(self, tp: TopicPartition, offset: int) -> None:
         async with self._pool.acquire() as conn:
             await conn.execute(
-                "UPDATE consumer_offsets SET next_offset = $4, updated_at = now()"
-                " WHERE consumer = $1 AND topic = $2 AND partition = $3",
+                "UPDATE consumer_offsets SET next_offset = $4, last_record = NULL,"
+                " updated_at = now() WHERE consumer = $1 AND topic = $2 AND partition = $3",
                 self.name,
                 tp.topic,
                 tp.partition,
@@ -283,6 +365,8 @@ class BatchConsumer:
         while True:
             try:
                 await self._apply_or_isolate(records)
+                if self._went_back and await self._check_went_back():
+                    continue  # the records held are of the log consumed: applied now
                 return
             except Exception as exc:
                 delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
@@ -311,7 +395,7 @@ class BatchConsumer:
         partitions = sorted({(r.topic, r.partition) for r in records})
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
-                "SELECT topic, partition, next_offset FROM consumer_offsets"
+                "SELECT topic, partition, next_offset, last_record FROM consumer_offsets"
                 " WHERE consumer = $1 AND (topic, partition) IN"
                 " (SELECT * FROM unnest($2::text[], $3::int[]))"
                 " ORDER BY topic, partition FOR UPDATE",
@@ -320,35 +404,119 @@ class BatchConsumer:
                 [p for _, p in partitions],
             )
             stored = {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
-            fresh = [r for r in records if r.offset >= stored.get((r.topic, r.partition), 0)]
+            fresh: list[ConsumerRecord] = []
+            last: dict[tuple[str, int], ConsumerRecord] = {}
+            behind: set[tuple[str, int]] = set()
+            for r in records:
+                key = (r.topic, r.partition)
+                if r.offset >= stored.get(key, 0):
+                    fresh.append(r)
+                    if key not in last or r.offset > last[key].offset:
+                        last[key] = r
+                else:
+                    behind.add(key)
+            # Records below the stored offset: a batch retried after part of it committed,
+            # a zombie's batch after a rebalance, or the position reset to the start of a
+            # log that is a new one. Should the last be possible, the partition's records
+            # wait, all of them, until the log is looked at (`_check_went_back`): dropped,
+            # the new log's records below the offset were lost; and applied, its records
+            # past it would go before them.
+            went_back = self._unconfirmed(behind, rows, records) if behind else {}
+            if went_back:
+                fresh = [r for r in fresh if (r.topic, r.partition) not in went_back]
+                last = {k: r for k, r in last.items() if k not in went_back}
             if fresh:
                 await self._handler(conn, fresh, work)
                 await write_outbox(conn, self.service, work.outbox)
                 await record_dead_letters(conn, work.dead)
-            next_offsets: dict[tuple[str, int], int] = {}
-            for r in fresh:
-                key = (r.topic, r.partition)
-                next_offsets[key] = max(next_offsets.get(key, 0), r.offset + 1)
-            if next_offsets:
-                keys = sorted(next_offsets)
+            if last:
+                keys = sorted(last)
                 await conn.execute(
-                    "INSERT INTO consumer_offsets AS o (consumer, topic, partition, next_offset)"
-                    " SELECT $1, t, p, n FROM unnest($2::text[], $3::int[], $4::bigint[])"
-                    " AS u(t, p, n) ON CONFLICT (consumer, topic, partition) DO UPDATE"
+                    "INSERT INTO consumer_offsets AS o"
+                    " (consumer, topic, partition, next_offset, last_record)"
+                    " SELECT $1, t, p, n, f"
+                    " FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bytea[])"
+                    " AS u(t, p, n, f)"
+                    " ON CONFLICT (consumer, topic, partition) DO UPDATE"
                     " SET next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset),"
-                    " updated_at = now()",
+                    " last_record = CASE WHEN EXCLUDED.next_offset >= o.next_offset"
+                    " THEN EXCLUDED.last_record ELSE o.last_record END, updated_at = now()",
                     self.name,
                     [k[0] for k in keys],
                     [k[1] for k in keys],
-                    [next_offsets[k] for k in keys],
+                    [last[k].offset + 1 for k in keys],
+                    [fingerprint(last[k]) for k in keys],
                 )
+        next_offsets = {k: r.offset + 1 for k, r in last.items()}
         self.next_offsets.update(next_offsets)
+        for key in last.keys() - self._anchors.keys():
+            self._anchors[key] = fingerprint(last[key])
+        for key, seen in went_back.items():  # the first seen until it is looked for
+            self._went_back.setdefault(key, seen)
         CONSUMED.labels(self.name).inc(len(fresh))
         for label in work.dead_labels:
             DEAD_LETTERS.labels(self.name, label).inc()
         BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
         if work.outbox or work.wake:
             self._on_commit()
+
+    def _unconfirmed(
+        self,
+        behind: set[tuple[str, int]],
+        rows: Sequence[asyncpg.Record],
+        records: Sequence[ConsumerRecord],
+    ) -> dict[tuple[str, int], tuple[int, bytes]]:
+        """Of the partitions met below their stored offset, those that may have met a new
+        log, with the stored offset and fingerprint seen: the batch held no record at the
+        fingerprint's offset that matches it, nor was that state found in the log before.
+
+        Rows without a fingerprint are let be as before migration 0021 (dropped quietly).
+        """
+        out: dict[tuple[str, int], tuple[int, bytes]] = {}
+        for row in rows:
+            key = (row["topic"], row["partition"])
+            mark = _mark_of(row["next_offset"], row["last_record"]) if key in behind else None
+            if mark is None or self._verified.get(key) == (row["next_offset"], mark):
+                continue
+            at = row["next_offset"] - 1
+            same = [r for r in records if (r.topic, r.partition) == key and r.offset == at]
+            if not (same and fingerprint(same[0]) == mark):
+                out[key] = (row["next_offset"], mark)
+        return out
+
+    async def _check_went_back(self) -> bool:
+        """Look in the log for the records last consumed where a batch went back below
+        them; whether any was found (the batch's records of its partition, held, are then
+        applied as usual). A log that no longer holds one is new: its partition is read
+        again from the log's start, the records held with it.
+
+        Runs after the batch committed, outside its transaction (a fetch from the broker);
+        a failure is retried by `process` with the batch, which holds the same records
+        again.
+        """
+        pending = dict(self._went_back)
+        kafka: Any = getattr(self.subscriber, "consumer", None)
+        log.warning("position_went_back", consumer=self.name, partitions=sorted(pending))
+        recreated: dict[TopicPartition, str] = {}
+        if kafka is not None:  # else driven without a broker (tests): as before 0021
+            wanted = {TopicPartition(t, p): offset - 1 for (t, p), (offset, _) in pending.items()}
+            marks = {key: mark for key, (_, mark) in pending.items()}
+            recreated = await self._logs_not_holding(wanted, marks)
+        starts = await kafka.beginning_offsets(list(recreated)) if recreated else {}
+        for tp, event in recreated.items():
+            key = (tp.topic, tp.partition)
+            log.warning(event, consumer=self.name, topic=tp.topic, partition=tp.partition,
+                        stored=pending[key][0], log_start=starts[tp])  # fmt: skip
+            await self._reset_offset(tp, starts[tp])
+            self._anchors.pop(key, None)
+            self.next_offsets[key] = starts[tp]
+            if tp in kafka.assignment():  # else its new owner looked for itself
+                kafka.seek(tp, starts[tp])
+        found = {k: v for k, v in pending.items() if TopicPartition(*k) not in recreated}
+        self._verified.update(found)
+        for key in pending:
+            self._went_back.pop(key, None)
+        return bool(found)
 
     async def _dead_letter_poison(self, record: ConsumerRecord, exc: Exception) -> None:
         log.error(
@@ -402,6 +570,14 @@ class BatchConsumer:
                     0, high - self.next_offsets.get((tp.topic, tp.partition), 0)
                 )
         return out
+
+
+def _mark_of(next_offset: int, last_record: bytes | None) -> bytes | None:
+    """The stored fingerprint if it is of the record just before the stored offset (an
+    offset lowered by hand for a replay leaves one of a later record)."""
+    if last_record is None or next_offset <= 0:
+        return None
+    return bytes(last_record) if fingerprint_offset(last_record) == next_offset - 1 else None
 
 
 class LagCollector(Collector):
