@@ -615,12 +615,16 @@ def test_points_dated_ahead_of_the_clock_are_pending_until_then() -> None:
 
     now = at(30)
     book, _ = run(earn("soon", 1000, now + timedelta(hours=2)))
-    assert (available(book, now), pending(book, now), spendable(book, now)) == (0, 1000, 0)
+    assert spendable(book, now) == 0
     assert spendable_lots(book, now) == []
+    assert book.lots[0].pending_at(now)
     with pytest.raises(BelowMinimum):
         decide(book, redeem("r1", 600, now))
+    # As a running balance (an entry's balance_after) it counts: journaled before.
+    assert (available(book, now), pending(book, now)) == (1000, 0)
     later = now + timedelta(hours=2)
-    assert (available(book, later), pending(book, later)) == (1000, 0)
+    assert spendable(book, later) == 1000
+    assert not book.lots[0].pending_at(later)
     [entry] = decide(book, redeem("r2", 600, later))
     assert dict(entry.allocations) == {"soon": 600}
 

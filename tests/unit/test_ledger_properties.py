@@ -429,12 +429,15 @@ def check_reads_scan_every_lot(book: Book, at: datetime) -> None:
     )
     assert unexpired_lots(book, at) == live
     assert spendable_lots(book, at) == [lot for lot in live if not lot.pending_at(at)]
-    assert available(book, at) == sum(
-        lot.remaining for lot in book.lots if lot.expires_at > at and not lot.pending_at(at)
-    )
-    assert pending(book, at) == sum(
-        lot.remaining for lot in book.lots if lot.expires_at > at and lot.pending_at(at)
-    )
+    # `available` and `pending` split the unexpired points by `available_from` alone (a
+    # running balance counts a lot dated later); `pending_at` also holds a lot dated later.
+    held = [lot for lot in live if lot.available_from is not None and lot.available_from > at]
+    assert available(book, at) == sum(lot.remaining for lot in live if lot not in held)
+    assert pending(book, at) == sum(lot.remaining for lot in held)
+    assert all(lot.pending_at(at) for lot in held)
+    assert [lot for lot in live if lot.pending_at(at) and lot not in held] == [
+        lot for lot in live if lot.available_from is None and lot.earned_at > at
+    ]
     due = sorted(
         (lot for lot in book.lots if lot.remaining > 0 and lot.expires_at <= at), key=_fifo_key
     )
