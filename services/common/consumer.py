@@ -120,6 +120,11 @@ class BatchConsumer:
         # last seek, or else the first applied since (kept through a revocation: the group
         # revokes everything when a restarted broker forgets it).
         self._anchors: dict[tuple[str, int], bytes] = {}
+        # Seeks the rebalance listener could not finish, retried in the background, each
+        # with its partitions (paused until it succeeds).
+        self._seeking: dict[asyncio.Task[None], frozenset[TopicPartition]] = {}
+        # How long the listener tries itself: aiokafka sends no heartbeat meanwhile.
+        self._attempt_s = 5.0
 
     # --- wiring -------------------------------------------------------------------------
 
@@ -141,9 +146,12 @@ class BatchConsumer:
     ) -> None:
         consumer = self
         self._bootstrap = bootstrap_servers
+        # Half the session: the broker evicts a member that sends no heartbeat for all of it.
+        self._attempt_s = session_timeout_ms / 2000
 
         class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
             async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+                await consumer.stop_seeking(set(revoked))
                 consumer.assigned -= set(revoked)
                 for tp in revoked:
                     consumer._verified.pop((tp.topic, tp.partition), None)
@@ -181,34 +189,64 @@ class BatchConsumer:
             await consumer.process(list(records))
 
     async def seek_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Seek the assigned partitions to their stored offsets, however long that takes.
+        """Seek the assigned partitions to their stored offsets; what fails is retried in
+        the background, the partitions paused (and not counted assigned) until it is done.
 
         aiokafka logs and swallows an exception of the rebalance listener: the partitions
         then kept the broker's position (`auto_offset_reset`, the log's start) and were
         never counted assigned, so /readyz answered 503, the lag gauge was empty and the
         rules' tier sweep (it waits to be caught up) never ran again, until a restart.
-        So every failure is retried with back-off, as a batch waits for a database restart;
-        the rebalance waits too, the partitions paused meanwhile.
+        Nor may the listener wait for the database: aiokafka sends no heartbeat while it
+        runs, and after the session timeout the broker gives the partitions to another
+        member while this one, returning, consumes them too. So it tries once, for at
+        most half the session, and leaves the rest to a task (`_seek_until_done`) that a
+        revocation of those partitions cancels.
         """
         # Until then the fetcher reads from a position of its own (the log's start): a
         # record it handed over would be applied before the partition's earlier ones, were
         # the log a new one. Paused, none is.
         kafka = self.subscriber.consumer
         kafka.pause(*assigned)
+        try:
+            await asyncio.wait_for(self._seek_to_stored(assigned), self._attempt_s)
+        except Exception as exc:  # TimeoutError among them
+            self._log_retry(exc, 0)
+            task = asyncio.create_task(self._seek_until_done(set(assigned)))
+            self._seeking[task] = frozenset(assigned)
+            task.add_done_callback(lambda t: self._seeking.pop(t, None))
+            return
+        kafka.resume(*assigned)
+
+    async def _seek_until_done(self, assigned: set[TopicPartition]) -> None:
         attempt = 0
         while True:
+            await asyncio.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
+            attempt += 1
             try:
                 await self._seek_to_stored(assigned)
-                kafka.resume(*assigned)
-                return
             except Exception as exc:
-                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-                # Anything else is not expected to pass by itself: logged with its trace,
-                # retried all the same (readiness stays false meanwhile).
-                emit = log.warning if isinstance(exc, TRANSIENT) else log.exception
-                emit("assignment_retry", consumer=self.name, error=repr(exc), delay_s=delay)
-                attempt += 1
-                await asyncio.sleep(delay)
+                self._log_retry(exc, attempt)
+                continue
+            self.subscriber.consumer.resume(*assigned)
+            return
+
+    def _log_retry(self, exc: Exception, attempt: int) -> None:
+        delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+        # Anything else is not expected to pass by itself: logged with its trace, retried
+        # all the same (readiness stays false meanwhile).
+        # (an attempt timed out among the first: TimeoutError is an OSError).
+        emit = log.warning if isinstance(exc, TRANSIENT) else log.exception
+        emit("assignment_retry", consumer=self.name, error=repr(exc), delay_s=delay)
+
+    async def stop_seeking(self, revoked: set[TopicPartition]) -> None:
+        """Cancel the background seeks of revoked partitions (aiokafka revokes them all at
+        each rebalance): a seek of a partition no longer assigned fails, and its next
+        owner seeks for itself. Awaited, so that none seeks or resumes afterwards."""
+        tasks = [t for t, tps in self._seeking.items() if tps & revoked]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def _seek_to_stored(self, assigned: set[TopicPartition]) -> None:
         tps = sorted(assigned)
