@@ -574,16 +574,26 @@ class BatchConsumer:
             # key, the reason's kind), so that the record is kept and the partition moves.
             log.error("dead_letter_unwritable", consumer=self.name, partition=record.partition,
                       offset=record.offset, error=repr(failed))  # fmt: skip
-            plain = dataclasses.replace(record, key=None)
+            # The record itself is what is consumed (its fingerprint stored): a keyless copy
+            # is not what the log holds, and the next look would take the log for new.
             await self._write_dead_letter(
-                plain, label, f"{label} (its reason could not be stored: {type(failed).__name__})"
+                record,
+                label,
+                f"{label} (its reason could not be stored: {type(failed).__name__})",
+                letter=dataclasses.replace(record, key=None),
             )
 
-    async def _write_dead_letter(self, record: ConsumerRecord, label: str, reason: str) -> None:
+    async def _write_dead_letter(
+        self,
+        record: ConsumerRecord,
+        label: str,
+        reason: str,
+        letter: ConsumerRecord | None = None,
+    ) -> None:
         async def handler(
             conn: asyncpg.Connection, records: Sequence[ConsumerRecord], work: BatchWork
         ) -> None:
-            row, dead = dead_letter(record, self.name, label, reason, self.dlq_topic)
+            row, dead = dead_letter(letter or record, self.name, label, reason, self.dlq_topic)
             work.outbox.append(row)
             work.dead.append(dead)
             work.dead_labels.append(label)
