@@ -120,6 +120,9 @@ class BatchConsumer:
         # last seek, or else the first applied since (kept through a revocation: the group
         # revokes everything when a restarted broker forgets it).
         self._anchors: dict[tuple[str, int], bytes] = {}
+        # Partitions whose log was found, during the current `process` call, to hold the
+        # record last consumed: one look per partition per batch.
+        self._looked: set[tuple[str, int]] = set()
         # Seeks the rebalance listener could not finish, retried in the background, each
         # with its partitions (paused until it succeeds).
         self._seeking: dict[asyncio.Task[None], frozenset[TopicPartition]] = {}
@@ -400,17 +403,22 @@ class BatchConsumer:
         already committed by an earlier attempt are skipped by their stored offsets.
         """
         attempt = 0
-        while True:
-            try:
-                await self._apply_or_isolate(records)
-                if self._went_back and await self._check_went_back():
-                    continue  # the records held are of the log consumed: applied now
-                return
-            except Exception as exc:
-                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-                log.warning("batch_retry", consumer=self.name, error=repr(exc), delay_s=delay)
-                attempt += 1
-                await asyncio.sleep(delay)
+        self._looked = set()
+        try:
+            while True:
+                try:
+                    await self._apply_or_isolate(records)
+                    if self._went_back and await self._check_went_back():
+                        continue  # the records held are of the log consumed: applied now
+                    return
+                except Exception as exc:
+                    delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                    log.warning("batch_retry", consumer=self.name, error=repr(exc),
+                                delay_s=delay)  # fmt: skip
+                    attempt += 1
+                    await asyncio.sleep(delay)
+        finally:
+            self._looked = set()
 
     async def _apply_or_isolate(self, records: Sequence[ConsumerRecord]) -> None:
         try:
@@ -459,6 +467,13 @@ class BatchConsumer:
             # wait, all of them, until the log is looked at (`_check_went_back`): dropped,
             # the new log's records below the offset were lost; and applied, its records
             # past it would go before them.
+            #
+            # Only a partition this consumer owns, and once per `process` call: a batch of a
+            # partition revoked meanwhile is a zombie's, and its new owner (who looks at the
+            # log itself) moves the stored offset on and on; once the log is found holding a
+            # record consumed, the batch's records below a later stored offset were consumed
+            # by another instance of the same log. Waiting on either spun the batch forever.
+            behind &= self._owned()
             went_back = self._unconfirmed(behind, rows, records) if behind else {}
             if went_back:
                 fresh = [r for r in fresh if (r.topic, r.partition) not in went_back]
@@ -497,6 +512,14 @@ class BatchConsumer:
         BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
         if work.outbox or work.wake:
             self._on_commit()
+
+    def _owned(self) -> set[tuple[str, int]]:
+        """The partitions the group gives this consumer now, but those already looked for
+        in their log during this `process` call."""
+        kafka: Any = getattr(self.subscriber, "consumer", None)
+        if kafka is None:  # driven without a broker (tests): nothing to look in
+            return set()
+        return {(tp.topic, tp.partition) for tp in kafka.assignment()} - self._looked
 
     def _unconfirmed(
         self,
@@ -552,6 +575,7 @@ class BatchConsumer:
                 kafka.seek(tp, starts[tp])
         found = {k: v for k, v in pending.items() if TopicPartition(*k) not in recreated}
         self._verified.update(found)
+        self._looked.update(found)
         for key in pending:
             self._went_back.pop(key, None)
         return bool(found)
