@@ -120,6 +120,10 @@ class BatchConsumer:
         # last seek, or else the first applied since (kept through a revocation: the group
         # revokes everything when a restarted broker forgets it).
         self._anchors: dict[tuple[str, int], bytes] = {}
+        # The fingerprint this process last stored per partition since its anchor was set:
+        # an anchor speaks for the row only while the row still holds it (another instance
+        # that wrote since has looked at the log itself, and may have reset it).
+        self._written: dict[tuple[str, int], bytes] = {}
         # Partitions whose log was found, during the current `process` call, to hold the
         # record last consumed: one look per partition per batch.
         self._looked: set[tuple[str, int]] = set()
@@ -287,7 +291,12 @@ class BatchConsumer:
         # whose log was recreated under it (Tansu restarted) may have fetched the new log
         # at its old position before the group noticed, and stored a fingerprint of the new
         # log. Not below the log's start (retention may have deleted it; a new log starts
-        # at 0).
+        # at 0). Only while the row holds what this process stored last: another instance
+        # that stored since looked at the log on its own assignment, and may have found it
+        # recreated and read it again, the row now holding a record of the new log.
+        for key in [k for k in self._anchors if k in marks]:
+            if marks[key] is None or marks[key] != self._written.get(key):
+                self._anchors.pop(key)
         anchored = {
             tp: fingerprint_offset(self._anchors[key])
             for tp in tps
@@ -315,6 +324,7 @@ class BatchConsumer:
                 offset = starts[tp]
                 await self._reset_offset(tp, offset)
                 self._anchors.pop(key, None)
+                self._written.pop(key, None)
             elif offset < starts[tp]:
                 log.warning(
                     "stored_offset_before_log_start",
@@ -328,6 +338,7 @@ class BatchConsumer:
             kafka.seek(tp, offset)
             if tp not in recreated and (mark := marks.get(key)) is not None:
                 self._anchors[key] = mark
+                self._written.pop(key, None)
         self.assigned |= set(tps)
         log.info("partitions_assigned", consumer=self.name, partitions=[tp.partition for tp in tps])
 
@@ -502,8 +513,9 @@ class BatchConsumer:
                 )
         next_offsets = {k: r.offset + 1 for k, r in last.items()}
         self.next_offsets.update(next_offsets)
-        for key in last.keys() - self._anchors.keys():
-            self._anchors[key] = fingerprint(last[key])
+        for key, r in last.items():
+            self._written[key] = fingerprint(r)
+            self._anchors.setdefault(key, self._written[key])
         for key, seen in went_back.items():  # the first seen until it is looked for
             self._went_back.setdefault(key, seen)
         CONSUMED.labels(self.name).inc(len(fresh))
@@ -570,6 +582,7 @@ class BatchConsumer:
                         stored=pending[key][0], log_start=starts[tp])  # fmt: skip
             await self._reset_offset(tp, starts[tp])
             self._anchors.pop(key, None)
+            self._written.pop(key, None)
             self.next_offsets[key] = starts[tp]
             if tp in kafka.assignment():  # else its new owner looked for itself
                 kafka.seek(tp, starts[tp])
