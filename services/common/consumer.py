@@ -8,7 +8,8 @@ assignment the consumer seeks to the stored offsets, so Kafka's own group commit
 relied upon (and never made), once it has found that fingerprint in the log: a log that no
 longer holds it was recreated (an in-memory broker restarted, a topic deleted and created
 again) and is read from its start, since offsets alone cannot tell a recreated log that has
-grown past them. Re-reading is harmless: every handler dedupes by event id.
+grown past them (`recreated_log`). Re-reading is harmless: every handler dedupes by event
+id.
 
 Handlers may therefore write rows keyed by event id as "select the ids already recorded,
 COPY the rest" (the journal, `rules_activity`, notifications) instead of `INSERT … ON
@@ -24,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -39,8 +40,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 from services.common.dlq import DEAD_LETTERS, classify, dead_letter, record_dead_letters
-from services.common.log_end import fingerprint, fingerprint_offset, log_ends_of, records_at_of
+from services.common.log_end import fingerprint
 from services.common.outbox import OutboxRow, write_outbox
+from services.common.recreated_log import LogWatch, mark_of
 
 log = structlog.get_logger()
 
@@ -108,25 +110,10 @@ class BatchConsumer:
         self._handler: Any = handler
         self._on_commit = on_commit
         self.subscriber: Any = None
-        self._bootstrap = ""
         self.next_offsets: dict[tuple[str, int], int] = {}
         self.assigned: set[TopicPartition] = set()
-        # Partitions a batch met below their stored offset, with the stored offset and
-        # fingerprint it saw, to look for in the log once the batch is done; and the
-        # last such state found there, so later batches need not ask again.
-        self._went_back: dict[tuple[str, int], tuple[int, bytes]] = {}
-        self._verified: dict[tuple[str, int], tuple[int, bytes]] = {}
-        # Per partition, a record of the log this process consumed: found there at the
-        # last seek, or else the first applied since (kept through a revocation: the group
-        # revokes everything when a restarted broker forgets it).
-        self._anchors: dict[tuple[str, int], bytes] = {}
-        # The fingerprint this process last stored per partition since its anchor was set:
-        # an anchor speaks for the row only while the row still holds it (another instance
-        # that wrote since has looked at the log itself, and may have reset it).
-        self._written: dict[tuple[str, int], bytes] = {}
-        # Partitions whose log was found, during the current `process` call, to hold the
-        # record last consumed: one look per partition per batch.
-        self._looked: set[tuple[str, int]] = set()
+        # What this consumer knows of its logs, to tell one recreated under it.
+        self._watch = LogWatch(name)
         # Seeks the rebalance listener could not finish, retried in the background, each
         # with its partitions (paused until it succeeds).
         self._seeking: dict[asyncio.Task[None], frozenset[TopicPartition]] = {}
@@ -152,7 +139,7 @@ class BatchConsumer:
         session_timeout_ms: int = 10_000,
     ) -> None:
         consumer = self
-        self._bootstrap = bootstrap_servers
+        self._watch.bootstrap = bootstrap_servers
         # Half the session: the broker evicts a member that sends no heartbeat for all of it.
         self._attempt_s = session_timeout_ms / 2000
 
@@ -161,7 +148,7 @@ class BatchConsumer:
                 await consumer.stop_seeking(set(revoked))
                 consumer.assigned -= set(revoked)
                 for tp in revoked:
-                    consumer._verified.pop((tp.topic, tp.partition), None)
+                    consumer._watch.revoked((tp.topic, tp.partition))
 
             async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
                 await consumer.seek_assigned(assigned)
@@ -274,38 +261,11 @@ class BatchConsumer:
             )
         stored = {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
         marks = {
-            (r["topic"], r["partition"]): _mark_of(r["next_offset"], r["last_record"]) for r in rows
+            (r["topic"], r["partition"]): mark_of(r["next_offset"], r["last_record"]) for r in rows
         }
         kafka = self.subscriber.consumer
         starts = await kafka.beginning_offsets(tps)
-        marked = {
-            tp: stored[(tp.topic, tp.partition)] - 1
-            for tp in tps
-            if marks.get((tp.topic, tp.partition)) is not None
-        }
-        recreated = await self._logs_not_holding(marked, marks)
-        recreated.update(await self._logs_ending_before(
-            [tp for tp in tps if tp not in marked], stored, kafka
-        ))  # fmt: skip
-        # And the record this process consumed earlier (`_anchors`): a running consumer
-        # whose log was recreated under it (Tansu restarted) may have fetched the new log
-        # at its old position before the group noticed, and stored a fingerprint of the new
-        # log. Not below the log's start (retention may have deleted it; a new log starts
-        # at 0). Only while the row holds what this process stored last: another instance
-        # that stored since looked at the log on its own assignment, and may have found it
-        # recreated and read it again, the row now holding a record of the new log.
-        for key in [k for k in self._anchors if k in marks]:
-            if marks[key] is None or marks[key] != self._written.get(key):
-                self._anchors.pop(key)
-        anchored = {
-            tp: fingerprint_offset(self._anchors[key])
-            for tp in tps
-            if (key := (tp.topic, tp.partition)) in self._anchors
-            and tp not in recreated
-            and self._anchors[key] != marks.get(key)
-            and fingerprint_offset(self._anchors[key]) >= starts[tp]
-        }
-        recreated.update(await self._logs_not_holding(anchored, self._anchors))
+        recreated = await self._watch.recreated_at_assignment(tps, stored, marks, starts, kafka)
         for tp in tps:
             key = (tp.topic, tp.partition)
             offset = stored.get(key, 0)
@@ -323,8 +283,7 @@ class BatchConsumer:
                 )
                 offset = starts[tp]
                 await self._reset_offset(tp, offset)
-                self._anchors.pop(key, None)
-                self._written.pop(key, None)
+                self._watch.forget(key)
             elif offset < starts[tp]:
                 log.warning(
                     "stored_offset_before_log_start",
@@ -336,60 +295,10 @@ class BatchConsumer:
                 )
             self.next_offsets[key] = offset
             kafka.seek(tp, offset)
-            if tp not in recreated and (mark := marks.get(key)) is not None:
-                self._anchors[key] = mark
-                self._written.pop(key, None)
+            if tp not in recreated:
+                self._watch.seeked(key, marks.get(key))
         self.assigned |= set(tps)
         log.info("partitions_assigned", consumer=self.name, partitions=[tp.partition for tp in tps])
-
-    async def _logs_not_holding(
-        self,
-        wanted: dict[TopicPartition, int],
-        marks: Mapping[tuple[str, int], bytes | None],
-    ) -> dict[TopicPartition, str]:
-        """The partitions whose log does not hold, at the offset asked, the record whose
-        fingerprint is stored, each with the event to log."""
-        if not wanted:
-            return {}
-        try:
-            held = await records_at_of(self._bootstrap, wanted)
-        except Exception as exc:
-            # Not knowing, take the logs as recreated and read them from their start: ids
-            # make the re-read harmless, whereas trusting the stored offset over a really
-            # recreated log would skip its records below that offset.
-            log.warning("last_record_unknown", consumer=self.name, error=repr(exc))
-            return dict.fromkeys(wanted, "log_recreated_unknown")
-        out: dict[TopicPartition, str] = {}
-        for tp, record in held.items():
-            if record is None:
-                out[tp] = "log_recreated_record_missing"
-            elif fingerprint(record) != marks[(tp.topic, tp.partition)]:
-                out[tp] = "log_recreated_record_differs"
-        return out
-
-    async def _logs_ending_before(
-        self, tps: list[TopicPartition], stored: dict[tuple[str, int], int], kafka: Any
-    ) -> dict[TopicPartition, str]:
-        """Of partitions without a fingerprint (stored before migration 0021, or lowered by
-        hand), those whose log ends before the stored offset: recreated, all that offsets
-        alone can tell."""
-        if not tps:
-            return {}
-        ends = await kafka.end_offsets(tps)
-        beyond = [tp for tp in tps if stored.get((tp.topic, tp.partition), 0) > ends[tp]]
-        if beyond:
-            # ListOffsets can answer short of the last record (Tansu: `log_end`); the high
-            # watermark decides whether the log really ends before what we consumed.
-            try:
-                ends.update(await log_ends_of(self._bootstrap, beyond))
-            except Exception as exc:
-                # Not knowing, read from the start (as `_logs_not_holding`).
-                log.warning("high_watermark_unknown", consumer=self.name, error=repr(exc))
-        return {
-            tp: "stored_offset_beyond_log_end"
-            for tp in beyond
-            if stored.get((tp.topic, tp.partition), 0) > ends[tp]
-        }
 
     async def _reset_offset(self, tp: TopicPartition, offset: int) -> None:
         async with self._pool.acquire() as conn:
@@ -414,12 +323,12 @@ class BatchConsumer:
         already committed by an earlier attempt are skipped by their stored offsets.
         """
         attempt = 0
-        self._looked = set()
+        self._watch.looked = set()
         try:
             while True:
                 try:
                     await self._apply_or_isolate(records)
-                    if self._went_back and await self._check_went_back():
+                    if self._watch.went_back and await self._check_went_back():
                         continue  # the records held are of the log consumed: applied now
                     return
                 except Exception as exc:
@@ -429,7 +338,7 @@ class BatchConsumer:
                     attempt += 1
                     await asyncio.sleep(delay)
         finally:
-            self._looked = set()
+            self._watch.looked = set()
 
     async def _apply_or_isolate(self, records: Sequence[ConsumerRecord]) -> None:
         try:
@@ -477,15 +386,11 @@ class BatchConsumer:
             # log that is a new one. Should the last be possible, the partition's records
             # wait, all of them, until the log is looked at (`_check_went_back`): dropped,
             # the new log's records below the offset were lost; and applied, its records
-            # past it would go before them.
-            #
-            # Only a partition this consumer owns, and once per `process` call: a batch of a
-            # partition revoked meanwhile is a zombie's, and its new owner (who looks at the
-            # log itself) moves the stored offset on and on; once the log is found holding a
-            # record consumed, the batch's records below a later stored offset were consumed
-            # by another instance of the same log. Waiting on either spun the batch forever.
-            behind &= self._owned()
-            went_back = self._unconfirmed(behind, rows, records) if behind else {}
+            # past it would go before them. Not a partition revoked meanwhile (a zombie's
+            # batch), nor one already looked for in this call (`LogWatch.unconfirmed`).
+            kafka: Any = getattr(self.subscriber, "consumer", None)
+            owned = kafka.assignment() if kafka is not None else ()
+            went_back = self._watch.unconfirmed(behind, owned, rows, records) if behind else {}
             if went_back:
                 fresh = [r for r in fresh if (r.topic, r.partition) not in went_back]
                 last = {k: r for k, r in last.items() if k not in went_back}
@@ -513,11 +418,7 @@ class BatchConsumer:
                 )
         next_offsets = {k: r.offset + 1 for k, r in last.items()}
         self.next_offsets.update(next_offsets)
-        for key, r in last.items():
-            self._written[key] = fingerprint(r)
-            self._anchors.setdefault(key, self._written[key])
-        for key, seen in went_back.items():  # the first seen until it is looked for
-            self._went_back.setdefault(key, seen)
+        self._watch.applied(last, went_back)
         CONSUMED.labels(self.name).inc(len(fresh))
         for label in work.dead_labels:
             DEAD_LETTERS.labels(self.name, label).inc()
@@ -525,73 +426,16 @@ class BatchConsumer:
         if work.outbox or work.wake:
             self._on_commit()
 
-    def _owned(self) -> set[tuple[str, int]]:
-        """The partitions the group gives this consumer now, but those already looked for
-        in their log during this `process` call."""
-        kafka: Any = getattr(self.subscriber, "consumer", None)
-        if kafka is None:  # driven without a broker (tests): nothing to look in
-            return set()
-        return {(tp.topic, tp.partition) for tp in kafka.assignment()} - self._looked
-
-    def _unconfirmed(
-        self,
-        behind: set[tuple[str, int]],
-        rows: Sequence[asyncpg.Record],
-        records: Sequence[ConsumerRecord],
-    ) -> dict[tuple[str, int], tuple[int, bytes]]:
-        """Of the partitions met below their stored offset, those that may have met a new
-        log, with the stored offset and fingerprint seen: the batch held no record at the
-        fingerprint's offset that matches it, nor was that state found in the log before.
-
-        Rows without a fingerprint are let be as before migration 0021 (dropped quietly).
-        """
-        out: dict[tuple[str, int], tuple[int, bytes]] = {}
-        for row in rows:
-            key = (row["topic"], row["partition"])
-            mark = _mark_of(row["next_offset"], row["last_record"]) if key in behind else None
-            if mark is None or self._verified.get(key) == (row["next_offset"], mark):
-                continue
-            at = row["next_offset"] - 1
-            same = [r for r in records if (r.topic, r.partition) == key and r.offset == at]
-            if not (same and fingerprint(same[0]) == mark):
-                out[key] = (row["next_offset"], mark)
-        return out
-
     async def _check_went_back(self) -> bool:
-        """Look in the log for the records last consumed where a batch went back below
-        them; whether any was found (the batch's records of its partition, held, are then
-        applied as usual). A log that no longer holds one is new: its partition is read
-        again from the log's start, the records held with it.
-
-        Runs after the batch committed, outside its transaction (a fetch from the broker);
-        a failure is retried by `process` with the batch, which holds the same records
-        again.
-        """
-        pending = dict(self._went_back)
         kafka: Any = getattr(self.subscriber, "consumer", None)
-        log.warning("position_went_back", consumer=self.name, partitions=sorted(pending))
-        recreated: dict[TopicPartition, str] = {}
-        if kafka is not None:  # else driven without a broker (tests): as before 0021
-            wanted = {TopicPartition(t, p): offset - 1 for (t, p), (offset, _) in pending.items()}
-            marks = {key: mark for key, (_, mark) in pending.items()}
-            recreated = await self._logs_not_holding(wanted, marks)
-        starts = await kafka.beginning_offsets(list(recreated)) if recreated else {}
-        for tp, event in recreated.items():
-            key = (tp.topic, tp.partition)
-            log.warning(event, consumer=self.name, topic=tp.topic, partition=tp.partition,
-                        stored=pending[key][0], log_start=starts[tp])  # fmt: skip
-            await self._reset_offset(tp, starts[tp])
-            self._anchors.pop(key, None)
-            self._written.pop(key, None)
-            self.next_offsets[key] = starts[tp]
+
+        async def restart(tp: TopicPartition, start: int) -> None:
+            await self._reset_offset(tp, start)
+            self.next_offsets[(tp.topic, tp.partition)] = start
             if tp in kafka.assignment():  # else its new owner looked for itself
-                kafka.seek(tp, starts[tp])
-        found = {k: v for k, v in pending.items() if TopicPartition(*k) not in recreated}
-        self._verified.update(found)
-        self._looked.update(found)
-        for key in pending:
-            self._went_back.pop(key, None)
-        return bool(found)
+                kafka.seek(tp, start)
+
+        return await self._watch.check_went_back(kafka, restart)
 
     async def _dead_letter_poison(self, record: ConsumerRecord, exc: Exception) -> None:
         log.error(
@@ -655,14 +499,6 @@ class BatchConsumer:
                     0, high - self.next_offsets.get((tp.topic, tp.partition), 0)
                 )
         return out
-
-
-def _mark_of(next_offset: int, last_record: bytes | None) -> bytes | None:
-    """The stored fingerprint if it is of the record just before the stored offset (an
-    offset lowered by hand for a replay leaves one of a later record)."""
-    if last_record is None or next_offset <= 0:
-        return None
-    return bytes(last_record) if fingerprint_offset(last_record) == next_offset - 1 else None
 
 
 class LagCollector(Collector):

@@ -12,7 +12,7 @@ import pytest
 from aiokafka import TopicPartition
 from structlog.testing import capture_logs
 
-from services.common import consumer as consumer_module
+from services.common import recreated_log
 from tests.integration.direct import consumer_of, migrated_pool
 from tests.unit.test_consumer_fingerprint import FakeKafka, log_of
 
@@ -32,7 +32,7 @@ def serve(monkeypatch: pytest.MonkeyPatch, kafka: FakeKafka, during: Any = None)
         return {tp: kafka.logs[tp][o] if o < len(kafka.logs[tp]) else None
                 for tp, o in wanted.items()}  # fmt: skip
 
-    monkeypatch.setattr(consumer_module, "records_at_of", records_at_of)
+    monkeypatch.setattr(recreated_log, "records_at_of", records_at_of)
     return calls
 
 

@@ -93,7 +93,7 @@ async def test_a_consumer_resumes_where_the_log_holds_its_offset_and_rereads_whe
                 )
                 consumer = consumer_of(pool, "c", topic, noop)
                 consumer.subscriber = SimpleNamespace(consumer=kafka)
-                consumer._bootstrap = bootstrap
+                consumer._watch.bootstrap = bootstrap
                 kafka.assign([tp])
                 await consumer._seek_to_stored({tp})
                 assert consumer.next_offsets[(topic, 0)] == resumed
@@ -200,7 +200,7 @@ async def test_a_consumer_resumes_only_where_the_log_holds_the_record_it_consume
                 )
                 consumer = consumer_of(pool, "c", topic, noop)
                 consumer.subscriber = SimpleNamespace(consumer=kafka)
-                consumer._bootstrap = bootstrap
+                consumer._watch.bootstrap = bootstrap
                 kafka.assign([tp])
                 with capture_logs() as logs:
                     await consumer.seek_assigned({tp})

@@ -79,7 +79,7 @@ async def test_a_batch_below_the_stored_offset_is_checked_against_the_log(
         async with migrated_pool(fresh_database) as pool:
             consumer = consumer_of(pool, "c", topic, handler)
             consumer.subscriber = SimpleNamespace(consumer=kafka)
-            consumer._bootstrap = broker
+            consumer._watch.bootstrap = broker
 
             async def stored() -> tuple[int, bytes | None]:
                 row = await pool.fetchrow("SELECT next_offset, last_record FROM consumer_offsets")

@@ -16,7 +16,7 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 from structlog.testing import capture_logs
 
-from services.common import consumer as consumer_module
+from services.common import recreated_log
 from services.common.consumer import BatchConsumer
 from services.common.log_end import fingerprint
 
@@ -147,7 +147,7 @@ def patch_log(
         after()
         return out
 
-    monkeypatch.setattr(consumer_module, "records_at_of", records_at_of)
+    monkeypatch.setattr(recreated_log, "records_at_of", records_at_of)
     return calls
 
 
@@ -213,7 +213,7 @@ async def test_a_partition_still_owned_is_looked_for_once_per_batch(
     assert calls == [{P: 149}]
     assert [e["event"] for e in logs] == ["position_went_back"]
     assert applied == [(1, o) for o in range(5)]
-    assert a._looked == set()  # per call
+    assert a._watch.looked == set()  # per call
 
 
 async def test_a_stale_anchor_rereads_a_partition_another_instance_already_reset(
@@ -230,7 +230,7 @@ async def test_a_stale_anchor_rereads_a_partition_another_instance_already_reset
     db.rows[(TOPIC, 0)] = {"next_offset": 300, "last_record": fingerprint(new[P][299])}
     calls = patch_log(monkeypatch, kafka)
     a = make(db, kafka, [])
-    a._anchors[(TOPIC, 0)] = fingerprint(log_of(P, 50, b"old")[49])  # from before the restart
+    a._watch.anchors[(TOPIC, 0)] = fingerprint(log_of(P, 50, b"old")[49])  # from before the restart
     with capture_logs() as logs:
         await a._seek_to_stored({P})
     print("look-ups:", calls, "events:", [e["event"] for e in logs])
@@ -252,7 +252,7 @@ async def test_an_anchor_is_looked_for_while_the_row_holds_what_this_process_wro
     db.rows[(TOPIC, 0)] = {"next_offset": 50, "last_record": fingerprint(old[49])}
     calls = patch_log(monkeypatch, kafka)
     a = make(db, kafka, [])
-    a._anchors[(TOPIC, 0)] = fingerprint(old[49])  # found in the log at the last seek
+    a._watch.anchors[(TOPIC, 0)] = fingerprint(old[49])  # found in the log at the last seek
     with capture_logs():
         await a.process(new[P][50:60])  # the new log, fetched at the old position
         assert db.rows[(TOPIC, 0)]["next_offset"] == 60
