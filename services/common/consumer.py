@@ -119,6 +119,11 @@ class BatchConsumer:
         self._seeking: dict[asyncio.Task[None], frozenset[TopicPartition]] = {}
         # How long the listener tries itself: aiokafka sends no heartbeat meanwhile.
         self._attempt_s = 5.0
+        # Per partition, how many times this process reset it to a recreated log's start,
+        # and the counts as a batch found them on entering `process`: a batch fetched
+        # before a reset (in flight, retried) must not raise the offsets row again.
+        self._resets: dict[tuple[str, int], int] = {}
+        self._batch_resets: dict[tuple[str, int], int] = {}
 
     # --- wiring -------------------------------------------------------------------------
 
@@ -216,6 +221,8 @@ class BatchConsumer:
         while True:
             await asyncio.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
             attempt += 1
+            if getattr(self.subscriber, "consumer", None) is None:
+                return  # the subscriber stopped (FastStream drops its consumer): nothing to seek
             try:
                 await self._seek_to_stored(assigned)
             except Exception as exc:
@@ -231,6 +238,15 @@ class BatchConsumer:
         # (an attempt timed out among the first: TimeoutError is an OSError).
         emit = log.warning if isinstance(exc, TRANSIENT) else log.exception
         emit("assignment_retry", consumer=self.name, error=repr(exc), delay_s=delay)
+
+    async def stop(self) -> None:
+        """Cancel every background seek, for a service's shutdown: aiokafka leaves the
+        group without revoking, so `stop_seeking` never hears of it."""
+        tasks = list(self._seeking)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def stop_seeking(self, revoked: set[TopicPartition]) -> None:
         """Cancel the background seeks of revoked partitions (aiokafka revokes them all at
@@ -283,6 +299,7 @@ class BatchConsumer:
                 )
                 offset = starts[tp]
                 await self._reset_offset(tp, offset)
+                self._resets[key] = self._resets.get(key, 0) + 1
                 self._watch.forget(key)
             elif offset < starts[tp]:
                 log.warning(
@@ -324,6 +341,7 @@ class BatchConsumer:
         """
         attempt = 0
         self._watch.looked = set()
+        self._batch_resets = dict(self._resets)
         try:
             while True:
                 try:
@@ -355,8 +373,32 @@ class BatchConsumer:
             for record in records:
                 await self._apply_or_isolate([record])
 
+    def _current(self, records: Sequence[ConsumerRecord]) -> Sequence[ConsumerRecord]:
+        """The records of partitions this consumer still owns, fetched since their last
+        reset. A batch of a revoked partition is its next owner's to apply (from the
+        stored offsets), and one fetched before the partition was reset to a recreated
+        log's start is of the position abandoned: applied, either would raise the offsets
+        row past the new log's records still unread (`GREATEST`), and they were lost."""
+        kafka = getattr(self.subscriber, "consumer", None)
+        owned = kafka.assignment() if kafka is not None else None
+        resets, seen = self._resets, self._batch_resets
+        stale = {
+            key
+            for key in {(r.topic, r.partition) for r in records}
+            if (owned is not None and TopicPartition(*key) not in owned)
+            or resets.get(key, 0) != seen.get(key, 0)
+        }
+        if not stale:
+            return records
+        log.warning("stale_records_dropped", consumer=self.name,
+                    partitions=sorted(p for _, p in stale))  # fmt: skip
+        return [r for r in records if (r.topic, r.partition) not in stale]
+
     async def _apply(self, records: Sequence[ConsumerRecord]) -> None:
         started = time.perf_counter()
+        records = self._current(records)
+        if not records:
+            return
         work = BatchWork()
         partitions = sorted({(r.topic, r.partition) for r in records})
         async with self._pool.acquire() as conn, conn.transaction():

@@ -82,6 +82,7 @@ class LedgerService:
         )
 
     async def stop(self) -> None:
+        await self.consumer.stop()
         await self.broker.stop()
         await self._background.stop()
         if self._producer is not None:

@@ -167,6 +167,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
 
     @app.on_shutdown
     async def shutdown() -> None:
+        await consumer.stop()
         await background.stop()
         producer = state.get("producer")
         if producer is not None:

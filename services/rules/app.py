@@ -320,6 +320,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
 
     @app.on_shutdown
     async def shutdown() -> None:
+        await consumer.stop()
         await background.stop()
         if "producer" in resources:
             await resources["producer"].stop()

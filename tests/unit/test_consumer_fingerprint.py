@@ -271,6 +271,7 @@ async def test_a_plain_dead_letter_leaves_a_fingerprint_the_log_does_not_hold(
     the log holds at stored-1 (with its key) differs: 'recreated', P read again from 0."""
     log = {P: log_of(P, 50, b"p")}
     kafka = FakeKafka(log)
+    kafka.owned = {P}
     db = FakeDB()
     db.rows[(TOPIC, 0)] = {"next_offset": 49, "last_record": fingerprint(log[P][48])}
 
