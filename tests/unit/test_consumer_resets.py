@@ -31,9 +31,9 @@ async def test_a_batch_fetched_before_a_reset_does_not_undo_it(
     batch's first attempt fails transiently (or waits for a pooled connection); meanwhile
     the group rebalances, the listener finds the log recreated, resets the row to 0 and
     seeks 0. The batch's retry then reads stored=0, applies 50..59 and the upsert's
-    GREATEST lifts the row to 60 with a fingerprint of the *new* log. The re-read from 0
-    goes below 60, is looked for once, the log holds new[59]: 'found', and new[0..49]
-    are dropped as redeliveries. Never applied."""
+    GREATEST lifted the row to 60 with a fingerprint of the *new* log; the re-read from 0
+    went below 60, was looked for once, the log held new[59]: 'found', and new[0..49]
+    were dropped as redeliveries, never applied. Now the retry drops the stale batch."""
     monkeypatch.setattr(consumer_module, "RETRY_BACKOFF_S", (0.05,))
     old = log_of(P, 50, b"old")
     new = {P: log_of(P, 400, b"new", ts=1_800_000_000_000)}
