@@ -143,7 +143,9 @@ class ChainWork:
     """What a batch learned about referrals, applied after its events are evaluated."""
 
     referrals: list[tuple[Any, ...]] = field(default_factory=list)
-    refunds: dict[str, Refund] = field(default_factory=dict)
+    # Keyed by order too: a member may refund several orders in full in one batch, and only
+    # the first purchase's refund (the order recorded in `rules_referrals`) counts.
+    refunds: dict[tuple[str, str], Refund] = field(default_factory=dict)
     referrer_set: dict[str, datetime] = field(default_factory=dict)
 
     def observe(
@@ -177,7 +179,7 @@ class ChainWork:
             order = after.orders.get(event.data.order_id)
             was = before.orders.get(event.data.order_id)
             if order is not None and was is not None and was.net > 0 >= order.net:
-                self.refunds.setdefault(event.member_id, event)
+                self.refunds.setdefault((event.member_id, event.data.order_id), event)
         if before.referrer_id is None and after.referrer_id is not None:
             self.referrer_set[event.member_id] = event.occurred_at
 
@@ -197,9 +199,10 @@ class ChainWork:
     async def _refunds(self, conn: asyncpg.Connection, book: RuleBook) -> list[GrantEvent]:
         out: list[GrantEvent] = []
         marked: list[tuple[str, str]] = []
-        for r in await conn.fetch(SELECT_REFUNDED, sorted(self.refunds)):
-            refund = self.refunds[r["new_member_id"]]
-            if refund.data.order_id != r["order_id"] or r["refund_event_id"] is not None:
+        members = sorted({m for m, _ in self.refunds})
+        for r in await conn.fetch(SELECT_REFUNDED, members):
+            refund = self.refunds.get((r["new_member_id"], r["order_id"]))
+            if refund is None or r["refund_event_id"] is not None:
                 continue
             marked.append((r["new_member_id"], refund.event_id))
             if r["indirect_late"]:

@@ -91,7 +91,7 @@ def test_observe_records_referral_purchases_full_refunds_and_referrers_set() -> 
     rest = refund("B", "o-B", 400, at=T0 + 3 * DAY)
     gone = evaluate(halved.state, rest, DEFAULT, {})
     work.observe(halved.state, gone.state, rest, BOOK, gone.grants)
-    assert work.refunds == {"B": rest}
+    assert work.refunds == {("B", "o-B"): rest}
 
 
 def test_a_referral_purchase_without_a_known_chain_is_recorded_unpaid() -> None:
