@@ -87,19 +87,18 @@ def lock_key(member_id: str) -> int:
 
 def members_to_lock(events: Iterable[Any], referrers: Mapping[str, str | None]) -> list[str]:
     """Who the batch must lock: members who may get a referrer (step 2), and the referrers
-    of members who purchase or refund (steps 1 and 3), named in the batch or known."""
-    named: dict[str, str] = {}
+    of members who purchase or refund (steps 1 and 3), named in the batch or known. Every
+    referrer a member is named with counts, not just the first: the engine skips a naming
+    it ignores (a self-referral) and takes the next one."""
+    named: set[tuple[str, str]] = set()
     paying: set[str] = set()
     for e in events:
         if isinstance(e, MemberRegistered | Referral) and e.data.referrer_id is not None:
-            named.setdefault(e.member_id, e.data.referrer_id)
+            named.add((e.member_id, e.data.referrer_id))
         elif isinstance(e, Purchase | Refund):
             paying.add(e.member_id)
-    wanted = set(named)
-    for m in paying:
-        for referrer in (referrers.get(m), named.get(m)):
-            if referrer is not None:
-                wanted.add(referrer)
+    wanted = {m for m, _ in named} | {r for m, r in named if m in paying}
+    wanted |= {r for m in paying if (r := referrers.get(m)) is not None}
     return sorted(wanted)
 
 

@@ -1,16 +1,21 @@
-"""The indirect referral bonus does not depend on how events are cut into batches.
+"""The indirect referral bonus does not depend on how events are cut into batches, nor
+on two partitions' batches applied at the same moment.
 
 The rules service's batch handler is driven directly on a real Postgres, so each test
-decides exactly which events share a batch; a time-ordered replay is the expected answer.
+decides exactly which events share a batch and when it commits; a time-ordered replay is
+the expected answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 
@@ -18,31 +23,42 @@ from services.common.config import load_settings
 from services.common.consumer import BatchWork
 from services.rules.app import RulesProcessor
 from tests.integration.direct import migrated_pool, records
-from tests.integration.events import CST, purchase, refund, registered
+from tests.integration.events import CST, purchase, referral, refund, registered
+from tests.integration.harness import wait_until
 
 pytestmark = pytest.mark.integration
 
-Batch = Callable[..., Awaitable[None]]
 DAY = timedelta(days=1)
 T0 = datetime(2026, 3, 2, 10, tzinfo=CST)
 
 
+@dataclass
+class Rules:
+    """The rules service's batch handler on a fresh database; the grants it emitted."""
+
+    pool: asyncpg.Pool
+    proc: RulesProcessor
+    topic: str
+    grants: list[dict[str, Any]] = field(default_factory=list)
+
+    async def handle(self, conn: asyncpg.Connection, *events: dict[str, Any]) -> None:
+        work = BatchWork()
+        await self.proc.handle(conn, records(self.topic, *events), work)
+        self.grants.extend(orjson.loads(r.payload) for r in work.outbox)
+
+    async def run(self, *events: dict[str, Any]) -> None:
+        """`events` as one batch, committed."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self.handle(conn, *events)
+
+
 @pytest.fixture
-async def batch(fresh_database: str) -> AsyncIterator[tuple[Batch, list[dict[str, Any]]]]:
-    """Runs its events as one batch of the rules service; the grants it emitted so far."""
+async def rules(fresh_database: str) -> AsyncIterator[Rules]:
     settings = dataclasses.replace(load_settings(), database_url=fresh_database)
     async with migrated_pool(fresh_database) as pool:
         proc = RulesProcessor(settings, "rules")
         await proc.refresh_book(pool)
-        grants: list[dict[str, Any]] = []
-
-        async def run(*events: dict[str, Any]) -> None:
-            work = BatchWork()
-            async with pool.acquire() as conn, conn.transaction():
-                await proc.handle(conn, records(settings.topics.activity, *events), work)
-            grants.extend(orjson.loads(r.payload) for r in work.outbox)
-
-        yield run, grants
+        yield Rules(pool, proc, settings.topics.activity)
 
 
 def _points(grants: list[dict[str, Any]], member: str) -> int:
@@ -52,7 +68,7 @@ def _points(grants: list[dict[str, Any]], member: str) -> int:
     )
 
 
-async def _b_buys_twice(run: Batch) -> None:
+async def _b_buys_twice(run: Callable[..., Awaitable[None]]) -> None:
     """A refers B; B's first purchase is O1, then O2. A's own sign-up is not applied yet."""
     await run(registered("B", T0 + timedelta(hours=1), referrer="A"))
     await run(purchase("B", "800.00", T0 + DAY, order_id="O1"))
@@ -69,9 +85,9 @@ def _b_refunds_both() -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("one_batch", [True, False], ids=["one-batch", "two-batches"])
 async def test_a_late_indirect_bonus_is_taken_back_by_the_first_purchases_refund(
-    batch: tuple[Batch, list[dict[str, Any]]], one_batch: bool
+    rules: Rules, one_batch: bool
 ) -> None:
-    run, grants = batch
+    run, grants = rules.run, rules.grants
     await _b_buys_twice(run)
     # A's sign-up (naming C) arrives late, dated before B's first purchase: C paid late.
     await run(registered("A", T0, referrer="C"))
@@ -87,11 +103,39 @@ async def test_a_late_indirect_bonus_is_taken_back_by_the_first_purchases_refund
 
 
 async def test_no_late_indirect_bonus_is_owed_for_a_first_purchase_refunded_in_full(
-    batch: tuple[Batch, list[dict[str, Any]]],
+    rules: Rules,
 ) -> None:
-    run, grants = batch
+    run, grants = rules.run, rules.grants
     await _b_buys_twice(run)
     await run(*_b_refunds_both())
     # Only now A's sign-up: in time order C was granted the bonus and it was taken back.
     await run(registered("A", T0, referrer="C"))
     assert _points(grants, "C") == 0
+
+
+async def test_a_referrers_sign_up_waits_for_a_purchase_whose_first_naming_was_ignored(
+    rules: Rules,
+) -> None:
+    """B names itself (ignored), then A, and buys, in one batch; A's sign-up naming C is
+    applied on another partition before that batch commits. It must wait for A's lock, or
+    each misses the other and C is never paid."""
+    waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    async with rules.pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        await rules.handle(
+            conn,
+            registered("B", T0 + timedelta(hours=1), referrer="B"),
+            referral("B", "A", T0 + timedelta(hours=2)),
+            purchase("B", "800.00", T0 + DAY, order_id="O1"),
+        )
+        a_joins = asyncio.create_task(rules.run(registered("A", T0, referrer="C")))
+
+        async def settled() -> bool:
+            return a_joins.done() or bool(await rules.pool.fetchval(waiting))
+
+        await wait_until(settled, timeout=10, what="A's sign-up to finish or wait")
+        await tx.commit()
+    await a_joins
+    assert _points(rules.grants, "A") == 500
+    assert _points(rules.grants, "C") == 50

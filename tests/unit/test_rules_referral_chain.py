@@ -13,7 +13,15 @@ from services.rules import referral_chain as chain
 from services.rules.engine import evaluate
 from services.rules.ruleset import RuleBook
 from services.rules.state import MemberState
-from tests.unit.rules_factories import DEFAULT, T0, purchase, refund, registered, sign_in
+from tests.unit.rules_factories import (
+    DEFAULT,
+    T0,
+    purchase,
+    referral,
+    refund,
+    registered,
+    sign_in,
+)
 
 BOOK = RuleBook([DEFAULT])
 DAY = timedelta(days=1)
@@ -67,6 +75,18 @@ def test_the_batch_locks_who_may_get_a_referrer_and_the_referrers_of_buyers() ->
     assert chain.named_referrers(events) == {"R", "E"}
     assert chain.lock_key("A") == chain.lock_key("A") != chain.lock_key("B")
     assert -(2**63) <= chain.lock_key("A") < 2**63
+
+
+def test_a_buyer_whose_first_naming_is_ignored_locks_the_referrer_the_engine_takes() -> None:
+    # B names itself (ignored: nobody refers themselves), then A, and buys: A is B's
+    # referrer, so A's lock must be held or A's own sign-up on another partition could miss
+    # this purchase while it misses A's referrer.
+    events = [registered("B", referrer="B"), referral("B", "A"), purchase("B")]
+    state = MemberState(member_id="B")
+    for e in events[:2]:
+        state = evaluate(state, e, DEFAULT, {}).state
+    assert state.referrer_id == "A"
+    assert "A" in chain.members_to_lock(events, {})
 
 
 def test_observe_records_referral_purchases_full_refunds_and_referrers_set() -> None:
