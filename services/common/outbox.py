@@ -13,18 +13,24 @@ import functools
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Final
 
 import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner, murmur2
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 RELAY_BATCH: Final = 5000  # rows per broker round trip; bounded to keep memory flat
 RELAY_IDLE_POLL_S: Final = 0.2  # fallback poll when no in-process commit woke us
 
 PUBLISHED = Counter("loyalty_outbox_published_total", "Outbox rows relayed", ["service"])
+OLDEST_AGE = Gauge(
+    "loyalty_outbox_oldest_age_seconds",
+    "Age of the oldest row not yet relayed, as of the relay's last read of the outbox",
+    ["service"],
+)
 log = structlog.get_logger()
 
 
@@ -132,10 +138,13 @@ class OutboxRelay:
     async def relay_once(self) -> int:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
-                "SELECT id, topic, key, payload FROM outbox"
+                "SELECT id, topic, key, payload, created_at FROM outbox"
                 " WHERE service = $1 ORDER BY id LIMIT $2",
                 self._service,
                 RELAY_BATCH,
+            )
+            OLDEST_AGE.labels(self._service).set(
+                (datetime.now(UTC) - rows[0]["created_at"]).total_seconds() if rows else 0.0
             )
             if not rows:
                 return 0

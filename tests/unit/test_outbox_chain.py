@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from aiokafka.errors import KafkaTimeoutError
+from prometheus_client import REGISTRY
 
 from services.common.outbox import OutboxRelay, partition_for
 
@@ -79,9 +80,9 @@ def key_on(part: int) -> str:
     )
 
 
-def page(parts: list[int]) -> list[dict[str, Any]]:
+def page(parts: list[int], created: datetime | None = None) -> list[dict[str, Any]]:
     """One row per entry of `parts`, on that partition, its payload its id."""
-    created = datetime.now(UTC)
+    created = created or datetime.now(UTC)
     return [
         {"id": i, "topic": "t", "key": key_on(p), "payload": b"%d" % i, "created_at": created}
         for i, p in enumerate(parts, start=1)
@@ -130,3 +131,22 @@ async def test_a_failed_batch_ends_its_chain_and_the_page_waits_for_every_batch(
         await task
     assert producer.batches() == [(0, [b"1", b"2"]), (1, [b"3"])]
     assert conn.deleted == []
+
+
+async def test_the_backlog_gauge_is_the_age_of_the_oldest_row_not_yet_relayed() -> None:
+    producer = FakeProducer()
+    conn = FakeConn(page([0], created=datetime.now(UTC) - timedelta(minutes=5)))
+    relay = OutboxRelay(FakePool(conn), producer, "notifier")  # type: ignore[arg-type]
+    task = asyncio.create_task(relay.relay_once())
+    await settled()
+
+    def age() -> float | None:
+        labels = {"service": "notifier"}
+        return REGISTRY.get_sample_value("loyalty_outbox_oldest_age_seconds", labels)
+
+    assert 300 <= (age() or 0) < 360
+    producer.sent[0][2].set_result(None)
+    await task
+    conn.rows = []
+    assert await relay.relay_once() == 0
+    assert age() == 0
