@@ -68,8 +68,11 @@ FROM rules_activity
 WHERE occurred_at >= coalesce($1, '-infinity'::timestamptz) AND occurred_at < $2
 ORDER BY occurred_at, partition, "offset"
 """
-# Held events ops released (paid through `rules held release`): the in-force lane pays them.
-RELEASED: Final = "SELECT event_id FROM rules_held WHERE status = 'released'"
+# Held events ops released (paid through `rules held release`) before the period's end, and
+# when: the in-force lane pays each at that moment, as the release did.
+RELEASED: Final = """
+SELECT event_id, decided_at FROM rules_held WHERE status = 'released' AND decided_at < $1
+"""
 # Every payload that may name a referrer (a bytes match, so nothing is parsed in SQL and a
 # malformed payload cannot fail the query; a false match only joins members needlessly).
 REFERRALS: Final = """
@@ -180,12 +183,14 @@ def _take(sim: Simulation, phase: Phase, chunk: Iterable[bytes]) -> int:
 
 def _lane_worker(
     book: RuleBook, candidate: RuleSet, lane: Lane, inbox: Any, outbox: Any,
-    released: frozenset[str] = frozenset(), valued_at: datetime | None = None,
+    released: Mapping[str, datetime] | None = None, valued_at: datetime | None = None,
+    start: datetime | None = None,
 ) -> None:  # fmt: skip
     """One lane in a worker process: chunks of raw payloads in, the lane's totals out."""
     gc.disable()  # member states hold no cycles; the collector only costs time here
     try:
-        sim = Simulation(book, candidate, lanes=(lane,), released=released, valued_at=valued_at)
+        sim = Simulation(book, candidate, lanes=(lane,), released=released, valued_at=valued_at,
+                         start=start)  # fmt: skip
         skipped = 0
         while True:
             phase, chunk = inbox.get()
@@ -200,12 +205,13 @@ def _lane_worker(
 
 def _member_worker(
     book: RuleBook, candidate: RuleSet, inbox: Any, outbox: Any,
-    released: frozenset[str] = frozenset(), valued_at: datetime | None = None,
+    released: Mapping[str, datetime] | None = None, valued_at: datetime | None = None,
+    start: datetime | None = None,
 ) -> None:  # fmt: skip
     """Both lanes for a share of the members: each payload is parsed once, not per lane."""
     gc.disable()  # member states hold no cycles; the collector only costs time here
     try:
-        sim = Simulation(book, candidate, released=released, valued_at=valued_at)
+        sim = Simulation(book, candidate, released=released, valued_at=valued_at, start=start)
         skipped = 0
         while True:
             phase, chunk = inbox.get()
@@ -237,7 +243,8 @@ class LaneWorkers:
 
     def __init__(
         self, book: RuleBook, candidate: RuleSet, context: str = "forkserver",
-        released: frozenset[str] = frozenset(), valued_at: datetime | None = None,
+        released: Mapping[str, datetime] | None = None, valued_at: datetime | None = None,
+        start: datetime | None = None,
     ) -> None:  # fmt: skip
         ctx: Any = multiprocessing.get_context(context)
         if context == "forkserver":
@@ -249,7 +256,7 @@ class LaneWorkers:
         self._procs = [
             ctx.Process(target=_lane_worker, name=f"backtest-{lane}", daemon=True,
                         args=(book, candidate, lane, self._inboxes[lane], self._outbox,
-                              released, valued_at))
+                              released, valued_at, start))
             for lane in LANES
         ]  # fmt: skip
 
@@ -317,8 +324,9 @@ class MemberWorkers:
         groups: Mapping[str, str] | None = None,
         workers: int = 2,
         context: str = "forkserver",
-        released: frozenset[str] = frozenset(),
+        released: Mapping[str, datetime] | None = None,
         valued_at: datetime | None = None,
+        start: datetime | None = None,
     ) -> None:
         ctx: Any = multiprocessing.get_context(context)
         if context == "forkserver":
@@ -333,7 +341,7 @@ class MemberWorkers:
         self._procs = [
             ctx.Process(target=_member_worker, name=f"backtest-{i}", daemon=True,
                         args=(book, candidate, self._inboxes[i], self._outbox, released,
-                              valued_at))
+                              valued_at, start))
             for i in range(workers)
         ]  # fmt: skip
 
@@ -434,7 +442,7 @@ async def run_backtest(
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             book = await read_book(conn)
-            released = frozenset(r[0] for r in await conn.fetch(RELEASED))
+            released = {r[0]: r[1] for r in await conn.fetch(RELEASED, end)}
             if on_total is not None:
                 total = await conn.fetchval(COUNT, None if warmup else start, end)
                 on_total(int(total))
@@ -443,7 +451,8 @@ async def run_backtest(
                 phases.append((None, start, "warm"))
             phases.append((start, end, "feed"))
             if workers:
-                pool = MemberWorkers(book, candidate, released=released, valued_at=end)
+                pool = MemberWorkers(book, candidate, released=released, valued_at=end,
+                                     start=start)  # fmt: skip
                 try:
                     # The workers boot in a thread while the referral links are read.
                     booting = asyncio.ensure_future(asyncio.to_thread(pool.start))
@@ -460,7 +469,7 @@ async def run_backtest(
                     return pool.finish()
                 finally:
                     pool.close()
-            sim = Simulation(book, candidate, released=released, valued_at=end)
+            sim = Simulation(book, candidate, released=released, valued_at=end, start=start)
             skipped = 0
             for lo, hi, phase in phases:
                 async for rows in _rows(conn, lo, hi):

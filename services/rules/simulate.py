@@ -9,6 +9,13 @@ candidate file, as if it had been in force from the period's start (its own
 state once (tiers, first purchases, streaks, orders a refund refers to) under the rule
 book, and both lanes start from that state; nothing of the warm-up is counted.
 
+A burst ops released (`rules held release`) is a step of its own at the moment of the
+decision, merged into the stream by that moment: live, `held.release_held` priced it
+against the member's state then (the day's cap filled since, counts pruned, ids
+forgotten), not the state that held it. Decided before the period's start, it is part of
+the warm-up; in the period, it is counted in the in-force lane only: a rule set nobody
+reviewed bursts under (the candidate) leaves its holds unpaid.
+
 Cash liability values each member's points at the redemption rate of the tier the member
 holds in that lane at the end (tiers that ended by then expired as the tier sweep would
 expire them), at one set of rates
@@ -30,6 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, tzinfo
 from decimal import ROUND_HALF_UP, Decimal
+from heapq import heappop, heappush
 from typing import Final, Literal, NamedTuple
 
 from schemas.activity import Activity
@@ -43,6 +51,31 @@ CENT = Decimal("0.01")
 TOTAL = "TOTAL"
 Lane = Literal["in_force", "candidate"]
 LANES: Final[tuple[Lane, Lane]] = ("in_force", "candidate")
+
+
+class _Releases:
+    """The held events ops released, each due at the moment of the decision: the lane
+    that holds one schedules it (`hold`), the Simulation applies it when the stream
+    reaches that moment. A plain class, like `engine.Step`, for the compiled build."""
+
+    def __init__(self, decided: Mapping[str, datetime]) -> None:
+        self.decided = decided
+        # (decided at, order held, event, rule set of its time, its day), a heap by moment.
+        self.due: list[tuple[datetime, int, Activity, RuleSet, date]] = []
+        # The earliest moment due, None when nothing is: all the stream checks per event.
+        self.next: datetime | None = None
+        self._held = 0
+
+    def hold(self, event: Activity, ruleset: RuleSet, day: date) -> None:
+        at = self.decided.get(event.event_id)
+        if at is None:
+            return
+        # In the event's tzinfo (shared by the stream's events, `state.with_shared_tz`), so
+        # comparing it with the next events' moments needs no utcoffset() calls.
+        at = at.astimezone(event.occurred_at.tzinfo)
+        self._held += 1
+        heappush(self.due, (at, self._held, event, ruleset, day))
+        self.next = self.due[0][0]
 
 
 @dataclass
@@ -63,10 +96,10 @@ class _Lane:
 
     def step(
         self, event: Activity, ruleset: RuleSet, count: bool, day: date,
-        tiers_at: TiersAt | None = None, released: bool = False,
+        tiers_at: TiersAt | None = None, releases: _Releases | None = None,
     ) -> None:  # fmt: skip
-        """`released`: held, the event was released by ops (`rules held release`), which
-        paid it as `engine.release` does: here at once, on the state that held it."""
+        """`releases`: where a held event is scheduled, should ops have released it
+        (None: holds stay unpaid, the candidate's way)."""
         member = event.member_id
         states = self.states
         state = states.get(member)
@@ -83,13 +116,9 @@ class _Lane:
         if result.held is not None:
             if count:
                 self.held += 1
-            if not released:
-                return
-            result = step(result.state, event, ruleset, self.referrers, check_burst=False,
-                          report_tier=False, day=day, tiers_at=tiers_at)  # fmt: skip
-            new = states[member] = result.state
-            if new.referrer_id is not None:
-                self.referrers[member] = new.referrer_id
+            if releases is not None:
+                releases.hold(event, ruleset, day)
+            return
         if not count:
             return
         counted, active = self.counted, self.active
@@ -97,6 +126,25 @@ class _Lane:
             counted[(rule, who)] += -points if revoke else points
             if who != member:
                 active.add(who)  # a referrer paid in the period is one of its members
+
+    def release(
+        self, event: Activity, ruleset: RuleSet, day: date, count: bool,
+        tiers_at: TiersAt | None,
+    ) -> None:  # fmt: skip
+        """A held event ops released, paid as `held.release_held` paid it: `engine.release`
+        (every rule but the burst check) on the member's state at the release, under the
+        rule set of the event's time. Kept apart from `step`, which runs for every event."""
+        member = event.member_id
+        result = step(self.states[member], event, ruleset, self.referrers, check_burst=False,
+                      report_tier=False, day=day, tiers_at=tiers_at)  # fmt: skip
+        new = self.states[member] = result.state
+        if new.referrer_id is not None:
+            self.referrers[member] = new.referrer_id
+        if not count:
+            return
+        for revoke, who, rule, points, _, _ in result.payouts:
+            self.counted[(rule, who)] += -points if revoke else points
+            self.active.add(who)
 
     def result(
         self, rates: Mapping[Tier, int], at: datetime | None = None,
@@ -191,17 +239,23 @@ class Simulation:
 
     def __init__(
         self, book: RuleBook, candidate: RuleSet, lanes: Sequence[Lane] = LANES,
-        released: frozenset[str] = frozenset(), valued_at: datetime | None = None,
+        released: Mapping[str, datetime] | None = None, valued_at: datetime | None = None,
+        start: datetime | None = None,
     ) -> None:  # fmt: skip
-        """`valued_at`: the moment whose rule set's cash rates value the in-force lane (the
-        period's end); None: the book's latest version."""
+        """`released`: held event id -> when ops released it (`rules_held.decided_at`), for
+        the releases decided before the period's end. `start`: the period's start; a release
+        decided before it is part of the warm-up (None: every release still due when the
+        period's first event comes is in the period). `valued_at`: the moment whose rule
+        set's cash rates value the in-force lane (the period's end); None: the book's
+        latest version."""
         if not lanes or any(lane not in LANES for lane in lanes):
             raise ValueError(f"lanes must be some of {LANES}, got {lanes!r}")
         self.book = book
         self.candidate = candidate
         # Held events ops released (paid): the in-force lane pays them too. The candidate
         # lane, a rule set nobody reviewed bursts under, counts its holds as unpaid.
-        self.released = released
+        self._releases = _Releases(released or {})
+        self.start = start
         self.valued_at = valued_at
         in_force = book.versions[-1] if valued_at is None else book.at(valued_at)
         self._rates: dict[Lane, Mapping[Tier, int]] = {
@@ -233,13 +287,39 @@ class Simulation:
             raise ValueError("warm-up events must come before the period's events")
         if self._fresh(event):
             event = with_shared_tz(event)
-            ruleset = self._rules_at(event.occurred_at)
+            at = event.occurred_at
+            releases = self._releases
+            due = releases.next
+            if due is not None and due <= at:
+                self._release(self._warm, False, at)
+            ruleset = self._rules_at(at)
             day = self._day(event, derived(ruleset).zone)
-            released = event.event_id in self.released
-            self._warm.step(event, ruleset, False, day, self.book.tiers_at, released)
+            self._warm.step(event, ruleset, False, day, self.book.tiers_at, releases)
             self.warmup_events += 1
 
+    def _release(
+        self, lane: _Lane, count: bool, until: datetime | None, at_until: bool = True
+    ) -> None:
+        """Applies, in the order decided, the releases decided before `until` (and at it,
+        if `at_until`: live, an event arrives after its moment, so a release decided at
+        that moment came first); None: all still due."""
+        releases, tiers_at = self._releases, self.book.tiers_at
+        due = releases.due
+        while due:
+            at = due[0][0]
+            if until is not None and (at > until or (at == until and not at_until)):
+                break
+            _, _, event, ruleset, day = heappop(due)
+            lane.release(event, ruleset, day, count, tiers_at)
+        releases.next = due[0][0] if due else None
+
     def _start(self) -> dict[Lane, _Lane]:
+        # Releases decided before the period's start belong to the warm-up, like its events.
+        if self.start is not None:
+            self._release(self._warm, False, self.start, at_until=False)
+        if "in_force" not in self.lanes:  # only the in-force lane pays them in the period
+            self._releases.due.clear()
+            self._releases.next = None
         # The first lane takes the warm-up state over, any other starts from a copy of it.
         lanes = {lane: self._warm if i == 0 else self._warm.fork()
                  for i, lane in enumerate(self.lanes)}  # fmt: skip
@@ -251,13 +331,17 @@ class Simulation:
         if not self._fresh(event):
             return
         event = with_shared_tz(event)
-        ruleset = self._rules_at(event.occurred_at)
+        at = event.occurred_at
+        ruleset = self._rules_at(at)
         self._versions.add(ruleset.version)
         in_force, candidate = lanes.get("in_force"), lanes.get("candidate")
         if in_force is not None:
+            releases = self._releases
+            due = releases.next
+            if due is not None and due <= at:
+                self._release(in_force, True, at)
             day = self._day(event, derived(ruleset).zone)
-            released = event.event_id in self.released
-            in_force.step(event, ruleset, True, day, self.book.tiers_at, released)
+            in_force.step(event, ruleset, True, day, self.book.tiers_at, releases)
         if candidate is not None:  # the candidate as if in force throughout
             candidate.step(event, self.candidate, True, self._day(event, self._candidate_zone))
         self.events += 1
@@ -294,8 +378,12 @@ class Simulation:
         return self
 
     def lane_results(self) -> dict[Lane, LaneResult]:
-        # No period events yet: nothing counted (the warm-up alone is not reported).
-        lanes = self._lanes or {name: _Lane() for name in self.lanes}
+        # No period events yet: nothing counted (the warm-up alone is not reported), but
+        # for the releases decided in the period, which are its last steps.
+        lanes = self._lanes if self._lanes is not None else self._start()
+        in_force = lanes.get("in_force")
+        if in_force is not None and self._releases.next is not None:
+            self._release(in_force, True, None)
         at = self.valued_at
         rules: dict[Lane, tuple[RuleSet | None, TiersAt | None]] = {
             "in_force": (None if at is None else self.book.at(at), self.book.tiers_at),

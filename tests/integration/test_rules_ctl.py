@@ -382,3 +382,36 @@ async def test_a_members_own_late_sign_up_at_its_purchases_instant_pays_no_refer
     _, report = await _simulate_default(db, tmp_path, t0, t0 + timedelta(days=1), "--no-warmup")
     by_rule = {r["rule_id"]: r for r in report["rules"]}
     assert "referral_referrer" not in by_rule or by_rule["referral_referrer"]["in_force"] == 0
+
+
+async def test_simulate_pays_a_released_burst_when_it_was_released(db: str, tmp_path: Path) -> None:
+    """`rules held release` prices a burst against the member's state at the release. The
+    in-force lane paid every released burst at once, on the state that held it, even one
+    released after the period's end."""
+    t0 = datetime(2026, 3, 2, 10, tzinfo=CST)
+    end = t0 + timedelta(days=1)
+
+    def event(type_: str, member: str, n: int, at: datetime, **data: object) -> dict[str, Any]:
+        return {"event_id": f"{type_}-{member}-{n}", "type": type_, "occurred_at": at.isoformat(),
+                "member_id": member, "store_id": "sh-jingan", "data": data}  # fmt: skip
+
+    events, shares = [], []
+    for m in ("m-1", "m-2"):  # 20 sign-ins in a minute, then a share in it: held
+        events += [event("check_in", m, i, t0 + timedelta(seconds=i), kind="sign_in")
+                   for i in range(20)]  # fmt: skip
+        at = t0 + timedelta(seconds=20)
+        shares.append(event("share", m, 0, at, share_id=f"s-{m}", approved=True))
+    reviews = [event("review", "m-1", h, t0 + timedelta(hours=h), review_id=f"r-{h}", rating=5)
+               for h in range(1, 5)]  # fmt: skip
+    await _record(db, [*events, *shares, *reviews])
+    # m-1's share released after its second review; m-2's at the period's end, outside it.
+    for share, decided in zip(shares, (t0 + timedelta(hours=2, minutes=1), end), strict=True):
+        await _hold(db, share)
+        await _q(db, "UPDATE rules_held SET status = 'released', decided_at = $2"
+                     " WHERE event_id = $1", share["event_id"], decided)  # fmt: skip
+    _, report = await _simulate_default(db, tmp_path, t0 - timedelta(days=1), end)
+    in_force = {r["rule_id"]: r["in_force"] for r in report["rules"] if r["in_force"]}
+    # m-1's share gets what its day's cap had left after two reviews (200 - 5 - 100), and
+    # the reviews after it nothing; was share 200 (both, in full), review 95.
+    assert in_force == {"sign_in": 10, "review": 100, "share": 95}
+    assert report["held"] == {"in_force": 2, "candidate": 2}

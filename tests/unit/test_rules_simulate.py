@@ -316,7 +316,7 @@ def test_a_burst_ops_released_is_paid_in_the_in_force_lane() -> None:
     assert len(held) == 1
     r = release(state, held[0], DEFAULT, {}, BOOK.tiers_at)
     live += sum(g.data.points for g in r.grants if isinstance(g, PointsGranted))
-    released = frozenset({held[0].event.event_id})
+    released = {held[0].event.event_id: T0 + timedelta(minutes=1)}
     report = Simulation(BOOK, DEFAULT, released=released).feed_all(events).report()
     assert report.held_in_force == 1
     assert report.total.in_force == live
