@@ -11,9 +11,9 @@ it skips the tier report, which changes no state.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, tzinfo
+from datetime import date, datetime, timezone, tzinfo
 
 from schemas.activity import (
     Activity,
@@ -36,7 +36,7 @@ from services.rules.emit import (
 )
 from services.rules.pruning import prune
 from services.rules.ruleset import Derived, RuleSet, derived
-from services.rules.state import MemberState, replace
+from services.rules.state import MemberState, replace, shared_tz
 
 
 @dataclass(frozen=True)
@@ -278,6 +278,83 @@ def expire_tier(state: MemberState, ruleset: RuleSet) -> tuple[MemberState, Tier
         valid_until=new.tier_valid_until,
     )  # fmt: skip
     return new, report
+
+
+def spend_report_id(member_id: str, at: datetime) -> str:
+    """The source id of a spend report the tier sweep makes: one per member and moment, as
+    for an expiry (`tier_expiry_id`)."""
+    return f"spend-lapse|{member_id}|{at.isoformat()}"
+
+
+def report_spend(state: MemberState, at: datetime, ruleset: RuleSet) -> TierEvaluated:
+    """The member's qualifying spend at `at`, where it changed by time alone since the last
+    report (`tier_due`): an order left the 12-month window with no event to say so, and
+    the ledger would show the old spend, and too little still needed for the next tier,
+    for as long as the member stays away.
+
+    The tier and its end stand: spend that leaves the window lowers a tier only at its
+    expiry (a sweep due at or after the expiry goes through `expire_tier`). `ruleset`: the
+    version in force at `at`.
+    """
+    rules = ruleset.tiers
+    spend = tiers.window_spend(state.orders, state.spend_history, at, rules.window_months,
+                               derived(ruleset).zone)  # fmt: skip
+    return tier_report(spend_report_id(state.member_id, at), at, state.member_id, ruleset,
+                       previous=state.tier, tier=state.tier, spend=spend,
+                       valid_until=state.tier_valid_until)  # fmt: skip
+
+
+def tier_due(state: MemberState, at: datetime, ruleset: RuleSet) -> datetime | None:
+    """When the tier sweep must next look at a member whose tier and spend were last
+    reported at `at` (the sweep's column, `rules_member_state.tier_due_at`): the tier's
+    end, or sooner the moment that spend goes stale (`tiers.next_spend_change`). None:
+    neither comes. After `at`, so a sweep reporting at it moves on."""
+    rules = ruleset.tiers
+    change = tiers.next_spend_change(state.orders, state.spend_history, at,
+                                     rules.window_months, derived(ruleset).zone)  # fmt: skip
+    until = state.tier_valid_until
+    if until is None or (change is not None and change < until):
+        return change
+    return until
+
+
+def sweep_due(
+    state: MemberState, due: datetime, ruleset_at: Callable[[datetime], RuleSet]
+) -> tuple[MemberState, TierEvaluated, datetime | None]:
+    """What the tier sweep does for a member due at `due` (`tier_due`): the state after it,
+    the report, and when the member is due next (after the moment reported, so the sweep
+    moves on). A tier expiry at or before `due` first (`expire_tier`: the only case that
+    changes the state); else the spend at `due` (`report_spend`). `ruleset_at`: the
+    version in force at a moment (`RuleBook.at`)."""
+    until = state.tier_valid_until
+    if until is not None and until <= due:
+        ruleset = ruleset_at(until)
+        expired = expire_tier(state, ruleset)
+        assert expired is not None  # a tier with an end always expires
+        new, report = expired
+        return new, report, tier_due(new, until, ruleset)
+    ruleset = ruleset_at(due)
+    # Dated in the zone's offset, as the member's own times are (`due` is read back from
+    # Postgres in UTC): the report's moment and id read like an expiry's.
+    local = due.astimezone(derived(ruleset).zone)
+    offset = local.utcoffset()
+    at = due if offset is None else shared_tz(local.replace(tzinfo=timezone(offset)))
+    return state, report_spend(state, at, ruleset), tier_due(state, at, ruleset)
+
+
+def due_after(result: Evaluation, ruleset: RuleSet, kept: datetime | None) -> datetime | None:
+    """The member's `tier_due` after an event: from the tier report the event made, or, with
+    none, `kept` (the due stored with the state, which nothing changed), but never after
+    the tier's end: a writer that did not store it (before migration 0023) left it out
+    of date. `ruleset`: the version the event was evaluated under."""
+    state = result.state
+    for g in reversed(result.grants):
+        if isinstance(g, TierEvaluated) and g.member_id == state.member_id:
+            return tier_due(state, g.occurred_at, ruleset)
+    until = state.tier_valid_until
+    if until is not None and (kept is None or until < kept):
+        return until
+    return kept
 
 
 def release(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Callable, Mapping
-from datetime import datetime, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from decimal import (
     Context,
     Decimal,
@@ -19,6 +19,7 @@ from decimal import (
     Overflow,
     localcontext,
 )
+from typing import Final
 
 from schemas.grants import TIERS, Tier
 from services.rules.pruning import latest_start, months_later
@@ -125,6 +126,79 @@ def window_spend(
         if m.at <= at:
             total += m.net
     return total
+
+
+_DAY: Final = timedelta(days=1)
+# A zone's summer-time gap can make the calendar arithmetic run back by up to an hour.
+_GAP: Final = timedelta(hours=1)
+
+
+def leaves_window(at: datetime, window: int, zone: tzinfo | None = None) -> datetime:
+    """The first moment an order placed at `at` no longer counts in the rolling spend.
+
+    An order counts at t while `months_later(t, -window)` is before it: up to `window`
+    months after it, unless clipping made that day its month's last (29 February + 12
+    months is 28 February; 31 March + 1 month, 30 April). The window then still reaches
+    back past `at` through that day, so the order leaves at the next day's start, in the
+    zone whose calendar counts the months.
+    """
+    end = months_later(at, window, zone)
+    if at.day <= 28 and (zone is None or zone.utcoffset(at) == at.utcoffset()):
+        return end  # a day every month has, on the zone's calendar: nothing was clipped
+    while months_later(end, -window, zone) < at:
+        local = end if zone is None else end.astimezone(zone)
+        midnight = (local + _DAY).replace(hour=0, minute=0, second=0, microsecond=0)
+        end = midnight if zone is None else midnight.astimezone(at.tzinfo)
+    return end
+
+
+def next_spend_change(
+    orders: dict[str, Order], history: tuple[SpendMark, ...], at: datetime, window: int,
+    zone: tzinfo | None = None,
+) -> datetime | None:  # fmt: skip
+    """The first moment after `at` at which the rolling spend at `at` no longer stands by
+    time alone; None: it stands for good.
+
+    The spend drops when the oldest order counted at `at` (net of refunds, a forgotten
+    one too) leaves the window (`leaves_window`); every later one leaves no earlier. A
+    report dated before later orders (a late event's) missed them: from the latest
+    order's moment on they all count. Orders and marks are kept oldest first and the
+    evaluator forgets orders a window behind the member's latest event, so this reads the
+    first order or two, not them all: the rules service computes it at every tier report.
+    The answer is always after `at`, so a sweep that reports at it moves on.
+    """
+    oldest: datetime | None = None
+    start: datetime | None = None
+    if history:
+        start = months_later(at, -window, zone)
+        for m in reversed(history):  # newest first: usually none is in the window
+            if m.at <= start:
+                break
+            if m.at <= at:
+                oldest = m.at
+    for o in orders.values():  # oldest first
+        if o.at > at or (oldest is not None and o.at >= oldest):
+            break
+        if o.amount - o.refunded <= 0:
+            continue
+        # Within 28 days a month of `at` (a day's slack for a summer-time hour) an order
+        # is counted for sure: the window's start is only worth computing past that.
+        if (at - o.at).days < 28 * window - 1:
+            oldest = o.at
+            break
+        if start is None:
+            start = months_later(at, -window, zone)
+        if o.at > start:
+            oldest = o.at
+            break
+    change = None if oldest is None else leaves_window(oldest, window, zone)
+    if orders:
+        latest = next(reversed(orders.values())).at
+        if latest > at and (change is None or latest < change):
+            change = latest
+    if change is not None and change <= at:  # the calendar ran back (`_GAP`): move on
+        change = at + _GAP
+    return change
 
 
 # The default context's precision and traps, and a rounded sum raises (`SpendIndex`).
