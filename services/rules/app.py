@@ -31,7 +31,7 @@ from services.common.planner_stats import keep_planner_stats
 from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
 from services.rules import referral_chain as chain
 from services.rules.emit import grant_json
-from services.rules.engine import HeldEvent, evaluate
+from services.rules.engine import HeldEvent, due_after, evaluate
 from services.rules.rulebook_store import book_stamp, load_book
 from services.rules.ruleset import RuleBook, RuleSetError
 from services.rules.state import MemberState, dump_state, load_state, with_shared_tz
@@ -51,8 +51,8 @@ ACTIVITY_COLUMNS: Final = [
     "event_id", "member_id", "type", "occurred_at", "topic", "partition", "offset", "payload"
 ]  # fmt: skip
 SELECT_STATES: Final = """
-SELECT member_id, referrer_id, referrer_since, state::text AS state FROM rules_member_state
-WHERE member_id = ANY($1::text[]) ORDER BY member_id FOR UPDATE
+SELECT member_id, referrer_id, referrer_since, tier_due_at, state::text AS state
+FROM rules_member_state WHERE member_id = ANY($1::text[]) ORDER BY member_id FOR UPDATE
 """
 INSERT_HELD: Final = """
 INSERT INTO rules_held (event_id, member_id, type, occurred_at, payload, reason)
@@ -62,15 +62,17 @@ ON CONFLICT (event_id) DO NOTHING
 """
 UPSERT_STATES: Final = """
 INSERT INTO rules_member_state AS s (member_id, referrer_id, referrer_since, state,
-                                     tier_valid_until, activity_partition, updated_at)
-SELECT m, r, rs, st::json, tu, p, now()
+                                     tier_valid_until, tier_due_at, activity_partition,
+                                     updated_at)
+SELECT m, r, rs, st::json, tu, d, p, now()
 FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::timestamptz[],
-            $6::int[]) AS u(m, r, rs, st, tu, p)
+            $6::timestamptz[], $7::int[]) AS u(m, r, rs, st, tu, d, p)
 ON CONFLICT (member_id) DO UPDATE
 SET referrer_id = EXCLUDED.referrer_id,
     referrer_since = COALESCE(s.referrer_since, EXCLUDED.referrer_since),
     state = EXCLUDED.state, tier_valid_until = EXCLUDED.tier_valid_until,
-    activity_partition = EXCLUDED.activity_partition, updated_at = now()
+    tier_due_at = EXCLUDED.tier_due_at, activity_partition = EXCLUDED.activity_partition,
+    updated_at = now()
 """
 
 
@@ -174,10 +176,12 @@ class RulesProcessor:
         states: dict[str, MemberState] = {}
         referrers: dict[str, str | None] = {}
         since: dict[str, datetime | None] = {}
+        due: dict[str, datetime | None] = {}  # the tier sweep's (tier_sweeper.py)
         for r in await conn.fetch(SELECT_STATES, members):
             states[r["member_id"]] = load_state(r["state"])
             referrers[r["member_id"]] = r["referrer_id"]
             since[r["member_id"]] = r["referrer_since"]
+            due[r["member_id"]] = r["tier_due_at"]
         # The referrers' own referrers (two hops at most), under their locks: see
         # `referral_chain` for why, and why this order cannot deadlock.
         await chain.lock(conn, chain.members_to_lock((e for _, e in fresh), referrers))
@@ -196,8 +200,10 @@ class RulesProcessor:
             member = event.member_id
             state = states.get(member) or MemberState(member_id=member)
             refs = chain.as_of(referrers, since, state, event)
-            result = evaluate(state, event, book.at(event.occurred_at), refs, book.tiers_at)
+            ruleset = book.at(event.occurred_at)
+            result = evaluate(state, event, ruleset, refs, book.tiers_at)
             new = states[member] = result.state
+            due[member] = due_after(result, ruleset, due.get(member))
             referrers[member] = new.referrer_id
             if state.referrer_id is None and new.referrer_id is not None:
                 since[member] = event.occurred_at
@@ -227,6 +233,7 @@ class RulesProcessor:
             [since.get(m) for m in ordered],
             [dump_state(states[m]).decode() for m in ordered],
             [states[m].tier_valid_until for m in ordered],
+            [due[m] for m in ordered],
             [partition[m] for m in ordered],
         )
         topic = self.settings.topics.grants

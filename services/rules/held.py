@@ -19,7 +19,7 @@ from schemas.activity import CheckIn, Review, Share, parse_activity
 from services.common.config import Settings
 from services.common.outbox import OutboxRow, write_outbox
 from services.rules.emit import grant_json
-from services.rules.engine import HeldEvent, release
+from services.rules.engine import HeldEvent, due_after, release
 from services.rules.rulebook_store import load_book
 from services.rules.state import MemberState, dump_state, load_state
 
@@ -32,17 +32,20 @@ FROM rules_held WHERE ($1::text IS NULL OR status = $1) ORDER BY held_at, event_
 """
 LOCK_HELD: Final = "SELECT payload, reason, status FROM rules_held WHERE event_id = $1 FOR UPDATE"
 LOCK_STATE: Final = """
-SELECT state::text AS state FROM rules_member_state WHERE member_id = $1 FOR UPDATE
+SELECT state::text AS state, tier_due_at FROM rules_member_state WHERE member_id = $1
+FOR UPDATE
 """
 SELECT_REFERRERS: Final = """
 SELECT member_id, referrer_id FROM rules_member_state WHERE member_id = ANY($1::text[])
 """
 UPSERT_STATE: Final = """
-INSERT INTO rules_member_state AS s (member_id, referrer_id, state, tier_valid_until, updated_at)
-VALUES ($1, $2, $3::text::json, $4, now())  -- text: with or without a json codec
+INSERT INTO rules_member_state AS s (member_id, referrer_id, state, tier_valid_until,
+                                     tier_due_at, updated_at)
+VALUES ($1, $2, $3::text::json, $4, $5, now())  -- text: with or without a json codec
 ON CONFLICT (member_id) DO UPDATE
 SET referrer_id = EXCLUDED.referrer_id, state = EXCLUDED.state,
-    tier_valid_until = EXCLUDED.tier_valid_until, updated_at = now()
+    tier_valid_until = EXCLUDED.tier_valid_until, tier_due_at = EXCLUDED.tier_due_at,
+    updated_at = now()
 """
 DECIDE: Final = """
 UPDATE rules_held SET status = $2, decided_at = now(), decided_by = $3, grants = $4
@@ -89,8 +92,12 @@ async def release_held(
         book = await load_book(conn)
         ruleset = book.at(event.occurred_at)
         # The rules consumer locks the same row per batch, so neither overwrites the other.
-        raw = await conn.fetchval(LOCK_STATE, event.member_id)
-        state = load_state(raw) if raw is not None else MemberState(member_id=event.member_id)
+        stored = await conn.fetchrow(LOCK_STATE, event.member_id)
+        state = (
+            load_state(stored["state"])
+            if stored is not None
+            else MemberState(member_id=event.member_id)
+        )
         referrers: dict[str, str | None] = {event.member_id: state.referrer_id}
         if state.referrer_id is not None:
             for r in await conn.fetch(SELECT_REFERRERS, [state.referrer_id]):
@@ -103,6 +110,7 @@ async def release_held(
             result.state.referrer_id,
             dump_state(result.state).decode(),
             result.state.tier_valid_until,
+            due_after(result, ruleset, stored["tier_due_at"] if stored is not None else None),
         )
         topic = settings.topics.grants
         await write_outbox(

@@ -1,4 +1,4 @@
-"""Tier expiries of members who have gone quiet.
+"""Tier expiries, and spend leaving the 12-month window, of members who have gone quiet.
 
 A reached tier is kept 12 months, then re-decided on the rolling spend at that moment
 (DOMAIN.md, Tiers). The evaluator applies a due expiry when the member's next event
@@ -9,6 +9,14 @@ expiry at its own moment exactly as that next event would (`engine.expire_tier`)
 reports it like any tier change: the ledger updates the tier, the notifier tells the
 member. The report's id comes from the member and the moment, so a sweep repeated after a
 crash, or a second instance, reports it under the same id and the ledger keeps it once.
+
+The spend the ledger shows for a member is the spend of their last tier report, which a
+purchase, a refund or an expiry makes; an order leaving the 12-month window makes none.
+So the sweep also reports the spend at the moment it changes by time alone
+(`engine.report_spend`), the tier unchanged: the member view's qualifying spend and the
+spend still needed for the next tier would otherwise stay as they were for as long as the
+member stays away. Each state's column `tier_due_at` says when to look next: the tier's
+end or that moment, whichever comes first (`engine.tier_due`), set with every tier report.
 
 It decides by event time, so it waits for the events that could still change the answer:
 it sweeps only the members of the partitions this instance consumes (recorded with each
@@ -33,7 +41,7 @@ from prometheus_client import Counter
 
 from services.common.outbox import OutboxRow, write_outbox
 from services.rules.emit import grant_json
-from services.rules.engine import expire_tier
+from services.rules.engine import sweep_due
 from services.rules.ruleset import RuleBook
 from services.rules.state import dump_state, load_state
 
@@ -43,20 +51,23 @@ PER_PAGE: Final = 500
 # Members of this instance's partitions (and those whose partition is not known: rows
 # from before migration 0015, members only a held release wrote).
 DUE: Final = """
-SELECT member_id, state::text AS state FROM rules_member_state
-WHERE tier_valid_until <= $1
+SELECT member_id, tier_due_at, state::text AS state FROM rules_member_state
+WHERE tier_due_at <= $1
   AND (activity_partition = ANY($3::int[]) OR activity_partition IS NULL)
-ORDER BY tier_valid_until, member_id LIMIT $2
+ORDER BY tier_due_at, member_id LIMIT $2
 FOR UPDATE SKIP LOCKED
 """
 UPDATE_STATES: Final = """
 UPDATE rules_member_state AS s
-SET state = u.st::json, tier_valid_until = u.tu, updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS u(m, st, tu)
+SET state = u.st::json, tier_valid_until = u.tu, tier_due_at = u.d, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[]) AS u(m, st, tu, d)
 WHERE s.member_id = u.m
 """
 
 EXPIRED: Final = Counter("loyalty_tier_expiries_total", "Tier expiries applied by the sweep")
+SPEND_REPORTS: Final = Counter(
+    "loyalty_tier_spend_reports_total", "Spend changes by time alone reported by the sweep"
+)
 log = structlog.get_logger()
 
 
@@ -96,58 +107,60 @@ class TierSweeper:
                 log.exception("tier_sweep_failed")
 
     async def sweep_once(self, now: datetime) -> int:
-        """Apply every tier expiry due by `now` less the grace; returns how many.
+        """Report every tier expiry and spend change due by `now` less the grace; returns
+        how many reports.
 
-        Page by page, each its own short transaction. An expiry whose tier is kept (the
-        member still qualifies) moves 12 months on, so no member comes back in one sweep
-        unless it has more than one expiry due (away for years).
+        Page by page, each its own short transaction. Each report moves the member's due
+        moment past it (`tier_due`), so no member comes back in one sweep unless more than
+        one is due (several orders leaving the window, or away for years).
         """
         book = self._book()
         if book is None:
             return 0
-        cutoff, done, partitions = now - self._grace, 0, self._partitions()
+        cutoff, partitions = now - self._grace, self._partitions()
+        expiries = spends = 0  # committed
         while True:
+            page_expiries = page_spends = 0
             async with self._pool.acquire() as conn, conn.transaction():
                 rows = await conn.fetch(DUE, cutoff, self._per_page, partitions)
                 members: list[str] = []
                 states: list[str] = []
                 untils: list[datetime | None] = []
+                dues: list[datetime | None] = []
                 outbox: list[OutboxRow] = []
                 for row in rows:
+                    members.append(row["member_id"])
                     try:
                         state = load_state(row["state"])
                     except (msgspec.ValidationError, msgspec.DecodeError):
                         # Left for the consumer to meet (it fails the same way there, loudly);
                         # its column is cleared so this sweep does not pick it up forever.
                         log.error("tier_sweep_unreadable_state", member_id=row["member_id"])
-                        members.append(row["member_id"])
                         states.append(row["state"])
                         untils.append(None)
+                        dues.append(None)
                         continue
-                    until = state.tier_valid_until
-                    members.append(row["member_id"])
-                    if until is None or until > cutoff:
-                        # The column disagrees with the document (the document wins): only
-                        # the column is put right.
+                    new, report, due = sweep_due(state, row["tier_due_at"], book.at)
+                    if new is state:  # the spend changed by time alone
                         states.append(row["state"])
-                        untils.append(until)
-                        continue
-                    expired = expire_tier(state, book.at(until))
-                    assert expired is not None  # a tier with an end always expires
-                    new, report = expired
-                    states.append(dump_state(new).decode())
+                        page_spends += 1
+                    else:  # the tier expired
+                        states.append(dump_state(new).decode())
+                        page_expiries += 1
                     untils.append(new.tier_valid_until)
+                    dues.append(due)
                     outbox.append(OutboxRow(self._topic, report.member_id, grant_json(report)))
                 if members:
-                    await conn.execute(UPDATE_STATES, members, states, untils)
+                    await conn.execute(UPDATE_STATES, members, states, untils, dues)
                     await write_outbox(conn, SERVICE, outbox)
             if not rows:
                 break
-            done += len(outbox)
-            EXPIRED.inc(len(outbox))
+            expiries, spends = expiries + page_expiries, spends + page_spends
+            EXPIRED.inc(page_expiries)
+            SPEND_REPORTS.inc(page_spends)
             self._wake()
             if len(rows) < self._per_page:
                 break
-        if done:
-            log.info("tier_sweep", expiries=done)
-        return done
+        if expiries or spends:
+            log.info("tier_sweep", expiries=expiries, spend_reports=spends)
+        return expiries + spends

@@ -1,6 +1,7 @@
 """Migrations that change existing tables keep what those tables hold (an upgrade, not
 only a fresh install): 0012 (the outbox's key), 0013 (json documents), 0014 (lots' sweep
-moment), 0015 (members' tier end), 0016 (what member states may have forgotten)."""
+moment), 0015 (members' tier end), 0016 (what member states may have forgotten), 0023 (when
+the tier sweep must next look at each member)."""
 
 from __future__ import annotations
 
@@ -198,3 +199,37 @@ async def test_0017_gives_each_lot_with_points_left_its_grants_version(
         versions = dict(await conn.fetch("SELECT lot_id, ruleset_version FROM ledger_lots"))
         # An emptied lot is never read again, so it is not rewritten.
         assert versions == {"g-live": "2026.2", "g-spent": None, "a-live": None}
+
+
+async def test_0023_makes_members_with_spend_due_for_one_spend_report(fresh_database: str) -> None:
+    async with migrated_until(fresh_database, "0023") as conn:
+        states = {
+            "m-gold": {"member_id": "m-gold", "tier": "gold",
+                       "tier_valid_until": "2026-03-02T10:00:00+08:00",
+                       "orders": {"o-1": {"amount": "30000"}}},
+            "m-gold-later": {"member_id": "m-gold-later", "tier": "gold",
+                             "tier_valid_until": "2999-03-02T10:00:00+08:00",
+                             "orders": {"o-1": {"amount": "30000"}}},
+            "m-spent": {"member_id": "m-spent", "orders": {"o-1": {"amount": "12.50"}}},
+            "m-forgot": {"member_id": "m-forgot", "spend_history": [["2026-01-01T00:00:00Z", "9"]]},
+            "m-plain": {"member_id": "m-plain"},
+        }  # fmt: skip
+        for member, state in states.items():
+            await conn.execute(
+                "INSERT INTO rules_member_state (member_id, state, tier_valid_until)"
+                " VALUES ($1, $2::json, ($2::json ->> 'tier_valid_until')::timestamptz)",
+                member, json.dumps(state),
+            )  # fmt: skip
+        assert apply_migrations(fresh_database) >= 1
+
+        now = await conn.fetchval("SELECT now()")
+        due = dict(await conn.fetch("SELECT member_id, tier_due_at FROM rules_member_state"))
+        # A tier that ends before now is due at its end, as before; spend is reported once now.
+        assert due["m-gold"] == datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
+        for member in ("m-gold-later", "m-spent", "m-forgot"):
+            assert abs(due[member] - now) < timedelta(minutes=5), member
+        assert due["m-plain"] is None
+        index = await conn.fetchval(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'rules_member_state_tier_due'"
+        )
+        assert "(tier_due_at, member_id)" in index
