@@ -18,7 +18,7 @@ from rich.progress import (
 )
 
 from services.common.runtime import tune_gc
-from services.ctl.common import exit_codes, run_db, with_connection
+from services.ctl.common import exit_codes, fail, run_db, with_connection
 from services.ledger import rebuild as rb
 
 app = typer.Typer(
@@ -65,7 +65,10 @@ def _total(dsn: str) -> int:
 
 @app.command(epilog=exit_codes("rebuilt"))
 def rebuild(database_url: str | None = DsnOption) -> None:
-    """Rebuild member totals and lots from the journal: built aside, swapped in one step."""
+    """Rebuild member totals and lots from the journal: built aside, swapped in one step.
+
+    One at a time: while another rebuild runs, this one does nothing and exits 2.
+    """
     tune_gc()  # +13 % on 500k entries (bench/experiments/rebuild_gc.py)
     dsn = _dsn(database_url)
     # One connection first: an unusable URL or an unreachable database is one error line
@@ -80,7 +83,10 @@ def rebuild(database_url: str | None = DsnOption) -> None:
             console.print(f"[dim]{elapsed:6.1f}s[/dim] {name}", highlight=False)
             steps.update(task, description=name)
 
-        report = run_db(rb.rebuild(dsn, phase))
+        try:
+            report = run_db(rb.rebuild(dsn, phase))
+        except rb.RebuildRunning as exc:
+            raise fail(str(exc)) from exc
     console.print(
         f"rebuilt {report.members} members, {report.lots} lots from {report.entries} entries"
         f" ({report.caught_up} members caught up at the swap)"

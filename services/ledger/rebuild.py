@@ -6,7 +6,9 @@ creating entry minus what later entries took from it (their ``allocations``), ea
 journal ordered by ``(member_id, seq)`` through a server-side cursor and folds each member
 with the pure `accounting.replay`, so the two implementations prove each other.
 
-**Rebuild** builds aside and swaps, so the API and the consumer keep serving:
+**Rebuild** builds aside and swaps, so the API and the consumer keep serving. One runs at a
+time (an advisory lock for the whole run): a second is refused, since the build tables are
+one pair and two runs would swap in each other's half-built tables.
 
 1. A consistent starting point: a short transaction takes ``SHARE`` on ``ledger_entries``
    (so no writer is half-way through appending), exports its snapshot and notes the highest
@@ -57,6 +59,19 @@ SWAP_ATTEMPTS: Final = 5
 SWAP_LOCK_TIMEOUT: Final = "2s"
 SWAP_RETRY_PAUSE_S: Final = 0.2
 SWAP_RETRYABLE: Final = (asyncpg.DeadlockDetectedError, asyncpg.LockNotAvailableError)
+# Advisory lock keys, each a short ASCII word read as a number, like planner_stats' "planst"
+# (the others: the outbox relay's crc32 of "outbox:<service>", hashtextextended() of
+# 'rules_rulesets:publish' and of 'notifier:' || member, referral_chain's per-member hash).
+# One rebuild at a time, held by its swapping connection from start to end: the build tables
+# have fixed names, and a second run would drop and recreate them empty under the first,
+# which then swapped them in. A killed run's session ends, and its lock with it; the next
+# run drops what it left, still under the lock.
+REBUILD_LOCK_KEY: Final = 0x6C64_6772_7262  # "ldgrrb"
+LOCK_HOLDER: Final = """
+SELECT a.pid, a.backend_start FROM pg_locks AS l JOIN pg_stat_activity AS a USING (pid)
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND (l.classid::bigint << 32 | l.objid::bigint) = $1
+"""
 
 JOURNAL: Final = "SELECT * FROM ledger_entries ORDER BY member_id, seq"
 JOURNAL_AFTER: Final = """
@@ -161,6 +176,18 @@ SELECT * FROM ledger_lots WHERE member_id = ANY($1::text[]) AND remaining > 0
 Progress = Callable[[int], None]
 
 
+class RebuildRunning(Exception):
+    """Another rebuild holds `REBUILD_LOCK_KEY`: this one did nothing."""
+
+    def __init__(self, holder: asyncpg.Record | None) -> None:
+        what = "was running and has just finished; this one did nothing, run it again"
+        if holder:
+            since = f"{holder['backend_start']:%Y-%m-%d %H:%M:%S %Z}"
+            what = f"is running (Postgres backend pid {holder['pid']}, connected {since});"
+            what += " this one did nothing"
+        super().__init__(f"another `ledger rebuild` {what}")
+
+
 @dataclass
 class RebuildReport:
     members: int = 0
@@ -232,7 +259,9 @@ async def rebuild(dsn: str, phase: Phase | None = None) -> RebuildReport:
     write = await asyncpg.connect(dsn)
     read = await asyncpg.connect(dsn)
     try:
-        for table in TABLES:
+        if not await write.fetchval("SELECT pg_try_advisory_lock($1)", REBUILD_LOCK_KEY):
+            raise RebuildRunning(await write.fetchrow(LOCK_HOLDER, REBUILD_LOCK_KEY))
+        for table in TABLES:  # a killed run's, if any: no other run is building
             await write.execute(f"DROP TABLE IF EXISTS {table}_rebuild")
             await write.execute(
                 f"CREATE TABLE {table}_rebuild"
@@ -253,7 +282,7 @@ async def rebuild(dsn: str, phase: Phase | None = None) -> RebuildReport:
         report.caught_up, report.swap_retries = await _swap_retrying(write, high, renames)
     finally:
         await read.close()
-        await write.close()
+        await write.close()  # and with it the lock
     return report
 
 
