@@ -23,6 +23,8 @@ one pair and two runs would swap in each other's half-built tables.
    wait for the swap only (milliseconds), never for the build. A swap that loses a
    deadlock (an expiry sweep page holds ``ledger_lots`` and wants a member row) or waits
    over its ``lock_timeout`` rolls back and is retried, a few times, keeping the build.
+   It waits first for any running verify to finish (`READ_MODELS_LOCK_KEY`), without
+   queueing on the tables, where the API's reads would queue behind it.
 
 **Verify** reads the journal and the read models in one ``REPEATABLE READ`` snapshot (so a
 running system gives no false differences) and reports every member whose totals, debt or
@@ -67,6 +69,12 @@ SWAP_RETRYABLE: Final = (asyncpg.DeadlockDetectedError, asyncpg.LockNotAvailable
 # which then swapped them in. A killed run's session ends, and its lock with it; the next
 # run drops what it left, still under the lock.
 REBUILD_LOCK_KEY: Final = 0x6C64_6772_7262  # "ldgrrb"
+# A swap against a verify: verify holds this one shared from before its snapshot to its end,
+# the swap exclusively. A snapshot survives writes, not DROP + RENAME: a verify that first
+# read the read models after a swap read the new tables, whose rows it cannot see, and
+# reported every member missing. The swap waits on this lock rather than on the tables,
+# since a lock request queued on a table holds up every reader that comes after it.
+READ_MODELS_LOCK_KEY: Final = 0x6C64_6772_726D  # "ldgrrm"
 LOCK_HOLDER: Final = """
 SELECT a.pid, a.backend_start FROM pg_locks AS l JOIN pg_stat_activity AS a USING (pid)
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
@@ -278,6 +286,7 @@ async def rebuild(dsn: str, phase: Phase | None = None) -> RebuildReport:
         await read.execute("COMMIT")
         phase(f"indexes of {report.members:,} members and {report.lots:,} lots")
         renames = await _clone_indexes(write)
+        await _exclude_verifies(write, phase)
         phase("swap (entries that arrived meanwhile folded in)")
         report.caught_up, report.swap_retries = await _swap_retrying(write, high, renames)
     finally:
@@ -327,6 +336,14 @@ async def _clone_indexes(conn: asyncpg.Connection) -> list[str]:
             else:
                 steps.append(f"ALTER INDEX {temp} RENAME TO {name}")
     return steps
+
+
+async def _exclude_verifies(conn: asyncpg.Connection, phase: Phase) -> None:
+    """Wait until no verify reads the read models; none starts until ``conn`` closes."""
+    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", READ_MODELS_LOCK_KEY):
+        return
+    phase("waiting for a running `ledger verify` to finish (the swap replaces what it reads)")
+    await conn.execute("SELECT pg_advisory_lock($1)", READ_MODELS_LOCK_KEY)
 
 
 async def _swap_retrying(
@@ -439,7 +456,13 @@ async def verify(dsn: str, progress: Progress | None = None) -> VerifyReport:
     conn = await asyncpg.connect(dsn)
     side = conn  # one snapshot: the cursor's FETCHes and the lookups interleave on it
     try:
+        # Before the snapshot, so a swap under way ends first; held until the connection
+        # closes, so none starts (`READ_MODELS_LOCK_KEY`).
+        await conn.execute("SELECT pg_advisory_lock_shared($1)", READ_MODELS_LOCK_KEY)
         async with conn.transaction(isolation="repeatable_read", readonly=True):
+            # The read models of the snapshot even against a swap that did not ask (a
+            # rebuild from before that lock): it waits for us. Taken before the snapshot.
+            await conn.execute("LOCK TABLE ledger_members, ledger_lots IN ACCESS SHARE MODE")
             chunk: list[acc.Book] = []
 
             async def check(books: list[acc.Book]) -> None:

@@ -110,3 +110,34 @@ async def test_ledgerctl_rebuild_exits_2_while_another_runs_then_cleans_leftover
     left = await pool.fetchval("SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_rebuild'")
     assert left == 0
     assert (await verify(dsn)).differences == []
+
+
+async def test_verify_during_a_rebuild_sees_no_differences_and_the_swap_waits_for_it(
+    journal: tuple[str, asyncpg.Pool],
+) -> None:
+    """The rebuild swaps while verify has its snapshot but has not read the read models
+    yet: a swap there left verify reading the new tables, whose rows its snapshot cannot
+    see, and it reported every member missing."""
+    dsn, _ = journal
+    phases: list[str] = []
+    r_result: list[Any] = []
+    r_done, r_waits = threading.Event(), threading.Event()
+
+    def phase_r(name: str) -> None:
+        phases.append(name)
+        if name.startswith("waiting for"):
+            r_waits.set()
+
+    def progress(_: int) -> None:  # verify has folded the journal's first rows
+        if not phases:
+            in_thread(lambda: rebuild(dsn, phase_r), r_result, r_done)
+            assert r_waits.wait(WAIT_S) or r_done.wait(WAIT_S)
+
+    report = await verify(dsn, progress)
+    assert await asyncio.to_thread(r_done.wait, WAIT_S)
+    assert report.differences == []
+    assert report.members == 200
+    assert not isinstance(r_result[0], BaseException), r_result
+    assert r_result[0].swap_retries == 0  # it waited for verify, not against its lock
+    assert any(p.startswith("waiting for a running `ledger verify`") for p in phases), phases
+    assert (await verify(dsn)).differences == []
