@@ -18,8 +18,9 @@ one pair and two runs would swap in each other's half-built tables.
    are cloned onto them.
 3. The swap, one transaction: ``ACCESS EXCLUSIVE`` on the live read models (every writer
    locks a member row before appending, so none is in flight once we hold it), refold the
-   few members whose entries arrived after the snapshot, add members without entries,
-   restore tiers from ``ledger_tier_history``, then drop the old tables and rename. Readers
+   few members whose entries arrived after the snapshot, add members without entries
+   (the live table's, and the tier history's), restore tiers and next tiers from
+   ``ledger_tier_history``, then drop the old tables and rename. Readers
    wait for the swap only (milliseconds), never for the build. A swap that loses a
    deadlock (an expiry sweep page holds ``ledger_lots`` and wants a member row) or waits
    over its ``lock_timeout`` rolls back and is retried, a few times, keeping the build.
@@ -28,7 +29,9 @@ one pair and two runs would swap in each other's half-built tables.
 
 **Verify** reads the journal and the read models in one ``REPEATABLE READ`` snapshot (so a
 running system gives no false differences) and reports every member whose totals, debt or
-lots differ from the fold, and every member whose tier differs from its latest evaluation.
+lots differ from the fold, every member whose tier or next tier differs from its latest
+evaluation (or who has one and no row), and every lot whose ``sweep_at`` would hold back a
+warning not yet sent.
 """
 
 from __future__ import annotations
@@ -132,37 +135,72 @@ LEFT JOIN pg_constraint AS c
       AND c.contype = 'p' AND c.conindid = to_regclass(i.schemaname || '.' || i.indexname)
 WHERE i.schemaname = current_schema() AND i.tablename = $1
 """
+# An upsert: a member known only from the tier history (no entries) gets a row here even
+# when the live table lost it (the swap adds members without entries from there).
 LATEST_TIERS: Final = """
-UPDATE ledger_members_rebuild AS r SET
-    tier = h.tier,
-    qualifying_spend = h.qualifying_spend,
-    tier_valid_until = h.tier_valid_until,
-    -- History rows from before the next-tier columns existed: keep the live value.
-    next_tier = CASE WHEN h.next_tier IS NULL AND o.tier = h.tier THEN o.next_tier
-                     ELSE h.next_tier END,
-    next_tier_spend = CASE WHEN h.next_tier_spend IS NULL AND o.tier = h.tier
-                           THEN o.next_tier_spend ELSE h.next_tier_spend END
+INSERT INTO ledger_members_rebuild AS r
+       (member_id, tier, qualifying_spend, tier_valid_until, next_tier, next_tier_spend)
+SELECT h.member_id, h.tier, h.qualifying_spend, h.tier_valid_until,
+       -- History rows from before the next-tier columns existed: keep the live value.
+       CASE WHEN h.next_tier IS NULL AND o.tier = h.tier THEN o.next_tier
+            ELSE h.next_tier END,
+       CASE WHEN h.next_tier_spend IS NULL AND o.tier = h.tier THEN o.next_tier_spend
+            ELSE h.next_tier_spend END
 FROM (
     SELECT DISTINCT ON (member_id) member_id, tier, qualifying_spend, tier_valid_until,
            next_tier, next_tier_spend
     FROM ledger_tier_history ORDER BY member_id, seq DESC  -- arrival order: projector.py
 ) AS h
 LEFT JOIN ledger_members AS o USING (member_id)
-WHERE r.member_id = h.member_id
+ON CONFLICT (member_id) DO UPDATE SET
+    tier = excluded.tier, qualifying_spend = excluded.qualifying_spend,
+    tier_valid_until = excluded.tier_valid_until, next_tier = excluded.next_tier,
+    next_tier_spend = excluded.next_tier_spend
 """
+# Every member with a row or a tier report: a missing row of a member with reports and no
+# entries (one with entries is told by the fold of the journal), and a tier other than the
+# latest report's. The next tier is expected as `LATEST_TIERS` restores it: a report
+# without one (the top tier, or a report from before those columns) leaves it unchecked.
 TIER_DIFFERENCES: Final = """
-SELECT m.member_id, m.tier, m.qualifying_spend, m.tier_valid_until,
+SELECT ids.member_id, m.member_id IS NULL AS missing,
+       m.tier, m.qualifying_spend, m.tier_valid_until, m.next_tier, m.next_tier_spend,
        COALESCE(h.tier, 'member') AS h_tier, COALESCE(h.qualifying_spend, 0) AS h_spend,
-       h.tier_valid_until AS h_valid
-FROM ledger_members AS m
+       h.tier_valid_until AS h_valid, h.next_tier AS h_next, h.next_tier_spend AS h_next_spend
+FROM (SELECT member_id FROM ledger_members UNION SELECT member_id FROM ledger_tier_history)
+     AS ids
+LEFT JOIN ledger_members AS m USING (member_id)
 LEFT JOIN LATERAL (
-    SELECT tier, qualifying_spend, tier_valid_until FROM ledger_tier_history AS t
-    WHERE t.member_id = m.member_id ORDER BY seq DESC LIMIT 1
+    SELECT tier, qualifying_spend, tier_valid_until, next_tier, next_tier_spend
+    FROM ledger_tier_history AS t
+    WHERE t.member_id = ids.member_id ORDER BY seq DESC LIMIT 1
 ) AS h ON true
-WHERE (m.tier, m.qualifying_spend, m.tier_valid_until)
-      IS DISTINCT FROM (COALESCE(h.tier, 'member'), COALESCE(h.qualifying_spend, 0),
-                        h.tier_valid_until)
-ORDER BY m.member_id
+WHERE CASE WHEN m.member_id IS NULL
+           THEN NOT EXISTS (SELECT 1 FROM ledger_entries AS e WHERE e.member_id = ids.member_id)
+           ELSE (m.tier, m.qualifying_spend, m.tier_valid_until, m.next_tier, m.next_tier_spend)
+                IS DISTINCT FROM
+                (COALESCE(h.tier, 'member'), COALESCE(h.qualifying_spend, 0), h.tier_valid_until,
+                 CASE WHEN h.next_tier IS NULL AND m.tier = h.tier THEN m.next_tier
+                      ELSE h.next_tier END,
+                 CASE WHEN h.next_tier_spend IS NULL AND m.tier = h.tier THEN m.next_tier_spend
+                      ELSE h.next_tier_spend END)
+      END
+ORDER BY ids.member_id
+"""
+# A lot the sweeper would next look at only after a warning not yet sent is due: that
+# warning goes out late, or never. Earlier is harmless (the sweeper looks, sends nothing
+# twice, moves it on), and is what a rebuild and migration 0014 leave.
+SWEEP_LATE: Final = """
+SELECT l.member_id, l.lot_id, l.sweep_at, w.due
+FROM ledger_lots AS l
+CROSS JOIN LATERAL (
+    SELECT COALESCE(min(l.expires_at - make_interval(hours => 24 * t.days)), l.expires_at)
+           AS due
+    FROM unnest($1::int[]) AS t(days)
+    WHERE NOT EXISTS (SELECT 1 FROM ledger_expiry_warnings AS x
+                      WHERE x.lot_id = l.lot_id AND x.threshold_days = t.days)
+) AS w
+WHERE l.remaining > 0 AND l.sweep_at > w.due
+ORDER BY l.member_id, l.lot_id
 """
 ORPHAN_TOTALS: Final = """
 SELECT * FROM ledger_members AS m
@@ -446,6 +484,22 @@ def _fmt_lot(lot: tuple[Any, ...] | None) -> str:
     )
 
 
+def _tier_difference(r: asyncpg.Record) -> str:
+    m = r["member_id"]
+    if r["missing"]:
+        return f"{m}: in the tier history but not in ledger_members"
+    return (
+        f"{m}: tier history says {r['h_tier']} (spend {r['h_spend']}, valid until"
+        f" {_iso(r['h_valid'])}, next {_next(r['h_next'], r['h_next_spend'])}), read-model says"
+        f" {r['tier']} (spend {r['qualifying_spend']}, valid until"
+        f" {_iso(r['tier_valid_until'])}, next {_next(r['next_tier'], r['next_tier_spend'])})"
+    )
+
+
+def _next(tier: str | None, spend: Any) -> str:
+    return f"{tier} at {spend}" if tier else "-"
+
+
 def _iso(dt: datetime | None) -> str:
     return dt.isoformat() if dt else "-"
 
@@ -496,11 +550,11 @@ async def verify(dsn: str, progress: Progress | None = None) -> VerifyReport:
                     " but the member has no journal entries"
                 )
             for r in await conn.fetch(TIER_DIFFERENCES):
+                report.differences.append(_tier_difference(r))
+            for r in await conn.fetch(SWEEP_LATE, list(acc.WARNING_DAYS)):
                 report.differences.append(
-                    f"{r['member_id']}: tier history says {r['h_tier']}"
-                    f" (spend {r['h_spend']}, valid until {_iso(r['h_valid'])}),"
-                    f" read-model says {r['tier']} (spend {r['qualifying_spend']},"
-                    f" valid until {_iso(r['tier_valid_until'])})"
+                    f"{r['member_id']}: lot {r['lot_id']} sweep_at {_iso(r['sweep_at'])} is after"
+                    f" its next warning not sent ({_iso(r['due'])})"
                 )
     finally:
         await conn.close()

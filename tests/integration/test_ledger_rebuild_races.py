@@ -16,13 +16,21 @@ from typing import Any
 import asyncpg
 import pytest
 
+from services.common.config import Settings
+from services.common.consumer import BatchConsumer
+from services.ledger import projector
+from services.ledger.accounting import add_months
 from services.ledger.rebuild import REBUILD_LOCK_KEY, RebuildRunning, rebuild, verify
-from tests.integration.direct import migrated_pool
-from tests.integration.ledger_helpers import copy_journal, generate_journal
+from services.ledger.rulebook import LedgerRules
+from services.ledger.sweeper import ExpirySweeper
+from tests.integration import direct
+from tests.integration.direct import consumer_of, migrated_pool
+from tests.integration.ledger_helpers import copy_journal, generate_journal, grant, tier_report
 from tests.integration.test_ledger_rebuild import ledgerctl
 
 pytestmark = pytest.mark.integration
 START = datetime.now(UTC) - timedelta(days=700)
+TOPIC = "loyalty.grants.v1"
 COUNTS = """
 SELECT (SELECT count(*) FROM ledger_members) AS members,
        (SELECT count(*) FROM ledger_lots WHERE remaining > 0) AS lots,
@@ -140,4 +148,89 @@ async def test_verify_during_a_rebuild_sees_no_differences_and_the_swap_waits_fo
     assert not isinstance(r_result[0], BaseException), r_result
     assert r_result[0].swap_retries == 0  # it waited for verify, not against its lock
     assert any(p.startswith("waiting for a running `ledger verify`") for p in phases), phases
+    assert (await verify(dsn)).differences == []
+
+
+# ------------------------------------------------------------- tier-only members, sweep_at
+
+
+@pytest.fixture
+async def ledger(fresh_database: str) -> AsyncIterator[tuple[str, asyncpg.Pool, BatchConsumer]]:
+    settings = Settings(database_url=fresh_database, bootstrap_servers="")
+    async with migrated_pool(fresh_database) as pool:
+        handler = projector.make_handler(settings, "ledger", LedgerRules())
+        yield fresh_database, pool, consumer_of(pool, "ledger", TOPIC, handler)
+
+
+TIER_ROW = """
+SELECT tier, qualifying_spend, tier_valid_until, next_tier, next_tier_spend
+FROM ledger_members WHERE member_id = $1
+"""
+
+
+async def test_a_member_known_only_from_the_tier_history_is_checked_and_restored(
+    ledger: tuple[str, asyncpg.Pool, BatchConsumer],
+) -> None:
+    dsn, pool, consumer = ledger
+    now = datetime.now(UTC)
+    await consumer.process(direct.records(
+        TOPIC,
+        grant("m-tier", 1000, now - timedelta(days=3)),
+        tier_report("m-tier", now - timedelta(days=3), "member", "silver", "6000.00",
+                    ("gold", "20000.00"), now + timedelta(days=360)),
+        tier_report("m-tieronly", now - timedelta(days=2), "member", "silver", "5100.00",
+                    ("gold", "20000.00"), now + timedelta(days=300)),
+    ))  # fmt: skip
+    assert (await verify(dsn)).differences == []
+    live = dict(await pool.fetchrow(TIER_ROW, "m-tieronly"))
+    assert (live["tier"], live["next_tier"]) == ("silver", "gold")
+
+    await pool.execute("DELETE FROM ledger_members WHERE member_id = 'm-tieronly'")
+    assert (await verify(dsn)).differences == [
+        "m-tieronly: in the tier history but not in ledger_members"
+    ]
+    await rebuild(dsn)
+    await pool.expire_connections()
+    assert dict(await pool.fetchrow(TIER_ROW, "m-tieronly")) == live
+    assert (await verify(dsn)).differences == []
+
+    await pool.execute(
+        "UPDATE ledger_members SET next_tier = 'diamond', next_tier_spend = 1"
+        " WHERE member_id = 'm-tier'"
+    )
+    diffs = (await verify(dsn)).differences
+    assert len(diffs) == 1, diffs
+    assert diffs[0].startswith("m-tier: tier history says silver")
+    assert "next gold at 20000.00" in diffs[0]
+    assert "next diamond at 1.00" in diffs[0]
+    await rebuild(dsn)
+    assert (await verify(dsn)).differences == []
+
+
+async def test_verify_finds_a_lot_whose_sweep_at_skips_a_warning_not_sent(
+    ledger: tuple[str, asyncpg.Pool, BatchConsumer],
+) -> None:
+    """sweep_at earlier than due is harmless (the sweeper looks, sends nothing twice, moves
+    it on: after a rebuild, say); later than the next warning not sent, that warning goes
+    out late or never."""
+    dsn, pool, consumer = ledger
+    now = datetime.now(UTC)
+    inside_30_days = grant("m-warn", 900, add_months(now, -12) + timedelta(days=20))
+    fresh = grant("m-warn", 400, now - timedelta(days=1))
+    await consumer.process(direct.records(TOPIC, inside_30_days, fresh))
+    sweeper = ExpirySweeper(pool, "loyalty.ledger.v1", 60, lambda: None)
+    assert (await verify(dsn)).differences == []  # not swept yet: the 30-day warning is due
+    assert (await sweeper.sweep_once(now))[1] == 1  # sent; its next moment is 7 days ahead
+    assert (await verify(dsn)).differences == []
+    await rebuild(dsn)  # back to 30 days ahead: early, not late
+    assert (await verify(dsn)).differences == []
+
+    lots = [inside_30_days["event_id"], fresh["event_id"]]
+    await pool.execute(
+        "UPDATE ledger_lots SET sweep_at = expires_at WHERE lot_id = ANY($1::text[])", lots
+    )
+    diffs = (await verify(dsn)).differences
+    assert len(diffs) == 2, diffs
+    assert all(" sweep_at " in d and "next warning not sent" in d for d in diffs), diffs
+    await rebuild(dsn)
     assert (await verify(dsn)).differences == []
