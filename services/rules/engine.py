@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timezone, tzinfo
+from decimal import Decimal
 
 from schemas.activity import (
     Activity,
@@ -280,10 +281,14 @@ def expire_tier(state: MemberState, ruleset: RuleSet) -> tuple[MemberState, Tier
     return new, report
 
 
-def spend_report_id(member_id: str, at: datetime) -> str:
-    """The source id of a spend report the tier sweep makes: one per member and moment, as
-    for an expiry (`tier_expiry_id`)."""
-    return f"spend-lapse|{member_id}|{at.isoformat()}"
+def spend_report_id(member_id: str, at: datetime, spend: Decimal) -> str:
+    """The source id of a spend report the tier sweep makes: one per member, moment and
+    spend. The spend is part of it because a moment can be reported twice with different
+    answers: a report of an event that arrived late, dated before the moment, brings the
+    member due at the same moment again, and the ledger drops an id it already holds, so
+    the correction was lost (the view kept the late event's spend for months). A sweep
+    repeated with the same answer keeps the same id."""
+    return f"spend-lapse|{member_id}|{at.isoformat()}|{format(spend, 'f')}"
 
 
 def report_spend(state: MemberState, at: datetime, ruleset: RuleSet) -> TierEvaluated:
@@ -299,7 +304,7 @@ def report_spend(state: MemberState, at: datetime, ruleset: RuleSet) -> TierEval
     rules = ruleset.tiers
     spend = tiers.window_spend(state.orders, state.spend_history, at, rules.window_months,
                                derived(ruleset).zone)  # fmt: skip
-    return tier_report(spend_report_id(state.member_id, at), at, state.member_id, ruleset,
+    return tier_report(spend_report_id(state.member_id, at, spend), at, state.member_id, ruleset,
                        previous=state.tier, tier=state.tier, spend=spend,
                        valid_until=state.tier_valid_until)  # fmt: skip
 

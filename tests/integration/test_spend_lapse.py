@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
@@ -74,7 +75,7 @@ async def test_the_member_view_shows_the_spend_left_in_the_window(stack: Stack) 
         ("m-some", recent, "member", 9000),
         ("m-some", left, "member", 3000),
     ]
-    source = spend_report_id("m-gone", left)
+    source = spend_report_id("m-gone", left, Decimal(0))
     assert rows[1]["event_id"] == grant_id(source, "tier", "m-gone", "tier")
     # The 3,000 is due to leave a year after it was spent: the sweep waits for it.
     assert await stack.scalar(

@@ -206,8 +206,9 @@ def test_a_plain_members_spend_is_reported_when_their_order_leaves_the_window() 
     assert swept.occurred_at.isoformat() == due.isoformat() == "2027-03-02T10:00:00+08:00"
     assert (swept.data.previous_tier, swept.data.tier) == ("member", "member")
     assert swept.data.qualifying_spend == 0
-    assert swept.data.source_event_id == spend_report_id("m-1", due)
-    assert swept.event_id == grant_id(spend_report_id("m-1", due), "tier", "m-1", "tier")
+    source = spend_report_id("m-1", due, Decimal(0))
+    assert swept.data.source_event_id == source
+    assert swept.event_id == grant_id(source, "tier", "m-1", "tier")
     assert next_due is None
     assert _view(report)["next_tier"] == {"tier": "silver", "spend_needed": "2000"}
     view = _view(swept)
@@ -326,3 +327,24 @@ def test_after_an_event_the_due_moment_comes_from_its_report_or_is_kept() -> Non
 
 def test_a_member_without_spend_is_never_due() -> None:
     assert tier_due(MemberState(member_id="m-1"), T0, DEFAULT) is None
+
+
+def test_a_moment_reported_again_with_another_spend_gets_its_own_id() -> None:
+    """A purchase delivered late, dated before a moment the sweep already reported, brings
+    the member due at that moment again; the ledger drops an id it holds, so the second
+    answer needs an id of its own (the view kept the late purchase's spend for months)."""
+    book = RuleBook([DEFAULT])
+    run = Run()
+    run.states["m-1"] = state_with(first_purchase_done=True)
+    first = run.feed(purchase(amount=8000, order_id="o-1", at=T0))
+    due = due_after(first, DEFAULT, None)
+    _, swept, after = sweep_due(run.state(), due, book.at)
+    assert (swept.data.qualifying_spend, after) == (0, None)
+    late = run.feed(purchase(amount=3000, order_id="o-2", at=add_months(T0, 6)))
+    assert due_after(late, DEFAULT, after) == due  # the 8,000 leaves at the same moment
+    _, again, _ = sweep_due(run.state(), due, book.at)
+    assert again.occurred_at == swept.occurred_at
+    assert again.data.qualifying_spend == 3000
+    assert again.event_id != swept.event_id
+    # The same answer at the same moment (a sweep repeated after a crash) keeps its id.
+    assert sweep_due(run.state(), due, book.at)[1].event_id == again.event_id
