@@ -70,6 +70,7 @@ STICKY: tuple[tuple[str, str | None], ...] = (
     ("CONSUMER_BATCH_WAIT_MS", None),
     ("DB_POOL_SIZE", None),
     ("KAFKA_SESSION_TIMEOUT_MS", None),
+    ("KAFKA_METADATA_MAX_AGE_MS", None),
     ("RULEBOOK_POLL_SECONDS", None),
     ("EXPIRY_SWEEP_SECONDS", None),
     ("EXPIRY_GRACE_SECONDS", None),

@@ -86,6 +86,12 @@ class Settings:
     # (dead-lettered) by the rules service; 0: none is. See services/rules/app.py.
     activity_max_ahead_seconds: int = 86_400
     session_timeout_ms: int = 10_000
+    # How old the consumers' and producers' view of the topics may grow before they ask
+    # again. A consumer whose topic was deleted is rebalanced to no partitions and sees
+    # the topic created again only at its next look (aiokafka's default: 5 minutes, with
+    # nothing consumed meanwhile); a producer keeps the old partition count until then.
+    # One small metadata request per client per look.
+    metadata_max_age_ms: int = 30_000
     # How often each service looks for tables that outgrew their planner statistics
     # (services/common/planner_stats.py); 0 leaves it all to autovacuum.
     planner_stats_seconds: float = 2.0
@@ -119,6 +125,7 @@ def load_settings() -> Settings:
         tier_sweep_grace_seconds=_int("TIER_SWEEP_GRACE_SECONDS", 3600),
         activity_max_ahead_seconds=_int("ACTIVITY_MAX_AHEAD_SECONDS", 86_400),
         session_timeout_ms=_int("KAFKA_SESSION_TIMEOUT_MS", 10_000),
+        metadata_max_age_ms=_int("KAFKA_METADATA_MAX_AGE_MS", 30_000),
         planner_stats_seconds=float(os.environ.get("PLANNER_STATS_SECONDS") or 2.0),
     )
 

@@ -54,10 +54,13 @@ async def write_outbox(conn: asyncpg.Connection, service: str, rows: Iterable[Ou
     return len(records)
 
 
-def make_producer(bootstrap: str) -> AIOKafkaProducer:
+def make_producer(bootstrap: str, metadata_max_age_ms: int = 30_000) -> AIOKafkaProducer:
     # acks=all for durability; no idempotence: Tansu lacks it and our ids make it moot.
+    # The metadata age (`Settings.metadata_max_age_ms`): the relays place rows by the
+    # partitions the producer knows of, stale for that long after a topic is recreated.
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,
+        metadata_max_age_ms=metadata_max_age_ms,
         acks="all",
         linger_ms=2,
         max_batch_size=512 * 1024,

@@ -98,6 +98,8 @@ def create_broker(settings: Settings, service: str) -> KafkaBroker:
         settings.bootstrap_servers,
         client_id=service,
         enable_idempotence=False,
+        # Its consumers' too (FastStream passes it to every subscriber's AIOKafkaConsumer).
+        metadata_max_age_ms=settings.metadata_max_age_ms,
         logger=structlog.get_logger(),
         # Per-message "Received/Processed" lines would drown the logs at 20k events/s.
         log_level=logging.DEBUG,

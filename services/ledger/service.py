@@ -57,7 +57,9 @@ class LedgerService:
 
     async def start(self) -> None:
         self._pool = await create_pool(self.settings, min_size=4)
-        self._producer = make_producer(self.settings.bootstrap_servers)
+        self._producer = make_producer(
+            self.settings.bootstrap_servers, self.settings.metadata_max_age_ms
+        )
         await self._producer.start()
         self.relay = OutboxRelay(self._pool, self._producer, SERVICE)
         self.consumer.bind(

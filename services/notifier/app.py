@@ -146,7 +146,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
     @app.on_startup
     async def startup() -> None:
         pool = await create_pool(settings)
-        producer = make_producer(settings.bootstrap_servers)
+        producer = make_producer(settings.bootstrap_servers, settings.metadata_max_age_ms)
         await producer.start()
         relay = OutboxRelay(pool, producer, SERVICE)
         deliverer = Deliverer(pool, settings.webhook_url, settings.webhook_secret,

@@ -302,7 +302,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
     async def startup() -> None:
         pool = await create_pool(settings)
         await processor.refresh_book(pool)
-        producer = make_producer(settings.bootstrap_servers)
+        producer = make_producer(settings.bootstrap_servers, settings.metadata_max_age_ms)
         await producer.start()
         relay = OutboxRelay(pool, producer, SERVICE)
         consumer.bind(pool, processor.handle, relay.wake)

@@ -20,6 +20,8 @@ from typing import Any
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import ConsumerRecord
 from structlog.testing import capture_logs
 
@@ -27,7 +29,7 @@ from deploy import local
 from services.common.log_end import fingerprint
 from tests.infra import _selected_brokers
 from tests.integration.direct import consumer_of, migrated_pool
-from tests.integration.events import CST
+from tests.integration.events import CST, purchase
 from tests.integration.harness import create_topics, make_stack, wait_until
 from tests.integration.streams import expected_points, mixed_stream
 
@@ -193,3 +195,54 @@ async def test_every_event_published_after_a_broker_restart_is_paid(fresh_databa
     finally:
         stack.stop_all()
         local.stop_pid(pid, timeout=10)
+
+
+async def _recreate(bootstrap: str, topic: str) -> None:
+    """Delete `topic` and create it again: Kafka deletes asynchronously, and refuses the
+    name (TopicAlreadyExists) until it is done."""
+    await local.delete_topics_async(bootstrap, [topic])
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+
+        async def created() -> bool:
+            try:
+                resp = await admin.create_topics([NewTopic(topic, 6, 1)])
+            except TopicAlreadyExistsError:
+                return False
+            return not any(item[1] for item in resp.topic_errors)
+
+        await wait_until(created, timeout=60, what=f"{topic} created again")
+    finally:
+        await admin.close()
+
+
+async def test_a_topic_deleted_and_created_again_is_consumed_within_the_metadata_age(
+    broker: str, broker_name: str, fresh_database: str
+) -> None:
+    if broker_name != "kafka":
+        pytest.skip("Tansu keeps the group's assignment through a deletion: nothing to wait for")
+    # On Apache Kafka the group rebalanced the rules service to no partitions when the
+    # topic went away, and aiokafka saw it back only at its next periodic metadata refresh:
+    # 5 minutes by default, during which nothing published to the new topic was consumed.
+    # The stack looks every 2 s here (30 s by default).
+    now = datetime.now(CST).replace(microsecond=0)
+    stack = await make_stack(
+        broker, fresh_database, broker_name, extra_env={"KAFKA_METADATA_MAX_AGE_MS": "2000"}
+    )
+
+    async def earned(events: list[dict[str, Any]]) -> bool:
+        rows = await stack.fetch("SELECT source_event_id FROM ledger_entries WHERE kind = 'earn'")
+        return {e["event_id"] for e in events} <= {r["source_event_id"] for r in rows}
+
+    try:
+        await stack.wait_ready()
+        before = [purchase("m-1", "100.00", now - timedelta(hours=5, minutes=i)) for i in range(5)]
+        await stack.produce(before)
+        await wait_until(lambda: earned(before), timeout=60, what="the events before paid")
+        await _recreate(stack.bootstrap, stack.topics.activity)
+        after = [purchase("m-1", "100.00", now - timedelta(hours=4, minutes=i)) for i in range(5)]
+        await stack.produce(after)
+        await wait_until(lambda: earned(after), timeout=45, what="the events after paid")
+    finally:
+        stack.stop_all()
