@@ -41,6 +41,7 @@ from prometheus_client.registry import REGISTRY, Collector
 
 from services.common.dlq import DEAD_LETTERS, classify, dead_letter, record_dead_letters
 from services.common.log_end import fingerprint
+from services.common.log_start import gaps, report_skipped
 from services.common.outbox import OutboxRow, write_outbox
 from services.common.recreated_log import LogWatch, mark_of
 
@@ -302,6 +303,9 @@ class BatchConsumer:
                 self._resets[key] = self._resets.get(key, 0) + 1
                 self._watch.forget(key)
             elif offset < starts[tp]:
+                # Records not yet applied were deleted (retention, DeleteRecords): the
+                # fetch resumes at the log start, and the batch there counts them
+                # (`log_start.report_skipped`).
                 log.warning(
                     "stored_offset_before_log_start",
                     consumer=self.name,
@@ -310,6 +314,11 @@ class BatchConsumer:
                     stored=offset,
                     log_start=starts[tp],
                 )
+            elif offset == starts[tp] and marks.get(key) is not None:
+                # The records applied were deleted, the record last applied with them;
+                # none unread was: nothing to re-read (not a recreated log).
+                log.info("log_start_at_stored_offset", consumer=self.name, topic=tp.topic,
+                         partition=tp.partition, stored=offset)  # fmt: skip
             self.next_offsets[key] = offset
             kafka.seek(tp, offset)
             if tp not in recreated:
@@ -414,12 +423,18 @@ class BatchConsumer:
             stored = {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
             fresh: list[ConsumerRecord] = []
             last: dict[tuple[str, int], ConsumerRecord] = {}
+            # Each partition's first record applied (a partition's records come in offset
+            # order): past the stored offset, the log may have lost the ones between.
+            first: dict[tuple[str, int], int] = {}
             behind: set[tuple[str, int]] = set()
             for r in records:
                 key = (r.topic, r.partition)
                 if r.offset >= stored.get(key, 0):
                     fresh.append(r)
-                    if key not in last or r.offset > last[key].offset:
+                    if key not in last:
+                        first[key] = r.offset
+                        last[key] = r
+                    elif r.offset > last[key].offset:
                         last[key] = r
                 else:
                     behind.add(key)
@@ -436,6 +451,8 @@ class BatchConsumer:
             if went_back:
                 fresh = [r for r in fresh if (r.topic, r.partition) not in went_back]
                 last = {k: r for k, r in last.items() if k not in went_back}
+                first = {k: o for k, o in first.items() if k not in went_back}
+            skipped = gaps(first, stored)
             if fresh:
                 await self._handler(conn, fresh, work)
                 await write_outbox(conn, self.service, work.outbox)
@@ -461,6 +478,8 @@ class BatchConsumer:
         next_offsets = {k: r.offset + 1 for k, r in last.items()}
         self.next_offsets.update(next_offsets)
         self._watch.applied(last, went_back)
+        if skipped and kafka is not None:  # else driven without a broker (tests)
+            await report_skipped(self.name, kafka, skipped)
         CONSUMED.labels(self.name).inc(len(fresh))
         for label in work.dead_labels:
             DEAD_LETTERS.labels(self.name, label).inc()

@@ -72,15 +72,23 @@ class LogWatch:
         kafka: Any,
     ) -> dict[TopicPartition, str]:
         """The assigned partitions whose log is not the one consumed, each with the event
-        to log."""
-        marked = {
+        to log.
+
+        A fingerprint below the log's start is not looked for: its record was deleted
+        (retention, DeleteRecords), which says nothing of whether the log is new, and
+        whether it is or not the partition is read from its start
+        (`services/common/log_start.py`). Looked for, it was missing and the partition
+        taken for recreated even with nothing unread lost.
+        """
+        wanted = {
             tp: stored[(tp.topic, tp.partition)] - 1
             for tp in tps
             if marks.get((tp.topic, tp.partition)) is not None
         }
+        marked = {tp: at for tp, at in wanted.items() if at >= starts[tp]}
         recreated = await self.not_holding(marked, marks)
         recreated.update(await self.ending_before(
-            [tp for tp in tps if tp not in marked], stored, kafka
+            [tp for tp in tps if tp not in wanted], stored, kafka
         ))  # fmt: skip
         # And the record this process consumed earlier (`anchors`): a running consumer
         # whose log was recreated under it (Tansu restarted) may have fetched the new log

@@ -106,9 +106,13 @@ class FakeKafka:
         self.logs = logs
         self.seeks: dict[TopicPartition, int] = {}
         self.owned: set[TopicPartition] = set()
+        # Where each log starts (retention or DeleteRecords moved it), and who asked.
+        self.starts: dict[TopicPartition, int] = {}
+        self.asked_starts: list[list[TopicPartition]] = []
 
     async def beginning_offsets(self, tps: Any) -> dict[TopicPartition, int]:
-        return dict.fromkeys(tps, 0)
+        self.asked_starts.append(list(tps))
+        return {tp: self.starts.get(tp, 0) for tp in tps}
 
     async def end_offsets(self, tps: Any) -> dict[TopicPartition, int]:
         return {tp: len(self.logs[tp]) for tp in tps}
@@ -142,8 +146,8 @@ def patch_log(
     async def records_at_of(bootstrap: str, wanted: Any) -> Any:
         calls.append(dict(wanted))
         await asyncio.sleep(0)  # a round trip to the broker
-        out = {tp: (kafka.logs[tp][o] if o < len(kafka.logs[tp]) else None)
-               for tp, o in wanted.items()}  # fmt: skip
+        out = {tp: (kafka.logs[tp][o] if kafka.starts.get(tp, 0) <= o < len(kafka.logs[tp])
+                    else None) for tp, o in wanted.items()}  # fmt: skip
         after()
         return out
 
