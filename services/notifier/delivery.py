@@ -3,6 +3,7 @@
 The table is the source of truth: a notification is recorded once (in the consumer's
 transaction) and delivered at least once; the receiver dedupes on the notification id
 header. Without a webhook configured, notifications are recorded and marked `skipped`.
+So is a points_expiring warning whose points lapsed while it waited (`_lapsed`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from datetime import UTC, datetime
 from typing import Final
 
 import asyncpg
@@ -18,6 +20,8 @@ import orjson
 import structlog
 from prometheus_client import Counter
 
+from schemas.ledger import PointsExpiring
+from services.notifier.render import skip_reason
 from services.notifier.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 DELIVERY_BATCH: Final = 50  # concurrent webhook posts per round: polite to one receiver
@@ -58,7 +62,9 @@ class Deliverer:
         """One round: up to DELIVERY_BATCH due notifications, each member's in their order.
 
         Members are posted to concurrently, one member's notifications one after another,
-        stopping at the first that fails: it waits out its back-off, and the member's
+        stopping at the first that fails (a warning whose points have lapsed meanwhile is
+        not posted but marked `skipped`, and the member's next ones go on): it waits out
+        its back-off, and the member's
         later ones wait behind it (`_DUE`), so a member never reads an older balance after
         a newer one. They wait with their due time moved to the failed one's (`_FAILED`,
         `hold_behind_retries`), so a round that has nothing due reads nothing, however
@@ -88,8 +94,14 @@ class Deliverer:
             outcomes = await asyncio.gather(
                 *(self._post_in_order(client, mine) for mine in by_member.values())
             )
-            ok = [i for delivered, _ in outcomes for i in delivered]
-            failed = [f for _, f in outcomes if f is not None]
+            ok = [i for delivered, _, _ in outcomes for i in delivered]
+            lapsed = [i for _, dropped, _ in outcomes for i in dropped]
+            failed = [f for _, _, f in outcomes if f is not None]
+            if lapsed:
+                await conn.execute(
+                    "UPDATE notifications SET status = 'skipped' WHERE notification_id = ANY($1)",
+                    lapsed,
+                )
             if ok:
                 await conn.execute(
                     "UPDATE notifications SET status = 'delivered',"
@@ -110,19 +122,25 @@ class Deliverer:
             DELIVERED.labels("delivered").inc(len(ok))
             DELIVERED.labels("failed").inc(len(failed) - gave_up)
             DELIVERED.labels("given_up").inc(gave_up)
-            return len(ok) + len(failed)
+            DELIVERED.labels(_LAPSED).inc(len(lapsed))
+            return len(ok) + len(lapsed) + len(failed)
 
     async def _post_in_order(
         self, client: httpx.AsyncClient, rows: list[asyncpg.Record]
-    ) -> tuple[list[str], tuple[asyncpg.Record, str] | None]:
-        """One member's notifications in order: (delivered ids, the first failure)."""
+    ) -> tuple[list[str], list[str], tuple[asyncpg.Record, str] | None]:
+        """One member's notifications in order: (delivered ids, lapsed ids, the first
+        failure)."""
         delivered: list[str] = []
+        lapsed: list[str] = []
         for r in rows:
+            if _lapsed(r):
+                lapsed.append(r["notification_id"])
+                continue
             err = await self._post(client, r)
             if err is not None:
-                return delivered, (r, err)
+                return delivered, lapsed, (r, err)
             delivered.append(r["notification_id"])
-        return delivered, None
+        return delivered, lapsed, None
 
     async def _post(self, client: httpx.AsyncClient, row: asyncpg.Record) -> str | None:
         """None when delivered, else why not. Any failure is this row's own: it must not
@@ -155,6 +173,26 @@ class Deliverer:
         if resp.status_code >= 300:
             return f"HTTP {resp.status_code}"
         return None
+
+
+_LAPSED: Final = "expired_before_warning"
+
+
+def _lapsed(row: asyncpg.Record) -> bool:
+    """A warning whose points lapsed since it was recorded (retried for up to a day, or
+    held behind its member's retry): posted now it would urge the member to use points
+    already gone. Read at each attempt, with the rule the notifier records by."""
+    if row["kind"] != "points_expiring":
+        return False
+    try:
+        event = PointsExpiring.model_validate_json(row["payload"])
+    except ValueError:  # it passed the model when recorded; if not now, sent as before
+        return False
+    if skip_reason(event, datetime.now(UTC)) is None:
+        return False
+    log.info("notification_skipped", notification_id=row["notification_id"],
+             member_id=row["member_id"], reason=_LAPSED)  # fmt: skip
+    return True
 
 
 async def hold_behind_retries(

@@ -53,7 +53,10 @@ def skip_reason(event: LedgerEvent, now: datetime) -> str | None:
     before the member could be told they have them. A refund re-prices the order's
     bonuses (they do not stack, so a partial refund can swap a big-ticket bonus for the
     first-purchase one): the bonus it grants comes with take-backs members are not told
-    about, and on its own would read as a reward for the refund.
+    about, and on its own would read as a reward for the refund. A warning is for before
+    the points lapse (30 and 7 days ahead): one handled after, by a notifier that was down
+    or lagging, would urge the member to use points already gone. The deliverer asks
+    again before each attempt at a warning, as a retry can come up to a day later.
     """
     if isinstance(event, PointsEarned):
         if event.data.source_type == "refund":
@@ -61,6 +64,10 @@ def skip_reason(event: LedgerEvent, now: datetime) -> str | None:
         expires_at = event.data.expires_at
         if expires_at is not None and expires_at <= now:
             return "expired_on_arrival"
+    if isinstance(event, PointsExpiring):
+        expires_at = event.data.expires_at
+        if expires_at is not None and expires_at <= now:
+            return "expired_before_warning"
     return None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -21,7 +22,7 @@ from starlette.responses import Response
 from services.common.config import Settings
 from services.common.consumer import BatchConsumer
 from services.notifier.app import make_handler
-from services.notifier.delivery import Deliverer
+from services.notifier.delivery import DELIVERED, Deliverer
 from tests.integration import direct
 from tests.integration.direct import consumer_of, migrated_pool, webhook
 
@@ -64,6 +65,13 @@ def earned(eid: str, member: str, points: int, balance: int, at: str) -> dict[st
     return {"event_id": eid, "type": "points_earned", "schema_version": 1, "occurred_at": at,
             "member_id": member, "data": {"points": points, "balance_after": balance,
                                           "rule_id": "base"}}  # fmt: skip
+
+
+def expiring(eid: str, member: str, points: int, expires_at: datetime) -> dict[str, Any]:
+    return {"event_id": eid, "type": "points_expiring", "schema_version": 1,
+            "occurred_at": datetime.now(UTC).isoformat(), "member_id": member,
+            "data": {"points": points, "balance_after": points,
+                     "expires_at": expires_at.isoformat()}}  # fmt: skip
 
 
 async def _drain(pool: asyncpg.Pool, deliverer: Deliverer, rounds: int = 5) -> None:
@@ -219,3 +227,31 @@ async def test_a_retry_waits_its_back_off_from_the_failure_not_from_the_rounds_s
         " WHERE notification_id = 's-1'"
     )
     assert 1.5 < wait <= 2.0  # the first back-off (2 s), counted from the refusal
+
+
+async def test_a_warning_whose_points_lapse_while_it_waits_for_a_retry_is_dropped(
+    env: Any,
+) -> None:
+    # Recorded in time, refused, and retried (for up to NOTIFIER_GIVE_UP_HOURS) after the
+    # lot lapsed: the member was told "您有800积分将于…过期，请尽快使用。" about points gone.
+    pool, consumer, deliverer, rec = env
+    lapse = datetime.now(UTC) + timedelta(seconds=1)
+    after = earned("x-2", "m-x", 10, 10, "2026-03-01T10:05:00+08:00")
+    await consumer.process(records(expiring("x-1", "m-x", 800, lapse), after))
+    dropped = DELIVERED.labels("expired_before_warning")._value.get()
+    rec.fail_once.add("x-1")
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        await deliverer.deliver_once(client)  # x-1 refused; x-2 waits behind its retry
+        assert rec.received == []
+        await asyncio.sleep((lapse - datetime.now(UTC)).total_seconds() + 0.1)
+        await pool.execute("UPDATE notifications SET next_attempt_at = now()"
+                           " WHERE status = 'pending'")  # fmt: skip
+        await deliverer.deliver_once(client)
+    # Dropped, not failed or given up, and the member's next one is no longer held back.
+    assert [b["notification_id"] for b in rec.received] == ["x-2"]
+    status = "SELECT notification_id, status FROM notifications ORDER BY seq"
+    assert [tuple(r) for r in await pool.fetch(status)] == [
+        ("x-1", "skipped"),
+        ("x-2", "delivered"),
+    ]
+    assert DELIVERED.labels("expired_before_warning")._value.get() == dropped + 1

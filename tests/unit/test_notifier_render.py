@@ -99,6 +99,24 @@ def test_expiry_warning_uses_shanghai_calendar_day() -> None:
     assert render(event, NOW) == "您有120积分将于2026年12月2日过期，请尽快使用。"
 
 
+def _warning(expires_at: datetime) -> PointsExpiring:
+    return PointsExpiring(
+        event_id="w",
+        occurred_at=expires_at - timedelta(days=7),
+        member_id="m-1",
+        data=MovementData(points=800, balance_after=800, expires_at=expires_at),
+    )
+
+
+def test_expiry_warning_handled_once_the_points_have_lapsed_is_not_sent() -> None:
+    # A notifier down or lagging handles the 7-day warning after the lot lapsed: the member
+    # was told "您有800积分将于…过期，请尽快使用。" about points gone hours before.
+    lapse = datetime(2026, 11, 20, 7, 0, tzinfo=UTC)
+    assert skip_reason(_warning(lapse), lapse + timedelta(hours=3)) == "expired_before_warning"
+    assert skip_reason(_warning(lapse), lapse) == "expired_before_warning"
+    assert skip_reason(_warning(lapse), lapse - timedelta(minutes=1)) is None
+
+
 def test_redemptions_are_not_notified() -> None:
     event = PointsRedeemed(
         event_id="r", occurred_at=AT, member_id="m", data=MovementData(points=-500, balance_after=0)
