@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Final
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import orjson
@@ -19,8 +20,10 @@ from services.common.consumer import BatchConsumer, BatchWork, register_lag, val
 from services.common.outbox import OutboxRelay, make_producer
 from services.common.planner_stats import keep_planner_stats
 from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
+from services.ledger.rulebook import LedgerRules
 from services.notifier.delivery import DELIVERED, Deliverer, hold_behind_retries
 from services.notifier.render import render, skip_reason
+from services.rules.ruleset import RuleBook
 
 SERVICE: Final = "notifier"
 log = structlog.get_logger()
@@ -56,7 +59,22 @@ def parse_or_skip(raw: bytes) -> LedgerEvent | None:
         raise  # the validation error, to the DLQ
 
 
-def make_handler(settings: Settings, consumer_name: str):  # type: ignore[no-untyped-def]
+def zone_of(event: LedgerEvent, rules: LedgerRules, book: RuleBook) -> ZoneInfo:
+    """The calendar a message dates the event on: the one the ledger counted its lot's
+    months on, read from the same published book (`rules` refreshed for `book`). Its
+    version's zone, the default zone for a version the book does not hold (as the ledger
+    does); an event without one (a warning for a manual adjustment's lot) takes the
+    version in force at its time, as the adjustment's lot took the one in force then."""
+    version = event.data.ruleset_version
+    return book.at(event.occurred_at).zone if version is None else rules.zone(version)
+
+
+def make_handler(  # type: ignore[no-untyped-def]
+    settings: Settings, consumer_name: str, rules: LedgerRules | None = None
+):
+    # Dates are printed on the rule set's calendar: the ledger's cache of the book (one
+    # stamp query a batch, the book re-read only when a version was published).
+    rules = rules or LedgerRules()
     # With no webhook there is nothing to deliver: record each notification as `skipped`
     # at once, rather than as `pending` for the deliverer to select and update again
     # (those two statements were a third of Postgres's time in the benchmark).
@@ -68,6 +86,7 @@ def make_handler(settings: Settings, consumer_name: str):  # type: ignore[no-unt
         good = validate_records(records, parse_or_skip, work, consumer_name, settings.topics.dlq)
         rows: dict[str, tuple[str, str, str, str, object, str]] = {}
         now = datetime.now(UTC)
+        book: RuleBook | None = None
         for record, event in good:
             if event is None:
                 DELIVERED.labels("unknown_type").inc()
@@ -81,7 +100,9 @@ def make_handler(settings: Settings, consumer_name: str):  # type: ignore[no-unt
                 log.info("notification_skipped", event_id=event.event_id,
                          member_id=event.member_id, reason=reason)  # fmt: skip
                 continue
-            message = render(event, now)
+            if book is None:
+                book = await rules.refresh(conn)
+            message = render(event, now, zone_of(event, rules, book))
             if message is not None and event.event_id not in rows:
                 # The event as the ledger published it, which just passed the contract
                 # model (fields a newer ledger added are kept, as published). The json

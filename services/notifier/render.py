@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 
 from schemas.ledger import LedgerEvent, PointsEarned, PointsExpiring, TierChanged
 
+# The calendar for a caller that knows no rule-set version (the default rule set's zone).
 _SHANGHAI = ZoneInfo("Asia/Shanghai")
 TIER_NAMES_ZH = {
     "member": "普通会员",
@@ -40,8 +41,8 @@ RULE_NAMES_ZH = {
 }
 
 
-def _day(dt: datetime) -> str:
-    local = dt.astimezone(_SHANGHAI)
+def _day(dt: datetime, zone: ZoneInfo) -> str:
+    local = dt.astimezone(zone)
     return f"{local.year}年{local.month}月{local.day}日"
 
 
@@ -71,13 +72,19 @@ def skip_reason(event: LedgerEvent, now: datetime) -> str | None:
     return None
 
 
-def render(event: LedgerEvent, now: datetime) -> str | None:
-    """The message for a ledger event, or None when members are not told about it."""
+def render(event: LedgerEvent, now: datetime, zone: ZoneInfo = _SHANGHAI) -> str | None:
+    """The message for a ledger event, or None when members are not told about it.
+
+    Days are those of `zone`, the calendar of the event's rule-set version: the ledger
+    counts a lot's months on it, so another zone's day can be one off (00:30 on 1 March
+    in Tokyo is 28 February in Shanghai). Asia/Shanghai, the default rule set's zone, is
+    only for a caller that knows no version.
+    """
     if isinstance(event, PointsEarned):
         earned = event.data
         why = RULE_NAMES_ZH.get(earned.rule_id or "", "积分奖励")
         if now - event.occurred_at > CURRENT_FOR:
-            balance = f"截至{_day(event.occurred_at)}可用积分{earned.balance_after}"
+            balance = f"截至{_day(event.occurred_at, zone)}可用积分{earned.balance_after}"
         else:
             balance = f"当前可用积分{earned.balance_after}"
         return f"您获得{earned.points}积分（{why}），{balance}。"
@@ -89,6 +96,6 @@ def render(event: LedgerEvent, now: datetime) -> str | None:
         return f"您的会员等级已由{old}调整为{new}。"
     if isinstance(event, PointsExpiring):
         warn = event.data
-        when = _day(warn.expires_at) if warn.expires_at else "近期"
+        when = _day(warn.expires_at, zone) if warn.expires_at else "近期"
         return f"您有{abs(warn.points)}积分将于{when}过期，请尽快使用。"
     return None

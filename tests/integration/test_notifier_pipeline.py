@@ -14,14 +14,17 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+import yaml
 from starlette.requests import Request
 from starlette.responses import Response
 
 from services.common.config import Settings
 from services.ledger import projector
 from services.ledger.rulebook import LedgerRules
+from services.ledger.sweeper import ExpirySweeper, warning_id
 from services.notifier.app import make_handler as notifier_handler
 from services.notifier.delivery import DELIVERED, Deliverer
+from services.rules.rulebook_store import DEFAULT_RULESET, publish
 from tests.integration import direct
 from tests.integration.direct import consumer_of, migrated_pool, webhook
 from tests.integration.ledger_helpers import grant
@@ -44,6 +47,14 @@ class Env:
         published = [orjson.loads(r["payload"]) for r in sorted(rows, key=lambda r: r["id"])]
         await self.notifier.process(direct.records(LEDGER_TOPIC, *published))
         return published
+
+    async def sweep(self, now: datetime) -> None:
+        """The expiry sweep at `now`, its warnings through the notifier."""
+        await ExpirySweeper(self.pool, LEDGER_TOPIC, 60, lambda: None).sweep_once(now)
+        rows = await self.pool.fetch(
+            "DELETE FROM outbox WHERE service = 'ledger' RETURNING id, payload")  # fmt: skip
+        published = [orjson.loads(r["payload"]) for r in sorted(rows, key=lambda r: r["id"])]
+        await self.notifier.process(direct.records(LEDGER_TOPIC, *published))
 
     async def messages(self) -> list[str]:
         async with httpx.AsyncClient(timeout=10.0) as client:
@@ -114,3 +125,42 @@ async def test_a_bonus_a_refund_grants_is_published_as_such_and_not_announced(
     assert len(messages) == 2  # the purchase's two grants, as rewards
     assert not any("首次消费奖励" in m for m in messages)
     assert _count("caused_by_refund") == skipped + 1
+
+
+def _day(at: datetime, zone: ZoneInfo) -> str:
+    local = at.astimezone(zone)
+    return f"{local.year}年{local.month}月{local.day}日"
+
+
+async def test_dates_are_days_of_the_calendar_the_ledger_counts_on(env: Env) -> None:
+    # A clinic whose rule set is zoned in Tokyo: the ledger counts a lot's months there,
+    # and the notifier printed Shanghai's day, an hour behind: a lot lapsing at 00:30 in
+    # Tokyo was announced for the day before.
+    tokyo, shanghai = ZoneInfo("Asia/Tokyo"), ZoneInfo("Asia/Shanghai")
+    now = datetime.now(UTC)
+    rules = yaml.safe_load(DEFAULT_RULESET.read_text(encoding="utf-8"))
+    rules.update(version="clinic-tokyo", timezone="Asia/Tokyo",
+                 effective_from=now - timedelta(days=1))  # fmt: skip
+    async with env.pool.acquire() as conn:
+        await publish(conn, yaml.safe_dump(rules), "test")
+    at = (now - timedelta(days=360)).astimezone(tokyo).replace(hour=0, minute=30)
+    priced = grant("m-tokyo", 1000, at)
+    priced["data"]["ruleset_version"] = "clinic-tokyo"
+    await env.grants(priced)
+    lapse = await env.pool.fetchval(
+        "SELECT expires_at FROM ledger_lots WHERE lot_id = $1", priced["event_id"])  # fmt: skip
+    assert _day(lapse, tokyo) != _day(lapse, shanghai)
+    await env.sweep(now)  # the lot lapses in about 5 days: its 7-day warning
+    # A positive adjustment's lot carries no version: the one in force counts its months.
+    adjusted = {"event_id": "adj-warning", "type": "points_expiring", "schema_version": 1,
+                "occurred_at": now.isoformat(), "member_id": "m-adj",
+                "data": {"points": 50, "balance_after": 50,
+                         "expires_at": lapse.isoformat()}}  # fmt: skip
+    await env.notifier.process(direct.records(LEDGER_TOPIC, adjusted))
+    await env.messages()
+    warned = warning_id(priced["event_id"], 7)
+    assert {b["notification_id"]: b["message"] for b in env.received} == {
+        priced["event_id"]: f"您获得1000积分（消费积分），截至{_day(at, tokyo)}可用积分1000。",
+        warned: f"您有1000积分将于{_day(lapse, tokyo)}过期，请尽快使用。",
+        "adj-warning": f"您有50积分将于{_day(lapse, tokyo)}过期，请尽快使用。",
+    }

@@ -1,4 +1,5 @@
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from rules_factories import T0, Run, order_of, purchase, refund
 
@@ -115,6 +116,26 @@ def test_expiry_warning_handled_once_the_points_have_lapsed_is_not_sent() -> Non
     assert skip_reason(_warning(lapse), lapse + timedelta(hours=3)) == "expired_before_warning"
     assert skip_reason(_warning(lapse), lapse) == "expired_before_warning"
     assert skip_reason(_warning(lapse), lapse - timedelta(minutes=1)) is None
+
+
+def test_dates_are_days_of_the_rule_sets_calendar() -> None:
+    # The ledger counts a lot's months on its rule set's zone: 00:30 on 1 March in Tokyo
+    # lapses at 00:30 on 1 March a year on, which is still 28 February in Shanghai.
+    tokyo = ZoneInfo("Asia/Tokyo")
+    earned_at = datetime(2026, 3, 1, 0, 30, tzinfo=tokyo)
+    warning = _warning(acc.months_later(earned_at, 12, tokyo))
+    assert render(warning, NOW, tokyo) == "您有800积分将于2027年3月1日过期，请尽快使用。"
+    assert render(warning, NOW) == "您有800积分将于2027年2月28日过期，请尽快使用。"
+    earned = PointsEarned(
+        event_id="e1",
+        occurred_at=earned_at,
+        member_id="m-1",
+        data=MovementData(points=100, balance_after=100, rule_id="base"),
+    )
+    assert (
+        render(earned, earned_at + timedelta(days=3), tokyo)
+        == "您获得100积分（消费积分），截至2026年3月1日可用积分100。"
+    )
 
 
 def test_redemptions_are_not_notified() -> None:
