@@ -7,30 +7,30 @@ from typing import Annotated, Literal, Self
 from pydantic import ConfigDict, Field, TypeAdapter, model_validator
 from pydantic.config import JsonDict
 
-from schemas.envelope import Amount, EventTime, Inbound
+from schemas.envelope import Amount, EventTime, Id, Inbound, Label
 
 ACTIVITY_TOPIC = "loyalty.activity.v1"
 
 
 class PurchaseItem(Inbound):
-    project_code: str = Field(min_length=1)
-    category: str = ""
+    project_code: Id
+    category: Label = ""
     amount: Amount
 
 
 class _Activity(Inbound):
-    event_id: str = Field(min_length=1, max_length=200)
+    event_id: Id
     # A different version is a breaking change, which the contract puts on a new topic:
     # on this one it is refused (dead-lettered) rather than read as version 1.
     schema_version: Literal[1] = 1
     occurred_at: EventTime
-    member_id: str = Field(min_length=1, max_length=200)
-    store_id: str | None = None
-    source: str | None = None
+    member_id: Id
+    store_id: Label | None = None
+    source: Label | None = None
 
 
 class MemberRegisteredData(Inbound):
-    referrer_id: str | None = None
+    referrer_id: Label | None = None
     birthday: str | None = Field(default=None, pattern=r"^(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])$")
 
 
@@ -40,7 +40,7 @@ class MemberRegistered(_Activity):
 
 
 class PurchaseData(Inbound):
-    order_id: str = Field(min_length=1)
+    order_id: Id
     amount: Amount
     items: list[PurchaseItem] = []
 
@@ -51,7 +51,7 @@ class Purchase(_Activity):
 
 
 class RefundData(Inbound):
-    order_id: str = Field(min_length=1)
+    order_id: Id
     amount: Amount
 
 
@@ -78,7 +78,7 @@ class CheckInData(Inbound):
     model_config = ConfigDict(json_schema_extra=_VISIT_NEEDS_ITS_BOOKING)
 
     kind: Literal["visit", "sign_in"]
-    booking_id: str | None = None
+    booking_id: Label | None = None
     booked_at: EventTime | None = None
     slot_start: EventTime | None = None
     arrived_at: EventTime | None = None  # a visit's: None = missed
@@ -101,8 +101,8 @@ class CheckIn(_Activity):
 
 
 class ReviewData(Inbound):
-    review_id: str = Field(min_length=1)
-    order_id: str | None = None
+    review_id: Id
+    order_id: Label | None = None
     rating: int = Field(ge=1, le=5)
     featured: bool = False
     suggestion_adopted: bool = False
@@ -114,8 +114,8 @@ class Review(_Activity):
 
 
 class ShareData(Inbound):
-    share_id: str = Field(min_length=1)
-    channel: str = ""
+    share_id: Id
+    channel: Label = ""
     approved: bool = False
     likes: int = Field(default=0, ge=0)
 
@@ -126,7 +126,7 @@ class Share(_Activity):
 
 
 class ReferralData(Inbound):
-    referrer_id: str = Field(min_length=1)
+    referrer_id: Id
 
 
 class Referral(_Activity):

@@ -10,6 +10,7 @@ from pydantic import (
     AwareDatetime,
     BaseModel,
     ConfigDict,
+    Field,
     PlainSerializer,
     WithJsonSchema,
 )
@@ -63,6 +64,17 @@ Amount = Annotated[
         }
     ),
 ]
+
+
+# Ids and labels upstream sends (member, store, order, booking, project code, ...). The rules
+# service copies them into grants, the ledger into its events, with ~170 bytes of fields
+# around them: unbounded, an activity just under the broker's record limit (Apache Kafka's
+# `message.max.bytes`, ~1 MB) was accepted and its grant refused, holding the relay. No
+# upstream id comes near 200 characters; the ledger API takes ids of the same length.
+MAX_ID_CHARS: Final = 200
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+# The same bound where the contract lets the string be empty (a category, a channel).
+Label = Annotated[str, Field(max_length=MAX_ID_CHARS)]
 
 
 class Inbound(BaseModel):

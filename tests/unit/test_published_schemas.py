@@ -70,6 +70,13 @@ BAD_ACTIVITIES = {
     "a rating of 6": _activity("review", {"review_id": "r", "rating": 6}),
     "no offset": _activity("check_in", {"kind": "sign_in"}, occurred_at="2026-11-20T15:04:05"),
     "an unknown type": _activity("teleport", {}),
+    "a store id of 201 characters": _activity("check_in", {"kind": "sign_in"}, store_id="s" * 201),
+    "an order id of 201": _activity("refund", {"order_id": "o" * 201, "amount": "1"}),
+    "a project code of 201": _activity("purchase", {"order_id": "o", "amount": "1",
+                                                    "items": [{"project_code": "p" * 201,
+                                                               "amount": "1"}]}),
+    "a referrer id of 201": _activity("referral", {"referrer_id": "m" * 201}),
+    "a channel of 201": _activity("share", {"share_id": "s", "channel": "c" * 201}),
 }  # fmt: skip
 
 

@@ -1,11 +1,13 @@
 """The committed JSON Schemas are what the models say, and inbound events are tolerant."""
 
+import json
 from decimal import Decimal
 
 import pytest
 from pydantic import ValidationError
 
 from schemas.activity import Purchase, parse_activity
+from schemas.envelope import MAX_ID_CHARS
 from schemas.generate import JSON_DIR, render_all
 from schemas.grants import PointsGranted, grant_id, parse_grant
 from schemas.ledger import PointsEarned, parse_ledger_event
@@ -116,3 +118,44 @@ def test_grant_ids_are_deterministic_and_distinct_per_rule_and_member() -> None:
     assert a != grant_id("evt-1", "big_ticket", "m-1")
     assert a != grant_id("evt-1", "base", "m-2")
     assert a != grant_id("evt-1", "base", "m-1", kind="revoke")
+
+
+def _unbounded_strings(node: object, path: str = "") -> list[str]:
+    """The places in a JSON schema where any string of any length is valid."""
+    if isinstance(node, list):
+        return [p for i, n in enumerate(node) for p in _unbounded_strings(n, f"{path}[{i}]")]
+    if not isinstance(node, dict):
+        return []
+    found = []
+    if node.get("type") == "string" and not {"maxLength", "pattern", "enum", "const"} & set(node):
+        found.append(path)
+    for key, value in node.items():
+        if key != "then":  # the visit's extra `required`, whose properties are bounded above
+            found += _unbounded_strings(value, f"{path}/{key}")
+    return found
+
+
+def test_every_string_of_the_activity_contract_is_bounded() -> None:
+    """The rules service copies upstream ids into grants and the ledger into its events:
+    an activity of a 1 MB store id was accepted, its grant refused by the broker."""
+    schema = json.loads((JSON_DIR / "activity.v1.schema.json").read_text(encoding="utf-8"))
+    assert _unbounded_strings(schema) == []
+
+
+def test_ids_of_200_characters_are_taken_and_longer_ones_refused() -> None:
+    def purchase(store_id: str, order_id: str) -> bytes:
+        return json.dumps(
+            {"event_id": "e", "type": "purchase", "occurred_at": "2026-11-20T15:04:05+08:00",
+             "member_id": "m", "store_id": store_id,
+             "data": {"order_id": order_id, "amount": "1",
+                      "items": [{"project_code": "p", "category": "c" * MAX_ID_CHARS,
+                                 "amount": "1"}]}}
+        ).encode()  # fmt: skip
+
+    event = parse_activity(purchase("s" * MAX_ID_CHARS, "o" * MAX_ID_CHARS))
+    assert isinstance(event, Purchase)
+    assert event.store_id == "s" * 200
+    for store_id, order_id in (("s" * 201, "o"), ("s", "o" * 201), ("s" * 1_048_000, "o")):
+        with pytest.raises(ValidationError) as info:
+            parse_activity(purchase(store_id, order_id))
+        assert {e["type"] for e in info.value.errors()} == {"string_too_long"}
