@@ -34,7 +34,7 @@ OLDEST_AGE = Gauge(
 log = structlog.get_logger()
 
 
-Messages = list[tuple[bytes | None, bytes]]  # (key, payload) of one partition, in id order
+Messages = list[tuple[int, bytes | None, bytes]]  # (id, key, payload) of a partition, by id
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,22 +152,31 @@ class OutboxRelay:
             if not rows:
                 return 0
             groups = await self._by_partition(rows)
+            acknowledged: list[int] = []
             # Every chain settles before the page may be sent again: a batch still in
             # flight could land behind the re-sent copies of the rows before it.
             outcomes = await asyncio.gather(
-                *(self._send_in_order(topic, part, msgs) for (topic, part), msgs in groups.items()),
+                *(
+                    self._send_in_order(topic, part, msgs, acknowledged)
+                    for (topic, part), msgs in groups.items()
+                ),
                 return_exceptions=True,
             )
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            await conn.execute(
-                "DELETE FROM outbox WHERE service = $1 AND id <= $2 AND id = ANY($3::bigint[])",
-                self._service,
-                rows[-1]["id"],
-                [r["id"] for r in rows],
-            )
-        PUBLISHED.labels(self._service).inc(len(rows))
+            # What the broker has goes, whatever became of the other partitions: order only
+            # matters within a partition, and a failed chain keeps its rows from the first
+            # one not acknowledged. Deleting only whole pages, one partition that kept
+            # failing had every other partition's rows of the page re-sent each round.
+            if acknowledged:
+                await conn.execute(
+                    "DELETE FROM outbox WHERE service = $1 AND id <= $2 AND id = ANY($3::bigint[])",
+                    self._service,
+                    rows[-1]["id"],
+                    acknowledged,
+                )
+        PUBLISHED.labels(self._service).inc(len(acknowledged))
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         return len(rows)
 
     async def _by_partition(self, rows: list[asyncpg.Record]) -> dict[tuple[str, int], Messages]:
@@ -187,24 +196,30 @@ class OutboxRelay:
                 partitions[topic] = sorted(await self._producer.partitions_for(topic))
             key = r["key"].encode() if r["key"] is not None else None
             part = partition_for(key, partitions[topic])
-            groups.setdefault((topic, part), []).append((key, r["payload"]))
+            groups.setdefault((topic, part), []).append((r["id"], key, r["payload"]))
         return groups
 
-    async def _send_in_order(self, topic: str, part: int, messages: Messages) -> None:
+    async def _send_in_order(
+        self, topic: str, part: int, messages: Messages, acknowledged: list[int]
+    ) -> None:
         """Send a partition's rows batch after batch, each once the one before is acknowledged.
 
         The producer is not idempotent (Tansu has no idempotence), so of two batches of a
         partition in flight, the first may expire in a broker stall while the second gets
         through: its rows would sit on the topic ahead of the first's re-sent copies, and
         consumers, which keep the first copy of an id, would apply a member's events out
-        of order. A failed batch ends the chain; the page is re-sent from its first row.
+        of order. A failed batch ends the chain; the partition is re-sent from its first
+        row not acknowledged (whose ids are added to `acknowledged` batch by batch).
         Most pages fit one batch per partition, where the chain adds no wait.
         """
-        batch = self._producer.create_batch()
-        for key, value in messages:
+        batch, ids = self._producer.create_batch(), []
+        for row_id, key, value in messages:
             if batch.append(key=key, value=value, timestamp=None) is None:
                 await (await self._producer.send_batch(batch, topic, partition=part))
-                batch = self._producer.create_batch()
+                acknowledged += ids
+                batch, ids = self._producer.create_batch(), []
                 # An empty batch takes any record (a too-big one is the broker's to refuse).
                 batch.append(key=key, value=value, timestamp=None)
+            ids.append(row_id)
         await (await self._producer.send_batch(batch, topic, partition=part))
+        acknowledged += ids
