@@ -112,7 +112,9 @@ def parse_ledger_event(raw: bytes | str) -> LedgerEvent:
 
 
 class DeadLetter(Internal):
-    """What a consumer writes to `loyalty.dlq.v1` for a message it cannot use."""
+    """What a consumer writes to `loyalty.dlq.v1` for a message it cannot use; and a
+    service's outbox relay (`consumer` "<service>-relay", `source_offset` -1) for an event
+    the broker refused as larger than it takes, on its way to `source_topic`."""
 
     dlq_id: str
     consumer: str

@@ -80,7 +80,31 @@ def dead_letter(
     record: ConsumerRecord, consumer: str, label: str, reason: str, dlq_topic: str
 ) -> tuple[OutboxRow, tuple[object, ...]]:
     """The outbox row for the DLQ topic and the `dead_letters` row, with a stable id."""
-    raw: bytes = record.value or b""
+    source = (record.topic, record.partition, record.offset)
+    return _letter(letter_id(consumer, record), consumer, source, record.key,
+                   record.value or b"", reason, dlq_topic)  # fmt: skip
+
+
+# The offset of a letter of a row the outbox relay could not publish: it has none.
+NEVER_ON_THE_TOPIC: Final = -1
+
+
+def unsent_letter(
+    consumer: str, topic: str, partition: int, key: bytes | None, raw: bytes, reason: str,
+    dlq_topic: str,
+) -> tuple[OutboxRow, tuple[object, ...]]:  # fmt: skip
+    """As `dead_letter`, for a row on its way to `topic` that the broker refused."""
+    digest = hashlib.blake2b(raw, digest_size=8).hexdigest()
+    dlq_id = str(uuid.uuid5(_DLQ_NAMESPACE, f"{consumer}|{topic}|{partition}|unsent|{digest}"))
+    source = (topic, partition, NEVER_ON_THE_TOPIC)
+    return _letter(dlq_id, consumer, source, key, raw, reason, dlq_topic)
+
+
+def _letter(
+    dlq_id: str, consumer: str, source: tuple[str, int, int], raw_key: bytes | None,
+    raw: bytes, reason: str, dlq_topic: str,
+) -> tuple[OutboxRow, tuple[object, ...]]:  # fmt: skip
+    topic, partition, offset = source
     # An exception's text may quote the input, and a NUL or a lone surrogate would fail
     # the `text` column: a dead letter must always be writable, or the consumer retries it.
     reason = writable(reason)
@@ -88,14 +112,13 @@ def dead_letter(
         original, encoding = raw.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         original, encoding = base64.b64encode(raw).decode(), "base64"
-    dlq_id = letter_id(consumer, record)
-    key = writable(record.key.decode("utf-8", "replace")) if record.key else None
+    key = writable(raw_key.decode("utf-8", "replace")) if raw_key else None
     letter = DeadLetter(
         dlq_id=dlq_id,
         consumer=consumer,
-        source_topic=record.topic,
-        source_partition=record.partition,
-        source_offset=record.offset,
+        source_topic=topic,
+        source_partition=partition,
+        source_offset=offset,
         reason=reason,
         original=original,
         original_encoding=encoding,
@@ -108,7 +131,7 @@ def dead_letter(
         letter = cut_to_size(letter)
         key = letter.original_key
         payload = letter.model_dump_json().encode()
-    row = (dlq_id, consumer, record.topic, record.partition, record.offset, reason, raw)
+    row = (dlq_id, consumer, topic, partition, offset, reason, raw)
     return OutboxRow(dlq_topic, key, payload), row
 
 

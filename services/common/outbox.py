@@ -3,6 +3,7 @@
 A relay publishes rows in id order and deletes them only after the broker acknowledged
 them, so a crash between the two re-sends a few rows with the same event ids; consumers
 dedupe on those ids. One relay per service holds an advisory lock so member order holds.
+A row the broker refuses as too large for it can never go: it becomes a dead letter.
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ import contextlib
 import functools
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
 
 import asyncpg
+import orjson
 import structlog
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
+from aiokafka.producer.message_accumulator import BatchBuilder
 from prometheus_client import Counter, Gauge
 
 RELAY_BATCH: Final = 5000  # rows per broker round trip; bounded to keep memory flat
@@ -32,6 +36,14 @@ OLDEST_AGE = Gauge(
     ["service"],
 )
 log = structlog.get_logger()
+# What a broker answers for a record batch over its limit: MESSAGE_TOO_LARGE (Apache
+# Kafka's `message.max.bytes`, a topic's `max.message.bytes`), RECORD_LIST_TOO_LARGE
+# (bigger than a log segment). The producer's own size check is skipped by `send_batch`.
+TOO_LARGE: Final = (MessageSizeTooLargeError, RecordListTooLargeError)
+TOO_LARGE_LABEL: Final = "relay_too_large"  # the dead letters' reason and metric label
+DELETE_GONE: Final = """
+DELETE FROM outbox WHERE service = $1 AND id <= $2 AND id = ANY($3::bigint[])
+"""
 
 
 Messages = list[tuple[int, bytes | None, bytes]]  # (id, key, payload) of a partition, by id
@@ -86,11 +98,37 @@ def partition_for(key: bytes | None, partitions: list[int]) -> int:
     return partitions[key_hash(key) % len(partitions)]
 
 
+@dataclass(frozen=True, slots=True)
+class TooLarge:
+    """A row the broker refused, alone in its batch, as larger than it takes."""
+
+    row_id: int
+    topic: str
+    partition: int
+    key: bytes | None
+    payload: bytes
+    error: str
+
+
+@dataclass(slots=True)
+class Settled:
+    """What became of a page's rows so far, chain by chain, as the broker answered."""
+
+    acknowledged: list[int] = field(default_factory=list)
+    too_large: list[TooLarge] = field(default_factory=list)
+
+
 class OutboxRelay:
-    def __init__(self, pool: asyncpg.Pool, producer: AIOKafkaProducer, service: str) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, producer: AIOKafkaProducer, service: str, *, dlq_topic: str
+    ) -> None:
         self._pool = pool
         self._producer = producer
         self._service = service
+        self._dlq_topic = dlq_topic
+        # The `consumer` of the dead letters it writes: not the service's consumer, which
+        # never saw these rows; `dlq list --consumer rules-relay` shows them.
+        self.relay_name = f"{service}-relay"
         self._wake = asyncio.Event()
         self._lock_key = zlib.crc32(f"outbox:{service}".encode())
 
@@ -152,12 +190,12 @@ class OutboxRelay:
             if not rows:
                 return 0
             groups = await self._by_partition(rows)
-            acknowledged: list[int] = []
+            page = Settled()
             # Every chain settles before the page may be sent again: a batch still in
             # flight could land behind the re-sent copies of the rows before it.
             outcomes = await asyncio.gather(
                 *(
-                    self._send_in_order(topic, part, msgs, acknowledged)
+                    self._send_in_order(topic, part, msgs, page)
                     for (topic, part), msgs in groups.items()
                 ),
                 return_exceptions=True,
@@ -166,14 +204,14 @@ class OutboxRelay:
             # matters within a partition, and a failed chain keeps its rows from the first
             # one not acknowledged. Deleting only whole pages, one partition that kept
             # failing had every other partition's rows of the page re-sent each round.
-            if acknowledged:
-                await conn.execute(
-                    "DELETE FROM outbox WHERE service = $1 AND id <= $2 AND id = ANY($3::bigint[])",
-                    self._service,
-                    rows[-1]["id"],
-                    acknowledged,
-                )
-        PUBLISHED.labels(self._service).inc(len(acknowledged))
+            gone = page.acknowledged + [r.row_id for r in page.too_large]
+            # Rows set aside leave the outbox with their dead letters written, or stay.
+            async with conn.transaction() if page.too_large else contextlib.nullcontext():
+                await self._dead_letter(conn, page.too_large)
+                if gone:
+                    await conn.execute(DELETE_GONE, self._service, rows[-1]["id"], gone)
+        PUBLISHED.labels(self._service).inc(len(page.acknowledged))
+        self._report(page.too_large)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -200,7 +238,7 @@ class OutboxRelay:
         return groups
 
     async def _send_in_order(
-        self, topic: str, part: int, messages: Messages, acknowledged: list[int]
+        self, topic: str, part: int, messages: Messages, page: Settled
     ) -> None:
         """Send a partition's rows batch after batch, each once the one before is acknowledged.
 
@@ -209,17 +247,93 @@ class OutboxRelay:
         through: its rows would sit on the topic ahead of the first's re-sent copies, and
         consumers, which keep the first copy of an id, would apply a member's events out
         of order. A failed batch ends the chain; the partition is re-sent from its first
-        row not acknowledged (whose ids are added to `acknowledged` batch by batch).
+        row not acknowledged (`page` holds what was, batch by batch).
         Most pages fit one batch per partition, where the chain adds no wait.
         """
-        batch, ids = self._producer.create_batch(), []
-        for row_id, key, value in messages:
+        batch = self._producer.create_batch()
+        chunk: Messages = []
+        for message in messages:
+            _, key, value = message
             if batch.append(key=key, value=value, timestamp=None) is None:
-                await (await self._producer.send_batch(batch, topic, partition=part))
-                acknowledged += ids
-                batch, ids = self._producer.create_batch(), []
+                await self._deliver(topic, part, batch, chunk, page)
+                batch, chunk = self._producer.create_batch(), []
                 # An empty batch takes any record (a too-big one is the broker's to refuse).
                 batch.append(key=key, value=value, timestamp=None)
-            ids.append(row_id)
-        await (await self._producer.send_batch(batch, topic, partition=part))
-        acknowledged += ids
+            chunk.append(message)
+        await self._deliver(topic, part, batch, chunk, page)
+
+    async def _deliver(
+        self, topic: str, part: int, batch: BatchBuilder, chunk: Messages, page: Settled
+    ) -> None:
+        """Send one batch and wait for the broker's answer.
+
+        A record the broker refuses as too large would be refused every round, its
+        partition stuck behind it for good: alone in its batch, it is set aside for the
+        dead letters instead, and the chain goes on. A batch of several refused (a broker
+        whose limit is below our batch size) is tried again a record at a time.
+        """
+        try:
+            await (await self._producer.send_batch(batch, topic, partition=part))
+        except TOO_LARGE as exc:
+            if len(chunk) == 1:
+                row_id, key, value = chunk[0]
+                page.too_large.append(TooLarge(row_id, topic, part, key, value, repr(exc)))
+                return
+            for message in chunk:
+                alone = self._producer.create_batch()
+                alone.append(key=message[1], value=message[2], timestamp=None)
+                await self._deliver(topic, part, alone, [message], page)
+            return
+        page.acknowledged.extend(row_id for row_id, _, _ in chunk)
+
+    async def _dead_letter(self, conn: asyncpg.Connection, refused: list[TooLarge]) -> None:
+        """Moves rows the broker refused as too large into `dead_letters` (whole) and onto
+        the DLQ topic (cut to size), in the transaction that deletes them from the outbox."""
+        if not refused:
+            return
+        from services.common import dlq  # here, not above: dlq builds on this module
+
+        letters, records = [], []
+        for r in refused:
+            reason = (
+                f"{TOO_LARGE_LABEL}: the broker refused the record ({len(r.payload)} bytes)"
+                f" as larger than it takes: {r.error}"
+            )
+            letter, record = dlq.unsent_letter(
+                self.relay_name, r.topic, r.partition, r.key, r.payload, reason, self._dlq_topic
+            )
+            records.append(record)
+            # A letter is cut below any broker's limit; one refused even so is kept in the
+            # table alone, or it would make a letter of itself round after round.
+            if r.topic != self._dlq_topic:
+                letters.append(letter)
+        await dlq.record_dead_letters(conn, records)
+        await write_outbox(conn, self._service, letters)
+
+    def _report(self, refused: list[TooLarge]) -> None:
+        from services.common.dlq import DEAD_LETTERS  # as in `_dead_letter`
+
+        for r in refused:
+            DEAD_LETTERS.labels(self.relay_name, TOO_LARGE_LABEL).inc()
+            event_id, member_id = ids_of(r.payload)
+            log.error(
+                "outbox_relay_too_large",
+                service=self._service,
+                topic=r.topic,
+                partition=r.partition,
+                event_id=event_id,
+                member_id=member_id,
+                size=len(r.payload),
+                error=r.error,
+            )
+
+
+def ids_of(payload: bytes) -> tuple[object, object]:
+    """The event and member ids of an outbox row, for the log: ours are JSON objects."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(doc, dict):
+        return None, None
+    return doc.get("event_id", doc.get("dlq_id")), doc.get("member_id")

@@ -61,7 +61,9 @@ class LedgerService:
             self.settings.bootstrap_servers, self.settings.metadata_max_age_ms
         )
         await self._producer.start()
-        self.relay = OutboxRelay(self._pool, self._producer, SERVICE)
+        self.relay = OutboxRelay(
+            self._pool, self._producer, SERVICE, dlq_topic=self.settings.topics.dlq
+        )
         self.consumer.bind(
             self._pool,
             projector.make_handler(self.settings, self.consumer.name, self.rules),

@@ -169,7 +169,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
         pool = await create_pool(settings)
         producer = make_producer(settings.bootstrap_servers, settings.metadata_max_age_ms)
         await producer.start()
-        relay = OutboxRelay(pool, producer, SERVICE)
+        relay = OutboxRelay(pool, producer, SERVICE, dlq_topic=settings.topics.dlq)
         deliverer = Deliverer(pool, settings.webhook_url, settings.webhook_secret,
                               give_up_s=settings.notifier_give_up_hours * 3600)  # fmt: skip
 

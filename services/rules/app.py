@@ -304,7 +304,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
         await processor.refresh_book(pool)
         producer = make_producer(settings.bootstrap_servers, settings.metadata_max_age_ms)
         await producer.start()
-        relay = OutboxRelay(pool, producer, SERVICE)
+        relay = OutboxRelay(pool, producer, SERVICE, dlq_topic=settings.topics.dlq)
         consumer.bind(pool, processor.handle, relay.wake)
         resources.update(pool=pool, producer=producer)
         background.spawn("outbox-relay", relay.run)

@@ -33,7 +33,7 @@ async def test_the_relay_takes_its_lock_again_after_losing_its_connection(
     assert pool is not None
     producer = make_producer(broker)
     await producer.start()
-    relay = OutboxRelay(pool, producer, "ledger")
+    relay = OutboxRelay(pool, producer, "ledger", dlq_topic=topics.dlq)
     task = asyncio.create_task(relay.run())
     key = zlib.crc32(b"outbox:ledger")
     try:

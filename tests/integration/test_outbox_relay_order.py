@@ -140,7 +140,7 @@ async def test_a_failed_batch_is_not_overtaken_by_the_next_batch_of_its_partitio
                 producer = make_producer(bootstrap)
                 await producer.start()
                 await producer.partitions_for(topic)  # metadata known before the stall
-                relay = OutboxRelay(pool, producer, "rules")
+                relay = OutboxRelay(pool, producer, "rules", dlq_topic=f"{topic}.dlq")
                 # The first batch is sent into the stall and expires (request_timeout_ms);
                 # the second, queued behind it, would go out on a new connection after.
                 proxy.stall()

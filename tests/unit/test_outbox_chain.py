@@ -13,13 +13,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 from prometheus_client import REGISTRY
 
+from schemas.ledger import DeadLetter
 from services.common.outbox import OutboxRelay, partition_for
 
 PARTS = [0, 1]
 ROOM = 2  # records per fake batch
+
+
+def big(value: bytes) -> bool:
+    return value.startswith(b"big")
 
 
 class FakeBatch:
@@ -27,7 +32,8 @@ class FakeBatch:
         self.values: list[bytes] = []
 
     def append(self, *, key: bytes | None, value: bytes, timestamp: None) -> object | None:
-        if len(self.values) == ROOM:
+        """As aiokafka's: an empty batch takes any record; a big one fills a batch."""
+        if self.values and (len(self.values) == ROOM or big(value) or big(self.values[0])):
             return None
         self.values.append(value)
         return object()
@@ -58,12 +64,29 @@ class FakeConn:
     def __init__(self, rows: list[dict[str, Any]]) -> None:
         self.rows = rows
         self.deleted: list[int] = []
+        self.dead_letters: list[tuple[Any, ...]] = []
+        self.outbox: list[tuple[Any, ...]] = []  # rows written: (service, topic, key, payload)
+        self.in_transaction = False
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         return self.rows
 
     async def execute(self, sql: str, service: str, last: int, ids: list[int]) -> None:
         self.deleted.extend(ids)
+
+    async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        assert self.in_transaction
+        self.dead_letters.extend(rows)
+
+    async def copy_records_to_table(self, table: str, *, records: Any, columns: Any) -> None:
+        assert self.in_transaction
+        self.outbox.extend(records)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        self.in_transaction = True
+        yield
+        self.in_transaction = False
 
 
 class FakePool:
@@ -98,7 +121,7 @@ async def settled() -> None:
 async def test_a_partitions_next_batch_waits_for_the_previous_to_be_acknowledged() -> None:
     producer = FakeProducer()
     conn = FakeConn(page([0, 0, 1, 0, 0]))
-    relay = OutboxRelay(FakePool(conn), producer, "rules")  # type: ignore[arg-type]
+    relay = OutboxRelay(FakePool(conn), producer, "rules", dlq_topic="dlq")  # type: ignore[arg-type]
     task = asyncio.create_task(relay.relay_once())
     await settled()
     # Both partitions' first batches at once; partition 0's second not yet.
@@ -118,7 +141,7 @@ async def test_a_partitions_next_batch_waits_for_the_previous_to_be_acknowledged
 async def test_a_failed_batch_ends_its_chain_and_the_page_waits_for_every_batch() -> None:
     producer = FakeProducer()
     conn = FakeConn(page([0, 0, 1, 0]))
-    relay = OutboxRelay(FakePool(conn), producer, "rules")  # type: ignore[arg-type]
+    relay = OutboxRelay(FakePool(conn), producer, "rules", dlq_topic="dlq")  # type: ignore[arg-type]
     task = asyncio.create_task(relay.relay_once())
     await settled()
     producer.sent[0][2].set_exception(KafkaTimeoutError())  # expired in a broker stall
@@ -141,7 +164,7 @@ async def test_what_the_broker_acknowledged_leaves_the_outbox_though_a_partition
     round (~50 copies a minute of every other partition's rows)."""
     producer = FakeProducer()
     conn = FakeConn(page([0, 0, 1, 0, 0]))
-    relay = OutboxRelay(FakePool(conn), producer, "rules")  # type: ignore[arg-type]
+    relay = OutboxRelay(FakePool(conn), producer, "rules", dlq_topic="dlq")  # type: ignore[arg-type]
     task = asyncio.create_task(relay.relay_once())
     await settled()
     producer.sent[0][2].set_result(None)
@@ -157,7 +180,7 @@ async def test_what_the_broker_acknowledged_leaves_the_outbox_though_a_partition
 async def test_the_backlog_gauge_is_the_age_of_the_oldest_row_not_yet_relayed() -> None:
     producer = FakeProducer()
     conn = FakeConn(page([0], created=datetime.now(UTC) - timedelta(minutes=5)))
-    relay = OutboxRelay(FakePool(conn), producer, "notifier")  # type: ignore[arg-type]
+    relay = OutboxRelay(FakePool(conn), producer, "notifier", dlq_topic="dlq")  # type: ignore[arg-type]
     task = asyncio.create_task(relay.relay_once())
     await settled()
 
@@ -171,3 +194,86 @@ async def test_the_backlog_gauge_is_the_age_of_the_oldest_row_not_yet_relayed() 
     conn.rows = []
     assert await relay.relay_once() == 0
     assert age() == 0
+
+
+def relay_letters() -> float:
+    labels = {"consumer": "rules-relay", "reason": "relay_too_large"}
+    return REGISTRY.get_sample_value("loyalty_dlq_messages_total", labels) or 0.0
+
+
+async def test_a_record_too_large_for_the_broker_is_dead_lettered_and_the_chain_goes_on() -> None:
+    """Before, the refusal failed the page every round: the row stayed in the outbox for
+    good, and every later row of its partition (a member never paid) behind it."""
+    producer = FakeProducer()
+    rows = page([0, 0, 0, 1])
+    rows[1]["payload"] = b"big" + b"x" * 100
+    conn = FakeConn(rows)
+    relay = OutboxRelay(FakePool(conn), producer, "rules", dlq_topic="dlq")  # type: ignore[arg-type]
+    before = relay_letters()
+    task = asyncio.create_task(relay.relay_once())
+    await settled()
+    assert producer.batches() == [(0, [b"1"]), (1, [b"4"])]
+    producer.sent[0][2].set_result(None)
+    producer.sent[1][2].set_result(None)
+    await settled()
+    assert producer.batches()[2] == (0, [rows[1]["payload"]])
+    producer.sent[2][2].set_exception(MessageSizeTooLargeError())
+    await settled()
+    assert producer.batches()[3] == (0, [b"3"])  # the chain goes on past it
+    producer.sent[3][2].set_result(None)
+    assert await task == 4
+    assert sorted(conn.deleted) == [1, 2, 3, 4]
+    # Kept whole in `dead_letters`, at offset -1 (it never reached the topic)...
+    [(dlq_id, consumer, topic, part, offset, reason, original)] = conn.dead_letters
+    assert (consumer, topic, part, offset, original) == (
+        "rules-relay",
+        "t",
+        0,
+        -1,
+        rows[1]["payload"],
+    )
+    assert reason.startswith("relay_too_large: the broker refused the record (103 bytes)")
+    # ... and on its way to the DLQ topic, in the transaction that deleted it.
+    [(service, dlq_topic, key, payload)] = conn.outbox
+    assert (service, dlq_topic, key) == ("rules", "dlq", rows[1]["key"])
+    letter = DeadLetter.model_validate_json(payload)
+    assert (letter.dlq_id, letter.source_topic, letter.source_offset) == (dlq_id, "t", -1)
+    assert letter.original == rows[1]["payload"].decode()
+    assert relay_letters() == before + 1
+
+
+async def test_a_batch_the_broker_refuses_as_too_large_is_tried_a_record_at_a_time() -> None:
+    """A broker whose limit is below our batch size: only the record too big itself is set
+    aside, the one beside it is sent."""
+    producer = FakeProducer()
+    conn = FakeConn(page([0, 0]))
+    relay = OutboxRelay(FakePool(conn), producer, "rules", dlq_topic="dlq")  # type: ignore[arg-type]
+    task = asyncio.create_task(relay.relay_once())
+    await settled()
+    producer.sent[0][2].set_exception(MessageSizeTooLargeError())
+    await settled()
+    assert producer.batches() == [(0, [b"1", b"2"]), (0, [b"1"])]
+    producer.sent[1][2].set_result(None)
+    await settled()
+    assert producer.batches()[2] == (0, [b"2"])
+    producer.sent[2][2].set_exception(MessageSizeTooLargeError())
+    assert await task == 2
+    assert sorted(conn.deleted) == [1, 2]
+    assert [d[6] for d in conn.dead_letters] == [b"2"]
+
+
+async def test_a_letter_the_broker_refuses_is_kept_in_the_table_and_not_sent_again() -> None:
+    """A letter is cut below any broker's limit; one refused even so must not become a
+    letter of itself, round after round."""
+    producer = FakeProducer()
+    rows = page([0])
+    rows[0]["topic"] = "dlq"
+    conn = FakeConn(rows)
+    relay = OutboxRelay(FakePool(conn), producer, "rules", dlq_topic="dlq")  # type: ignore[arg-type]
+    task = asyncio.create_task(relay.relay_once())
+    await settled()
+    producer.sent[0][2].set_exception(MessageSizeTooLargeError())
+    assert await task == 1
+    assert conn.deleted == [1]
+    assert [d[2] for d in conn.dead_letters] == ["dlq"]
+    assert conn.outbox == []
