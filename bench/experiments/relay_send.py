@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy import local
-from services.common.outbox import OutboxRelay, make_producer
+from services.common.outbox import OutboxRelay, Settled, make_producer
 
 PAGES, ROWS = 20, 5_000
 PAYLOAD = b'{"event_id":"%08d","type":"points_granted","data":{"points":120}}' + b" " * 300
@@ -27,9 +27,9 @@ async def main() -> None:
         await local.create_topics_async(bootstrap, ["exp.grants"], partitions=6)
         producer = make_producer(bootstrap)
         await producer.start()
-        relay: Any = OutboxRelay(None, producer, "exp")  # type: ignore[arg-type]
+        relay: Any = OutboxRelay(None, producer, "exp", dlq_topic="exp.dlq")  # type: ignore[arg-type]
         rows = [
-            {"topic": "exp.grants", "key": f"m{i % 20_000:06d}", "payload": PAYLOAD}
+            {"id": i, "topic": "exp.grants", "key": f"m{i % 20_000:06d}", "payload": PAYLOAD}
             for i in range(ROWS)
         ]
 
@@ -40,7 +40,12 @@ async def main() -> None:
             await asyncio.gather(*futures)
 
         async def batched() -> None:
-            await asyncio.gather(*await relay._send(rows))
+            # As `relay_once` sends a page: one chain of batches per partition.
+            page = Settled()
+            groups = await relay._by_partition(rows)
+            await asyncio.gather(
+                *(relay._send_in_order(t, p, msgs, page) for (t, p), msgs in groups.items())
+            )
 
         for name, fn in (("per-row send", per_row), ("batch per partition", batched)) * 2:
             cpu, wall = time.process_time(), time.perf_counter()

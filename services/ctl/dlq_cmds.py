@@ -126,8 +126,9 @@ def list_cmd(
     consumer: Annotated[
         str | None,
         typer.Option(
-            help="only this consumer's: rules, ledger or notifier ($LOYALTY_TOPIC_PREFIX"
-            " added if it names a consumer without it)"
+            help="only this consumer's: rules, ledger, notifier, or a relay's (rules-relay,"
+            " ledger-relay, notifier-relay) ($LOYALTY_TOPIC_PREFIX added if it names a"
+            " consumer without it)"
         ),
     ] = None,
     since: Annotated[
