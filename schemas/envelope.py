@@ -34,18 +34,31 @@ def _below_a_trillion(v: Decimal) -> Decimal:
     return v
 
 
+# What the ledger's spend columns hold (numeric(20,2), migration 0019). A larger value
+# must be refused here: asyncpg encodes a Decimal of a huge exponent (1E+131072) as 0
+# without a word, so a tier report of such a spend was stored as 0.00, not dead-lettered.
+MAX_MONEY: Final = Decimal(10) ** 18
+
+
+def _below_a_quintillion(v: Decimal) -> Decimal:
+    if not v < MAX_MONEY:
+        raise ValueError("amount must be below 10^18 CNY")
+    return v
+
+
 # Amounts travel as decimal strings ("2500.00"): floats would lose fen. The published
 # schema says so (a JSON number is read too, but is not what the contract promises), and
 # it says non-negative, which the validator enforces and a plain `string` would not.
 Money = Annotated[
     Decimal,
     AfterValidator(_non_negative),
+    AfterValidator(_below_a_quintillion),
     PlainSerializer(lambda v: format(v, "f"), return_type=str, when_used="json"),
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": r"^[0-9]+(\.[0-9]+)?$",
-            "description": 'a non-negative decimal amount in CNY, e.g. "2500.00"',
+            "pattern": r"^[0-9]{1,18}(\.[0-9]+)?$",
+            "description": 'a non-negative decimal amount in CNY below 10^18, e.g. "2500.00"',
         }
     ),
 ]
@@ -71,10 +84,15 @@ Amount = Annotated[
 # around them: unbounded, an activity just under the broker's record limit (Apache Kafka's
 # `message.max.bytes`, ~1 MB) was accepted and its grant refused, holding the relay. No
 # upstream id comes near 200 characters; the ledger API takes ids of the same length.
+# No NUL either: Postgres's text columns refuse it, so an order or store id holding one
+# was paid by the rules (their state is JSON, which takes it) and every grant of it then
+# dead-lettered by the ledger, the points lost; an order re-sent without it was a
+# duplicate by then. Refused here, by the service that receives it.
 MAX_ID_CHARS: Final = 200
-Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
-# The same bound where the contract lets the string be empty (a category, a channel).
-Label = Annotated[str, Field(max_length=MAX_ID_CHARS)]
+NO_NUL: Final = r"^[^\x00]*$"
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=NO_NUL)]
+# The same bounds where the contract lets the string be empty (a category, a channel).
+Label = Annotated[str, Field(max_length=MAX_ID_CHARS, pattern=NO_NUL)]
 
 
 class Inbound(BaseModel):

@@ -159,3 +159,45 @@ def test_ids_of_200_characters_are_taken_and_longer_ones_refused() -> None:
         with pytest.raises(ValidationError) as info:
             parse_activity(purchase(store_id, order_id))
         assert {e["type"] for e in info.value.errors()} == {"string_too_long"}
+
+
+@pytest.mark.parametrize(
+    "where", ["event_id", "member_id", "store_id", "order_id", "category", "referrer_id"]
+)
+def test_a_nul_in_any_upstream_string_is_refused(where: str) -> None:
+    """Postgres's text columns refuse NUL: an order id holding one was paid by the rules
+    (their state is JSON) and every grant of it dead-lettered by the ledger."""
+    fields = {"event_id": "e", "member_id": "m", "store_id": "s", "order_id": "o",
+              "category": "c", "referrer_id": "r"}  # fmt: skip
+    fields[where] = "a\u0000b"
+    if where == "referrer_id":
+        raw = {"event_id": fields["event_id"], "type": "referral", "member_id": "m",
+               "occurred_at": "2026-11-20T15:04:05+08:00",
+               "data": {"referrer_id": fields["referrer_id"]}}  # fmt: skip
+    else:
+        raw = {"event_id": fields["event_id"], "type": "purchase", "member_id": fields["member_id"],
+               "occurred_at": "2026-11-20T15:04:05+08:00", "store_id": fields["store_id"],
+               "data": {"order_id": fields["order_id"], "amount": "1",
+                        "items": [{"project_code": "p", "category": fields["category"],
+                                   "amount": "1"}]}}  # fmt: skip
+    with pytest.raises(ValidationError) as info:
+        parse_activity(json.dumps(raw).encode())
+    assert {e["type"] for e in info.value.errors()} == {"string_pattern_mismatch"}
+
+
+def test_a_spend_past_what_the_ledger_stores_is_refused() -> None:
+    """asyncpg wrote a Decimal of a huge exponent as 0: a tier report of 1E+131072 was
+    stored as a spend of 0.00 instead of being dead-lettered."""
+
+    def report(spend: str) -> bytes:
+        return json.dumps(
+            {"event_id": "g", "type": "tier_evaluated", "member_id": "m",
+             "occurred_at": "2026-11-20T15:04:05+08:00",
+             "data": {"tier": "diamond", "previous_tier": "member", "qualifying_spend": spend,
+                      "tier_valid_until": None, "ruleset_version": "v", "source_event_id": "e"}}
+        ).encode()  # fmt: skip
+
+    assert parse_grant(report("999999999999999999.99")).data.qualifying_spend < 10**18
+    for spend in ("1000000000000000000", "1E+131072"):
+        with pytest.raises(ValidationError):
+            parse_grant(report(spend))
