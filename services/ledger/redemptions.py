@@ -8,7 +8,9 @@ its answer under the caller's id, and put the ledger event in the outbox.
 
 Idempotency: the stored request is the *normalised* body (``cash`` "10" and "10.00" are
 the same request). The same id with the same body gets the first answer again, with the
-first status; the same id with another body is a 409. A redemption refused for the
+first status; the same id with another body is a 409, which shows the first request only
+when it was for the same member (ids are global: another member's is a bare "already
+used", and an unknown member is a 404 whatever the id). A redemption refused for the
 member's balance or the catalogue (409, 422) is kept as its first answer too (CONTRACT.md:
 "the same redemption_id again returns the first answer"), so a retry is refused again
 rather than redeemed later. A request refused before the member is locked (a malformed
@@ -114,12 +116,19 @@ def tier_of(raw: str) -> Tier:
     return "member"
 
 
-def _replay(prior: asyncpg.Record, request: dict[str, Any], what: str, key: str) -> Outcome:
+def _replay(
+    prior: asyncpg.Record, member_id: str, request: dict[str, Any], what: str, key: str
+) -> Outcome:
+    """The stored answer to a repeated request. Ids are global across members: an id kept
+    for another member is a bare 409, not that member's request (a redeemer key could
+    otherwise collect other members' redemptions by trying ids)."""
+    if prior["member_id"] != member_id:
+        raise Refused(409, f"{what} id already used", f"this {key} is already used; send a new one")
     if prior["request"] != request:
         raise Refused(
             409,
-            f"{what} id reused",
-            f"this {key} was already used with a different request",
+            f"{what} id already used",
+            f"this {key} was already used for this member with a different request",
             first_request=prior["request"],
         )
     return Outcome(prior["status"], prior["response"], fresh=False)
@@ -134,10 +143,13 @@ async def _claim(
     key: str,
     member_id: str,
 ) -> tuple[Outcome | None, str]:
-    """Idempotency and the member lock: (the stored answer, or None to go on; the tier)."""
+    """Idempotency and the member lock: (the stored answer, or None to go on; the tier).
+
+    A repeat for the same member is answered before the lock; anything else waits for the
+    member, so an unknown member is a 404 whether or not its id is in use."""
     prior = await conn.fetchrow(prior_sql, request_id)
-    if prior is not None:
-        return _replay(prior, request, what, key), ""
+    if prior is not None and prior["member_id"] == member_id:
+        return _replay(prior, member_id, request, what, key), ""
     member = await conn.fetchrow(LOCK_MEMBER, member_id)
     if member is None:
         detail = f"no ledger record for member {member_id!r}"
@@ -147,7 +159,7 @@ async def _claim(
     # Re-read under the lock: a twin request may have committed while we waited.
     prior = await conn.fetchrow(prior_sql, request_id)
     if prior is not None:
-        return _replay(prior, request, what, key), ""
+        return _replay(prior, member_id, request, what, key), ""
     return None, member["tier"]
 
 
@@ -271,7 +283,7 @@ async def redeem(
         prior = await conn.fetchrow(PRIOR_REDEMPTION, redemption_id)
         if prior is None:
             raise
-        return _replay(prior, request, "Redemption", "redemption_id")
+        return _replay(prior, member_id, request, "Redemption", "redemption_id")
 
 
 async def adjust(
@@ -363,4 +375,4 @@ async def adjust(
         prior = await conn.fetchrow(PRIOR_ADJUSTMENT, adjustment_id)
         if prior is None:
             raise
-        return _replay(prior, request, "Adjustment", "adjustment_id")
+        return _replay(prior, member_id, request, "Adjustment", "adjustment_id")

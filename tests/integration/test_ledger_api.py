@@ -16,7 +16,7 @@ import yaml
 from services.ledger.accounting import add_months
 from services.ledger.reports import SHANGHAI, next_month
 from services.rules.rulebook_store import DEFAULT_RULESET, publish
-from tests.integration.harness import OPS_KEY, READER_KEY, Stack, wait_until
+from tests.integration.harness import OPS_KEY, READER_KEY, REDEEMER_KEY, Stack, wait_until
 from tests.integration.ledger_helpers import (
     assert_problem,
     assert_verified,
@@ -202,6 +202,46 @@ async def test_redemptions_adjustments_and_reports_through_the_api(stack: Stack)
     assert again.json() == created.json()
     assert_problem(await post(stack, "/v1/adjustments", welcome), 409)  # another request
 
+    await assert_verified(stack.dsn)
+
+
+async def test_an_id_used_for_another_member_reveals_nothing_of_it(stack: Stack) -> None:
+    """Ids are global: two stores' POS counters meet. The second caller gets a bare 409,
+    not the first member's request; an unknown member is a 404 whether or not the id is
+    in use, so a redeemer key cannot collect other members' redemptions by trying ids."""
+    now = datetime.now(UTC)
+    await give(stack, grant("m-alice", 3000, now - timedelta(days=3)),
+               grant("m-bob", 3000, now - timedelta(days=3)))  # fmt: skip
+    alice = {"redemption_id": "r-0001", "points": 1000, "store_id": "store-of-alice"}
+    made = await post(stack, "/v1/members/m-alice/redemptions", alice, key=REDEEMER_KEY)
+    assert made.status_code == 201, made.text
+    secrets = ("m-alice", "store-of-alice", "1000", "first_request")
+    for body in [{"redemption_id": "r-0001", "points": 600, "store_id": "bj"}, alice]:
+        bob = await post(stack, "/v1/members/m-bob/redemptions", body, key=REDEEMER_KEY)
+        assert not [s for s in secrets if s in bob.text], bob.text
+        assert "already used" in assert_problem(bob, 409)["title"]
+    for rid in ["r-0001", "r-unused"]:
+        nobody = await post(stack, "/v1/members/nobody/redemptions",
+                            {"redemption_id": rid, "points": 600}, key=REDEEMER_KEY)  # fmt: skip
+        assert_problem(nobody, 404)
+    # The same member's own first request is still shown: the POS sees what it sent.
+    own = await post(stack, "/v1/members/m-alice/redemptions", {**alice, "points": 900},
+                     key=REDEEMER_KEY)  # fmt: skip
+    assert assert_problem(own, 409)["first_request"]["points"] == 1000
+
+    adj = {"adjustment_id": "adj-1", "member_id": "m-alice", "points": 100,
+           "reason": "complaint 4411: refund agreed", "operator": "ops-li"}  # fmt: skip
+    assert (await post(stack, "/v1/adjustments", adj)).status_code == 201
+    for other in [{**adj, "member_id": "m-bob", "reason": "x", "operator": "ops-wang"},
+                  {**adj, "member_id": "m-new", "reason": "x", "new_member": True}]:  # fmt: skip
+        refused = await post(stack, "/v1/adjustments", other)
+        assert_problem(refused, 409)
+        assert not [s for s in ("m-alice", "4411", "ops-li") if s in refused.text], refused.text
+    assert_problem(await post(stack, "/v1/adjustments", {**adj, "member_id": "nobody"}), 404)
+    assert (await member(stack, "m-bob"))["points"]["available"] == 3000
+    assert_problem(await stack.get("/v1/members/m-new"), 404)  # the refusal rolled back
+    own_adj = await post(stack, "/v1/adjustments", {**adj, "points": 200})
+    assert assert_problem(own_adj, 409)["first_request"]["reason"] == adj["reason"]
     await assert_verified(stack.dsn)
 
 
