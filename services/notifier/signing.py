@@ -4,8 +4,9 @@ the tests use `verify`; a clinic's receiver does the same in its own language).
 The signature covers the timestamp and the body: `sha256=<hex HMAC-SHA256(secret,
 "<timestamp>." + body)>`, with the timestamp (Unix seconds) in its own header. A receiver
 refuses a post whose timestamp is too far from its clock, so a captured post cannot be
-replayed later; within that window it dedupes on the notification id, as it must anyway
-for at-least-once delivery.
+replayed later; within that window it dedupes on the body's `notification_id` (signed;
+the `X-Loyalty-Notification-Id` header is not), as it must anyway for at-least-once
+delivery.
 """
 
 from __future__ import annotations

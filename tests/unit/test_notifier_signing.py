@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
+from pathlib import Path
 
 from services.notifier.signing import TOLERANCE_S, sign, verify
 
@@ -44,3 +46,15 @@ def test_the_notifier_refuses_to_post_unsigned() -> None:
                         webhook_url="http://clinic.example/hook", webhook_secret="")  # fmt: skip
     with pytest.raises(SystemExit, match="NOTIFIER_WEBHOOK_SECRET must be set"):
         create_app(settings)
+
+
+def test_receivers_are_told_to_dedupe_on_the_signed_notification_id() -> None:
+    """Only the timestamp and the body are signed: a header is whatever the sender put
+    there, so a replay with another `X-Loyalty-Notification-Id` verifies all the same. The
+    README must name the body's `notification_id`, which the signature covers."""
+    sig = sign(SECRET, 1700000000, BODY)
+    assert verify(SECRET, "1700000000", BODY, sig, now=1700000000)  # whatever the headers
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    advice = re.findall(r"receivers\s+dedupe on ([^.]*)", readme)
+    assert advice, "README no longer tells webhook receivers what to dedupe on"
+    assert all("notification_id" in a and "Notification-Id" not in a for a in advice), advice
