@@ -18,6 +18,8 @@ from typing import Final
 SIGNATURE_HEADER: Final = "X-Loyalty-Signature"
 TIMESTAMP_HEADER: Final = "X-Loyalty-Timestamp"
 TOLERANCE_S: Final = 300
+# Unix seconds until the year 33658: a longer timestamp is garbage, not a far future.
+MAX_TIMESTAMP_DIGITS: Final = 12
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -29,9 +31,17 @@ def verify(
     secret: str, timestamp: str | None, body: bytes, signature: str | None, now: float,
     tolerance_s: float = TOLERANCE_S,
 ) -> bool:  # fmt: skip
-    """True for a post signed with `secret` whose timestamp is within `tolerance_s` of now."""
-    if timestamp is None or signature is None or not (timestamp.isascii() and timestamp.isdigit()):
+    """True for a post signed with `secret` whose timestamp is within `tolerance_s` of now.
+
+    False, never an exception, for whatever else the headers hold: this is the receivers'
+    reference, and a header is the sender's (or an attacker's) text. The timestamp is at
+    most `MAX_TIMESTAMP_DIGITS` ASCII digits (a longer one overflowed a float or int());
+    the signature is compared as bytes (compare_digest refuses a non-ASCII str)."""
+    if timestamp is None or signature is None or not signature.isascii():
         return False
-    if abs(now - int(timestamp)) > tolerance_s:
+    if len(timestamp) > MAX_TIMESTAMP_DIGITS or not (timestamp.isascii() and timestamp.isdigit()):
         return False
-    return hmac.compare_digest(sign(secret, int(timestamp), body), signature)
+    if not abs(now - int(timestamp)) <= tolerance_s:  # `not <=`: a NaN clock refuses too
+        return False
+    expected = sign(secret, int(timestamp), body)
+    return hmac.compare_digest(expected.encode(), signature.encode())

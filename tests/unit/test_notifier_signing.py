@@ -36,6 +36,24 @@ def test_a_replayed_altered_or_unsigned_post_is_refused() -> None:
     assert not verify(SECRET, "-5", BODY, sig, now=1700000000)
 
 
+def test_malformed_headers_are_refused_not_raised() -> None:
+    """The reference receiver answers False to anything a sender (or an attacker) can put
+    in the headers; it raised on these, a 500 in a receiver built on it."""
+    now = 1700000000
+    sig = sign(SECRET, now, BODY)
+    for timestamp, signature in [
+        (str(now), "sha256=\u00e9"),  # a latin-1 header byte: compare_digest refused str
+        (str(now), sig[:-1] + "\u00e9"),
+        ("9" * 5000, sig),  # int() refuses more than 4,300 digits
+        ("1" + "0" * 400, sig),  # too large for a float
+        ("1" + "0" * 12, sig),  # more digits than any Unix time in seconds needs
+        ("", sig),
+    ]:
+        assert verify(SECRET, timestamp, BODY, signature, now=now) is False, timestamp[:20]
+    assert verify(SECRET, str(now), BODY, sig, now=float("nan")) is False
+    assert verify(SECRET, str(now), BODY, sig, now=now) is True
+
+
 def test_the_notifier_refuses_to_post_unsigned() -> None:
     import pytest
 
