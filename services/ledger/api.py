@@ -265,11 +265,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await ledger.stop()
 
+    # FastAPI's /openapi.json, /docs and /redoc answer anyone; the contract opens only
+    # /healthz, /readyz and /metrics. The document is served below with a reader key; the
+    # interactive pages are not (a browser would fetch the document without one).
     app = FastAPI(
         title="Loyalty ledger API",
         version="1",
         lifespan=lifespan,
         description="Balances, tiers, expiring lots and redemptions of clinic members.",
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.ledger = ledger
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
@@ -422,6 +428,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             zone = (await ledger.rules.refresh(conn)).at(now).zone
             doc = await reports.summary(conn, start, end, store_id, now, policy, zone)
         return FastJSON(doc)
+
+    @app.get("/openapi.json", dependencies=needs("reader"), include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -371,3 +371,17 @@ def test_a_malformed_key_entry_is_refused_without_printing_the_key() -> None:
         with pytest.raises(ValueError, match="entry 2 is not KEY") as refused:
             KeyRing.parse(spec)
         assert str(refused.value) == "LEDGER_API_KEYS entry 2 is not KEY:reader|redeemer|ops"
+
+
+def test_the_openapi_document_needs_a_reader_key() -> None:
+    """CONTRACT.md: every call but /healthz, /readyz and /metrics needs a key. FastAPI's
+    /openapi.json, /docs and /redoc answered anyone."""
+    api = client()
+    problem(api.get("/openapi.json"), 401)
+    problem(api.get("/openapi.json", headers={"Authorization": "Bearer wrong"}), 401)
+    doc = api.get("/openapi.json", headers=READER)
+    assert doc.status_code == 200, doc.text
+    assert "/v1/members/{member_id}/redemptions" in doc.json()["paths"]
+    assert "/openapi.json" not in doc.json()["paths"]
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        problem(api.get(path), 404)
