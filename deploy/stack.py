@@ -314,16 +314,28 @@ ROLE_KEYS = ("LEDGER_OPS_KEY", "LEDGER_READER_KEY", "LEDGER_REDEEMER_KEY")
 
 
 def _key(var: str, previous: dict[str, str], prefix: str) -> str:
-    return os.environ.get(var) or previous.get(var) or f"{prefix}_{secrets.token_urlsafe(24)}"
+    """Given empty (`LEDGER_OPS_KEY= make up`, README: "empty to clear it"), a new key: that
+    is how a leaked key is revoked. An empty value used to fall through to the old key."""
+    given = os.environ.get(var)
+    if given is None:
+        given = previous.get(var)
+    return given or f"{prefix}_{secrets.token_urlsafe(24)}"
 
 
 def _api_keys(value: str) -> list[str]:
-    """`key:role,...` entries, checked here so that a typo fails `make up`, not the API."""
+    """`key:role,...` entries, checked here so that a typo fails `make up`, not the API.
+    A bad entry is named by position (and a mistyped role by its name), never by its
+    text: the key is a secret, and `make up`'s output may be recorded."""
     entries = [e.strip() for e in value.split(",") if e.strip()]
-    for e in entries:
+    for n, e in enumerate(entries, 1):
         key, _, role = e.rpartition(":")
-        if not key or role not in ("reader", "redeemer", "ops"):
-            raise SystemExit(f"LEDGER_API_KEYS: {e!r} is not key:role (reader, redeemer, ops)")
+        if key and role in ("reader", "redeemer", "ops"):
+            continue
+        if key and role.isalpha():  # a mistyped role: a word, not a piece of the key
+            raise SystemExit(
+                f"LEDGER_API_KEYS entry {n}: role {role!r} is not reader, redeemer or ops"
+            )
+        raise SystemExit(f"LEDGER_API_KEYS entry {n} is not key:role (reader, redeemer, ops)")
     return entries
 
 

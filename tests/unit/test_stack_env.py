@@ -55,7 +55,8 @@ def build_env_with(env: dict[str, str], previous: dict[str, str]) -> dict[str, s
         "print(json.dumps(stack.build_env(json.loads(sys.argv[1]), 'postgresql://x@h/db',"
         " 'tansu', '127.0.0.1:1')))"
     )
-    ours = ("LEDGER_API_KEYS", "DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")
+    ours = ("LEDGER_API_KEYS", "DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "LEDGER_OPS_KEY",
+            "LEDGER_READER_KEY", "LEDGER_REDEEMER_KEY")  # fmt: skip
     clean = {k: v for k, v in os.environ.items() if k not in ours}
     out = subprocess.run(
         [sys.executable, "-c", code, json.dumps(previous)],
@@ -79,14 +80,41 @@ def test_make_up_serves_a_key_of_each_role_and_the_ones_ops_add() -> None:
 
 
 def test_a_malformed_key_stops_make_up_with_the_entry_named() -> None:
+    """Named by position (and a bad role by its name), never by the key: the message goes
+    to the terminal and whatever records it."""
     code = "from deploy import stack; stack.build_env({}, 'postgresql://x@h/db', 'tansu', 'b:1')"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, "LEDGER_API_KEYS": "nokey", "PYTHONPATH": str(ROOT)}, cwd=ROOT,
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert out.returncode != 0
-    assert "'nokey' is not key:role" in out.stderr
+    for keys, says in [
+        ("nokey", "entry 1 is not key:role"),
+        ("ok_key:ops,pos_s3cret:admin", "entry 2: role 'admin' is not"),
+    ]:
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "LEDGER_API_KEYS": keys, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert out.returncode != 0
+        assert says in out.stderr
+        assert "nokey" not in out.stderr, out.stderr
+        assert "s3cret" not in out.stderr, out.stderr
+
+
+def test_an_emptied_role_key_is_replaced_and_no_longer_served() -> None:
+    """README: 'empty to clear it'. `LEDGER_OPS_KEY= make up`, to revoke a leaked key, kept
+    the old one (an empty value fell through to the previous file's)."""
+    first = build_env_with({}, {})
+    leaked = first["LEDGER_OPS_KEY"]
+    # From a clean shell, and from one that exported stack.env and cleared only that key.
+    kept = ("LEDGER_API_KEYS", "LEDGER_READER_KEY", "LEDGER_REDEEMER_KEY")
+    exported = {k: first[k] for k in kept}
+    for env in [{"LEDGER_OPS_KEY": ""}, {**exported, "LEDGER_OPS_KEY": ""}]:
+        rotated = build_env_with(env, first)
+        assert rotated["LEDGER_OPS_KEY"] not in ("", leaked)
+        served = [k.rpartition(":")[0] for k in rotated["LEDGER_API_KEYS"].split(",")]
+        assert leaked not in served
+        assert rotated["LEDGER_OPS_KEY"] in served
+        assert rotated["LEDGER_READER_KEY"] == first["LEDGER_READER_KEY"]
+    # Not given at all: kept across restarts, as before.
+    assert build_env_with({}, first)["LEDGER_OPS_KEY"] == leaked
 
 
 def test_a_shell_that_exported_stack_env_still_gets_the_local_stack() -> None:
