@@ -12,9 +12,11 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationInfo,
     WithJsonSchema,
 )
 from pydantic.config import JsonDict
+from pydantic_core import PydanticCustomError
 
 
 def _non_negative(v: Decimal) -> Decimal:
@@ -90,9 +92,40 @@ Amount = Annotated[
 # duplicate by then. Refused here, by the service that receives it.
 MAX_ID_CHARS: Final = 200
 NO_NUL: Final = r"^[^\x00]*$"
-Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=NO_NUL)]
+# Validation context for an event read back from our own tables (`rules_activity`,
+# `rules_held`): it passed the contract as it stood when it arrived, and the rules acted
+# on it, so a bound added since must not refuse it now (a referral paid late re-reads the
+# referee's stored purchase; refused, the referrer's own event was dead-lettered).
+STORED: Final = {"stored": True}
+
+
+def _bounded(v: str, info: ValidationInfo) -> str:
+    if len(v) > MAX_ID_CHARS:
+        if info.context is STORED:
+            return v
+        raise PydanticCustomError(
+            "string_too_long",
+            "String should have at most {max_length} characters",
+            {"max_length": MAX_ID_CHARS},
+        )
+    if "\x00" in v and info.context is not STORED:
+        raise PydanticCustomError("string_pattern_mismatch", "String should hold no NUL")
+    return v
+
+
+Id = Annotated[
+    str,
+    Field(min_length=1),
+    AfterValidator(_bounded),
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS,
+                    "pattern": NO_NUL}),
+]  # fmt: skip
 # The same bounds where the contract lets the string be empty (a category, a channel).
-Label = Annotated[str, Field(max_length=MAX_ID_CHARS, pattern=NO_NUL)]
+Label = Annotated[
+    str,
+    AfterValidator(_bounded),
+    WithJsonSchema({"type": "string", "maxLength": MAX_ID_CHARS, "pattern": NO_NUL}),
+]
 
 
 class Inbound(BaseModel):

@@ -36,6 +36,7 @@ import asyncpg
 from pydantic import ValidationError
 
 from schemas.activity import activity_adapter
+from schemas.envelope import STORED
 from services.rules.forkserver import PRELOAD
 from services.rules.rulebook_store import read_book
 from services.rules.ruleset import RuleBook, RuleSet
@@ -173,7 +174,7 @@ def _take(sim: Simulation, phase: Phase, chunk: Iterable[bytes]) -> int:
     skipped = 0
     for raw in chunk:
         try:
-            event = activity_adapter.validate_json(raw)
+            event = activity_adapter.validate_json(raw, context=STORED)
         except ValidationError:
             skipped += 1
             continue

@@ -86,7 +86,7 @@ async def release_held(
 ) -> Decision:
     async with conn.transaction():
         row = await _lock_pending(conn, event_id)
-        event = parse_activity(row["payload"])
+        event = parse_activity(row["payload"], stored=True)
         if not isinstance(event, CheckIn | Review | Share):
             raise HeldError(f"held event {event_id!r} is a {event.type}, not engagement")
         book = await load_book(conn)

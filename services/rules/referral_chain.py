@@ -226,7 +226,7 @@ class ChainWork:
         ids = {r["purchase_event_id"] for r in rows}
         ids |= {r["refund_event_id"] for r in rows if r["refund_event_id"] is not None}
         events = {
-            e["event_id"]: parse_activity(bytes(e["payload"]))
+            e["event_id"]: parse_activity(bytes(e["payload"]), stored=True)
             for e in await conn.fetch(SELECT_EVENTS, sorted(ids))
         }
         out: list[GrantEvent] = []

@@ -6,7 +6,10 @@ is covered by tests/integration/test_referral_chain.py.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from schemas.grants import PointsGranted
 from services.rules import referral_chain as chain
@@ -123,3 +126,38 @@ def test_a_referral_purchase_without_a_known_chain_is_recorded_unpaid() -> None:
     (row,) = work.referrals
     assert row[1] == "A"
     assert row[6:] == (None, None, None)
+
+
+class _StoredPurchaseConn:
+    """The two reads of `ChainWork._late`: B's unpaid referral row, and B's purchase as
+    `rules_activity` stored it, taken before the 200-character bound on ids."""
+
+    purchase = json.dumps(
+        {"event_id": "p-1", "type": "purchase", "occurred_at": "2026-03-02T10:00:00+08:00",
+         "member_id": "B", "store_id": "store-" + "x" * 250,
+         "data": {"order_id": "o-1", "amount": "3000.00", "items": []}}
+    ).encode()  # fmt: skip
+
+    async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        if sql == chain.SELECT_UNPAID:
+            return [{"new_member_id": "B", "referrer_id": "A", "purchase_event_id": "p-1",
+                     "order_id": "o-1", "occurred_at": datetime(2026, 3, 2, 2, tzinfo=UTC),
+                     "ruleset_version": None, "refund_event_id": None}]  # fmt: skip
+        if sql == chain.SELECT_EVENTS:
+            return [{"event_id": "p-1", "payload": self.purchase}]
+        raise AssertionError(sql)
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        return None
+
+
+def test_a_late_bonus_reads_a_purchase_stored_before_the_bounds() -> None:
+    """Refused under the bound, the purchase failed the batch that set A's referrer: A's
+    own registration was dead-lettered and C's indirect bonus never paid."""
+    work = chain.ChainWork()
+    work.referrer_set["A"] = datetime(2026, 3, 1, tzinfo=UTC)  # A names C, late
+    grants = asyncio.run(
+        work.apply(_StoredPurchaseConn(), RuleBook([DEFAULT]), {"A": "C", "B": "A"})
+    )
+    paid = [g for g in grants if isinstance(g, PointsGranted)]
+    assert [(g.member_id, g.data.rule_id) for g in paid] == [("C", "referral_indirect")]

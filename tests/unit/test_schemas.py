@@ -201,3 +201,22 @@ def test_a_spend_past_what_the_ledger_stores_is_refused() -> None:
     for spend in ("1000000000000000000", "1E+131072"):
         with pytest.raises(ValidationError):
             parse_grant(report(spend))
+
+
+def test_an_event_stored_before_the_bounds_is_read_back_without_them() -> None:
+    """The rules keep what they acted on (`rules_activity`, `rules_held`); a referral paid
+    late re-reads the referee's purchase: refused under a bound added since, the
+    referrer's own event was dead-lettered, naming a field it does not have."""
+    raw = json.dumps(
+        {"event_id": "e", "type": "purchase", "occurred_at": "2026-11-20T15:04:05+08:00",
+         "member_id": "m", "store_id": "s" * 300,
+         "data": {"order_id": "o\u0000", "amount": "1", "items": []}}
+    ).encode()  # fmt: skip
+    with pytest.raises(ValidationError):
+        parse_activity(raw)
+    event = parse_activity(raw, stored=True)
+    assert isinstance(event, Purchase)
+    assert (event.store_id, event.data.order_id) == ("s" * 300, "o\u0000")
+    # Nothing else is loosened: a stored payload that never was valid is still refused.
+    with pytest.raises(ValidationError):
+        parse_activity(raw.replace(b'"amount": "1"', b'"amount": "-1"'), stored=True)
