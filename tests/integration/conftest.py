@@ -8,6 +8,14 @@ from tests.integration.harness import Stack, make_stack
 
 
 @pytest.fixture
+def fast_tier_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The services inherit the environment: the rules' tier sweep every second, and each
+    expiry or spend change reported as soon as it is due."""
+    monkeypatch.setenv("TIER_SWEEP_SECONDS", "1")
+    monkeypatch.setenv("TIER_SWEEP_GRACE_SECONDS", "0")
+
+
+@pytest.fixture
 async def stack(broker: str, broker_name: str, fresh_database: str) -> AsyncIterator[Stack]:
     """The three services as real processes on a real broker and a fresh database.
 

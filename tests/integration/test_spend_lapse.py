@@ -20,15 +20,8 @@ from services.rules.pruning import add_months
 from tests.integration.events import CST, purchase, sign_in
 from tests.integration.harness import Stack, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fast_tier_sweep")]
 NOW = datetime.now(CST).replace(microsecond=0)
-
-
-@pytest.fixture(autouse=True)
-def fast_tier_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The services inherit the environment: sweep every second, report at once."""
-    monkeypatch.setenv("TIER_SWEEP_SECONDS", "1")
-    monkeypatch.setenv("TIER_SWEEP_GRACE_SECONDS", "0")
 
 
 async def test_the_member_view_shows_the_spend_left_in_the_window(stack: Stack) -> None:
