@@ -8,11 +8,18 @@ Definitions (documented in the API description too):
 * ``revoked``: points taken back by refunds in the period (positive), so that
   ``issued - revoked - redeemed - expired + adjusted`` accounts for the period's movement.
 * ``adjusted``: the signed sum of manual adjustments in the period (ops' own number).
-* ``outstanding``: points held now (unexpired lots, pending included) minus debt; with
-  ``store_id``, the lots earned at that store. A snapshot of *now*, not of ``to``: the
-  point-in-time member view (``as_of``) is where history is replayed.
+* ``outstanding``: points held now (unexpired lots, pending included), each member's less
+  their debt but never below zero (one member's debt takes nothing from what another can
+  redeem); with ``store_id``, the lots earned at that store, without debt. A snapshot of
+  *now*, not of ``to``: the point-in-time member view (``as_of``) is where history is
+  replayed.
+* ``debt``: what members owe now (refunds of points already spent), the sum of their debts;
+  null with ``store_id`` (a debt is a member's, not a store's). With it, the period's
+  movement reconciles with the snapshot: outstanding − debt counts members in debt
+  negative, as the journal does.
 * ``liability_cny``: ``outstanding`` in cash, each member's points at their tier's cash
-  rate (100 / 100 / 80 / 60 points per CNY by default), to the fen.
+  rate (100 / 100 / 80 / 60 points per CNY by default), rounded down to the fen per member
+  as a cash redemption is (`RedemptionPolicy.cash_value`): what members could take.
 * ``redemption_rate``: ``redeemed / issued`` in the period (0 when nothing was issued).
 * ``active_members``: members with at least one entry in the period (at the store).
 * ``by_rule``: points issued per rule id in the period; ``tiers``: members per tier now
@@ -34,7 +41,6 @@ import asyncpg
 from schemas.grants import TIERS
 from services.ledger.accounting import add_months
 from services.ledger.redemption import DEFAULT_POLICY, RedemptionPolicy
-from services.ledger.redemptions import tier_of
 
 PERIOD_TOTALS: Final = """
 SELECT e.kind, e.rule_id, sum(e.points)::bigint AS points, count(*) AS n
@@ -52,8 +58,10 @@ SELECT count(DISTINCT member_id) FROM ledger_entries
 WHERE occurred_at >= $1 AND occurred_at < $2 AND ($3::text IS NULL OR store_id = $3)
   AND kind IN ('earn', 'redeem', 'revoke')
 """
-# Points held per tier now: unexpired lots (pending included) less each member's debt;
-# and, in the same scan, the points of those lots that expire in [$3, $4).
+# Points held per tier now: unexpired lots (pending included) less each member's debt, never
+# below zero; their cash value in fen, each member's rounded down at their tier's rate
+# ($5 tiers, $6 points per CNY); and, in the same scan, the points of those lots that
+# expire in [$3, $4).
 OUTSTANDING_BY_TIER: Final = """
 WITH held AS (
     SELECT l.member_id, sum(l.remaining)::bigint AS points,
@@ -63,13 +71,19 @@ WITH held AS (
     LEFT JOIN ledger_entries AS src ON $2::text IS NOT NULL AND src.entry_id = l.lot_id
     WHERE l.remaining > 0 AND l.expires_at > $1 AND ($2::text IS NULL OR src.store_id = $2)
     GROUP BY l.member_id
+), net AS (
+    SELECT m.tier, h.expiring,
+           GREATEST(h.points - CASE WHEN $2::text IS NULL THEN m.debt ELSE 0 END, 0) AS points
+    FROM held AS h JOIN ledger_members AS m USING (member_id)
 )
-SELECT m.tier, sum(GREATEST(h.points - CASE WHEN $2::text IS NULL THEN m.debt ELSE 0 END, 0))
-           ::bigint AS points,
-       COALESCE(sum(h.expiring), 0)::bigint AS expiring
-FROM held AS h JOIN ledger_members AS m USING (member_id)
-GROUP BY m.tier
+SELECT n.tier, sum(n.points)::bigint AS points, COALESCE(sum(n.expiring), 0)::bigint AS expiring,
+       sum(n.points * 100 / r.rate)::bigint AS fen
+FROM net AS n JOIN unnest($5::text[], $6::bigint[]) AS r(tier, rate)
+     -- an unknown tier value counts as member, as `redemptions.tier_of` reads it
+     ON r.tier = CASE WHEN n.tier = ANY($5::text[]) THEN n.tier ELSE 'member' END
+GROUP BY n.tier
 """
+DEBT: Final = "SELECT COALESCE(sum(debt), 0)::bigint FROM ledger_members WHERE debt > 0"
 TIERS_COUNT: Final = """
 SELECT tier, count(*) AS members FROM ledger_members AS m
 WHERE $1::text IS NULL
@@ -77,7 +91,6 @@ WHERE $1::text IS NULL
               AND e.store_id = $1)
 GROUP BY tier
 """
-_CENT: Final = Decimal("0.01")
 SHANGHAI: Final = ZoneInfo("Asia/Shanghai")
 
 
@@ -117,15 +130,17 @@ async def summary(
                 revoked += -points
         active = await conn.fetchval(ACTIVE_MEMBERS, start, end, store_id)
         month, month_after = next_month(now, zone)
-        held = await conn.fetch(OUTSTANDING_BY_TIER, now, store_id, month, month_after)
+        rates = [policy.rate(tier) for tier in TIERS]
+        held = await conn.fetch(
+            OUTSTANDING_BY_TIER, now, store_id, month, month_after, list(TIERS), rates
+        )
+        debt = None if store_id is not None else int(await conn.fetchval(DEBT))
         tier_rows = await conn.fetch(TIERS_COUNT, store_id)
-    outstanding = expiring = 0
-    liability = Decimal(0)
+    outstanding = expiring = fen = 0
     for r in held:
-        tier = tier_of(r["tier"])
         outstanding += int(r["points"])
         expiring += int(r["expiring"])
-        liability += Decimal(int(r["points"])) / policy.rate(tier)
+        fen += int(r["fen"])
     tiers = dict.fromkeys(TIERS, 0)
     for r in tier_rows:
         tiers[r["tier"]] = int(r["members"])
@@ -140,7 +155,8 @@ async def summary(
         "revoked": revoked,
         "adjusted": adjusted,
         "outstanding": outstanding,
-        "liability_cny": format(liability.quantize(_CENT), "f"),
+        "debt": debt,
+        "liability_cny": format(Decimal(fen).scaleb(-2), "f"),
         "redemption_rate": float(rate.quantize(Decimal("0.0001"))),
         "active_members": int(active or 0),
         "by_rule": dict(sorted(by_rule.items())),
