@@ -64,10 +64,10 @@ class Deliverer:
         Members are posted to concurrently, one member's notifications one after another,
         stopping at the first that fails: it waits out its back-off, and the member's later
         ones wait behind it (`_DUE`), so a member never reads an older balance after a newer
-        one. A warning whose points lapsed meanwhile is not posted but marked `skipped`, and
-        the member's next ones go on. They wait with their due time moved to the failed one's (`_FAILED`,
+        one. They wait with their due time moved to the failed one's (`_FAILED`,
         `hold_behind_retries`), so a round that has nothing due reads nothing, however
-        many members' backlogs wait. A member is taken by one notifier process at a time
+        many members' backlogs wait. A warning whose points lapsed meanwhile is not posted
+        but marked `skipped`, and the member's next ones go on. A member is taken by one notifier process at a time
         (an advisory lock for the round), so a second process cannot post their next one
         meanwhile.
         """
