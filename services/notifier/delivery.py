@@ -67,9 +67,9 @@ class Deliverer:
         one. They wait with their due time moved to the failed one's (`_FAILED`,
         `hold_behind_retries`), so a round that has nothing due reads nothing, however
         many members' backlogs wait. A warning whose points lapsed meanwhile is not posted
-        but marked `skipped`, and the member's next ones go on. A member is taken by one notifier process at a time
-        (an advisory lock for the round), so a second process cannot post their next one
-        meanwhile.
+        but marked `skipped`, and the member's next ones go on. A member is taken by one
+        notifier process at a time (an advisory lock for the round), so a second process
+        cannot post their next one meanwhile.
         """
         async with self._pool.acquire() as conn, conn.transaction():
             candidates = await conn.fetch(_CANDIDATES, DELIVERY_BATCH)
