@@ -38,11 +38,13 @@ from services.ledger.service import LedgerService
 log = structlog.get_logger()
 PROBLEM = "application/problem+json"
 # Database trouble a caller should retry (503), as opposed to a bug (500): the server is
-# unreachable or restarting, a connection broke mid-call, a statement was cancelled.
+# unreachable or restarting, a connection broke mid-call, a statement was cancelled, or
+# the transaction lost a deadlock or a serialization conflict (nothing of it was kept).
 UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.TransactionRollbackError,
     OSError,
 )
 # Far beyond any real movement, well inside bigint sums: a typo, not an adjustment.

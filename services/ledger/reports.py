@@ -114,6 +114,12 @@ async def summary(
     issued = redeemed = expired = adjusted = revoked = 0
     by_rule: dict[str, int] = {}
     async with conn.transaction(isolation="repeatable_read", readonly=True):
+        # Before the snapshot (a LOCK takes none): a rebuild's swap replaces these tables,
+        # and a snapshot survives writes, not DROP + RENAME. Read after a swap that came
+        # later, they showed none of the rebuilt rows (outstanding 0) or none of its tiers
+        # (every member at member's rate); the swap now waits for the report, or the report
+        # for the swap. Taken in the swap's order, so neither can deadlock the other.
+        await conn.execute("LOCK TABLE ledger_members, ledger_lots IN ACCESS SHARE MODE")
         for r in await conn.fetch(PERIOD_TOTALS, start, end, store_id):
             points = int(r["points"])
             if r["kind"] == "earn":

@@ -3,7 +3,9 @@ redeemed: each member's cash rounded down to the fen, as a cash redemption is.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -14,11 +16,18 @@ import pytest
 from services.common.config import Settings
 from services.common.consumer import BatchConsumer
 from services.ledger import projector, redemptions, reports
+from services.ledger.rebuild import rebuild, verify
 from services.ledger.redemption import DEFAULT_POLICY
 from services.ledger.rulebook import LedgerRules
 from tests.integration import direct
 from tests.integration.direct import consumer_of, migrated_pool
-from tests.integration.ledger_helpers import grant, revoke, tier_report
+from tests.integration.ledger_helpers import (
+    copy_journal,
+    generate_journal,
+    grant,
+    revoke,
+    tier_report,
+)
 
 pytestmark = pytest.mark.integration
 TOPIC = "loyalty.grants.v1"
@@ -77,3 +86,88 @@ async def test_debt_is_reported_and_liability_is_what_members_could_take(
             conn, datetime(1970, 1, 1, tzinfo=UTC), now + timedelta(seconds=1), "s-1", now
         )
     assert at_store["debt"] is None  # a debt is a member's, not a store's
+
+
+START = datetime.now(UTC) - timedelta(days=200)
+WAIT_S = 60
+
+
+class _PausingConn:
+    """Passes everything through; before the summary reads the lots it lets the test run a
+    rebuild's swap (a slow scan of a big journal leaves the same gap)."""
+
+    def __init__(self, conn: Any, before_lots: Callable[[], Awaitable[None]]) -> None:
+        self._conn, self._before_lots = conn, before_lots
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    async def fetch(self, sql: str, *args: Any) -> Any:
+        if sql is reports.OUTSTANDING_BY_TIER:
+            await self._before_lots()
+        return await self._conn.fetch(sql, *args)
+
+
+@pytest.mark.parametrize("report_starts", ["during_build", "after_build"])
+async def test_a_summary_across_a_rebuilds_swap_reads_one_set_of_read_models(
+    fresh_database: str, report_starts: str
+) -> None:
+    """Read across the swap, the summary's snapshot saw none of the rebuilt rows
+    (outstanding 0) or none of the tiers the swap restored (every member at member's
+    rate): the swap now waits for the summary's locks, taken before its snapshot."""
+    async with migrated_pool(fresh_database) as pool:
+        async with pool.acquire() as conn:
+            await copy_journal(conn, generate_journal(members=60, per_member=15, start=START))
+            await conn.execute(
+                "INSERT INTO ledger_tier_history (event_id, member_id, occurred_at, tier,"
+                " previous_tier, qualifying_spend, tier_valid_until, next_tier, next_tier_spend)"
+                " SELECT 't-' || member_id, member_id, now() - interval '1 day', 'gold',"
+                " 'member', 40000, now() + interval '300 days', 'diamond', 100000"
+                " FROM (SELECT DISTINCT member_id FROM ledger_entries) AS m"
+            )
+        await rebuild(fresh_database)
+        assert (await verify(fresh_database)).differences == []
+        now = datetime.now(UTC)
+        period = (START - timedelta(days=1), now)
+        async with pool.acquire() as conn:
+            good = await reports.summary(conn, *period, None, now)
+        assert good["tiers"]["gold"] == 60
+        assert good["outstanding"] > 0
+
+        at_phase, go_on = threading.Event(), threading.Event()
+        result: list[Any] = []
+        wanted = "lots with points left" if report_starts == "during_build" else "indexes of"
+
+        def phase(name: str) -> None:
+            if name.startswith(wanted):
+                at_phase.set()
+                go_on.wait(WAIT_S)
+
+        def run() -> None:
+            try:
+                result.append(asyncio.run(rebuild(fresh_database, phase)))
+            except Exception as exc:  # the test reports it
+                result.append(exc)
+
+        rebuilding = threading.Thread(target=run, daemon=True)
+        rebuilding.start()
+        assert await asyncio.to_thread(at_phase.wait, WAIT_S)
+
+        async def before_lots() -> None:
+            go_on.set()  # the rebuild goes on while the summary is between its reads
+            for _ in range(WAIT_S * 10):  # until its swap waits for the summary's locks
+                waiting = await pool.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'relation'"
+                )
+                if waiting or not rebuilding.is_alive():
+                    return
+                await asyncio.sleep(0.1)
+
+        async with pool.acquire() as conn:
+            seen = await reports.summary(_PausingConn(conn, before_lots), *period, None, now)
+        await asyncio.to_thread(rebuilding.join, WAIT_S)
+        assert [type(r).__name__ for r in result] == ["RebuildReport"]
+        keys = ("outstanding", "debt", "liability_cny", "tiers")
+        assert {k: seen[k] for k in keys} == {k: good[k] for k in keys}
+        async with pool.acquire() as conn:
+            assert await reports.summary(conn, *period, None, now) == good
