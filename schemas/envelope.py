@@ -99,16 +99,21 @@ NO_NUL: Final = r"^[^\x00]*$"
 STORED: Final = {"stored": True}
 
 
+def _stored(info: ValidationInfo) -> bool:
+    context = info.context
+    return isinstance(context, dict) and context.get("stored") is True
+
+
 def _bounded(v: str, info: ValidationInfo) -> str:
     if len(v) > MAX_ID_CHARS:
-        if info.context is STORED:
+        if _stored(info):
             return v
         raise PydanticCustomError(
             "string_too_long",
             "String should have at most {max_length} characters",
             {"max_length": MAX_ID_CHARS},
         )
-    if "\x00" in v and info.context is not STORED:
+    if "\x00" in v and not _stored(info):
         raise PydanticCustomError("string_pattern_mismatch", "String should hold no NUL")
     return v
 

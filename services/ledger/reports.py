@@ -13,10 +13,11 @@ Definitions (documented in the API description too):
   redeem); with ``store_id``, the lots earned at that store, without debt. A snapshot of
   *now*, not of ``to``: the point-in-time member view (``as_of``) is where history is
   replayed.
-* ``debt``: what members owe now (refunds of points already spent), the sum of their debts;
-  null with ``store_id`` (a debt is a member's, not a store's). With it, the period's
-  movement reconciles with the snapshot: outstanding − debt counts members in debt
-  negative, as the journal does.
+* ``debt``: what members owe now (refunds of points already spent) beyond the points they
+  hold; null with ``store_id`` (a debt is a member's, not a store's). With it, the
+  movement since the journal's start reconciles with the snapshot (once the sweeper has
+  journaled the expiries due): outstanding − debt counts members in debt negative, as
+  the journal does.
 * ``liability_cny``: ``outstanding`` in cash, each member's points at their tier's cash
   rate (100 / 100 / 80 / 60 points per CNY by default), rounded down to the fen per member
   as a cash redemption is (`RedemptionPolicy.cash_value`): what members could take.
@@ -83,7 +84,19 @@ FROM net AS n JOIN unnest($5::text[], $6::bigint[]) AS r(tier, rate)
      ON r.tier = CASE WHEN n.tier = ANY($5::text[]) THEN n.tier ELSE 'member' END
 GROUP BY n.tier
 """
-DEBT: Final = "SELECT COALESCE(sum(debt), 0)::bigint FROM ledger_members WHERE debt > 0"
+# What members owe beyond the unexpired points they hold ($1: now). Debt and points can
+# stand together (a refund dated ahead of the clock takes only from lots unexpired at its
+# date); `outstanding` already took such a debt off the member's points, and the whole
+# debt again here counted it twice.
+DEBT: Final = """
+SELECT COALESCE(sum(GREATEST(m.debt - COALESCE(h.points, 0), 0)), 0)::bigint
+FROM ledger_members AS m
+LEFT JOIN (
+    SELECT member_id, sum(remaining) AS points FROM ledger_lots
+    WHERE remaining > 0 AND expires_at > $1 GROUP BY member_id
+) AS h USING (member_id)
+WHERE m.debt > 0
+"""
 TIERS_COUNT: Final = """
 SELECT tier, count(*) AS members FROM ledger_members AS m
 WHERE $1::text IS NULL
@@ -140,7 +153,7 @@ async def summary(
         held = await conn.fetch(
             OUTSTANDING_BY_TIER, now, store_id, month, month_after, list(TIERS), rates
         )
-        debt = None if store_id is not None else int(await conn.fetchval(DEBT))
+        debt = None if store_id is not None else int(await conn.fetchval(DEBT, now))
         tier_rows = await conn.fetch(TIERS_COUNT, store_id)
     outstanding = expiring = fen = 0
     for r in held:

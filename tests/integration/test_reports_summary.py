@@ -88,6 +88,26 @@ async def test_debt_is_reported_and_liability_is_what_members_could_take(
     assert at_store["debt"] is None  # a debt is a member's, not a store's
 
 
+async def test_a_debt_beside_points_is_not_counted_twice(
+    ledger: tuple[asyncpg.Pool, BatchConsumer],
+) -> None:
+    """A refund dated ahead of the clock takes only from lots unexpired at its date: the
+    member owes 300 and still holds 1,000 points expiring before it. `outstanding` takes
+    the 300 off their points already; the whole 300 again as `debt` counted it twice."""
+    pool, consumer = ledger
+    now = datetime.now(UTC)
+    await consumer.process(_records(grant("m-x", 1000, now - timedelta(days=363))))
+    await consumer.process(_records(revoke("m-x", 300, now + timedelta(days=5), "o-other")))
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT debt FROM ledger_members") == 300
+        got = await reports.summary(
+            conn, datetime(1970, 1, 1, tzinfo=UTC), now + timedelta(days=10), None, now
+        )
+    movement = got["issued"] - got["revoked"] - got["redeemed"] - got["expired"] + got["adjusted"]
+    assert (got["outstanding"], got["debt"]) == (700, 0)
+    assert got["outstanding"] - got["debt"] == movement
+
+
 START = datetime.now(UTC) - timedelta(days=200)
 WAIT_S = 60
 

@@ -80,12 +80,13 @@ def test_make_up_serves_a_key_of_each_role_and_the_ones_ops_add() -> None:
 
 
 def test_a_malformed_key_stops_make_up_with_the_entry_named() -> None:
-    """Named by position (and a bad role by its name), never by the key: the message goes
-    to the terminal and whatever records it."""
+    """Named by position only, never by any of its text: the message goes to the terminal
+    and whatever records it, and what follows a colon may be the tail of a key."""
     code = "from deploy import stack; stack.build_env({}, 'postgresql://x@h/db', 'tansu', 'b:1')"
     for keys, says in [
         ("nokey", "entry 1 is not key:role"),
-        ("ok_key:ops,pos_s3cret:admin", "entry 2: role 'admin' is not"),
+        ("ok_key:ops,pos_s3cret:admin", "entry 2 is not key:role"),
+        ("ok_key:ops,pos:s3cret", "entry 2 is not key:role"),
     ]:
         out = subprocess.run(
             [sys.executable, "-c", code],
@@ -96,6 +97,7 @@ def test_a_malformed_key_stops_make_up_with_the_entry_named() -> None:
         assert says in out.stderr
         assert "nokey" not in out.stderr, out.stderr
         assert "s3cret" not in out.stderr, out.stderr
+        assert "admin" not in out.stderr, out.stderr
 
 
 def test_an_emptied_role_key_is_replaced_and_no_longer_served() -> None:
