@@ -1,9 +1,9 @@
 """The ledger's HTTP API (CONTRACT.md): member views, entries, redemptions, health, metrics.
 
-Roles: member reads need ``reader``; redemptions ``redeemer``; adjustments and the summary
-report ``ops`` (the report is the chain's liability, not member data). A repeated
-redemption or adjustment (same id, same body) answers 201 with the first answer's body and
-the header ``Idempotent-Replayed: true``; the same id with another body is a 409.
+Roles: member reads need ``reader``; redemptions ``redeemer``; adjustments and the reports
+``ops`` (the chain's liability, not member data). A repeated redemption or adjustment (same
+id, same body) answers 201 with the first answer's body and the header
+``Idempotent-Replayed: true``; the same id with another body is a 409.
 
 Errors are RFC 9457 problem+json. The grants consumer and the outbox relay run inside the
 same process, started and stopped by the FastAPI lifespan.
@@ -127,6 +127,29 @@ def parse_instant(raw: str, name: str = "as_of") -> datetime:
             name, f"Invalid {name}", f"{raw!r} is outside the years 1 to 9999 in UTC"
         ) from exc
     return moment
+
+
+def parse_period(from_: str | None, to: str | None, now: datetime) -> tuple[datetime, datetime]:
+    """A report's [from, to): from the journal's beginning, to now, unless given."""
+    start = parse_instant(from_, "from") if from_ else datetime(1970, 1, 1, tzinfo=UTC)
+    end = parse_instant(to, "to") if to else now
+    if end < start:
+        raise query_problem("to", "Invalid period", "`to` is before `from`")
+    return start, end
+
+
+DAILY_DESCRIPTION: Final = (
+    "The summary's flows per day: `days`, one for each date of the rule set's time zone"
+    " (`timezone`) that [from, to) touches, a day without entries included (zeros), at most"
+    f" {reports.MAX_DAYS} (a 422 beyond). Each day has the summary's `issued`, `redeemed`,"
+    " `expired`, `revoked`, `adjusted` and `by_rule` (points issued per rule), so the days"
+    " of a period add up to its summary, and `stores`: {store id: the same fields} for the"
+    " entries made at a store, an expiry counting for the store of the lot's earning entry."
+    " Adjustments, and refunds or redemptions sent without a store, count in the day's"
+    " totals only. An entry's day is its `occurred_at` on the zone's calendar; a period"
+    " that does not start or end at midnight there has partial first and last days. With"
+    " `store_id`, that store's entries only."
+)
 
 
 def storable(text: str) -> str:
@@ -421,14 +444,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store_id: Text | None = None,
     ) -> JSONResponse:
         now = datetime.now(UTC)
-        start = parse_instant(from_, "from") if from_ else datetime(1970, 1, 1, tzinfo=UTC)
-        end = parse_instant(to, "to") if to else now
-        if end < start:
-            raise query_problem("to", "Invalid period", "`to` is before `from`")
+        start, end = parse_period(from_, to, now)
         async with pool().acquire() as conn:
             policy = await ledger.rules.policy_at(conn, now)
             zone = (await ledger.rules.refresh(conn)).at(now).zone
             doc = await reports.summary(conn, start, end, store_id, now, policy, zone)
+        return FastJSON(doc)
+
+    @app.get("/v1/reports/daily", dependencies=needs("ops"), description=DAILY_DESCRIPTION)
+    async def get_daily(
+        from_: str = Query(alias="from", description="RFC 3339, inclusive"),
+        to: str | None = Query(default=None, description="RFC 3339, exclusive; default now"),
+        store_id: Text | None = None,
+    ) -> JSONResponse:
+        now = datetime.now(UTC)
+        start, end = parse_period(from_, to, now)
+        async with pool().acquire() as conn:
+            zone = (await ledger.rules.refresh(conn)).at(now).zone
+            try:
+                days = reports.local_days(start, end, zone)
+            except ValueError as exc:
+                raise query_problem("from", "Invalid period", str(exc)) from None
+            doc = await reports.daily(conn, start, end, store_id, days, zone)
         return FastJSON(doc)
 
     @app.get("/openapi.json", dependencies=needs("reader"), include_in_schema=False)

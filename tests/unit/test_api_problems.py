@@ -19,6 +19,7 @@ from services.ledger.api import Problem, create_app, parse_instant
 KEYS = "ops-key:ops,reader-key:reader,redeemer-key:redeemer"
 OPS = {"Authorization": "Bearer ops-key"}
 READER = {"Authorization": "Bearer reader-key"}
+REDEEMER = {"Authorization": "Bearer redeemer-key"}
 
 
 class FailingPool:
@@ -72,6 +73,9 @@ def problem(resp: Any, status: int) -> dict[str, Any]:
         ("post", "/v1/adjustments", {"content": b"{", "headers": {
             "content-type": "application/json", **READER}}, {}, 403),
         ("get", "/v1/reports/summary?from=never", {}, READER, 403),
+        ("get", "/v1/reports/daily", {}, {}, 401),
+        ("get", "/v1/reports/daily?from=never", {}, READER, 403),
+        ("get", "/v1/reports/daily", {}, REDEEMER, 403),
     ],
 )  # fmt: skip
 def test_the_key_is_checked_before_the_request_is_validated(
@@ -91,9 +95,6 @@ def test_with_the_right_key_an_invalid_request_is_a_422_naming_the_fields() -> N
     fields = {e["field"] for e in body["errors"]}
     assert {"body.points", "body.adjustment_id", "body.reason"} <= fields
     problem(client().get("/v1/members/m-1?as_of=yesterday", headers=READER), 422)
-
-
-REDEEMER = {"Authorization": "Bearer redeemer-key"}
 
 
 @pytest.mark.parametrize("cash", ["1" * 27, "1" * 13, "9" * 40 + ".99"])
@@ -255,13 +256,18 @@ def test_other_instants_are_refused_with_a_reason(raw: str, says: str) -> None:
         ("/v1/reports/summary?to=2026-11-20", "query.to", "is not an RFC 3339 timestamp"),
         ("/v1/reports/summary?from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z",
          "query.to", "`to` is before `from`"),
+        # The daily report parses its period as the summary does, and needs a start.
+        ("/v1/reports/daily", "query.from", "Field required"),
+        ("/v1/reports/daily?from=never", "query.from", "is not an RFC 3339 timestamp"),
+        ("/v1/reports/daily?from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z",
+         "query.to", "`to` is before `from`"),
     ],
 )  # fmt: skip
 def test_a_bad_query_parameter_is_a_422_with_errors_naming_it(
     path: str, field: str, says: str
 ) -> None:
     """The same `errors` list as a bad body: [{field, message}], the field as query.<name>."""
-    headers = OPS if "summary" in path else READER
+    headers = OPS if "reports" in path else READER
     body = problem(client(KeyError("never reached")).get(path, headers=headers), 422)
     assert [e["field"] for e in body["errors"]] == [field], body
     assert says in body["errors"][0]["message"]
@@ -385,3 +391,11 @@ def test_the_openapi_document_needs_a_reader_key() -> None:
     assert "/openapi.json" not in doc.json()["paths"]
     for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
         problem(api.get(path), 404)
+
+
+def test_the_daily_report_is_described_in_the_openapi_document() -> None:
+    daily = client().get("/openapi.json", headers=READER).json()["paths"]["/v1/reports/daily"]
+    assert "`stores`" in daily["get"]["description"]
+    assert "at most 366" in daily["get"]["description"]
+    query = [p["name"] for p in daily["get"]["parameters"] if p["in"] == "query"]
+    assert query == ["from", "to", "store_id"]
