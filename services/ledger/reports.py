@@ -45,21 +45,18 @@ from schemas.grants import TIERS
 from services.ledger.accounting import add_months
 from services.ledger.redemption import DEFAULT_POLICY, RedemptionPolicy
 
-PERIOD_TOTALS: Final = """
-SELECT e.kind, e.rule_id, sum(e.points)::bigint AS points, count(*) AS n
-FROM ledger_entries AS e
-LEFT JOIN ledger_entries AS src
-       ON e.kind = 'expire' AND src.entry_id = e.allocations -> 0 ->> 0
-WHERE e.occurred_at >= $1 AND e.occurred_at < $2
-  AND ($3::text IS NULL OR COALESCE(e.store_id, src.store_id) = $3)
-GROUP BY e.kind, e.rule_id
-"""
-# The store an entry counts for, as in PERIOD_TOTALS: an expiry's is its lot's earning
-# entry's. Looked up for expiries alone: written as that join, it needs the store of every
-# row and Postgres hashes the whole journal for it, years of entries for a month's chart.
+# The store an entry counts for: an expiry's is its lot's earning entry's. Looked up for
+# expiries alone: written as a join, it needs the store of every row and Postgres hashes
+# the whole journal for it, years of entries for a month's figures.
 _AT_STORE: Final = """COALESCE(e.store_id, (
     SELECT src.store_id FROM ledger_entries AS src
     WHERE e.kind = 'expire' AND src.entry_id = e.allocations -> 0 ->> 0))"""
+PERIOD_TOTALS: Final = f"""
+SELECT e.kind, e.rule_id, sum(e.points)::bigint AS points
+FROM ledger_entries AS e
+WHERE e.occurred_at >= $1 AND e.occurred_at < $2 AND ($3::text IS NULL OR {_AT_STORE} = $3)
+GROUP BY e.kind, e.rule_id
+"""
 # PERIOD_TOTALS per local day, store and rule, in one scan of the period (index
 # ledger_entries_occurred). The day is the entry's bucket among $4, the period's start and
 # then each later day's first moment, computed in Python on the calendar the summary's
@@ -191,6 +188,7 @@ async def summary(
         # (every member at member's rate); the swap now waits for the report, or the report
         # for the swap. Taken in the swap's order, so neither can deadlock the other.
         await conn.execute("LOCK TABLE ledger_members, ledger_lots IN ACCESS SHARE MODE")
+        await conn.execute("SET LOCAL jit = off")  # as in `daily`: the store lookup's price
         for r in await conn.fetch(PERIOD_TOTALS, start, end, store_id):
             flows.add(r["kind"], r["rule_id"], int(r["points"]))
         active = await conn.fetchval(ACTIVE_MEMBERS, start, end, store_id)
