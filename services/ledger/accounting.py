@@ -18,8 +18,9 @@ Definitions (the numbers the HTTP API and the reports expose):
 
 * A *lot* is the points of one earning entry (an earn, or a positive adjustment); its
   ``lot_id`` is that entry's id. A lot is *unexpired at t* iff ``expires_at > t``.
-* ``available(book, t)`` is the sum of the remaining points of lots unexpired at ``t``; a
-  read never counts an expired lot, even before the sweeper (`Expire`) wrote its entry.
+* ``available(book, t)`` is the sum of the remaining points of lots unexpired at ``t``
+  and no longer held (``available_from`` not after ``t``, below); a read never counts an
+  expired lot, even before the sweeper (`Expire`) wrote its entry.
 * ``debt`` is points owed: a revoke (refund) or a debt-allowing deduction that the lots
   could not cover. Later earnings (earns and positive adjustments) pay it off first.
 * A lot is *pending at t* iff ``available_from > t`` (a rule set may hold points for N
@@ -45,7 +46,7 @@ Conservation (holds after every entry, whatever the times):
 where the totals are gross: ``earned`` counts the points of earn entries including the
 part that paid off debt, ``revoked`` includes the part that became debt, ``adjusted`` is
 the signed sum of adjustments. At any moment before the first lot's expiry the left-hand
-sum of remaining equals ``available``.
+sum of remaining equals ``available + pending``.
 
 Every entry also satisfies, per entry, ``delta(sum of remaining) - debt_delta == points``.
 
@@ -85,7 +86,6 @@ __all__ = [
     "Entry",
     "EntryKind",
     "Expire",
-    "Expiring",
     "InsufficientPoints",
     "JournalError",
     "LedgerError",
@@ -99,7 +99,6 @@ __all__ = [
     "derived_entry_id",
     "evolve",
     "expire_entry_id",
-    "expiring",
     "months_later",
     "pending",
     "replay",
@@ -114,7 +113,6 @@ ENTRY_KINDS: tuple[EntryKind, ...] = ("earn", "redeem", "revoke", "expire", "adj
 
 DEFAULT_LIFETIME_MONTHS = 12
 DEFAULT_MIN_BALANCE = 500
-DEFAULT_EXPIRING_HORIZON_DAYS = 60
 # DOMAIN.md: members are warned 30 and 7 days before points expire.
 WARNING_DAYS: tuple[int, ...] = (30, 7)
 
@@ -280,11 +278,6 @@ class Allocation(NamedTuple):
     points: int
 
 
-class Expiring(NamedTuple):
-    points: int
-    expires_at: datetime
-
-
 def unexpired_lots(book: Book, at: datetime) -> list[Lot]:
     """Lots with points that are still valid at ``at``, in spending (FIFO) order."""
     return [lot for lot in book.lots[_first_unexpired(book.lots, at) :] if lot.remaining > 0]
@@ -325,18 +318,6 @@ def spendable(book: Book, at: datetime) -> int:
     """What a redemption may take: the lots spendable at ``at`` (none dated after it) minus
     what is owed, never negative."""
     return max(0, sum(lot.remaining for lot in spendable_lots(book, at)) - book.debt)
-
-
-def expiring(
-    book: Book, at: datetime, horizon_days: int = DEFAULT_EXPIRING_HORIZON_DAYS
-) -> list[Expiring]:
-    """Points expiring in ``(at, at + horizon_days]``, grouped by expiry, soonest first."""
-    until = at + timedelta(days=horizon_days)
-    grouped: dict[datetime, int] = {}
-    for lot in book.lots:
-        if lot.remaining > 0 and at < lot.expires_at <= until:
-            grouped[lot.expires_at] = grouped.get(lot.expires_at, 0) + lot.remaining
-    return [Expiring(points, when) for when, points in sorted(grouped.items())]
 
 
 # --------------------------------------------------------------------------- commands

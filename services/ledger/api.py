@@ -437,7 +437,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ledger.wake_relay()
         return _written(request, outcome)
 
-    @app.get("/v1/reports/summary", dependencies=needs("ops"))
+    @app.get(
+        "/v1/reports/summary",
+        dependencies=needs("ops"),
+        description="The owner's figures for [from, to), and a snapshot of now:\n\n"
+        + reports.SUMMARY_DEFINITIONS,
+    )
     async def get_summary(
         from_: str | None = Query(default=None, alias="from", description="RFC 3339, inclusive"),
         to: str | None = Query(default=None, description="RFC 3339, exclusive; default now"),

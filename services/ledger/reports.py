@@ -1,34 +1,7 @@
 """`GET /v1/reports/summary`: the owner's dashboard numbers, SQL aggregates over the journal;
 `GET /v1/reports/daily`: the summary's flows per local day, store and rule, for the charts.
 
-Definitions (documented in the API description too):
-
-* ``issued`` / ``redeemed`` / ``expired``: points of earn / redeem / expire entries whose
-  ``occurred_at`` is in ``[from, to)`` (positive numbers). With ``store_id``, an expiry
-  counts for the store of the lot's earning entry.
-* ``revoked``: points taken back by refunds in the period (positive), so that
-  ``issued - revoked - redeemed - expired + adjusted`` accounts for the period's movement.
-* ``adjusted``: the signed sum of manual adjustments in the period (ops' own number).
-* ``outstanding``: points held now (unexpired lots, pending included), each member's less
-  their debt but never below zero (one member's debt takes nothing from what another can
-  redeem); with ``store_id``, the lots earned at that store, without debt. A snapshot of
-  *now*, not of ``to``: the point-in-time member view (``as_of``) is where history is
-  replayed.
-* ``debt``: what members owe now (refunds of points already spent) beyond the points they
-  hold; null with ``store_id`` (a debt is a member's, not a store's). With it, the
-  movement since the journal's start reconciles with the snapshot (once the sweeper has
-  journaled the expiries due): outstanding − debt counts members in debt negative, as
-  the journal does.
-* ``liability_cny``: ``outstanding`` in cash, each member's points at their tier's cash
-  rate (100 / 100 / 80 / 60 points per CNY by default), rounded down to the fen per member
-  as a cash redemption is (`RedemptionPolicy.cash_value`): what members could take.
-* ``redemption_rate``: ``redeemed / issued`` in the period (0 when nothing was issued).
-* ``active_members``: members with at least one entry in the period (at the store).
-* ``by_rule``: points issued per rule id in the period; ``tiers``: members per tier now
-  (with ``store_id``: members who ever had an entry at that store).
-* ``expiring_next_month``: points of unexpired lots that expire in the calendar month after
-  the current one, in the rule set's time zone (``month``, ``points``): the owner's "points
-  expiring next month"; with ``store_id``, lots earned at that store.
+The definitions are `SUMMARY_DEFINITIONS`, which the API description shows too.
 """
 
 from __future__ import annotations
@@ -45,6 +18,35 @@ from schemas.grants import TIERS
 from services.ledger.accounting import add_months
 from services.ledger.redemption import DEFAULT_POLICY, RedemptionPolicy
 
+SUMMARY_DEFINITIONS: Final = """\
+* `issued` / `redeemed` / `expired`: points of earn / redeem / expire entries whose
+  `occurred_at` is in `[from, to)` (positive numbers). With `store_id`, an expiry
+  counts for the store of the lot's earning entry.
+* `revoked`: points taken back by refunds in the period (positive), so that
+  `issued - revoked - redeemed - expired + adjusted` accounts for the period's movement.
+* `adjusted`: the signed sum of manual adjustments in the period (ops' own number).
+* `outstanding`: points held now (unexpired lots, pending included), each member's less
+  their debt but never below zero (one member's debt takes nothing from what another can
+  redeem); with `store_id`, the lots earned at that store, without debt. A snapshot of
+  *now*, not of `to`: the point-in-time member view (`as_of`) is where history is
+  replayed.
+* `debt`: what members owe now (refunds of points already spent) beyond the points they
+  hold; null with `store_id` (a debt is a member's, not a store's). With it, the
+  movement since the journal's start reconciles with the snapshot (once the sweeper has
+  journaled the expiries due): outstanding − debt counts members in debt negative, as
+  the journal does.
+* `liability_cny`: `outstanding` in cash, each member's points at their tier's cash
+  rate (100 / 100 / 80 / 60 points per CNY by default), rounded down to the fen per member
+  as a cash redemption is (`RedemptionPolicy.cash_value`): what members could take.
+* `redemption_rate`: `redeemed / issued` in the period (0 when nothing was issued).
+* `active_members`: members who earned, redeemed or had a purchase refunded in the period
+  (at the store); an expiry or an adjustment alone does not count.
+* `by_rule`: points issued per rule id in the period; `tiers`: members per tier now
+  (with `store_id`: members who ever had an entry at that store).
+* `expiring_next_month`: points of unexpired lots that expire in the calendar month after
+  the current one, in the rule set's time zone (`month`, `points`): the owner's "points
+  expiring next month"; with `store_id`, lots earned at that store.
+"""
 # The store an entry counts for: an expiry's is its lot's earning entry's. Looked up for
 # expiries alone: written as a join, it needs the store of every row and Postgres hashes
 # the whole journal for it, years of entries for a month's figures.

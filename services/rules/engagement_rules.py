@@ -24,10 +24,6 @@ Outcome = tuple[MemberState, list[Payout]]
 _ONE_DAY: Final = timedelta(days=1)
 
 
-def local_day(event: AnyActivity, ruleset: RuleSet) -> date:
-    return event.occurred_at.astimezone(derived(ruleset).zone).date()
-
-
 def _capped(used: int, points: int, cap: int | None) -> int:
     """What is left of today's budget for `points`; the cut part is forfeited."""
     return max(points, 0) if cap is None else max(0, min(points, cap - used))

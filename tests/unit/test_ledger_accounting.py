@@ -18,7 +18,6 @@ from services.ledger.accounting import (
     Earn,
     Entry,
     Expire,
-    Expiring,
     InsufficientPoints,
     JournalError,
     Redeem,
@@ -28,7 +27,6 @@ from services.ledger.accounting import (
     decide,
     evolve,
     expire_entry_id,
-    expiring,
     replay,
     replay_as_of,
     spendable,
@@ -216,23 +214,6 @@ def test_reads_never_count_a_lot_past_its_expiry_even_before_the_sweep() -> None
     assert available(book, expiry) == 300  # expires_at is exclusive: gone at that instant
     assert available(book, expiry + timedelta(days=1)) == 300
     assert book.outstanding == 1100  # still on the books until the expire entry
-
-
-def test_expiring_groups_points_by_expiry_within_the_horizon() -> None:
-    book, _ = run(
-        earn("a", 100, T0, months=1),
-        earn("b", 200, T0, months=1),  # same expiry as a
-        earn("c", 50, at(3), months=1),
-        earn("d", 999, T0, months=12),  # beyond 60 days
-    )
-    assert expiring(book, T0) == [
-        Expiring(300, add_months(T0, 1)),
-        Expiring(50, add_months(at(3), 1)),
-    ]
-    assert expiring(book, T0, horizon_days=30) == []
-    assert expiring(book, T0, horizon_days=31) == [Expiring(300, add_months(T0, 1))]
-    # Already-expired lots are not "expiring".
-    assert expiring(book, add_months(T0, 1)) == [Expiring(50, add_months(at(3), 1))]
 
 
 # --------------------------------------------------------------------------- redeem
