@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Self
 
-from pydantic import ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, model_validator
 from pydantic.config import JsonDict
 
 from schemas.envelope import STORED, Amount, EventTime, Id, Inbound, Label
@@ -29,8 +29,17 @@ class _Activity(Inbound):
     source: Label | None = None
 
 
+def _blank_is_none(value: object) -> object:
+    return None if value == "" else value
+
+
 class MemberRegisteredData(Inbound):
-    referrer_id: Label | None = None
+    # A till sends "" for "nobody": that named a referrer "" and paid a referral bonus.
+    referrer_id: Annotated[
+        Label | None,
+        BeforeValidator(_blank_is_none),
+        Field(description="the referring member; empty or absent: none"),
+    ] = None
     birthday: str | None = Field(default=None, pattern=r"^(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])$")
 
 

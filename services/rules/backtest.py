@@ -156,7 +156,7 @@ def referral_groups(edges: Iterable[tuple[str, bytes]]) -> dict[str, str]:
             referrer = body["data"]["referrer_id"]
         except (ValueError, TypeError, KeyError):
             continue
-        if isinstance(referrer, str):
+        if isinstance(referrer, str) and referrer:
             a, b = find(member), find(referrer)
             if a != b:
                 parent[max(a, b)] = min(a, b)

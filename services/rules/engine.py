@@ -114,7 +114,7 @@ def _register(state: MemberState, event: MemberRegistered | Referral) -> MemberS
     if isinstance(event, MemberRegistered) and event.data.birthday is not None:
         update["birthday"] = event.data.birthday
     if (
-        referrer is not None
+        referrer
         and referrer != event.member_id
         and state.referrer_id is None
         and not state.first_purchase_done

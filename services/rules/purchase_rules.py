@@ -190,7 +190,8 @@ def on_purchase(
 
     others: list[OtherPaid] = []
     referrer = state.referrer_id
-    referral_due = referrer is not None and not state.referral_paid
+    # Truthy, not `is not None`: a blank referrer stored before registrations refused it.
+    referral_due = bool(referrer) and not state.referral_paid
     referral_due = referral_due and not state.first_purchase_done
     if referral_due and referrer is not None:
         rr = ruleset.referral
