@@ -2,9 +2,10 @@
 
 FastStream generates the documents from the services' real brokers and subscribers. Our
 subscribers take raw batches (so bad input can be dead-lettered rather than raise), an
-untyped body FastStream cannot see a payload type in; the payloads are filled in here from
-the same pydantic models that validate the messages, and the output topics are declared
-as publishers with their models. A unit test keeps the committed files current.
+untyped body FastStream cannot see a payload type in. The payloads of every channel, the
+output topics' publishers included, are filled in here from the same pydantic models that
+validate the messages, generated together so that no two models share a name. Unit tests
+keep the committed files current and check real messages against every channel.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
+from faststream.specification.asyncapi.utils import move_pydantic_refs
 from pydantic import TypeAdapter
 
 from schemas.activity import Activity
@@ -38,6 +40,16 @@ DESCRIPTIONS = {
     TOPICS.grants: "Point grants, revocations and tier evaluations, keyed by member_id.",
     TOPICS.ledger: "Every point movement and tier change of the ledger, keyed by member_id.",
     TOPICS.dlq: "Messages a consumer could not use, with the reason and source coordinates.",
+}
+_MEMBER_KEY = {"type": "string", "description": "member_id: a member's events stay in order."}
+KEYS = {
+    TOPICS.activity: _MEMBER_KEY,
+    TOPICS.grants: _MEMBER_KEY,
+    TOPICS.ledger: _MEMBER_KEY,
+    TOPICS.dlq: {
+        "type": "string",
+        "description": "The key of the message dead-lettered (its member_id), if it had one.",
+    },
 }
 
 
@@ -67,38 +79,49 @@ def _brokers() -> dict[str, tuple[KafkaBroker, list[str], str]]:
 
 def render(service: str, broker: KafkaBroker, outputs: list[str], description: str) -> str:
     for topic in outputs:
-        broker.publisher(
-            topic, title=f"{topic}:publish", description=DESCRIPTIONS[topic], schema=MODELS[topic]
-        )
+        broker.publisher(topic, title=f"{topic}:publish", description=DESCRIPTIONS[topic])
     spec: dict[str, Any] = (
         AsyncAPI(broker, title=f"loyalty {service}", version="1", description=description)
         .to_specification()
         .to_jsonable()
     )
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-    for channel in spec.get("channels", {}).values():
-        topic = channel.get("address")
-        if topic not in MODELS:
-            continue
+    channels = [c for c in spec.get("channels", {}).values() if c.get("address") in MODELS]
+    payloads = _payload_schemas({channel["address"] for channel in channels})
+    for channel in channels:
+        topic = channel["address"]
         channel.setdefault("description", DESCRIPTIONS[topic])
         for ref in channel.get("messages", {}).values():
-            name = ref["$ref"].rsplit("/", 1)[-1]
-            message = spec["components"]["messages"][name]
-            untyped = message.get("payload", {}).get("$ref", "").rsplit("/", 1)[-1]
-            # The subscribers' handlers take the raw batch as an untyped body: FastStream
-            # writes a schema with nothing but a title for it (or EmptyPayload).
-            if untyped == "EmptyPayload" or set(schemas.get(untyped, {"": 0})) == {"title"}:
-                schemas.pop(untyped, None)
-                model_schema = TypeAdapter(MODELS[topic]).json_schema(
-                    ref_template="#/components/schemas/{model}"
-                )
-                for def_name, definition in model_schema.pop("$defs", {}).items():
-                    schemas.setdefault(def_name, definition)
-                schema_name = topic.replace(".", "_")
-                schemas[schema_name] = model_schema
-                message["payload"] = {"$ref": f"#/components/schemas/{schema_name}"}
-    schemas.pop("EmptyPayload", None)
+            message = spec["components"]["messages"][ref["$ref"].rsplit("/", 1)[-1]]
+            # FastStream names a schema for each untyped body (the subscribers take raw
+            # batches, the publishers are declared without a model): ours replace them.
+            schemas.pop(message.get("payload", {}).get("$ref", "").rsplit("/", 1)[-1], None)
+            message["payload"] = {"$ref": f"#/components/schemas/{_schema_name(topic)}"}
+            message["bindings"] = {"kafka": {"key": KEYS[topic], "bindingVersion": "0.4.0"}}
+    for name, definition in payloads.items():
+        if schemas.setdefault(name, definition) != definition:
+            raise ValueError(f"{service}: two different schemas named {name}")
     return json.dumps(spec, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+def _schema_name(topic: str) -> str:
+    return topic.replace(".", "_")
+
+
+def _payload_schemas(topics: set[str]) -> dict[str, Any]:
+    """The topics' payloads and the models they use, generated together: pydantic then
+    names two models of one name apart by their module (a grant's and a ledger event's
+    PointsRevoked), where schemas generated one by one would both claim the name."""
+    keyed, shared = TypeAdapter.json_schemas(
+        [(topic, "validation", TypeAdapter(MODELS[topic])) for topic in sorted(topics)]
+    )
+    payloads = {_schema_name(topic): schema for (topic, _), schema in keyed.items()}
+    for name, definition in shared.get("$defs", {}).items():
+        if payloads.setdefault(name, definition) != definition:
+            raise ValueError(f"a model is named as the payload of a topic: {name}")
+    # Refs into components/schemas and discriminators as AsyncAPI spells them, as
+    # FastStream writes its own payloads.
+    return {name: move_pydantic_refs(schema, "$defs") for name, schema in payloads.items()}
 
 
 def render_all() -> dict[str, str]:
