@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Final
 
@@ -174,13 +175,45 @@ class Internal(BaseModel):
 
 # RFC 3339 with its UTC offset: the pattern says "with an offset" to a validator that
 # does not check `format` (most do not by default), as the model refuses a time without.
+_RFC3339_TAIL: Final = r"-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+# The times of our own events (grants, ledger events, dead letters): what the services
+# wrote, read back as written, so no bound a later release adds refuses one already out.
+InternalTime = Annotated[
+    AwareDatetime,
+    WithJsonSchema(
+        {"type": "string", "format": "date-time", "pattern": rf"^\d{{4}}{_RFC3339_TAIL}"}
+    ),
+]
+
+# Activity's times are bounded, as written (in their own offset): the rules reach 20 years
+# back and forth from one (tier windows, kept history, pending days, lot lifetimes) and
+# into the shared zone, so year 1 passed the schema and the model and then overflowed
+# (OverflowError, dead-lettered as a `processing_error`). Nothing a clinic does happens
+# before 1970 or after 2999. An event the rules kept before the bound (`STORED`) is read
+# back without it.
+MIN_YEAR: Final = 1970
+MAX_YEAR: Final = 2999
+
+
+def _in_years(v: datetime, info: ValidationInfo) -> datetime:
+    if MIN_YEAR <= v.year <= MAX_YEAR or _stored(info):
+        return v
+    raise PydanticCustomError(
+        "datetime_out_of_range",
+        "Datetime should be within the years {min_year} to {max_year}",
+        {"min_year": MIN_YEAR, "max_year": MAX_YEAR},
+    )
+
+
 EventTime = Annotated[
     AwareDatetime,
+    AfterValidator(_in_years),
     WithJsonSchema(
         {
             "type": "string",
             "format": "date-time",
-            "pattern": r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$",
+            "pattern": rf"^(19[7-9]\d|2\d{{3}}){_RFC3339_TAIL}",
+            "description": f"years {MIN_YEAR} to {MAX_YEAR}, with a UTC offset",
         }
     ),
 ]

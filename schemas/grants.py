@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
-from schemas.envelope import EventTime, Internal, Money
+from schemas.envelope import Internal, InternalTime, Money
 
 GRANTS_TOPIC = "loyalty.grants.v1"
 
@@ -30,7 +30,7 @@ def grant_id(source_event_id: str, rule_id: str, member_id: str, kind: str = "gr
 class _Grant(Internal):
     event_id: str
     schema_version: int = 1
-    occurred_at: EventTime
+    occurred_at: InternalTime
     member_id: str
 
 
@@ -71,7 +71,7 @@ class TierData(Internal):
     tier: Tier
     previous_tier: Tier
     qualifying_spend: Money
-    tier_valid_until: EventTime | None
+    tier_valid_until: InternalTime | None
     ruleset_version: str
     source_event_id: str
     # The next tier up and the qualifying spend it needs, from the rule set in force.

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
-from schemas.envelope import ADDED_LATER, EventTime, Internal, Money
+from schemas.envelope import ADDED_LATER, Internal, InternalTime, Money
 from schemas.grants import Tier
 
 LEDGER_TOPIC = "loyalty.ledger.v1"
@@ -16,7 +16,7 @@ DLQ_TOPIC = "loyalty.dlq.v1"
 class _LedgerEvent(Internal):
     event_id: str
     schema_version: int = 1
-    occurred_at: EventTime
+    occurred_at: InternalTime
     member_id: str
 
 
@@ -32,7 +32,7 @@ class MovementData(Internal):
     adjustment_id: str | None = None
     order_id: str | None = None
     store_id: str | None = None
-    expires_at: EventTime | None = None
+    expires_at: InternalTime | None = None
     reason: str | None = None
     operator: str | None = None
     # points_earned: the type of the activity whose grant this is (`purchase`, `refund`,
@@ -75,7 +75,7 @@ class TierChangedData(Internal):
     previous_tier: Tier
     tier: Tier
     qualifying_spend: Money
-    tier_valid_until: EventTime | None
+    tier_valid_until: InternalTime | None
     ruleset_version: str
     source_event_id: str
 
@@ -128,7 +128,7 @@ class DeadLetter(Internal):
     original: str
     original_encoding: Literal["utf-8", "base64"]
     original_key: str | None = None
-    received_at: EventTime
+    received_at: InternalTime
     original_truncated: bool = Field(default=False, json_schema_extra=ADDED_LATER)
     # Of the original bytes; absent in older letters.
     original_size: int | None = Field(default=None, json_schema_extra=ADDED_LATER)

@@ -77,6 +77,17 @@ BAD_ACTIVITIES = {
                                                                "amount": "1"}]}),
     "a referrer id of 201": _activity("referral", {"referrer_id": "m" * 201}),
     "a channel of 201": _activity("share", {"share_id": "s", "channel": "c" * 201}),
+    # Year 1 passed both and then overflowed the rules' 12-month window (processing_error).
+    "the year 1": _activity("check_in", {"kind": "sign_in"},
+                            occurred_at="0001-01-01T10:00:00+08:00"),
+    "before 1970": _activity("check_in", {"kind": "sign_in"},
+                             occurred_at="1969-12-31T23:59:59+14:00"),
+    "after 2999": _activity("check_in", {"kind": "sign_in"}, occurred_at="3000-01-01T00:00:00Z"),
+    "a slot in the year 1": _activity(
+        "check_in", {"kind": "visit", "booking_id": "b", "arrived_at": None,
+                     "booked_at": "2026-11-19T10:00:00+08:00",
+                     "slot_start": "0001-01-01T00:00:00+08:00"},
+    ),
 }  # fmt: skip
 
 

@@ -5,12 +5,16 @@ from decimal import Decimal
 
 import pytest
 from pydantic import ValidationError
+from rules_factories import DEFAULT
 
 from schemas.activity import Purchase, parse_activity
 from schemas.envelope import MAX_ID_CHARS
 from schemas.generate import JSON_DIR, render_all
 from schemas.grants import PointsGranted, grant_id, parse_grant
 from schemas.ledger import PointsEarned, parse_ledger_event
+from services.common.dlq import classify
+from services.rules.engine import evaluate
+from services.rules.state import MemberState, with_shared_tz
 
 
 def test_committed_json_schemas_are_up_to_date() -> None:
@@ -220,3 +224,43 @@ def test_an_event_stored_before_the_bounds_is_read_back_without_them() -> None:
     # Nothing else is loosened: a stored payload that never was valid is still refused.
     with pytest.raises(ValidationError):
         parse_activity(raw.replace(b'"amount": "1"', b'"amount": "-1"'), stored=True)
+
+
+def _sign_in(at: str) -> bytes:
+    return json.dumps(
+        {"event_id": "e", "type": "check_in", "occurred_at": at, "member_id": "m",
+         "data": {"kind": "sign_in"}}
+    ).encode()  # fmt: skip
+
+
+@pytest.mark.parametrize("at", ["1970-01-01T00:00:00+14:00", "2999-12-31T23:59:59-12:00"])
+def test_activity_at_either_end_of_its_years_is_taken_and_evaluated(at: str) -> None:
+    """The rules' window arithmetic (a year back, a year on, into the shared zone) holds
+    at both bounds: year 1 passed the model and then raised OverflowError in it."""
+    event = with_shared_tz(parse_activity(_sign_in(at)))
+    assert evaluate(MemberState(member_id="m"), event, DEFAULT, {}).grants
+
+
+@pytest.mark.parametrize("at", ["0001-01-01T00:00:00+08:00", "1969-12-31T23:59:59Z",
+                                "3000-01-01T00:00:00+14:00"])  # fmt: skip
+def test_activity_outside_its_years_is_a_schema_violation(at: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        parse_activity(_sign_in(at))
+    label, reason = classify(refused.value)
+    assert label == "schema_violation"
+    assert "years 1970 to 2999" in reason
+
+
+def test_activity_stored_before_the_years_were_bounded_is_read_back() -> None:
+    assert parse_activity(_sign_in("1900-06-01T00:00:00Z"), stored=True).occurred_at.year == 1900
+
+
+def test_our_own_events_keep_any_time_they_were_written_with() -> None:
+    """Grants and ledger events of an activity taken before the bound are in the topics:
+    a redelivery or a replay must not dead-letter them."""
+    grant = parse_grant(
+        b'{"event_id":"g","type":"points_granted","occurred_at":"1900-11-20T15:04:05+08:00",'
+        b'"member_id":"m","data":{"rule_id":"sign_in","ruleset_version":"2026.1","points":5,'
+        b'"source_event_id":"e","source_type":"check_in"}}'
+    )
+    assert grant.occurred_at.year == 1900
