@@ -21,10 +21,14 @@ import asyncpg
 
 from bench.experiments._pg import backend_cpu_seconds, fresh_databases
 from services.common.runtime import init_connection
-from services.ledger.journal import LOT_COLUMNS
 
 Rows = list[tuple[object, ...]]
 WARN = timedelta(days=30)
+# The lot columns the ledger wrote at the time (the upsert below names the same).
+LOT_COLUMNS = (
+    "lot_id", "member_id", "points", "remaining", "earned_at", "available_from", "expires_at",
+    "source_event_id", "order_id", "rule_id", "ruleset_version",
+)  # fmt: skip
 # The ledger's statement before it COPYed its new lots.
 UPSERT_LOTS = """
 INSERT INTO ledger_lots (lot_id, member_id, points, remaining, earned_at, available_from,

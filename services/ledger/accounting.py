@@ -213,7 +213,7 @@ class Lot(msgspec.Struct, frozen=True, gc=False):
     remaining: int
     earned_at: datetime
     expires_at: datetime
-    source_event_id: str
+    source_event_id: str | None
     order_id: str | None = None
     rule_id: str | None = None
     # Pending until then (None: available from ``earned_at``).
@@ -221,6 +221,8 @@ class Lot(msgspec.Struct, frozen=True, gc=False):
     # Of the grant that created the lot (None for an adjustment): its expiry and warnings
     # carry it, as every ledger event carries what caused it.
     ruleset_version: str | None = None
+    # Of the adjustment that created the lot (then ``source_event_id`` is None), likewise.
+    adjustment_id: str | None = None
 
     def pending_at(self, at: datetime) -> bool:
         return (self.available_from or self.earned_at) > at
@@ -614,6 +616,7 @@ def _decide_expire(book: Book, cmd: Expire) -> tuple[Book, list[Entry]]:
             rule_id=lot.rule_id,
             ruleset_version=lot.ruleset_version,
             source_event_id=lot.source_event_id,
+            adjustment_id=lot.adjustment_id,
             order_id=lot.order_id,
         )
         book, stamped = _stamped(book, entry)
@@ -709,11 +712,12 @@ def _with_lot(lots: tuple[Lot, ...], entry: Entry, remaining: int) -> tuple[Lot,
         remaining=remaining,
         earned_at=entry.occurred_at,
         expires_at=entry.expires_at,
-        source_event_id=entry.source_event_id or entry.adjustment_id or entry.entry_id,
+        source_event_id=entry.source_event_id,
         order_id=entry.order_id,
         rule_id=entry.rule_id,
         available_from=entry.available_from,
         ruleset_version=entry.ruleset_version,
+        adjustment_id=entry.adjustment_id,
     )
     if not lots or _fifo_key(lots[-1]) < _fifo_key(lot):
         return (*lots, lot)

@@ -59,6 +59,7 @@ LOT_COLUMNS: Final = (
     "order_id",
     "rule_id",
     "ruleset_version",
+    "adjustment_id",
 )
 
 SELECT_BOOKS: Final = """
@@ -67,7 +68,7 @@ FROM ledger_members WHERE member_id = ANY($1::text[]) ORDER BY member_id FOR UPD
 """
 SELECT_LOTS: Final = """
 SELECT lot_id, member_id, points, remaining, earned_at, available_from, expires_at,
-       source_event_id, order_id, rule_id, ruleset_version
+       source_event_id, order_id, rule_id, ruleset_version, adjustment_id
 FROM ledger_lots WHERE member_id = ANY($1::text[]) AND remaining > 0
 """
 ENSURE_MEMBERS: Final = """
@@ -133,6 +134,7 @@ async def load_books(conn: asyncpg.Connection, members: Sequence[str]) -> dict[s
                     r["available_from"] if r["available_from"] != r["earned_at"] else None
                 ),
                 ruleset_version=r["ruleset_version"],
+                adjustment_id=r["adjustment_id"],
             )
         )
     return {
@@ -267,6 +269,7 @@ def lot_row(lot: Lot, remaining: int) -> tuple[Any, ...]:
         lot.order_id,
         lot.rule_id,
         lot.ruleset_version,
+        lot.adjustment_id,
     )
 
 

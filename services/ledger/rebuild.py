@@ -107,11 +107,10 @@ GROUP BY member_id
 BUILD_LOTS: Final = """
 INSERT INTO ledger_lots_rebuild (lot_id, member_id, points, remaining, earned_at, available_from,
                                  expires_at, source_event_id, order_id, rule_id,
-                                 ruleset_version, sweep_at)
+                                 ruleset_version, adjustment_id, sweep_at)
 SELECT e.entry_id, e.member_id, e.points, e.points + e.debt_delta - COALESCE(t.taken, 0),
        e.occurred_at, COALESCE(e.available_from, e.occurred_at), e.expires_at,
-       COALESCE(e.source_event_id, e.adjustment_id, e.entry_id), e.order_id, e.rule_id,
-       e.ruleset_version,
+       e.source_event_id, e.order_id, e.rule_id, e.ruleset_version, e.adjustment_id,
        -- The first warning's moment (days of 24 hours, as the ledger and the sweeper
        -- count them); the sweeper skips a warning already sent (its table is not
        -- rebuilt) and moves the lot on.
@@ -445,12 +444,12 @@ async def _swap(conn: asyncpg.Connection, high: int, renames: list[str]) -> int:
 # expiry events and the per-store report read those from the lot).
 LOT_FIELDS: Final = (
     "points", "remaining", "earned_at", "available_from", "expires_at", "source_event_id",
-    "order_id", "rule_id", "ruleset_version",
+    "order_id", "rule_id", "ruleset_version", "adjustment_id",
 )  # fmt: skip
 
 
 def _lot_key(row: Any) -> tuple[Any, ...]:
-    return tuple(row[2:11])  # `lot_row`'s columns after the ids, in LOT_FIELDS' order
+    return tuple(row[2:12])  # `lot_row`'s columns after the ids, in LOT_FIELDS' order
 
 
 def _compare(book: acc.Book, member: asyncpg.Record | None, lots: list[Any]) -> list[str]:
@@ -476,11 +475,11 @@ def _compare(book: acc.Book, member: asyncpg.Record | None, lots: list[Any]) -> 
 def _fmt_lot(lot: tuple[Any, ...] | None) -> str:
     if lot is None:
         return "none"
-    points, remaining, _earned, available_from, expires, source, order, rule, version = lot
+    points, remaining, _earned, available_from, expires, source, order, rule, version, adj = lot
     return (
         f"(remaining {remaining}/{points}, available_from {_iso(available_from)},"
-        f" expires {_iso(expires)}, rule {rule} {version or '-'}, source {source},"
-        f" order {order or '-'})"
+        f" expires {_iso(expires)}, rule {rule} {version or '-'}, source {source or '-'},"
+        f" adjustment {adj or '-'}, order {order or '-'})"
     )
 
 

@@ -63,7 +63,7 @@ WHERE member_id = ANY($1::text[]) ORDER BY member_id FOR UPDATE
 # window it has not entered yet, else its expiry.
 CLAIM_WARNINGS: Final = """
 WITH page AS (
-    SELECT lot_id, member_id, remaining, expires_at, source_event_id, rule_id,
+    SELECT lot_id, member_id, remaining, expires_at, source_event_id, adjustment_id, rule_id,
            ruleset_version, order_id
     FROM ledger_lots
     WHERE lot_id = ANY($3::text[]) AND remaining > 0 AND sweep_at <= $1 AND expires_at > $1
@@ -83,7 +83,7 @@ WITH page AS (
     RETURNING lot_id, threshold_days, member_id, points, expires_at
 )
 SELECT c.lot_id, c.threshold_days, c.member_id, c.points, c.expires_at,
-       p.source_event_id, p.rule_id, p.ruleset_version, p.order_id
+       p.source_event_id, p.adjustment_id, p.rule_id, p.ruleset_version, p.order_id
 FROM claimed AS c JOIN page AS p USING (lot_id)
 """
 AVAILABLE_NOW: Final = """
@@ -236,6 +236,7 @@ class ExpirySweeper:
                         rule_id=row["rule_id"],
                         ruleset_version=row["ruleset_version"],
                         source_event_id=row["source_event_id"],
+                        adjustment_id=row["adjustment_id"],
                         order_id=row["order_id"],
                         expires_at=row["expires_at"],
                     ),

@@ -14,6 +14,8 @@ import pytest
 
 from services.common.migrations import apply_migrations
 from services.common.runtime import init_connection
+from services.ledger.rebuild import rebuild, verify
+from services.ledger.redemptions import adjust
 from services.ledger.sweeper import ExpirySweeper, warning_id
 
 pytestmark = pytest.mark.integration
@@ -185,3 +187,29 @@ async def test_warning_days_are_24_hours_whatever_the_servers_time_zone(
         assert moment == expires - timedelta(days=7)
     finally:
         await ny.close()
+
+
+async def test_an_adjustments_lot_is_warned_and_expired_naming_the_adjustment(
+    pool: asyncpg.Pool, fresh_database: str
+) -> None:
+    """Its warning and expiry carried the adjustment's id as `source_event_id`, with a null
+    `adjustment_id`. A rebuild makes the lot as the ledger did: verify finds no difference."""
+    async with pool.acquire() as conn:
+        await adjust(
+            conn, TOPIC, "adj-1", member_id="m-1", points=300, reason="goodwill",
+            operator="ops", allow_debt=False, now=NOW - timedelta(days=340), new_member=True,
+        )  # fmt: skip
+    assert (await verify(fresh_database)).differences == []
+    await rebuild(fresh_database)
+    assert (await verify(fresh_database)).differences == []
+    sweeper = ExpirySweeper(pool, TOPIC, 60, lambda: None)
+    assert await sweeper.sweep_once(NOW) == (0, 1)
+    assert await sweeper.sweep_once(NOW + timedelta(days=40)) == (1, 0)
+    events = [*await published(pool, "points_expiring"), *await published(pool, "points_expired")]
+    assert len(events) == 2
+    for event in events:
+        data = event["data"]
+        assert isinstance(data, dict)
+        assert (data["adjustment_id"], data["source_event_id"], data["rule_id"]) == (
+            "adj-1", None, None,
+        )  # fmt: skip

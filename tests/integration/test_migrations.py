@@ -1,7 +1,7 @@
 """Migrations that change existing tables keep what those tables hold (an upgrade, not
 only a fresh install): 0012 (the outbox's key), 0013 (json documents), 0014 (lots' sweep
 moment), 0015 (members' tier end), 0016 (what member states may have forgotten), 0023 (when
-the tier sweep must next look at each member)."""
+the tier sweep must next look at each member), 0024 (an adjustment's lot's id)."""
 
 from __future__ import annotations
 
@@ -233,3 +233,30 @@ async def test_0023_makes_members_with_spend_due_for_one_spend_report(fresh_data
             "SELECT indexdef FROM pg_indexes WHERE indexname = 'rules_member_state_tier_due'"
         )
         assert "(tier_due_at, member_id)" in index
+
+
+async def test_0024_tells_an_adjustments_lot_from_a_grants_by_its_creating_entry(
+    fresh_database: str,
+) -> None:
+    """Before, an adjustment's lot kept the adjustment's id as its source event id."""
+    async with migrated_until(fresh_database, "0024") as conn:
+        lots = [("g-1", "earn", "e-1", None), ("a-1", "adjust", "adj-1", "adj-1"),
+                ("a-spent", "adjust", "adj-2", "adj-2")]  # fmt: skip
+        for entry_id, kind, source, adjustment in lots:
+            await conn.execute(
+                "INSERT INTO ledger_entries (entry_id, member_id, kind, points, balance_after,"
+                " occurred_at, expires_at, source_event_id, adjustment_id)"
+                " VALUES ($1, 'm-1', $2, 100, 100, now(), now() + interval '1 year', $3, $4)",
+                entry_id, kind, None if adjustment else source, adjustment,
+            )  # fmt: skip
+            await conn.execute(
+                "INSERT INTO ledger_lots (lot_id, member_id, points, remaining, earned_at,"
+                " available_from, expires_at, source_event_id)"
+                " VALUES ($1, 'm-1', 100, $2, now(), now(), now() + interval '1 year', $3)",
+                entry_id, 0 if entry_id == "a-spent" else 100, source,
+            )  # fmt: skip
+        assert apply_migrations(fresh_database) >= 1
+        rows = await conn.fetch("SELECT lot_id, source_event_id, adjustment_id FROM ledger_lots")
+        assert {r["lot_id"]: (r["source_event_id"], r["adjustment_id"]) for r in rows} == {
+            "g-1": ("e-1", None), "a-1": (None, "adj-1"), "a-spent": (None, "adj-2"),
+        }  # fmt: skip

@@ -368,7 +368,8 @@ def test_positive_adjustment_creates_a_lot_after_paying_debt() -> None:
     assert (entry.reason, entry.operator, entry.adjustment_id) == ("goodwill", "op-7", "adj-a1")
     assert entry.expires_at == add_months(at(1), 12)
     [lot] = book.lots
-    assert (lot.lot_id, lot.remaining, lot.source_event_id) == ("a1", 300, "adj-a1")
+    assert (lot.lot_id, lot.remaining) == ("a1", 300)
+    assert (lot.source_event_id, lot.adjustment_id) == (None, "adj-a1")
     assert book.adjusted == 300
     assert book.debt == 0
 
@@ -432,6 +433,21 @@ def test_expire_writes_one_entry_per_lapsed_lot_with_a_deterministic_id() -> Non
     # Sweeping again finds nothing; a later sweep would have written the same entries.
     assert decide(book_after, Expire(sweep_at)) == []
     assert decide(book, Expire(sweep_at + timedelta(days=30))) == entries
+
+
+def test_an_adjustments_lot_expires_naming_the_adjustment_not_a_source_event() -> None:
+    """Its expiry carried the adjustment's id as `source_event_id`, `adjustment_id` null."""
+    book, _ = run(adjust("a1", 800, T0))
+    (lot,) = book.lots
+    assert (lot.source_event_id, lot.adjustment_id) == (None, "adj-a1")
+    (entry,) = decide(book, Expire(at(400)))
+    assert (entry.kind, entry.points) == ("expire", -800)
+    assert (entry.source_event_id, entry.adjustment_id) == (None, "adj-a1")
+    assert (entry.rule_id, entry.ruleset_version) == (None, None)
+    # A grant's lot names its source event and no adjustment, as before.
+    book, _ = run(earn("g", 100, T0))
+    (entry,) = decide(book, Expire(at(400)))
+    assert (entry.source_event_id, entry.adjustment_id) == ("ev-g", None)
 
 
 def test_expire_leaves_unexpired_lots_alone() -> None:

@@ -395,11 +395,12 @@ def reference_evolve(book: Book, entry: Entry) -> Book:
                 remaining=remaining,
                 earned_at=entry.occurred_at,
                 expires_at=entry.expires_at,
-                source_event_id=entry.source_event_id or entry.adjustment_id or entry.entry_id,
+                source_event_id=entry.source_event_id,
                 order_id=entry.order_id,
                 rule_id=entry.rule_id,
                 available_from=entry.available_from,
                 ruleset_version=entry.ruleset_version,
+                adjustment_id=entry.adjustment_id,
             )
 
     moved = -entry.points
