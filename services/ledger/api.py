@@ -342,7 +342,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # refuses other than as a decode error: one more invalid request, after the key.
             error = {"type": "json_invalid", "loc": ("body",), "msg": unreadable(exc.__cause__)}
             return await _invalid(request, RequestValidationError([error]))
-        return problem_response(request, exc.status_code, str(exc.detail), str(exc.detail))
+        resp = problem_response(request, exc.status_code, str(exc.detail), str(exc.detail))
+        resp.headers.update(exc.headers or {})  # a 405's Allow, which RFC 9110 requires
+        return resp
 
     @app.exception_handler(Exception)
     async def _failed(request: Request, exc: Exception) -> JSONResponse:

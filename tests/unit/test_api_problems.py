@@ -399,3 +399,20 @@ def test_the_daily_report_is_described_in_the_openapi_document() -> None:
     assert "at most 366" in daily["get"]["description"]
     query = [p["name"] for p in daily["get"]["parameters"] if p["in"] == "query"]
     assert query == ["from", "to", "store_id"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("delete", "/v1/members/m-1", "GET"),
+        ("put", "/v1/adjustments", "POST"),
+        ("get", "/v1/members/m-1/redemptions", "POST"),
+    ],
+)
+def test_a_method_the_path_does_not_take_is_a_405_naming_those_it_does(
+    method: str, path: str, allow: str
+) -> None:
+    """RFC 9110: a 405 must carry Allow; the problem answer was built without it."""
+    resp = getattr(client(), method)(path, headers=OPS)
+    problem(resp, 405)
+    assert resp.headers["Allow"] == allow
