@@ -349,6 +349,11 @@ UNREADABLE = [
     (b"[" * 50_000, "nested too deeply"),  # json.loads: RecursionError (50 KB, under the cap)
     (b'{"redemption_id": "\xff", "points": 500}', "not valid UTF-8"),
     (b'{"redemption_id": "a", "points": ' + b"9" * 5000 + b"}", "4,300 digits"),
+    # json.loads detects these from the BOM and read them: a redemption made.
+    *(
+        pytest.param('{"redemption_id": "r-1", "points": 500}'.encode(e), "not valid UTF-8", id=e)
+        for e in ("utf-16", "utf-32")
+    ),
 ]
 
 
@@ -367,6 +372,28 @@ def test_a_body_json_cannot_read_is_checked_for_the_key_then_a_422(raw: bytes, s
     body = problem(post(REDEEMER), 422)
     assert body["errors"] == [{"field": "body", "message": body["errors"][0]["message"]}]
     assert says in body["errors"][0]["message"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_a_json_body_in_utf16_or_utf32_without_a_bom_is_a_422(encoding: str) -> None:
+    """json.loads detected these from their NUL bytes and read them (a redemption made);
+    read as the UTF-8 the README asks for they are no JSON."""
+    resp = client(KeyError("never reached")).post(
+        "/v1/members/m-1/redemptions",
+        content='{"redemption_id": "r-1", "points": 500}'.encode(encoding),
+        headers={"content-type": "application/json", **REDEEMER},
+    )
+    assert [e["field"].split(".")[0] for e in problem(resp, 422)["errors"]] == ["body"]
+
+
+def test_a_utf8_body_may_start_with_a_bom() -> None:
+    """RFC 8259 lets a parser ignore it, and json.loads did: it is still UTF-8."""
+    resp = client(KeyError("never reached")).post(
+        "/v1/members/m-1/redemptions",
+        content=b'\xef\xbb\xbf{"redemption_id": "r-1", "points": 500}',
+        headers={"content-type": "application/json", **REDEEMER},
+    )
+    problem(resp, 500)  # read, and on to the (failing) database
 
 
 def test_a_malformed_key_entry_is_refused_without_printing_the_key() -> None:
