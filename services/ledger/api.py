@@ -277,15 +277,17 @@ def unreadable(cause: Exception) -> str:
     return "the body could not be read as JSON"
 
 
+def unknown_member(member_id: str) -> Problem:
+    return Problem(404, "Member not found", f"no ledger record for member {member_id!r}")
+
+
 def member_path(member_id: str) -> str:
     """The path's member id; one Postgres could not hold was never recorded: a 404 like any
     unknown member's, before the database is asked (it refused the id, a 500)."""
     try:
         return storable(member_id)
     except ValueError:
-        raise Problem(
-            404, "Member not found", f"no ledger record for member {member_id!r}"
-        ) from None
+        raise unknown_member(member_id) from None
 
 
 MemberId = Annotated[str, Depends(member_path)]
@@ -400,7 +402,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 book = await ledger.rules.recent(conn)
                 with_next_tier(doc, book.at(at).tiers)
         if doc is None:
-            raise Problem(404, "Member not found", f"no ledger record for member {member_id!r}")
+            raise unknown_member(member_id)
         return FastJSON(doc)
 
     @app.get("/v1/members/{member_id}/entries", dependencies=needs("reader"))
@@ -416,6 +418,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise query_problem(
                 "cursor", "Invalid cursor", "cursor was not issued by this API"
             ) from exc
+        if page is None:
+            raise unknown_member(member_id)
         return FastJSON(page)
 
     @app.post(

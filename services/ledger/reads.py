@@ -35,6 +35,7 @@ WHERE member_id = $1 AND seq < $2
 ORDER BY seq DESC
 LIMIT $3
 """
+MEMBER_KNOWN: Final = "SELECT EXISTS (SELECT 1 FROM ledger_members WHERE member_id = $1)"
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -132,10 +133,14 @@ def decode_cursor(cursor: str) -> int:
 
 async def entries_page(
     conn: asyncpg.Connection, member_id: str, limit: int, cursor: str | None
-) -> dict[str, Any]:
-    """Newest first, keyed on the journal sequence: stable while new entries arrive."""
+) -> dict[str, Any] | None:
+    """Newest first, keyed on the journal sequence: stable while new entries arrive. None
+    for the first page of a member the ledger has no record of, a 404 as in the member
+    view; a member known from a tier report alone has a record and an empty page."""
     before = decode_cursor(cursor) if cursor else 2**63 - 1
     rows = await conn.fetch(ENTRIES_PAGE, member_id, before, limit + 1)
+    if not rows and not cursor and not await conn.fetchval(MEMBER_KNOWN, member_id):
+        return None
     page = rows[:limit]
     return {
         "entries": [

@@ -489,6 +489,25 @@ async def test_entries_pages_are_stable_under_concurrent_writes(stack: Stack) ->
     await assert_verified(stack.dsn)
 
 
+async def test_entries_of_an_unknown_member_are_a_404_as_its_view(stack: Stack) -> None:
+    """They were a 200 with an empty page; a member known from a tier report alone (no
+    entries) has a record, and an empty page."""
+    now = datetime.now(UTC)
+    report = tier_report("m-tier-only", now, "member", "silver", "6000.00", None, None)
+    await stack.produce([report], topic=stack.topics.grants)
+    await wait_until(
+        lambda: stack.scalar(
+            "SELECT tier = 'silver' FROM ledger_members WHERE member_id = 'm-tier-only'"
+        ),
+        what="tier report recorded",
+    )
+    known = await stack.get("/v1/members/m-tier-only/entries")
+    assert known.status_code == 200, known.text
+    assert known.json() == {"entries": [], "next_cursor": None}
+    for path in ("/v1/members/nobody", "/v1/members/nobody/entries"):
+        assert assert_problem(await stack.get(path), 404)["title"] == "Member not found"
+
+
 async def test_late_grants_expiry_sweeps_and_warnings(stack: Stack) -> None:
     now = datetime.now(UTC)
     late = grant("m-e", 400, add_months(now, -12) - timedelta(days=3), rule="late")
