@@ -34,6 +34,7 @@ from services.common.config import Settings, load_settings
 from services.ledger import redemptions, reports
 from services.ledger.auth import AuthError, KeyRing, Role
 from services.ledger.body_limit import BodyLimit
+from services.ledger.member_paths import RawMemberPath, member_of
 from services.ledger.reads import entries_page, lacks_next_tier, member_view, with_next_tier
 from services.ledger.service import LedgerService
 
@@ -282,8 +283,10 @@ def unknown_member(member_id: str) -> Problem:
 
 
 def member_path(member_id: str) -> str:
-    """The path's member id; one Postgres could not hold was never recorded: a 404 like any
-    unknown member's, before the database is asked (it refused the id, a 500)."""
+    """The path's member id, a '/' or '%' of it read back (`RawMemberPath`); one Postgres
+    could not hold was never recorded: a 404 like any unknown member's, before the database
+    is asked (it refused the id, a 500)."""
+    member_id = member_of(member_id)
     try:
         return storable(member_id)
     except ValueError:
@@ -332,6 +335,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.router.route_class = Utf8Route  # before any route is added
     app.state.ledger = ledger
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RawMemberPath)
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:

@@ -489,6 +489,28 @@ async def test_entries_pages_are_stable_under_concurrent_writes(stack: Stack) ->
     await assert_verified(stack.dsn)
 
 
+async def test_member_ids_holding_a_slash_or_percent_are_served(stack: Stack) -> None:
+    """The server decodes %2F before routing: `wx%2FoAbC%2B9` was a 404, `m-1%2Fentries`
+    was answered with m-1's entries, and such members could not redeem what they earned."""
+    day = datetime.now(UTC) - timedelta(days=1)
+    odd = {"wx/oAbC+9": 3000, "m-1/entries": 2000, "a%b": 1500, "会员/张三": 1200, "ü": 900}
+    await give(stack, grant("m-1", 1000, day), *(grant(m, p, day) for m, p in odd.items()))
+    for name, points in odd.items():
+        path = f"/v1/members/{quote(name, safe='')}"
+        doc = (await stack.get(path)).json()
+        assert (doc["member_id"], doc["points"]["available"]) == (name, points)
+        entries = (await stack.get(f"{path}/entries")).json()["entries"]
+        assert [e["points"] for e in entries] == [points]
+        made = await post(stack, f"{path}/redemptions", {"redemption_id": name, "points": 500})
+        assert made.status_code == 201, made.text
+        assert made.json()["available_after"] == points - 500
+    # The same path with the '/' sent as is: m-1's entries, as before.
+    mine = (await stack.get("/v1/members/m-1/entries")).json()["entries"]
+    assert [e["points"] for e in mine] == [1000]
+    assert (await member(stack, "m-1"))["points"]["available"] == 1000
+    assert_problem(await stack.get("/v1/members/wx%2FoAbC%2B9", key="wrong"), 401)
+
+
 async def test_entries_of_an_unknown_member_are_a_404_as_its_view(stack: Stack) -> None:
     """They were a 200 with an empty page; a member known from a tier report alone (no
     entries) has a record, and an empty page."""

@@ -6,11 +6,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
+import pytest
 from fastapi.testclient import TestClient
 
+from services.ledger import redemptions
+from services.ledger.member_paths import member_of, routed_path
 from services.ledger.reads import encode_cursor
-from tests.unit.test_api_problems import READER, client, problem
+from tests.unit.test_api_problems import READER, REDEEMER, client, problem
 
 
 class RecordingPool:
@@ -65,3 +69,60 @@ def test_a_page_past_the_last_is_empty_whoever_the_member() -> None:
     resp = api.get(f"/v1/members/ghost/entries?cursor={encode_cursor(5)}", headers=READER)
     assert resp.json() == {"entries": [], "next_cursor": None}
     assert pool.asked == ["ghost"]
+
+
+# Ids the activity schema takes that a path must encode; those holding a '/' were misrouted.
+ODD_IDS = ["wx/oAbC+9", "m-1/entries", "a%b", "a%2Fb", "会员/张三", "ü ?#\\", "/", "%"]
+
+
+def path_of(member: str, rest: str = "") -> str:
+    return f"/v1/members/{quote(member, safe='')}{rest}"
+
+
+@pytest.mark.parametrize("member", ODD_IDS)
+def test_a_member_id_is_read_back_whole_from_its_encoded_path(member: str) -> None:
+    path = routed_path(path_of(member, "/entries").encode() + b"?limit=5")
+    prefix, segment, rest = path.rsplit("/", 2)
+    assert (prefix, member_of(segment), rest) == ("/v1/members", member, "entries")
+
+
+@pytest.mark.parametrize("member", ODD_IDS)
+def test_the_member_routes_reach_an_id_holding_a_slash_or_percent(
+    member: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server decodes %2F before routing: `wx%2FoAbC` was a 404 and `m-1%2Fentries`
+    m-1's entries."""
+    api, pool = recording(known=True)
+    body = problem(api.get(path_of(member), headers=READER), 404)
+    assert body["detail"] == f"no ledger record for member {member!r}"
+    assert member_of(body["instance"].rsplit("/", 1)[1]) == member
+    resp = api.get(path_of(member, "/entries"), headers=READER)
+    assert resp.json() == {"entries": [], "next_cursor": None}
+    assert pool.asked == [member, member, member]
+
+    redeemed: list[str] = []
+
+    async def redeem(conn: Any, topic: str, member_id: str, *args: Any, **kw: Any) -> Any:
+        redeemed.append(member_id)
+        return redemptions.Outcome(201, {"redemption_id": "r-1"}, fresh=False)
+
+    async def policy_at(conn: Any, now: Any) -> None:
+        return None
+
+    monkeypatch.setattr(redemptions, "redeem", redeem)
+    monkeypatch.setattr(api.app.state.ledger.rules, "policy_at", policy_at)  # type: ignore[attr-defined]
+    sent = {"redemption_id": "r-1", "points": 500}
+    resp = api.post(path_of(member, "/redemptions"), json=sent, headers=REDEEMER)
+    assert resp.status_code == 201, resp.text
+    assert redeemed == [member]
+
+
+def test_a_slash_sent_as_is_still_separates_the_path() -> None:
+    """`m-1/entries` is m-1's entries; `m-1%2Fentries` the member of that name; an
+    unencoded '+' is a '+' (paths are not query strings)."""
+    api, pool = recording(known=True)
+    assert api.get("/v1/members/m-1/entries", headers=READER).status_code == 200
+    problem(api.get("/v1/members/m-1%2Fentries", headers=READER), 404)
+    problem(api.get("/v1/members/wx%2FoAbC+9", headers=READER), 404)
+    problem(api.get("/v1/members/m-1/entries/more", headers=READER), 404)
+    assert pool.asked == ["m-1", "m-1", "m-1/entries", "wx/oAbC+9"]
