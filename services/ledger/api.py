@@ -35,6 +35,8 @@ from services.ledger import redemptions, reports
 from services.ledger.auth import AuthError, KeyRing, Role
 from services.ledger.body_limit import BodyLimit
 from services.ledger.member_paths import RawMemberPath, member_of
+from services.ledger.problem_docs import REFUSED_422, problem, problems
+from services.ledger.problem_docs import schemas as problem_schemas
 from services.ledger.reads import entries_page, lacks_next_tier, member_view, with_next_tier
 from services.ledger.service import LedgerService
 
@@ -391,7 +393,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def pool() -> asyncpg.Pool:
         return ledger.pool
 
-    @app.get("/v1/members/{member_id}", dependencies=needs("reader"))
+    @app.get(
+        "/v1/members/{member_id}",
+        dependencies=needs("reader"),
+        responses=problems(401, 404, 422, 503),
+    )
     async def get_member(
         member_id: MemberId,
         as_of: str | None = Query(default=None, description="RFC 3339 instant"),
@@ -409,7 +415,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise unknown_member(member_id)
         return FastJSON(doc)
 
-    @app.get("/v1/members/{member_id}/entries", dependencies=needs("reader"))
+    @app.get(
+        "/v1/members/{member_id}/entries",
+        dependencies=needs("reader"),
+        responses=problems(401, 404, 422, 503),
+    )
     async def get_entries(
         member_id: MemberId,
         limit: int = Query(default=50, ge=1, le=500),
@@ -427,7 +437,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FastJSON(page)
 
     @app.post(
-        "/v1/members/{member_id}/redemptions", status_code=201, dependencies=needs("redeemer")
+        "/v1/members/{member_id}/redemptions",
+        status_code=201,
+        dependencies=needs("redeemer"),
+        responses={**problems(401, 403, 404, 409, 413, 503), 422: problem(422, REFUSED_422)},
     )
     async def post_redemption(
         request: Request, member_id: MemberId, body: RedemptionBody
@@ -450,7 +463,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ledger.wake_relay()
         return _written(request, outcome)
 
-    @app.post("/v1/adjustments", status_code=201, dependencies=needs("ops"))
+    @app.post(
+        "/v1/adjustments",
+        status_code=201,
+        dependencies=needs("ops"),
+        responses={**problems(401, 403, 404, 409, 413, 503), 422: problem(422, REFUSED_422)},
+    )
     async def post_adjustment(request: Request, body: AdjustmentBody) -> JSONResponse:
         now = datetime.now(UTC)
         async with pool().acquire() as conn:
@@ -476,6 +494,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get(
         "/v1/reports/summary",
         dependencies=needs("ops"),
+        responses=problems(401, 403, 422, 503),
         description="The owner's figures for [from, to), and a snapshot of now:\n\n"
         + reports.SUMMARY_DEFINITIONS,
     )
@@ -492,7 +511,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             doc = await reports.summary(conn, start, end, store_id, now, policy, zone)
         return FastJSON(doc)
 
-    @app.get("/v1/reports/daily", dependencies=needs("ops"), description=DAILY_DESCRIPTION)
+    @app.get(
+        "/v1/reports/daily",
+        dependencies=needs("ops"),
+        responses=problems(401, 403, 422, 503),
+        description=DAILY_DESCRIPTION,
+    )
     async def get_daily(
         from_: str = Query(alias="from", description="RFC 3339, inclusive"),
         to: str | None = Query(default=None, description="RFC 3339, exclusive; default now"),
@@ -511,7 +535,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/openapi.json", dependencies=needs("reader"), include_in_schema=False)
     async def openapi() -> JSONResponse:
-        return JSONResponse(app.openapi())
+        doc = app.openapi()
+        doc["components"]["schemas"].update(problem_schemas())  # the routes' `responses` name
+        return JSONResponse(doc)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -443,3 +443,38 @@ def test_a_method_the_path_does_not_take_is_a_405_naming_those_it_does(
     resp = getattr(client(), method)(path, headers=OPS)
     problem(resp, 405)
     assert resp.headers["Allow"] == allow
+
+
+def test_the_openapi_document_describes_the_errors_as_they_are_answered() -> None:
+    """It gave a 422 as FastAPI's HTTPValidationError in application/json and no other
+    error; every error is problem+json, a 422's with `errors`."""
+    doc = client().get("/openapi.json", headers=READER).json()
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    problem_schema = doc["components"]["schemas"]["Problem"]
+    assert set(problem_schema["required"]) == {"title", "status", "detail", "instance"}
+    errors = problem_schema["properties"]["errors"]["items"]
+    assert errors == {"$ref": "#/components/schemas/FieldError"}
+    assert set(doc["components"]["schemas"]["FieldError"]["properties"]) == {"field", "message"}
+    documented = {}
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            failures = {int(s): r for s, r in operation["responses"].items() if int(s) >= 400}
+            for answer in failures.values():
+                assert answer["content"] == {
+                    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+                }
+            documented[f"{method.upper()} {path}"] = sorted(failures)
+    member, reports, writes = [401, 404, 422, 500, 503], [401, 403, 422, 500, 503], [
+        401, 403, 404, 409, 413, 422, 500, 503
+    ]  # fmt: skip
+    assert documented == {
+        "GET /v1/members/{member_id}": member,
+        "GET /v1/members/{member_id}/entries": member,
+        "POST /v1/members/{member_id}/redemptions": writes,
+        "POST /v1/adjustments": writes,
+        "GET /v1/reports/summary": reports,
+        "GET /v1/reports/daily": reports,
+        "GET /healthz": [],
+        "GET /readyz": [],
+        "GET /metrics": [],
+    }
