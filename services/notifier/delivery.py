@@ -1,9 +1,10 @@
 """Delivers recorded notifications to the clinic's webhook, signed, retried with back-off.
 
 The table is the source of truth: a notification is recorded once (in the consumer's
-transaction) and delivered at least once; the receiver dedupes on the notification id
-header. Without a webhook configured, notifications are recorded and marked `skipped`.
-So is a points_expiring warning whose points lapsed while it waited (`_lapsed`).
+transaction) and delivered at least once; the receiver dedupes on the body's
+`notification_id`, which the signature covers (the header of the same id is not signed).
+Without a webhook configured, notifications are recorded and marked `skipped`. So is a
+points_expiring warning whose points lapsed while it waited (`_lapsed`).
 """
 
 from __future__ import annotations
