@@ -27,6 +27,9 @@ from services.notifier.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 DELIVERY_BATCH: Final = 50  # concurrent webhook posts per round: polite to one receiver
 MAX_BACKOFF_S: Final = 300
+# A post's whole time, connection to last byte: httpx's timeout bounds each read, so a
+# receiver that trickled its answer a byte at a time held the post forever.
+POST_TIMEOUT_S: Final = 10.0
 
 DELIVERED = Counter("loyalty_notifications_total", "Notifications by outcome", ["outcome"])
 log = structlog.get_logger()
@@ -46,7 +49,7 @@ class Deliverer:
         self._wake.set()
 
     async def run(self) -> None:
-        async with httpx.AsyncClient(timeout=10.0) as client:
+        async with httpx.AsyncClient(timeout=POST_TIMEOUT_S) as client:
             while True:
                 try:
                     done = await self.deliver_once(client)
@@ -158,16 +161,19 @@ class Deliverer:
                 }
             )
             now = int(time.time())
-            resp = await client.post(
-                self._url,
-                content=body,
-                headers={
-                    "Content-Type": "application/json; charset=utf-8",
-                    "X-Loyalty-Notification-Id": row["notification_id"],
-                    TIMESTAMP_HEADER: str(now),
-                    SIGNATURE_HEADER: sign(self._secret, now, body),
-                },
-            )
+            async with asyncio.timeout(POST_TIMEOUT_S):
+                resp = await client.post(
+                    self._url,
+                    content=body,
+                    headers={
+                        "Content-Type": "application/json; charset=utf-8",
+                        "X-Loyalty-Notification-Id": row["notification_id"],
+                        TIMESTAMP_HEADER: str(now),
+                        SIGNATURE_HEADER: sign(self._secret, now, body),
+                    },
+                )
+        except TimeoutError:
+            return f"timeout: no whole answer in {POST_TIMEOUT_S:g} s"
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
         if resp.status_code >= 300:
