@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
@@ -33,6 +34,12 @@ POST_TIMEOUT_S: Final = 10.0
 
 DELIVERED = Counter("loyalty_notifications_total", "Notifications by outcome", ["outcome"])
 log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class Failure:
+    error: str
+    at: float  # time.monotonic() of the failed attempt: its back-off counts from here
 
 
 class Deliverer:
@@ -113,15 +120,16 @@ class Deliverer:
                     ok,
                 )
             gave_up = 0
-            for r, err in failed:
+            for r, failure in failed:
                 backoff = min(MAX_BACKOFF_S, 2 ** min(r["attempts"] + 1, 9))  # 2, 4, … 300
-                status = await conn.fetchval(_FAILED, r["notification_id"], err,
-                                             float(backoff), self._give_up_s)  # fmt: skip
+                wait = backoff - (time.monotonic() - failure.at)  # from the failed attempt
+                status = await conn.fetchval(_FAILED, r["notification_id"], failure.error,
+                                             wait, self._give_up_s)  # fmt: skip
                 if status == "failed":
                     gave_up += 1
                     log.warning("notification_given_up", notification_id=r["notification_id"],
                                 member_id=r["member_id"], attempts=r["attempts"] + 1,
-                                error=err)  # fmt: skip
+                                error=failure.error)  # fmt: skip
             DELIVERED.labels("delivered").inc(len(ok))
             DELIVERED.labels("failed").inc(len(failed) - gave_up)
             DELIVERED.labels("given_up").inc(gave_up)
@@ -130,7 +138,7 @@ class Deliverer:
 
     async def _post_in_order(
         self, client: httpx.AsyncClient, rows: list[asyncpg.Record]
-    ) -> tuple[list[str], list[str], tuple[asyncpg.Record, str] | None]:
+    ) -> tuple[list[str], list[str], tuple[asyncpg.Record, Failure] | None]:
         """One member's notifications in order: (delivered ids, lapsed ids, the first
         failure)."""
         delivered: list[str] = []
@@ -139,13 +147,13 @@ class Deliverer:
             if _lapsed(r):
                 lapsed.append(r["notification_id"])
                 continue
-            err = await self._post(client, r)
-            if err is not None:
-                return delivered, lapsed, (r, err)
+            failure = await self._post(client, r)
+            if failure is not None:
+                return delivered, lapsed, (r, failure)
             delivered.append(r["notification_id"])
         return delivered, lapsed, None
 
-    async def _post(self, client: httpx.AsyncClient, row: asyncpg.Record) -> str | None:
+    async def _post(self, client: httpx.AsyncClient, row: asyncpg.Record) -> Failure | None:
         """None when delivered, else why not. Any failure is this row's own: it must not
         stop the round (and with it every other member's deliveries)."""
         try:
@@ -173,11 +181,11 @@ class Deliverer:
                     },
                 )
         except TimeoutError:
-            return f"timeout: no whole answer in {POST_TIMEOUT_S:g} s"
+            return Failure(f"timeout: no whole answer in {POST_TIMEOUT_S:g} s", time.monotonic())
         except Exception as exc:
-            return f"{type(exc).__name__}: {exc}"
+            return Failure(f"{type(exc).__name__}: {exc}", time.monotonic())
         if resp.status_code >= 300:
-            return f"HTTP {resp.status_code}"
+            return Failure(f"HTTP {resp.status_code}", time.monotonic())
         return None
 
 
@@ -211,8 +219,9 @@ async def hold_behind_retries(
 
 # A failed attempt: retried after the back-off, or given up on once the notification is
 # older than the give-up age (then the member's later ones go on).
-# Times are `clock_timestamp()`, not `now()`: the round's posts run inside its transaction,
-# and a back-off counted from the transaction's start was spent by a slow receiver's timeout.
+# The retry is due `$3` seconds from now: what is left of the back-off since the failed
+# attempt (`Failure.at`), so neither a slow receiver nor a wait to write it shortens or
+# lengthens it; counted on this process's clock, so it need not agree with Postgres's.
 # While it is retried, the member's later pending ones are made due no earlier than it
 # (`held`): left at their own due times, they stayed at the front of the due index, and
 # every round of a webhook outage read (and the guard below discarded) each member's whole

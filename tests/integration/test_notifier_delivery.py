@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,7 +23,7 @@ from starlette.responses import Response
 from services.common.config import Settings
 from services.common.consumer import BatchConsumer
 from services.notifier.app import make_handler
-from services.notifier.delivery import DELIVERED, Deliverer
+from services.notifier.delivery import DELIVERED, Deliverer, Failure
 from tests.integration import direct
 from tests.integration.direct import consumer_of, migrated_pool, webhook
 
@@ -215,9 +216,9 @@ async def test_a_retry_waits_its_back_off_from_the_failure_not_from_the_rounds_s
     pool, consumer, deliverer, _ = env
     await consumer.process(records(earned("s-1", "m-9", 1, 1, "2026-03-01T10:00:00+08:00")))
 
-    async def slow_refusal(client: httpx.AsyncClient, row: asyncpg.Record) -> str:
+    async def slow_refusal(client: httpx.AsyncClient, row: asyncpg.Record) -> Failure:
         await asyncio.sleep(2.5)
-        return "HTTP 503"
+        return Failure("HTTP 503", time.monotonic())
 
     deliverer._post = slow_refusal  # type: ignore[method-assign]
     async with httpx.AsyncClient(timeout=10.0) as client:

@@ -1,5 +1,6 @@
 """Webhook delivery's turns (services/notifier/delivery.py): a receiver that never
-finishes its answer is cut off at the post's deadline."""
+finishes its answer is cut off at the post's deadline; a retry's back-off counts from the
+failed attempt."""
 
 from __future__ import annotations
 
@@ -120,3 +121,19 @@ async def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_posts_deadl
                               " FROM notifications WHERE notification_id = 't-1'")  # fmt: skip
     assert (row["status"], row["attempts"]) == ("pending", 1)
     assert row["last_error"].startswith("timeout")
+
+
+async def test_a_retry_is_due_its_back_off_after_the_failed_attempt_not_after_the_round(
+    env: Any,
+) -> None:
+    # The back-off was counted from when the round wrote its outcomes: after its slowest
+    # post, 3 s here, so the first retry came 5 s after the refusal instead of 2.
+    pool, consumer, rec, url = env
+    await record(consumer, earned("r-fast", "m-fast"), earned("r-slow", "m-slow"))
+    rec.refuse.add("r-fast")
+    rec.slow["m-slow"] = 3.0
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        await Deliverer(pool, url, "s").deliver_once(client)
+    due = await pool.fetchval("SELECT extract(epoch FROM next_attempt_at) FROM notifications"
+                              " WHERE notification_id = 'r-fast'")  # fmt: skip
+    assert 1.5 < float(due) - rec.refused_at["r-fast"] < 2.5  # the first back-off, 2 s
