@@ -10,9 +10,8 @@ points_expiring warning whose points lapsed while it waited (`_lapsed`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
 
@@ -26,11 +25,18 @@ from schemas.ledger import PointsExpiring
 from services.notifier.render import skip_reason
 from services.notifier.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
-DELIVERY_BATCH: Final = 50  # concurrent webhook posts per round: polite to one receiver
+DELIVERY_BATCH: Final = 50  # members posted to at once: polite to one receiver
+PER_MEMBER: Final = 10  # a member's notifications taken at a time: a backlog takes one turn
 MAX_BACKOFF_S: Final = 300
 # A post's whole time, connection to last byte: httpx's timeout bounds each read, so a
 # receiver that trickled its answer a byte at a time held the post forever.
 POST_TIMEOUT_S: Final = 10.0
+# How long a member taken is this process's alone: what a crashed process's members wait
+# before another takes them. A post starts only while it can end, and its outcome be
+# written (RECORD_S), within it; the member's rest are let go for a later turn.
+LEASE_S: Final = 60.0
+RECORD_S: Final = 10.0
+POLL_S: Final = 1.0  # an idle deliverer looks this often for retries come due
 
 DELIVERED = Counter("loyalty_notifications_total", "Notifications by outcome", ["outcome"])
 log = structlog.get_logger()
@@ -40,6 +46,15 @@ log = structlog.get_logger()
 class Failure:
     error: str
     at: float  # time.monotonic() of the failed attempt: its back-off counts from here
+
+
+@dataclass
+class _Outcome:
+    """What became of a member's notifications so far (kept when stopped midway)."""
+
+    delivered: list[str] = field(default_factory=list)
+    lapsed: list[str] = field(default_factory=list)
+    failed: tuple[asyncpg.Record, Failure] | None = None
 
 
 class Deliverer:
@@ -56,102 +71,167 @@ class Deliverer:
         self._wake.set()
 
     async def run(self) -> None:
+        """Keeps up to DELIVERY_BATCH members in flight, taking the next due member as soon
+        as one is done, so a slow receiver's member holds only its own turn."""
+        in_flight: set[asyncio.Task[int]] = set()
         async with httpx.AsyncClient(timeout=POST_TIMEOUT_S) as client:
-            while True:
-                try:
-                    done = await self.deliver_once(client)
-                except Exception as exc:
-                    # Policy: delivery never dies; pending rows wait in the table.
-                    log.warning("delivery_retry", error=repr(exc))
-                    done = 0
-                if done < DELIVERY_BATCH:
-                    self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), 1.0)
+            try:
+                while True:
+                    self._wake.clear()  # before looking: a wake meanwhile is kept
+                    room = DELIVERY_BATCH - len(in_flight)
+                    if room and self._url:
+                        post_until, taken = await self._take_or_log(room)
+                        in_flight |= {
+                            asyncio.create_task(self._deliver(client, rows, post_until))
+                            for rows in taken
+                        }
+                    elif room and await self._skip_or_log(room):
+                        continue  # no webhook: the next ones at once
+                    woken = asyncio.create_task(self._wake.wait())
+                    try:
+                        done, _ = await asyncio.wait(
+                            {*in_flight, woken}, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED
+                        )
+                    finally:
+                        woken.cancel()
+                    in_flight.difference_update(done)
+            finally:
+                # Stopping: each member's task records what it delivered and lets the rest
+                # go at once (`_deliver`), rather than leaving them to the lease's end.
+                for task in in_flight:
+                    task.cancel()
+                await asyncio.gather(*in_flight, return_exceptions=True)
+
+    async def _take_or_log(self, members: int) -> tuple[float, list[list[asyncpg.Record]]]:
+        try:
+            return await self._take(members)
+        except Exception as exc:
+            # Policy: delivery never dies; pending rows wait in the table.
+            log.warning("delivery_retry", error=repr(exc))
+            return 0.0, []
+
+    async def _skip_or_log(self, members: int) -> int:
+        try:
+            return await self._skip((await self._take(members))[1])
+        except Exception as exc:
+            log.warning("delivery_retry", error=repr(exc))
+            return 0
 
     async def deliver_once(self, client: httpx.AsyncClient) -> int:
-        """One round: up to DELIVERY_BATCH due notifications, each member's in their order.
+        """One round: up to DELIVERY_BATCH members' due notifications, each member's in
+        their order; how many were delivered, dropped or failed.
 
-        Members are posted to concurrently, one member's notifications one after another,
-        stopping at the first that fails: it waits out its back-off, and the member's later
-        ones wait behind it (`_DUE`), so a member never reads an older balance after a newer
-        one. They wait with their due time moved to the failed one's (`_FAILED`,
-        `hold_behind_retries`), so a round that has nothing due reads nothing, however
-        many members' backlogs wait. A warning whose points lapsed meanwhile is not posted
-        but marked `skipped`, and the member's next ones go on. A member is taken by one
-        notifier process at a time (an advisory lock for the round), so a second process
-        cannot post their next one meanwhile.
+        Members are posted to concurrently, one member's notifications one after another
+        (PER_MEMBER at most), stopping at the first that fails: it waits out its
+        back-off, and the member's later ones wait behind it (`_LEASE`), so a member never
+        reads an older balance after a newer one. They wait with their due time moved to
+        the failed one's (`_FAILED`, `hold_behind_retries`), so a round that has nothing
+        due reads nothing, however many members' backlogs wait. A warning whose points
+        lapsed meanwhile is not posted but marked `skipped`, and the member's next ones go
+        on. No transaction is open during a post (`_take`), and each member's outcome is
+        written as soon as that member is done.
         """
+        post_until, taken = await self._take(DELIVERY_BATCH)
+        if not self._url:
+            return await self._skip(taken)
+        delivering = (self._deliver(client, rows, post_until) for rows in taken)
+        return sum(await asyncio.gather(*delivering))
+
+    async def _take(self, members: int) -> tuple[float, list[list[asyncpg.Record]]]:
+        """Up to `members` members' due notifications, each member's in order, leased to
+        this process (`_LEASE`) in a transaction of its own, and until when (monotonic)
+        a post may start on the lease: counted from before the lease began, so it is
+        never later than the lease allows.
+
+        A member is taken by one notifier process at a time: an advisory lock while it is
+        taken, and its lease until the outcome is written, so a second process cannot
+        post their next one meanwhile."""
+        post_until = time.monotonic() + LEASE_S - POST_TIMEOUT_S - RECORD_S
         async with self._pool.acquire() as conn, conn.transaction():
-            candidates = await conn.fetch(_CANDIDATES, DELIVERY_BATCH)
+            candidates = await conn.fetch(_CANDIDATES, members)
             if not candidates:
-                return 0
-            members = sorted({r["member_id"] for r in candidates})
-            ours = [r["m"] for r in await conn.fetch(_TAKE_MEMBERS, members)]
-            rows = await conn.fetch(_DUE, ours, DELIVERY_BATCH) if ours else []
-            if not rows:
-                return 0
-            if not self._url:
-                await conn.execute(
-                    "UPDATE notifications SET status = 'skipped' WHERE notification_id = ANY($1)",
-                    [r["notification_id"] for r in rows],
-                )
-                DELIVERED.labels("skipped").inc(len(rows))
-                return len(rows)
-            by_member: dict[str, list[asyncpg.Record]] = {}
-            for r in rows:  # in seq order
-                by_member.setdefault(r["member_id"], []).append(r)
-            outcomes = await asyncio.gather(
-                *(self._post_in_order(client, mine) for mine in by_member.values())
-            )
-            ok = [i for delivered, _, _ in outcomes for i in delivered]
-            lapsed = [i for _, dropped, _ in outcomes for i in dropped]
-            failed = [f for _, _, f in outcomes if f is not None]
-            if lapsed:
-                await conn.execute(
-                    "UPDATE notifications SET status = 'skipped' WHERE notification_id = ANY($1)",
-                    lapsed,
-                )
-            if ok:
-                await conn.execute(
-                    "UPDATE notifications SET status = 'delivered',"
-                    " delivered_at = clock_timestamp(),"
-                    " attempts = attempts + 1 WHERE notification_id = ANY($1)",
-                    ok,
-                )
-            gave_up = 0
-            for r, failure in failed:
+                return post_until, []
+            ours = [
+                r["m"]
+                for r in await conn.fetch(_TAKE_MEMBERS, [r["member_id"] for r in candidates])
+            ]
+            rows = await conn.fetch(_LEASE, ours, LEASE_S) if ours else []
+        by_member: dict[str, list[asyncpg.Record]] = {}
+        for r in sorted(rows, key=lambda r: r["seq"]):
+            by_member.setdefault(r["member_id"], []).append(r)
+        return post_until, list(by_member.values())
+
+    async def _skip(self, taken: list[list[asyncpg.Record]]) -> int:
+        ids = [r["notification_id"] for rows in taken for r in rows]
+        if ids:
+            await self._pool.execute(_SKIPPED, ids)
+            DELIVERED.labels("skipped").inc(len(ids))
+        return len(ids)
+
+    async def _deliver(
+        self, client: httpx.AsyncClient, rows: list[asyncpg.Record], post_until: float
+    ) -> int:
+        """Posts one member's taken notifications in order and records what became of them
+        in a transaction of its own; how many were delivered, dropped or failed."""
+        outcome = _Outcome()
+        try:
+            await self._post_in_order(client, rows, outcome, post_until)
+        finally:
+            # Also when stopped midway: what was delivered is recorded, the rest let go now
+            # rather than at the lease's end (a post cut off goes again: at least once).
+            try:
+                async with asyncio.timeout(RECORD_S):
+                    await self._record(rows, outcome)
+            except Exception as exc:  # they go again once the lease runs out
+                log.warning("delivery_record_failed", member_id=rows[0]["member_id"],
+                            error=repr(exc))  # fmt: skip
+        return len(outcome.delivered) + len(outcome.lapsed) + (outcome.failed is not None)
+
+    async def _post_in_order(
+        self,
+        client: httpx.AsyncClient,
+        rows: list[asyncpg.Record],
+        outcome: _Outcome,
+        post_until: float,
+    ) -> None:
+        """One member's notifications in order, until the first failure or the lease's
+        end (`post_until`, monotonic)."""
+        for r in rows:
+            if _lapsed(r):
+                outcome.lapsed.append(r["notification_id"])
+                continue
+            if time.monotonic() > post_until:
+                return
+            failure = await self._post(client, r)
+            if failure is not None:
+                outcome.failed = (r, failure)
+                return
+            outcome.delivered.append(r["notification_id"])
+
+    async def _record(self, rows: list[asyncpg.Record], outcome: _Outcome) -> None:
+        gave_up = False
+        async with self._pool.acquire() as conn, conn.transaction():
+            if outcome.lapsed:
+                await conn.execute(_SKIPPED, outcome.lapsed)
+            if outcome.delivered:
+                await conn.execute(_DELIVERED, outcome.delivered)
+            if outcome.failed is not None:
+                r, failure = outcome.failed
                 backoff = min(MAX_BACKOFF_S, 2 ** min(r["attempts"] + 1, 9))  # 2, 4, … 300
                 wait = backoff - (time.monotonic() - failure.at)  # from the failed attempt
                 status = await conn.fetchval(_FAILED, r["notification_id"], failure.error,
                                              wait, self._give_up_s)  # fmt: skip
-                if status == "failed":
-                    gave_up += 1
-                    log.warning("notification_given_up", notification_id=r["notification_id"],
-                                member_id=r["member_id"], attempts=r["attempts"] + 1,
-                                error=failure.error)  # fmt: skip
-            DELIVERED.labels("delivered").inc(len(ok))
-            DELIVERED.labels("failed").inc(len(failed) - gave_up)
-            DELIVERED.labels("given_up").inc(gave_up)
-            DELIVERED.labels(_LAPSED).inc(len(lapsed))
-            return len(ok) + len(lapsed) + len(failed)
-
-    async def _post_in_order(
-        self, client: httpx.AsyncClient, rows: list[asyncpg.Record]
-    ) -> tuple[list[str], list[str], tuple[asyncpg.Record, Failure] | None]:
-        """One member's notifications in order: (delivered ids, lapsed ids, the first
-        failure)."""
-        delivered: list[str] = []
-        lapsed: list[str] = []
-        for r in rows:
-            if _lapsed(r):
-                lapsed.append(r["notification_id"])
-                continue
-            failure = await self._post(client, r)
-            if failure is not None:
-                return delivered, lapsed, (r, failure)
-            delivered.append(r["notification_id"])
-        return delivered, lapsed, None
+                gave_up = status == "failed"
+            await conn.execute(_RELEASE, [r["notification_id"] for r in rows])
+        DELIVERED.labels("delivered").inc(len(outcome.delivered))
+        DELIVERED.labels(_LAPSED).inc(len(outcome.lapsed))
+        if outcome.failed is not None:
+            r, failure = outcome.failed
+            DELIVERED.labels("given_up" if gave_up else "failed").inc()
+            if gave_up:
+                log.warning("notification_given_up", notification_id=r["notification_id"],
+                            member_id=r["member_id"], attempts=r["attempts"] + 1,
+                            error=failure.error)  # fmt: skip
 
     async def _post(self, client: httpx.AsyncClient, row: asyncpg.Record) -> Failure | None:
         """None when delivered, else why not. Any failure is this row's own: it must not
@@ -257,37 +337,54 @@ CROSS JOIN LATERAL (
 WHERE h.next_attempt_at > now() AND n.member_id = m.member_id
   AND n.notification_id = ANY($2::text[]) AND n.next_attempt_at < h.next_attempt_at
 """
-# Row `n` goes only while no earlier pending row of its member waits for a retry.
+# Row `n` goes only while no earlier pending row of its member waits for a retry or is
+# leased (in flight).
 _NOTHING_EARLIER_WAITS: Final = """  AND NOT EXISTS (
       SELECT 1 FROM notifications AS e
       WHERE e.member_id = n.member_id AND e.status = 'pending' AND e.seq < n.seq
-        AND e.next_attempt_at > now())
+        AND (e.next_attempt_at > now() OR e.leased_until > now()))
 """
-# The members with due work this round (not locked yet): the first DELIVERY_BATCH of them
-# among the oldest due rows, so that one member's backlog (made due at one time by
-# `_FAILED`) cannot fill a round meant for many members at once. Only rows no earlier one
-# of their member's waits behind, as `_DUE` delivers: `_FAILED` keeps such rows out of the
-# due part of the index, but one recorded while its member's retry was failing (the two
-# transactions apart) can still be there until that member's next attempt.
+# The members with due work (not taken yet): the first DELIVERY_BATCH of them among the
+# oldest due rows, by (next_attempt_at, seq), so that one member's backlog (made due at one
+# time by `_FAILED`) cannot fill a round meant for many members at once. Only rows no
+# earlier one of their member's waits behind, as `_LEASE` takes: `_FAILED` keeps such rows
+# out of the due part of the index, but one recorded while its member's retry was failing
+# (the two transactions apart) can still be there until that member's next attempt. Rows
+# leased to a round in flight, here or in another process, are not due.
 _CANDIDATE_ROWS: Final = 10 * DELIVERY_BATCH  # the most due rows a round reads to pick them
+_FREE: Final = "  AND (n.leased_until IS NULL OR n.leased_until <= now())\n"
 _CANDIDATES: Final = f"""
 SELECT member_id FROM (
-    SELECT n.member_id, n.next_attempt_at FROM notifications AS n
+    SELECT n.member_id, n.next_attempt_at, n.seq FROM notifications AS n
     WHERE n.status = 'pending' AND n.next_attempt_at <= now()
-{_NOTHING_EARLIER_WAITS}    ORDER BY n.next_attempt_at, n.seq LIMIT {_CANDIDATE_ROWS}) AS due
-GROUP BY member_id ORDER BY min(next_attempt_at) LIMIT $1
+{_FREE}{_NOTHING_EARLIER_WAITS}    ORDER BY n.next_attempt_at, n.seq LIMIT {_CANDIDATE_ROWS}) AS due
+GROUP BY member_id ORDER BY min(next_attempt_at), min(seq) LIMIT $1
 """
-# The members no other notifier process is delivering to (held to the transaction's end).
+# The members no other notifier process is taking (held to the end of the taking
+# transaction: from then on their lease keeps them).
 _TAKE_MEMBERS: Final = """
 SELECT m FROM unnest($1::text[]) AS m
 WHERE pg_try_advisory_xact_lock(hashtextextended('notifier:' || m, 0))
 """
-# Their due notifications in order, each only while no earlier one of the member's waits
-# for a retry (read again now that the members are ours).
-_DUE: Final = f"""
-SELECT n.notification_id, n.member_id, n.kind, n.message, n.payload::text AS payload,
-       n.attempts
-FROM notifications AS n
-WHERE n.member_id = ANY($1::text[]) AND n.status = 'pending' AND n.next_attempt_at <= now()
-{_NOTHING_EARLIER_WAITS}ORDER BY n.seq LIMIT $2 FOR UPDATE OF n
+# Their first PER_MEMBER due notifications each, each only while no earlier one of the
+# member's waits for a retry or is leased (read again now that the members are ours),
+# leased for $2 seconds.
+_LEASE: Final = f"""
+WITH due AS (
+    SELECT n.notification_id,
+           row_number() OVER (PARTITION BY n.member_id ORDER BY n.seq) AS nth
+    FROM notifications AS n
+    WHERE n.member_id = ANY($1::text[]) AND n.status = 'pending' AND n.next_attempt_at <= now()
+{_FREE}{_NOTHING_EARLIER_WAITS})
+UPDATE notifications AS n SET leased_until = now() + make_interval(secs => $2)
+FROM due WHERE n.notification_id = due.notification_id AND due.nth <= {PER_MEMBER}
+RETURNING n.notification_id, n.member_id, n.kind, n.message, n.payload::text AS payload,
+          n.attempts, n.seq
 """
+_DELIVERED: Final = """
+UPDATE notifications SET status = 'delivered', delivered_at = clock_timestamp(),
+    attempts = attempts + 1
+WHERE notification_id = ANY($1)
+"""
+_SKIPPED: Final = "UPDATE notifications SET status = 'skipped' WHERE notification_id = ANY($1)"
+_RELEASE: Final = "UPDATE notifications SET leased_until = NULL WHERE notification_id = ANY($1)"

@@ -1,6 +1,8 @@
-"""Webhook delivery's turns (services/notifier/delivery.py): a receiver that never
-finishes its answer is cut off at the post's deadline; a retry's back-off counts from the
-failed attempt."""
+"""Webhook delivery's turns (services/notifier/delivery.py): a receiver that is slow, or
+never finishes its answer, holds up only its own member, never the others' notifications
+nor a database transaction; a member's backlog takes one turn of a round, not the round;
+a retry's back-off counts from the failed attempt; and two notifier processes still post
+each member's notifications one at a time, in order."""
 
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from services.common.config import Settings
+from services.notifier import delivery
 from services.notifier.app import make_handler
-from services.notifier.delivery import POST_TIMEOUT_S, Deliverer
+from services.notifier.delivery import PER_MEMBER, POST_TIMEOUT_S, Deliverer
 from tests.integration import direct
 from tests.integration.direct import consumer_of, migrated_pool, webhook
 
@@ -117,10 +120,88 @@ async def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_posts_deadl
     async with httpx.AsyncClient(timeout=10.0) as client:
         async with asyncio.timeout(POST_TIMEOUT_S + 5):
             assert await Deliverer(pool, url, "s").deliver_once(client) == 1
-    row = await pool.fetchrow("SELECT status, attempts, last_error"
+    row = await pool.fetchrow("SELECT status, attempts, last_error, leased_until"
                               " FROM notifications WHERE notification_id = 't-1'")  # fmt: skip
-    assert (row["status"], row["attempts"]) == ("pending", 1)
+    assert (row["status"], row["attempts"], row["leased_until"]) == ("pending", 1, None)
     assert row["last_error"].startswith("timeout")
+
+
+async def test_other_members_go_on_while_one_receivers_answer_is_slow(env: Any) -> None:
+    # A round ended with its slowest post, and held one transaction across all its posts:
+    # every other member's new notification waited for that one receiver.
+    pool, consumer, rec, url = env
+    rec.slow["m-slow"] = 4.0
+    deliverer = Deliverer(pool, url, "s")
+    task = asyncio.create_task(deliverer.run())
+    await record(consumer, earned("slow-1", "m-slow"))
+    deliverer.wake()
+    recorded: dict[str, float] = {}
+    try:
+        for i in range(4):
+            await asyncio.sleep(0.5)
+            await record(consumer, earned(f"q-{i}", f"m-q{i}"))
+            recorded[f"q-{i}"] = time.time()
+            deliverer.wake()
+        await asyncio.sleep(0.5)
+        assert rec.ids("slow-") == []  # still being posted
+        assert await open_transactions(pool) == 0
+    finally:
+        await stop(task)
+    late = {nid: round(at - recorded[nid], 1) for nid, at in rec.accepted if nid in recorded}
+    assert sorted(late) == sorted(recorded)
+    assert max(late.values()) < 1.0, late
+    # Stopped midway, it lets its member go at once, for another process to take.
+    row = await pool.fetchrow("SELECT status, leased_until FROM notifications"
+                              " WHERE notification_id = 'slow-1'")  # fmt: skip
+    assert tuple(row) == ("pending", None)
+
+
+async def test_a_member_is_posted_to_only_while_the_lease_lasts_then_let_go(
+    env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past its lease another process may take the member: no post of it may start that
+    # could end, or be recorded, after the lease (here it leaves half a second to post).
+    pool, consumer, rec, url = env
+    monkeypatch.setattr(delivery, "LEASE_S", delivery.POST_TIMEOUT_S + delivery.RECORD_S + 0.5)
+    rec.slow["m-l"] = 0.6
+    await record(consumer, *(earned(f"l-{i}", "m-l", i + 1) for i in range(3)))
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        assert await Deliverer(pool, url, "s").deliver_once(client) == 1
+    assert rec.ids() == ["l-0"]
+    rows = await pool.fetch("SELECT status, attempts, leased_until FROM notifications"
+                            " ORDER BY seq")  # fmt: skip
+    assert [tuple(r) for r in rows] == [("delivered", 1, None), *[("pending", 0, None)] * 2]
+
+
+async def test_a_members_backlog_takes_one_turn_of_a_round(env: Any) -> None:
+    # The round took its 50 rows in `seq` order: a member 50 behind (the notifier caught up
+    # after lag) filled it, and every other member waited a round per 50 of theirs.
+    pool, consumer, rec, url = env
+    await record(consumer, *(earned(f"big-{i:03}", "m-big", i + 1) for i in range(50)))
+    await record(consumer, *(earned(f"x-{i:02}", f"m-x{i}") for i in range(20)))
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        assert await Deliverer(pool, url, "s").deliver_once(client) == 20 + PER_MEMBER
+    assert sorted(rec.ids("x-")) == [f"x-{i:02}" for i in range(20)]
+    assert rec.ids("big-") == [f"big-{i:03}" for i in range(PER_MEMBER)]
+
+
+async def test_a_backlog_behind_a_retry_does_not_take_the_turn_of_members_due_before_it(
+    env: Any,
+) -> None:
+    pool, consumer, rec, url = env
+    await record(consumer, *(earned(f"a-{i:03}", "m-a", i + 1) for i in range(60)))
+    rec.refuse.add("a-000")
+    deliverer = Deliverer(pool, url, "s")
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        await deliverer.deliver_once(client)  # a-000 refused: the other 59 wait behind it
+        rec.refuse.clear()
+        await record(consumer, *(earned(f"o-{i}", f"m-o{i}") for i in range(10)))
+        # Its back-off over (what time passing would do): the member and the others due.
+        await pool.execute("UPDATE notifications SET next_attempt_at = now()"
+                           " WHERE member_id = 'm-a'")  # fmt: skip
+        await deliverer.deliver_once(client)
+    assert sorted(rec.ids("o-")) == [f"o-{i}" for i in range(10)]
+    assert rec.ids("a-") == [f"a-{i:03}" for i in range(PER_MEMBER)]
 
 
 async def test_a_retry_is_due_its_back_off_after_the_failed_attempt_not_after_the_round(
@@ -137,3 +218,34 @@ async def test_a_retry_is_due_its_back_off_after_the_failed_attempt_not_after_th
     due = await pool.fetchval("SELECT extract(epoch FROM next_attempt_at) FROM notifications"
                               " WHERE notification_id = 'r-fast'")  # fmt: skip
     assert 1.5 < float(due) - rec.refused_at["r-fast"] < 2.5  # the first back-off, 2 s
+
+
+async def test_two_processes_post_each_members_notifications_one_at_a_time_in_order(
+    env: Any,
+) -> None:
+    pool, consumer, rec, url = env
+    rec.flaky = random.Random(7)
+    for m in range(12):
+        rec.slow[f"m-{m:02}"] = 0.02
+    events = [earned(f"o-{m:02}-{k:02}", f"m-{m:02}", k + 1) for k in range(12) for m in range(12)]
+    for i in range(0, len(events), 37):
+        await record(consumer, *events[i : i + 37])
+    deliverers = [Deliverer(pool, url, "s"), Deliverer(pool, url, "s")]
+    tasks = [asyncio.create_task(d.run()) for d in deliverers]
+    try:
+        async with asyncio.timeout(15):
+            while await pool.fetchval("SELECT count(*) FROM notifications"
+                                      " WHERE status = 'pending'"):  # fmt: skip
+                await asyncio.sleep(0.2)
+                # Back-offs over (what time passing would do).
+                await pool.execute(DUE_NOW)
+                for d in deliverers:
+                    d.wake()
+    finally:
+        for t in tasks:
+            await stop(t)
+    assert rec.overlaps == []
+    assert sorted(set(rec.ids())) == sorted(e["event_id"] for e in events)
+    for m in range(12):
+        mine = rec.ids(f"o-{m:02}-")
+        assert mine == sorted(set(mine)), mine  # in order, none twice
