@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -39,12 +39,13 @@ EXIT_CODES = (
 
 @dataclass
 class Batch:
-    events: list[tuple[bytes, bytes]] = field(default_factory=list)  # (key, value)
+    events: list[tuple[int, bytes, bytes]] = field(default_factory=list)  # (line, key, value)
     refused: list[str] = field(default_factory=list)
 
 
 def read_events(lines: list[str]) -> Batch:
-    """The events to send (member_id key, the line as given) and the refused lines."""
+    """The events to send (line number, member_id key, the line as given) and the refused
+    lines."""
     batch = Batch()
     for number, line in enumerate(lines, start=1):
         text = line.strip()
@@ -55,7 +56,7 @@ def read_events(lines: list[str]) -> Batch:
         except ValidationError as exc:
             batch.refused.append(f"line {number}: {classify(exc)[1]}")
             continue
-        batch.events.append((event.member_id.encode(), text.encode()))
+        batch.events.append((number, event.member_id.encode(), text.encode()))
     return batch
 
 
@@ -74,21 +75,36 @@ def refused_topic(topic: str) -> str | None:
     )
 
 
+def _refused(problem: str) -> None:
+    err.print(f"[red]refused[/red] {escape(problem)}", highlight=False, markup=True, soft_wrap=True)
+
+
 class UnknownTopic(Exception):
     pass
 
 
-async def send(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]]) -> None:
-    """Sends to an existing topic only (`missing_topics`)."""
+async def send(
+    bootstrap: str, topic: str, events: list[tuple[int, bytes, bytes]]
+) -> dict[int, str]:
+    """Sends to an existing topic only (`missing_topics`); returns the lines the producer
+    refused, with why. A valid line can be too big (items are not capped): raised from the
+    loop, it stopped the lines after it while those before went out."""
     if await missing_topics(bootstrap, {topic}):
         raise UnknownTopic(topic)
+    refused: dict[int, str] = {}
     producer = make_producer(bootstrap)
     try:
         await producer.start()
-        pending = [await producer.send(topic, value, key=key) for key, value in events]
+        pending = []
+        for number, key, value in events:
+            try:
+                pending.append(await producer.send(topic, value, key=key))
+            except MessageSizeTooLargeError:  # over the producer's max_request_size
+                refused[number] = f"too big to send ({len(value)} bytes)"
         await asyncio.gather(*pending)
     finally:
         await producer.stop()  # also after a failed start: no "Unclosed" warning
+    return refused
 
 
 @app.command("publish", epilog=EXIT_CODES)
@@ -107,9 +123,7 @@ def publish_cmd(
         raise fail(f"{file}: {exc}") from exc
     batch = read_events(lines)
     for problem in batch.refused:
-        err.print(
-            f"[red]refused[/red] {escape(problem)}", highlight=False, markup=True, soft_wrap=True
-        )
+        _refused(problem)
     target = topic_name(topic, settings.topics.prefix)
     why = refused_topic(target)
     if why is not None:
@@ -117,7 +131,7 @@ def publish_cmd(
     if batch.events and not dry_run:
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the error below says it
         try:
-            asyncio.run(send(settings.bootstrap_servers, target, batch.events))
+            too_big = asyncio.run(send(settings.bootstrap_servers, target, batch.events))
         except UnknownTopic:
             raise fail(
                 f"broker: {settings.bootstrap_servers} has no topic {target}; nothing sent"
@@ -125,6 +139,10 @@ def publish_cmd(
             ) from None
         except (KafkaError, OSError) as exc:
             raise fail(f"broker: {settings.bootstrap_servers}: {exc}") from exc
+        for number, why_not in too_big.items():
+            batch.refused.append(f"line {number}: {why_not}")
+            _refused(batch.refused[-1])
+        batch.events = [e for e in batch.events if e[0] not in too_big]
     verb = "would send" if dry_run else "sent"
     refused = f"; {len(batch.refused)} line(s) refused" if batch.refused else ""
     out.print(f"{verb} {len(batch.events)} event(s) to {target}{refused}", highlight=False)

@@ -90,3 +90,30 @@ async def test_a_file_of_events_is_sent_keyed_by_member_and_paid(
     assert typo.returncode == 2, typo.stdout + typo.stderr
     assert "nope.loyalty.activity.v1; nothing sent" in " ".join(typo.stderr.split())
     assert len(await stack.read_topic(stack.topics.activity, expect=3)) == 3
+
+
+async def test_a_line_too_big_for_the_producer_is_refused_and_the_lines_after_it_sent(
+    stack: Stack, tmp_path: Path
+) -> None:
+    big = purchase("m-big-2", "100.00", NOW - timedelta(minutes=5))
+    big["data"]["items"] = [{"project_code": "p", "category": "c", "amount": "0.01"}] * 25_000
+    events = [purchase("m-big-1", "100.00", NOW - timedelta(minutes=5)), big,
+              purchase("m-big-3", "100.00", NOW - timedelta(minutes=5))]  # fmt: skip
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
+
+    ran = await asyncio.to_thread(
+        subprocess.run,
+        [LEDGERCTL, "events", "publish", str(path)],
+        cwd=ROOT,
+        env={**stack.env("ctl"), "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    size = len(json.dumps(big))
+    assert f"refused line 2: too big to send ({size} bytes)" in ran.stderr
+    assert f"sent 2 event(s) to {stack.topics.activity}; 1 line(s) refused" in ran.stdout
+    records = await stack.read_topic(stack.topics.activity, expect=2)
+    assert sorted(r.key for r in records) == [b"m-big-1", b"m-big-3"]

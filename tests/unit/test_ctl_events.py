@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
+from aiokafka.errors import MessageSizeTooLargeError
+from click.testing import Result
+from typer.testing import CliRunner
+
+from services.ctl import events_cmds
 from services.ctl.events_cmds import read_events, topic_name
 from tests.integration.events import purchase
 from tests.unit.test_ctl_errors import run
@@ -18,7 +25,7 @@ def test_valid_lines_are_keyed_by_member_and_bad_ones_named_by_line_number() -> 
     other = json.dumps(purchase("m-2", "100.00", AT))
     negative = json.dumps(purchase("m-3", "-5", AT))
     batch = read_events([good, "{not json", "", negative, other])
-    assert batch.events == [(b"m-1", good.encode()), (b"m-2", other.encode())]
+    assert batch.events == [(1, b"m-1", good.encode()), (5, b"m-2", other.encode())]
     assert [p.split(":")[0] for p in batch.refused] == ["line 2", "line 4"]
     assert "malformed JSON" in batch.refused[0]
     assert "schema violation" in batch.refused[1]
@@ -50,3 +57,62 @@ def test_dry_run_validates_only(tmp_path: Path) -> None:
     assert ran.returncode == 1
     assert "would send 1 event(s) to loyalty.activity.v1; 1 line(s) refused" in ran.stdout
     assert "refused line 2: malformed JSON" in ran.stderr
+
+
+class FakeProducer:
+    """Refuses a record over `max_request_size` in `send`, as aiokafka's producer does."""
+
+    def __init__(self, sent: list[tuple[str, bytes, bytes]], max_request_size: int) -> None:
+        self.sent, self.max_request_size = sent, max_request_size
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[None]:
+        if len(value) > self.max_request_size:
+            raise MessageSizeTooLargeError("larger than the maximum request size")
+        self.sent.append((topic, key, value))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+def publish(
+    monkeypatch: pytest.MonkeyPatch, path: Path, *args: str, topics: set[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[Result, list[tuple[str, bytes, bytes]]]:  # fmt: skip
+    """The command in this process, against a broker of `topics` (by default the activity
+    topic under the prefix in `env`) whose producer takes records up to 10 KB."""
+    sent: list[tuple[str, bytes, bytes]] = []
+    prefix = (env or {}).get("LOYALTY_TOPIC_PREFIX", "")
+    have = {prefix + "loyalty.activity.v1"} if topics is None else topics
+
+    async def missing_topics(bootstrap: str, wanted: set[str]) -> set[str]:
+        return wanted - have
+
+    monkeypatch.setattr(events_cmds, "missing_topics", missing_topics)
+    monkeypatch.setattr(events_cmds, "make_producer", lambda b: FakeProducer(sent, 10_000))
+    from services.ctl.cli import app
+
+    env = {"COLUMNS": "200", "LOYALTY_TOPIC_PREFIX": "", **(env or {})}
+    ran = CliRunner().invoke(app, ["events", "publish", str(path), *args], env=env)
+    return ran, sent
+
+
+def test_a_line_too_big_to_send_is_refused_by_number_and_the_others_sent(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    big = purchase("m-2", "100.00", AT)
+    big["data"]["items"] = [{"project_code": "p", "category": "c", "amount": "0.01"}] * 250
+    lines = [json.dumps(purchase("m-1", "300.00", AT)), json.dumps(big),
+             json.dumps(purchase("m-3", "100.00", AT))]  # fmt: skip
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    ran, sent = publish(monkeypatch, path)
+    assert ran.exit_code == 1, ran.output
+    assert [key for _topic, key, _value in sent] == [b"m-1", b"m-3"]
+    assert f"refused line 2: too big to send ({len(lines[1])} bytes)" in ran.stderr
+    assert ran.stdout.strip() == "sent 2 event(s) to loyalty.activity.v1; 1 line(s) refused"
