@@ -66,8 +66,10 @@ def topic_name(given: str, prefix: str) -> str:
 
 def refused_topic(topic: str) -> str | None:
     """Why `topic` cannot take activity events, or None. The lines are checked as activity
-    events, so sending them anywhere else (the grants topic, a typo) is refused."""
-    if topic == ACTIVITY_TOPIC or topic.endswith(f".{ACTIVITY_TOPIC}"):
+    events, so sending them anywhere else (the grants topic, a typo) is refused. The
+    services prepend $LOYALTY_TOPIC_PREFIX as it is ("t1." or "stg-"), so the configured
+    activity topic is any name ending in the contract's."""
+    if topic.endswith(ACTIVITY_TOPIC):
         return None
     return (
         f"--topic {topic}: this sends activity events, to {ACTIVITY_TOPIC}"

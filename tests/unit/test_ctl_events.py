@@ -13,7 +13,7 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from services.ctl import events_cmds
-from services.ctl.events_cmds import read_events, topic_name
+from services.ctl.events_cmds import read_events, refused_topic, topic_name
 from tests.integration.events import purchase
 from tests.unit.test_ctl_errors import run
 
@@ -116,3 +116,15 @@ def test_a_line_too_big_to_send_is_refused_by_number_and_the_others_sent(
     assert [key for _topic, key, _value in sent] == [b"m-1", b"m-3"]
     assert f"refused line 2: too big to send ({len(lines[1])} bytes)" in ran.stderr
     assert ran.stdout.strip() == "sent 2 event(s) to loyalty.activity.v1; 1 line(s) refused"
+
+
+def test_a_prefix_without_a_dot_names_the_activity_topic_the_services_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps(purchase("m-1", "300.00", AT)) + "\n", encoding="utf-8")
+    ran, sent = publish(monkeypatch, path, env={"LOYALTY_TOPIC_PREFIX": "stg-"})
+    assert ran.exit_code == 0, ran.output
+    assert [topic for topic, _key, _value in sent] == ["stg-loyalty.activity.v1"]
+    assert refused_topic("stg-loyalty.activity.v1") is None
+    assert refused_topic("stg-loyalty.grants.v1") is not None
