@@ -14,8 +14,11 @@ from typing import Any, Final, TypeVar
 
 import asyncpg
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
+
+from services.common.dlq import Refused, classify
 
 T = TypeVar("T")
 err = Console(stderr=True)
@@ -29,6 +32,13 @@ def exit_codes(ok: str = "done", one: str | None = None) -> str:
     """The epilog of each command's --help."""
     codes = [f"0 {ok}", *([f"1 {one}"] if one else []), f"2 {TWO}"]
     return "Exit codes: " + "; ".join(codes) + "."
+
+
+def refusal(exc: ValidationError | Refused) -> str:
+    """Why a consumer would dead-letter a message: a model's reason names its kind
+    ("schema violation: ..."), a refusal's needs its label ("dated_ahead: ...")."""
+    label, reason = classify(exc)
+    return f"{label}: {reason}" if isinstance(exc, Refused) else reason
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

@@ -39,9 +39,18 @@ from schemas.activity import ACTIVITY_TOPIC, parse_activity
 from schemas.grants import GRANTS_TOPIC, TierEvaluated, parse_grant
 from schemas.ledger import LEDGER_TOPIC, parse_ledger_event
 from services.common.config import load_settings
-from services.common.dlq import classify
+from services.common.dlq import Refused
 from services.common.outbox import make_producer
-from services.ctl.common import TWO, err, exit_codes, fail, missing_topics, with_connection
+from services.ctl.common import (
+    TWO,
+    err,
+    exit_codes,
+    fail,
+    missing_topics,
+    refusal,
+    with_connection,
+)
+from services.rules.dated_ahead import refuse_dated_ahead
 
 app = typer.Typer(
     help="Dead letters: messages a service could not use; list them, replay them.",
@@ -184,8 +193,9 @@ PARSERS: Final[tuple[tuple[str, Callable[[bytes], Any]], ...]] = (
 )
 REPLAY_CODES: Final = (
     "The letters `dlq list` shows with the same options, or those --id names, each checked"
-    " with its consumer's model (activity, grant, ledger event) and sent keyed by its"
-    " member_id; one that still fails is reported and not sent (unless --force). Consumers"
+    " with its consumer's model (activity, grant, ledger event; activity dated more than"
+    " ACTIVITY_MAX_AHEAD_SECONDS after now is dated_ahead) and sent keyed by its member_id;"
+    " one that still fails is reported and not sent (unless --force). Consumers"
     " dedupe on event ids: a letter replayed twice counts once. Exit codes: 0 every"
     " selected letter sent; 1 some still bad or skipped (each reported with its id and"
     f" why), the others sent; 2 {TWO}, or the broker's ('error: broker: ...')."
@@ -230,16 +240,19 @@ def member_of(raw: bytes) -> str | None:
     return member if isinstance(member, str) and member else None
 
 
-def judge(letter: Letter, force: bool = False) -> Verdict:
-    """Validate `letter` with its consumer's model: a message it would dead-letter again
-    is not sent unless forced (a consumer newer than this command may take it)."""
+def judge(letter: Letter, force: bool = False, *, now: datetime, max_ahead_s: int) -> Verdict:
+    """Validate `letter` with its consumer's model, and activity's date against `now`, when
+    the broker would receive it: a message its consumer would dead-letter again is not sent
+    unless forced (a consumer newer than this command may take it)."""
     parse = parser_for(letter.topic)
     if parse is None:
         return Verdict(letter, skipped=f"no service reads {letter.topic}")
     try:
         event = parse(letter.original)
-    except ValidationError as exc:
-        reason = classify(exc)[1]
+        if parse is parse_activity:
+            refuse_dated_ahead(event.occurred_at, now, max_ahead_s, "now")
+    except (ValidationError, Refused) as exc:
+        reason = refusal(exc)
         if not force:
             return Verdict(letter, still_bad=reason)
         member = member_of(letter.original)
@@ -325,7 +338,7 @@ def replay_cmd(
         typer.Option(min=1, help="at most this many, the newest (50 with --consumer/--since)"),
     ] = None,
     force: Annotated[
-        bool, typer.Option(help="send letters that still fail their consumer's model too")
+        bool, typer.Option(help="send letters their consumer would still refuse too")
     ] = False,
     dry_run: Annotated[bool, typer.Option(help="validate and show only; send nothing")] = False,
 ) -> None:
@@ -348,7 +361,8 @@ def replay_cmd(
     letters = [
         Letter(r["dlq_id"], r["topic"], bytes(r["original"])) for r in send_order(rows[:most])
     ]
-    verdicts = [judge(x, force) for x in letters]
+    now, ahead = datetime.now(UTC), settings.activity_max_ahead_seconds
+    verdicts = [judge(x, force, now=now, max_ahead_s=ahead) for x in letters]
     found = {x.dlq_id for x in letters}
     skipped = [(i, "no such dead letter") for i in dict.fromkeys(ids or []) if i not in found]
     skipped += [(v.letter.dlq_id, v.skipped) for v in verdicts if v.skipped is not None]

@@ -1,11 +1,11 @@
 """`ledgerctl events ...`: send activity events to the broker, for ops and demos.
 
 Each line of a JSON-lines file is one activity event of the contract (schemas/activity.py),
-validated before it is sent: a line that would be dead-lettered is reported with its line
-number and not sent; the others are. Events are keyed by member_id, as upstream systems
-and the services' own producers key them, so one member's events stay in order on one
-partition. The broker is $KAFKA_BOOTSTRAP_SERVERS and topics get $LOYALTY_TOPIC_PREFIX,
-as for the services.
+validated before it is sent: a line that would be dead-lettered (by the model, or as dated
+too far ahead of now) is reported with its line number and not sent; the others are.
+Events are keyed by member_id, as upstream systems and the services' own producers key
+them, so one member's events stay in order on one partition. The broker is
+$KAFKA_BOOTSTRAP_SERVERS and topics get $LOYALTY_TOPIC_PREFIX, as for the services.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -24,9 +25,10 @@ from rich.markup import escape
 
 from schemas.activity import ACTIVITY_TOPIC, parse_activity
 from services.common.config import load_settings
-from services.common.dlq import classify
+from services.common.dlq import Refused
 from services.common.outbox import make_producer
-from services.ctl.common import err, fail, missing_topics
+from services.ctl.common import err, fail, missing_topics, refusal
+from services.rules.dated_ahead import refuse_dated_ahead
 
 app = typer.Typer(help="Activity events: send a file of them to the broker.", no_args_is_help=True)
 out = Console()
@@ -43,9 +45,10 @@ class Batch:
     refused: list[str] = field(default_factory=list)
 
 
-def read_events(lines: list[str]) -> Batch:
+def read_events(lines: list[str], now: datetime, max_ahead_s: int) -> Batch:
     """The events to send (line number, member_id key, the line as given) and the refused
-    lines."""
+    lines. Sent at `now`, the broker receives them then: the rules service judges their
+    dates against that."""
     batch = Batch()
     for number, line in enumerate(lines, start=1):
         text = line.strip()
@@ -53,8 +56,9 @@ def read_events(lines: list[str]) -> Batch:
             continue
         try:
             event = parse_activity(text)
-        except ValidationError as exc:
-            batch.refused.append(f"line {number}: {classify(exc)[1]}")
+            refuse_dated_ahead(event.occurred_at, now, max_ahead_s, "now")
+        except (ValidationError, Refused) as exc:
+            batch.refused.append(f"line {number}: {refusal(exc)}")
             continue
         batch.events.append((number, event.member_id.encode(), text.encode()))
     return batch
@@ -123,7 +127,7 @@ def publish_cmd(
         lines = file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise fail(f"{file}: {exc}") from exc
-    batch = read_events(lines)
+    batch = read_events(lines, datetime.now(UTC), settings.activity_max_ahead_seconds)
     for problem in batch.refused:
         _refused(problem)
     target = topic_name(topic, settings.topics.prefix)

@@ -25,11 +25,11 @@ from schemas.activity import Activity, parse_activity
 from schemas.grants import GrantEvent
 from services.common.config import Settings, load_settings
 from services.common.consumer import BatchConsumer, BatchWork, register_lag, validate_records
-from services.common.dlq import Refused
 from services.common.outbox import OutboxRelay, OutboxRow, make_producer
 from services.common.planner_stats import keep_planner_stats
 from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
 from services.rules import referral_chain as chain
+from services.rules.dated_ahead import refuse_dated_ahead
 from services.rules.emit import grant_json
 from services.rules.engine import HeldEvent, due_after, evaluate
 from services.rules.rulebook_store import book_stamp, load_book
@@ -125,23 +125,13 @@ class RulesProcessor:
                 log.exception("rulebook_reload_failed")
 
     def _dated_ahead(self, record: ConsumerRecord, event: Activity) -> None:
-        """Refuses activity dated far after the broker received it (a year typed wrong, a
-        till's clock a year ahead): the rules forget what lies a year behind a member's
-        latest event, so one such event would drop their orders, day counters and business
-        ids, and every event of the present would then earn as if a year old. Judged by
-        the record's own timestamp, so a replay refuses the same events."""
-        limit = self.settings.activity_max_ahead_seconds
-        if limit <= 0 or record.timestamp is None or record.timestamp <= 0:
+        """`refuse_dated_ahead`, judged by the record's own timestamp, so a replay of the
+        topic refuses the same events."""
+        if record.timestamp is None or record.timestamp <= 0:
             return
         received = datetime.fromtimestamp(record.timestamp / 1000, UTC)
-        ahead = (event.occurred_at - received).total_seconds()
-        if ahead > limit:
-            raise Refused(
-                "dated_ahead",
-                f"occurred_at {event.occurred_at.isoformat()} is {ahead / 3600:.1f} h after"
-                f" the broker received it ({received.isoformat()}); at most"
-                f" {limit / 3600:g} h is taken (ACTIVITY_MAX_AHEAD_SECONDS)",
-            )
+        limit = self.settings.activity_max_ahead_seconds
+        refuse_dated_ahead(event.occurred_at, received, limit, "the broker received it")
 
     async def handle(
         self, conn: asyncpg.Connection, records: Sequence[ConsumerRecord], work: BatchWork

@@ -149,3 +149,20 @@ async def test_a_grant_dead_lettered_for_a_ledger_bug_is_replayed_and_paid_once(
     # The two originals, two replays of the good one and the later grant: nothing else.
     consumed = "SELECT sum(next_offset) FROM consumer_offsets WHERE topic = $1"
     assert await stack.scalar(consumed, stack.topics.grants) == 5
+
+
+async def test_activity_dated_ahead_is_still_bad_and_not_replayed(stack: Stack) -> None:
+    """The rules service dead-letters activity dated more than ACTIVITY_MAX_AHEAD_SECONDS
+    after the broker received it; replayed now, it would be dead-lettered again."""
+    ahead = purchase("m-ahead", "700.00", datetime.now(CST) + timedelta(days=3))
+    await stack.produce([ahead])
+    await wait_until(
+        lambda: stack.scalar("SELECT count(*) = 1 FROM dead_letters"), what="dated_ahead letter"
+    )
+    dlq_id = await stack.scalar("SELECT dlq_id FROM dead_letters")
+
+    replay = await dlq(stack, "--id", dlq_id, command="replay")
+    assert replay.code == 1, replay.stdout + replay.stderr
+    assert f"still bad {dlq_id}: dated_ahead: occurred_at" in replay.stderr
+    assert replay.stdout.splitlines()[-1] == "sent 0, still bad 1, skipped 0"
+    assert len(await stack.read_topic(stack.topics.activity, expect=1)) == 1  # the original only

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,6 +28,8 @@ from services.ctl.dlq_cmds import (
 from tests.integration.events import purchase
 
 NOW = datetime(2026, 11, 20, 12, tzinfo=UTC)
+DAY = 86_400
+_judge = functools.partial(judge, now=NOW, max_ahead_s=DAY)
 
 
 @pytest.mark.parametrize(
@@ -99,12 +102,12 @@ GRANTS, ACTIVITY, LEDGER = "t1.loyalty.grants.v1", "t1.loyalty.activity.v1", "lo
 def test_a_letter_its_consumer_now_takes_is_sent_keyed_by_its_member(
     topic: str, original: bytes, key: bytes
 ) -> None:
-    assert judge(Letter("d-1", topic, original)) == Verdict(Letter("d-1", topic, original), key)
+    assert _judge(Letter("d-1", topic, original)) == Verdict(Letter("d-1", topic, original), key)
 
 
 def test_a_letter_checked_by_the_wrong_topics_model_is_still_bad() -> None:
     """The model is its source topic's: a grant on the activity topic is refused there."""
-    verdict = judge(Letter("d-1", ACTIVITY, _grant()))
+    verdict = _judge(Letter("d-1", ACTIVITY, _grant()))
     assert verdict.key is None
     assert verdict.still_bad is not None
     assert "unknown event type" in verdict.still_bad
@@ -119,19 +122,19 @@ def test_a_letter_checked_by_the_wrong_topics_model_is_still_bad() -> None:
     ],
 )
 def test_a_letter_that_still_fails_is_not_sent_and_says_why(original: bytes, says: str) -> None:
-    verdict = judge(Letter("d-1", GRANTS, original))
+    verdict = _judge(Letter("d-1", GRANTS, original))
     assert (verdict.key, verdict.skipped) == (None, None)
     assert verdict.still_bad is not None
     assert verdict.still_bad.startswith(says)
 
 
 def test_force_sends_a_still_bad_letter_that_names_its_member_only() -> None:
-    forced = judge(Letter("d-1", GRANTS, _grant("m-7", points=-5)), force=True)
+    forced = _judge(Letter("d-1", GRANTS, _grant("m-7", points=-5)), force=True)
     assert forced.key == b"m-7"
     assert forced.forced
     assert forced.still_bad is not None
     assert "data.points" in forced.still_bad
-    keyless = judge(Letter("d-2", GRANTS, b"{not json"), force=True)
+    keyless = _judge(Letter("d-2", GRANTS, b"{not json"), force=True)
     assert keyless.key is None
     assert keyless.skipped is not None
     assert keyless.skipped.startswith("no member_id to key it by")
@@ -140,12 +143,29 @@ def test_force_sends_a_still_bad_letter_that_names_its_member_only() -> None:
 def test_a_tier_report_is_skipped_unless_forced_and_a_topic_nobody_reads_always() -> None:
     """A tier report re-sent late would become the member's tier over newer ones."""
     tier = Letter("d-1", GRANTS, _tier_report())
-    assert judge(tier).key is None
-    assert "tier report" in (judge(tier).skipped or "")
-    assert judge(tier, force=True).key == b"m-2"
-    dlq = judge(Letter("d-2", "t1.loyalty.dlq.v1", _grant()), force=True)
+    assert _judge(tier).key is None
+    assert "tier report" in (_judge(tier).skipped or "")
+    assert _judge(tier, force=True).key == b"m-2"
+    dlq = _judge(Letter("d-2", "t1.loyalty.dlq.v1", _grant()), force=True)
     assert dlq.key is None
     assert dlq.skipped == "no service reads t1.loyalty.dlq.v1"
+
+
+def test_activity_dated_ahead_of_now_is_still_bad_as_the_rules_service_would_refuse_it() -> None:
+    """The rules service dead-letters activity dated more than ACTIVITY_MAX_AHEAD_SECONDS
+    after the broker received it; sent now, it is received now."""
+    ahead = Letter(
+        "d-1", ACTIVITY, json.dumps(purchase("m-5", "700", NOW + timedelta(days=3))).encode()
+    )
+    verdict = _judge(ahead)
+    assert (verdict.key, verdict.skipped) == (None, None)
+    assert (verdict.still_bad or "").startswith("dated_ahead: occurred_at ")
+    assert "72.0 h after now" in (verdict.still_bad or "")
+    forced = _judge(ahead, force=True)
+    assert (forced.key, forced.forced) == (b"m-5", True)
+    within = json.dumps(purchase("m-5", "700", NOW + timedelta(hours=23))).encode()
+    assert _judge(Letter("d-2", ACTIVITY, within)).key == b"m-5"
+    assert judge(ahead, now=NOW, max_ahead_s=0).key == b"m-5"  # 0: no limit, as for the service
 
 
 def test_letters_are_named_or_filtered_never_neither_nor_both() -> None:

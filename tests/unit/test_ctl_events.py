@@ -18,13 +18,14 @@ from tests.integration.events import purchase
 from tests.unit.test_ctl_errors import run
 
 AT = datetime(2026, 11, 20, 10, tzinfo=timezone(timedelta(hours=8)))
+DAY = 86_400
 
 
 def test_valid_lines_are_keyed_by_member_and_bad_ones_named_by_line_number() -> None:
     good = json.dumps(purchase("m-1", "300.00", AT))
     other = json.dumps(purchase("m-2", "100.00", AT))
     negative = json.dumps(purchase("m-3", "-5", AT))
-    batch = read_events([good, "{not json", "", negative, other])
+    batch = read_events([good, "{not json", "", negative, other], AT, DAY)
     assert batch.events == [(1, b"m-1", good.encode()), (5, b"m-2", other.encode())]
     assert [p.split(":")[0] for p in batch.refused] == ["line 2", "line 4"]
     assert "malformed JSON" in batch.refused[0]
@@ -128,3 +129,24 @@ def test_a_prefix_without_a_dot_names_the_activity_topic_the_services_read(
     assert [topic for topic, _key, _value in sent] == ["stg-loyalty.activity.v1"]
     assert refused_topic("stg-loyalty.activity.v1") is None
     assert refused_topic("stg-loyalty.grants.v1") is not None
+
+
+def test_a_line_dated_ahead_of_now_is_refused_as_the_rules_service_would_dead_letter_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    within = json.dumps(purchase("m-1", "300.00", AT + timedelta(hours=23)))
+    ahead = json.dumps(purchase("m-2", "700.00", AT + timedelta(days=3)))
+    batch = read_events([within, ahead], AT, DAY)
+    assert [key for _line, key, _value in batch.events] == [b"m-1"]
+    assert batch.refused[0].startswith("line 2: dated_ahead: occurred_at "), batch.refused
+    assert "72.0 h after now" in batch.refused[0]
+    assert read_events([ahead], AT, 0).refused == []  # ACTIVITY_MAX_AHEAD_SECONDS=0: no limit
+
+    path = tmp_path / "events.jsonl"
+    now = datetime.now(AT.tzinfo)
+    lines = [purchase("m-1", "300.00", now), purchase("m-2", "700.00", now + timedelta(days=3))]
+    path.write_text("".join(json.dumps(e) + "\n" for e in lines), encoding="utf-8")
+    ran, sent = publish(monkeypatch, path)
+    assert ran.exit_code == 1, ran.output
+    assert [key for _topic, key, _value in sent] == [b"m-1"]
+    assert "refused line 2: dated_ahead: " in ran.stderr
