@@ -34,8 +34,9 @@ app = typer.Typer(help="Activity events: send a file of them to the broker.", no
 out = Console()
 EXIT_CODES = (
     "Exit codes: 0 every event sent; 1 some lines refused (reported with their line"
-    " numbers), the others sent; 2 nothing sent: the file is unreadable or the broker"
-    " unreachable ('error: broker: ...')."
+    " numbers), the others sent; 2 nothing sent: the file is unreadable, the topic not an"
+    " activity topic or missing, or the broker unreachable ('error: broker: ...'); a dry"
+    " run exits the same."
 )
 
 
@@ -92,11 +93,14 @@ class UnknownTopic(Exception):
 async def send(
     bootstrap: str, topic: str, events: list[tuple[int, bytes, bytes]]
 ) -> dict[int, str]:
-    """Sends to an existing topic only (`missing_topics`); returns the lines the producer
-    refused, with why. A valid line can be too big (items are not capped): raised from the
-    loop, it stopped the lines after it while those before went out."""
+    """Sends to an existing topic only (`missing_topics`), checked with nothing to send too
+    (a dry run, an empty file), so that they fail as a real run would; returns the lines the
+    producer refused, with why. A valid line can be too big (items are not capped): raised
+    from the loop, it stopped the lines after it while those before went out."""
     if await missing_topics(bootstrap, {topic}):
         raise UnknownTopic(topic)
+    if not events:
+        return {}
     refused: dict[int, str] = {}
     producer = make_producer(bootstrap)
     try:
@@ -119,7 +123,9 @@ def publish_cmd(
     topic: Annotated[
         str, typer.Option(help="the topic, $LOYALTY_TOPIC_PREFIX added if it lacks it")
     ] = ACTIVITY_TOPIC,
-    dry_run: Annotated[bool, typer.Option(help="validate only; send nothing")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="validate, and check the topic exists; send nothing")
+    ] = False,
 ) -> None:
     """Validate each line of FILE (JSON lines) as an activity event and send the valid ones."""
     settings = load_settings()
@@ -134,21 +140,21 @@ def publish_cmd(
     why = refused_topic(target)
     if why is not None:
         raise fail(why)
-    if batch.events and not dry_run:
-        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the error below says it
-        try:
-            too_big = asyncio.run(send(settings.bootstrap_servers, target, batch.events))
-        except UnknownTopic:
-            raise fail(
-                f"broker: {settings.bootstrap_servers} has no topic {target}; nothing sent"
-                " (`make up` creates the topics; check $LOYALTY_TOPIC_PREFIX)"
-            ) from None
-        except (KafkaError, OSError) as exc:
-            raise fail(f"broker: {settings.bootstrap_servers}: {exc}") from exc
-        for number, why_not in too_big.items():
-            batch.refused.append(f"line {number}: {why_not}")
-            _refused(batch.refused[-1])
-        batch.events = [e for e in batch.events if e[0] not in too_big]
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the error below says it
+    try:
+        events = [] if dry_run else batch.events
+        too_big = asyncio.run(send(settings.bootstrap_servers, target, events))
+    except UnknownTopic:
+        raise fail(
+            f"broker: {settings.bootstrap_servers} has no topic {target}; nothing sent"
+            " (`make up` creates the topics; check $LOYALTY_TOPIC_PREFIX)"
+        ) from None
+    except (KafkaError, OSError) as exc:
+        raise fail(f"broker: {settings.bootstrap_servers}: {exc}") from exc
+    for number, why_not in too_big.items():
+        batch.refused.append(f"line {number}: {why_not}")
+        _refused(batch.refused[-1])
+    batch.events = [e for e in batch.events if e[0] not in too_big]
     verb = "would send" if dry_run else "sent"
     refused = f"; {len(batch.refused)} line(s) refused" if batch.refused else ""
     out.print(f"{verb} {len(batch.events)} event(s) to {target}{refused}", highlight=False)

@@ -46,18 +46,12 @@ def test_an_unreachable_broker_is_one_line_and_exit_code_2(tmp_path: Path) -> No
     assert ran.returncode == 2, ran.stdout + ran.stderr
     assert ran.stderr.startswith("error: broker: 127.0.0.1:1: ")
     assert len(ran.stderr.strip().splitlines()) == 1, ran.stderr
+    dry = run("events", "publish", str(events), "--dry-run",
+              env={"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"})  # fmt: skip
+    assert dry.returncode == 2, dry.stdout + dry.stderr  # it checks the topic, so needs it
+    assert dry.stderr.startswith("error: broker: 127.0.0.1:1: ")
     help_text = run("events", "publish", "--help").stdout
     assert "Exit codes: 0 every event sent; 1 some lines refused" in " ".join(help_text.split())
-
-
-def test_dry_run_validates_only(tmp_path: Path) -> None:
-    events = tmp_path / "events.jsonl"
-    events.write_text(json.dumps(purchase("m-1", "300.00", AT)) + "\n{\n", encoding="utf-8")
-    ran = run("events", "publish", str(events), "--dry-run",
-              env={"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"})  # fmt: skip
-    assert ran.returncode == 1
-    assert "would send 1 event(s) to loyalty.activity.v1; 1 line(s) refused" in ran.stdout
-    assert "refused line 2: malformed JSON" in ran.stderr
 
 
 class FakeProducer:
@@ -150,3 +144,30 @@ def test_a_line_dated_ahead_of_now_is_refused_as_the_rules_service_would_dead_le
     assert ran.exit_code == 1, ran.output
     assert [key for _topic, key, _value in sent] == [b"m-1"]
     assert "refused line 2: dated_ahead: " in ran.stderr
+
+
+def test_dry_run_validates_and_checks_the_topic_and_sends_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps(purchase("m-1", "300.00", AT)) + "\n{\n", encoding="utf-8")
+    ran, sent = publish(monkeypatch, path, "--dry-run")
+    assert (ran.exit_code, sent) == (1, [])
+    assert ran.stdout.strip() == "would send 1 event(s) to loyalty.activity.v1; 1 line(s) refused"
+    assert "refused line 2: malformed JSON" in ran.stderr
+
+
+def test_a_topic_the_broker_lacks_is_refused_in_a_dry_run_and_for_an_empty_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """As a real run of lines to send refuses it: nothing would reach the services."""
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps(purchase("m-1", "300.00", AT)) + "\n", encoding="utf-8")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    for args in ([str(path), "--dry-run"], [str(empty)], [str(empty), "--dry-run"]):
+        ran, sent = publish(monkeypatch, Path(args[0]), *args[1:], topics=set())
+        assert (ran.exit_code, sent) == (2, []), (args, ran.output)
+        assert "has no topic loyalty.activity.v1; nothing sent" in " ".join(ran.stderr.split())
+    ran, _sent = publish(monkeypatch, empty)
+    assert (ran.exit_code, ran.stdout.strip()) == (0, "sent 0 event(s) to loyalty.activity.v1")
