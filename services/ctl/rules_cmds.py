@@ -194,24 +194,28 @@ def held_list(
     """Engagement events held back as a burst, oldest first."""
     if status not in ("pending", "released", "rejected", "all"):
         raise typer.BadParameter("status must be pending, released, rejected or all")
-    rows = _with_db(lambda c: held_store.list_held(c, None if status == "all" else status, limit))
+    wanted = None if status == "all" else status
+    rows = _with_db(lambda c: held_store.list_held(c, wanted, limit + 1))
+    more, rows = len(rows) > limit, rows[:limit]
     if as_json:
         for r in rows:
             print(json.dumps(held_store.describe(r), default=str))
-        return
-    table = Table(title=f"held engagement ({status})")
-    for col in ("event_id", "member_id", "type", "occurred_at", "status", "reason"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            r["event_id"],
-            r["member_id"],
-            r["type"],
-            r["occurred_at"].isoformat(),
-            r["status"],
-            r["reason"],
-        )
-    out.print(table)
+    else:
+        table = Table(title=f"held engagement ({status})")
+        for col in ("event_id", "member_id", "type", "occurred_at", "status", "reason"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(
+                r["event_id"],
+                r["member_id"],
+                r["type"],
+                r["occurred_at"].isoformat(),
+                r["status"],
+                r["reason"],
+            )
+        out.print(table)
+    if more:
+        err.print(f"more held events than shown: --limit {limit} (oldest first)")
 
 
 @held_app.command("release", epilog=exit_codes("released", "the event is not held, or not pending"))

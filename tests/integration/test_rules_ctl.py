@@ -212,6 +212,19 @@ async def test_held_release_pays_through_the_outbox_and_reject_never_pays(db: st
     assert (await ctl(db, "held", "release", "nope")).code != 0
 
 
+async def test_held_list_says_when_there_are_more_than_its_limit(db: str) -> None:
+    at = datetime(2026, 5, 1, 10, tzinfo=CST)
+    for n in range(3):
+        await _hold(db, _review("m-l", at, n))
+    two = await ctl(db, "held", "list", "--json", "--limit", "2")
+    assert two.code == 0, two.stderr
+    assert len(two.stdout.splitlines()) == 2
+    assert "more held events than shown: --limit 2 (oldest first)" in two.stderr
+    three = await ctl(db, "held", "list", "--limit", "3")
+    assert (three.code, three.stderr) == (0, "")
+    assert "rev-m-l-2" in three.stdout
+
+
 async def _record(dsn: str, events: list[dict[str, object]]) -> None:
     conn = await asyncpg.connect(dsn)
     try:
