@@ -163,11 +163,14 @@ def list_cmd(
             print(json.dumps(as_json(r), ensure_ascii=False))
     else:
         table = Table(title="dead letters, newest first")
+        # Whole on one line, however narrow the terminal: `dlq replay --id` takes it.
+        table.add_column("dlq_id", no_wrap=True, min_width=36)
         for col in ("received_at", "consumer", "topic", "partition", "offset", "reason"):
             table.add_column(col, justify="right" if col in ("partition", "offset") else "left")
         table.add_column(f"original (first {PREVIEW_BYTES} bytes)", overflow="fold")
         for r in rows:
             table.add_row(
+                r["dlq_id"],
                 r["received_at"].isoformat(timespec="seconds"),
                 Text(r["consumer"]),
                 Text(r["topic"]),

@@ -268,3 +268,16 @@ def test_an_unreachable_broker_ends_in_one_error_line_and_exit_code_2(
     ran = CliRunner().invoke(app, ["dlq", "replay", "--limit", "5"], env=env)
     assert ran.exit_code == 2, ran.output
     assert ran.stderr.splitlines()[-1].startswith("error: broker: 127.0.0.1:1: "), ran.stderr
+
+
+@pytest.mark.parametrize("columns", ["250", "100"])
+def test_list_shows_the_dlq_id_replay_takes(monkeypatch: pytest.MonkeyPatch, columns: str) -> None:
+    dlq_id = "0b4f2d6e-9a51-5c3e-8f7a-2d1e6c9b4a70"  # as letter_id makes them
+    rows = [{**_row(dlq_id, _grant(), 1), "original": b"x" * 200}]
+    monkeypatch.setattr(dlq_cmds, "with_connection", lambda dsn, work: rows)
+    from services.ctl.cli import app
+
+    ran = CliRunner().invoke(app, ["dlq", "list"], env={"COLUMNS": columns})
+    assert ran.exit_code == 0, ran.output
+    assert "dlq_id" in ran.stdout
+    assert dlq_id in ran.stdout  # whole, on one line: copied into `dlq replay --id`
