@@ -11,7 +11,7 @@ import structlog
 from aiokafka.errors import KafkaError
 from faststream.kafka import KafkaBroker
 
-from services.common.config import Settings
+from services.common.config import POOL_MIN_SIZE, Settings
 from services.common.consumer import BatchConsumer, register_lag
 from services.common.outbox import OutboxRelay, make_producer
 from services.common.planner_stats import keep_planner_stats
@@ -56,7 +56,7 @@ class LedgerService:
         return self._pool
 
     async def start(self) -> None:
-        self._pool = await create_pool(self.settings, min_size=4)
+        self._pool = await create_pool(self.settings, min_size=POOL_MIN_SIZE)
         self._producer = make_producer(
             self.settings.bootstrap_servers, self.settings.metadata_max_age_ms
         )

@@ -9,7 +9,6 @@ outbox. The relay then publishes them to `loyalty.grants.v1`.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -38,8 +37,6 @@ from services.rules.state import MemberState, dump_state, load_state, with_share
 from services.rules.tier_sweeper import TierSweeper
 
 SERVICE: Final = "rules"
-# How soon a published rule-set version reaches running instances (tests set it lower).
-RULEBOOK_POLL_S: Final = float(os.environ.get("RULEBOOK_POLL_SECONDS") or 5.0)
 log = structlog.get_logger()
 
 # Every activity is kept (for backtests); a redelivered one is found by its id and only the
@@ -117,7 +114,7 @@ class RulesProcessor:
 
     async def watch_book(self, pool: asyncpg.Pool) -> None:
         while True:
-            await asyncio.sleep(RULEBOOK_POLL_S)
+            await asyncio.sleep(self.settings.rulebook_poll_seconds)
             try:
                 await self.refresh_book(pool)
             except Exception:
