@@ -187,8 +187,12 @@ def create_app(settings: Settings | None = None) -> FastStream:
         start_metrics_server(settings.metrics_port)
 
     @app.on_shutdown
-    async def shutdown() -> None:
+    async def stop_consuming() -> None:
         await consumer.stop()
+
+    # After the broker, which lets the batch in flight commit (services/rules/app.py).
+    @app.after_shutdown
+    async def close_resources() -> None:
         await background.stop()
         producer = state.get("producer")
         if producer is not None:

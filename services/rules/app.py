@@ -313,8 +313,14 @@ def create_app(settings: Settings | None = None) -> FastStream:
         start_metrics_server(settings.metrics_port)
 
     @app.on_shutdown
-    async def shutdown() -> None:
+    async def stop_consuming() -> None:
         await consumer.stop()
+
+    # After FastStream has stopped the broker, which lets the batch in flight commit:
+    # closed before it (on_shutdown), the pool failed that batch's every retry until the
+    # broker's 15 s grace ran out, and a busy service outlived `make down`'s wait.
+    @app.after_shutdown
+    async def close_resources() -> None:
         await background.stop()
         if "producer" in resources:
             await resources["producer"].stop()
