@@ -7,7 +7,7 @@ import gc
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import asyncpg
 import orjson
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from faststream.kafka import KafkaBroker
 
 log = structlog.get_logger()
+T = TypeVar("T")
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
@@ -63,8 +64,19 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 100)
 
 
-async def create_pool(settings: Settings, min_size: int = 2) -> asyncpg.Pool:
-    """Retries while Postgres is still starting, so service start order does not matter.
+class StartupCancelled(Exception):
+    """The process was asked to stop while it waited to start."""
+
+
+# How often a wait at start-up looks whether the process was asked to stop.
+STOP_POLL_S: Final = 0.1
+
+
+async def create_pool(
+    settings: Settings, min_size: int = 2, stopping: Callable[[], bool] = lambda: False
+) -> asyncpg.Pool:
+    """Retries while Postgres is still starting, so service start order does not matter,
+    until `stopping()` (then `StartupCancelled`).
 
     Every service creates its pool once at start-up, after its imports: the moment to
     tune the garbage collector for the hot path (`tune_gc`).
@@ -73,20 +85,38 @@ async def create_pool(settings: Settings, min_size: int = 2) -> asyncpg.Pool:
     delay = 0.2
     for attempt in range(40):
         try:
-            pool = await asyncpg.create_pool(
-                settings.database_url,
-                min_size=min_size,
-                max_size=settings.pool_size,
-                init=init_connection,
-                command_timeout=60,
+            pool = await _unless_stopping(
+                asyncpg.create_pool(
+                    settings.database_url,
+                    min_size=min_size,
+                    max_size=settings.pool_size,
+                    init=init_connection,
+                    command_timeout=60,
+                ),
+                stopping,
             )
             assert pool is not None
             return pool
         except (OSError, asyncpg.CannotConnectNowError) as exc:
             log.warning("database_unavailable", attempt=attempt, error=str(exc))
-            await asyncio.sleep(delay)
+            await _unless_stopping(asyncio.sleep(delay), stopping)
             delay = min(delay * 2, 3.0)
     raise RuntimeError(f"database unreachable: {redacted(settings.database_url)}")
+
+
+async def _unless_stopping(aw: Awaitable[T], stopping: Callable[[], bool]) -> T:
+    """`aw`, given up as soon as `stopping()` says so. uvicorn's SIGTERM only sets a flag
+    that its start-up never reads: the ledger, waiting here for Postgres, went on for its
+    40 attempts (~110 s) after a SIGTERM, past `make down`'s SIGKILL."""
+    task = asyncio.ensure_future(aw)
+    while not task.done():
+        if stopping():
+            task.cancel()
+            with suppress(asyncio.CancelledError, Exception):
+                await task
+            raise StartupCancelled
+        await asyncio.wait({task}, timeout=STOP_POLL_S)
+    return task.result()
 
 
 def create_broker(settings: Settings, service: str) -> KafkaBroker:

@@ -12,12 +12,21 @@ from services.ledger.service import SERVICE
 if __name__ == "__main__":
     configure_logging(SERVICE)
     settings = load_settings()
-    uvicorn.run(
-        create_app(settings),
-        host=os.environ.get("LEDGER_HOST", "127.0.0.1"),
-        port=settings.ledger_port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_config=None,
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=os.environ.get("LEDGER_HOST", "127.0.0.1"),
+            port=settings.ledger_port,
+            loop="uvloop",
+            http="httptools",
+            access_log=False,
+            log_config=None,
+        )
     )
+    # A SIGTERM only sets uvicorn's flag, which its start-up never reads: the service's
+    # wait for Postgres reads it (`uvicorn.run` gave no way to hand it over).
+    app.state.ledger.stopping = lambda: server.should_exit
+    server.run()
+    if not server.started:
+        raise SystemExit(3)  # as `uvicorn.run` does: the start-up failed

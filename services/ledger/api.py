@@ -31,6 +31,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.config import Settings, load_settings
+from services.common.runtime import StartupCancelled
 from services.ledger import redemptions, reports
 from services.ledger.auth import AuthError, KeyRing, Role
 from services.ledger.body_limit import BodyLimit
@@ -316,7 +317,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await ledger.start()
+        try:
+            await ledger.start()
+        except StartupCancelled:
+            # Stopped while waiting for Postgres, before anything started: uvicorn, whose
+            # stop flag is set, shuts down at once (a failed start-up would exit 3).
+            log.info("startup_cancelled", reason="asked to stop while waiting for Postgres")
+            yield
+            return
         try:
             yield
         finally:

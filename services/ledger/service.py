@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -48,6 +49,9 @@ class LedgerService:
         self.relay: OutboxRelay | None = None
         self.sweeper: ExpirySweeper | None = None
         self.rules = LedgerRules()
+        # Whether the process was asked to stop: the wait for Postgres at start ends then
+        # (`__main__` hands it uvicorn's flag).
+        self.stopping: Callable[[], bool] = lambda: False
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -56,7 +60,9 @@ class LedgerService:
         return self._pool
 
     async def start(self) -> None:
-        self._pool = await create_pool(self.settings, min_size=POOL_MIN_SIZE)
+        self._pool = await create_pool(
+            self.settings, min_size=POOL_MIN_SIZE, stopping=self.stopping
+        )
         self._producer = make_producer(
             self.settings.bootstrap_servers, self.settings.metadata_max_age_ms
         )
