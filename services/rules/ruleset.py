@@ -281,7 +281,9 @@ class RuleSet(_Strict):
     def _known_zone(cls, v: str) -> str:
         try:
             ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
+        # OSError: a name that is a directory of the zone database (`Asia`) or a file it
+        # cannot read; it crashed `rules publish` instead of refusing the field.
+        except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
             raise ValueError(f"unknown time zone {v!r}") from exc
         return v
 

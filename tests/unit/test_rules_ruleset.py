@@ -68,6 +68,7 @@ def test_reference_file_loads_from_str_path() -> None:
         ("share:\n  points: '100'\n", "share.points", "valid integer"),
         ("share:\n  pointz: 100\n", "share.pointz", "Extra inputs"),
         ("timezone: Mars/Olympus\n", "timezone", "unknown time zone"),
+        ("timezone: Asia\n", "timezone", "unknown time zone"),  # a directory of tzdata
         ("tiers:\n  multipliers: {member: 1}\n", "tiers", "multipliers missing"),
         (
             "campaigns:\n  - {name: c, starts_at: 2026-02-01T00:00:00+08:00,"
