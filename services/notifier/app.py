@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Final
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -15,7 +16,7 @@ from faststream import FastStream
 from faststream.specification import AsyncAPI
 
 from schemas.ledger import LEDGER_TYPES, LedgerEvent, parse_ledger_event
-from services.common.config import Settings, load_settings
+from services.common.config import ConfigError, Settings, load_settings, redacted
 from services.common.consumer import BatchConsumer, BatchWork, register_lag, validate_records
 from services.common.outbox import OutboxRelay, make_producer
 from services.common.planner_stats import keep_planner_stats
@@ -129,12 +130,31 @@ def make_handler(  # type: ignore[no-untyped-def]
     return handle
 
 
+def check_webhook(url: str) -> None:
+    """Refuses a webhook URL no post can reach (`htps://…`, no host): taken, it failed
+    every post, each retried until given up, while the notifier looked healthy."""
+    try:
+        parts = urlsplit(url)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises for a port that is no number or out of range
+    except ValueError:
+        usable = False
+    if not usable:
+        # Shown without its query, where a receiver may take a token, and password.
+        shown = redacted(url.split("?", 1)[0].split("#", 1)[0])
+        raise ConfigError(
+            f"NOTIFIER_WEBHOOK_URL={shown}: must be an http:// or https:// URL with a host"
+        )
+
+
 def create_app(settings: Settings | None = None) -> FastStream:
     settings = settings or load_settings()
+    if settings.webhook_url:
+        check_webhook(settings.webhook_url)
     if settings.webhook_url and not settings.webhook_secret:
         # An unsigned post would let anyone who can reach the receiver send members
         # messages in the clinic's name: refuse to start rather than send one.
-        raise SystemExit(
+        raise ConfigError(
             "NOTIFIER_WEBHOOK_SECRET must be set when NOTIFIER_WEBHOOK_URL is"
             " (posts are signed with it)"
         )

@@ -8,6 +8,10 @@ import hmac
 import re
 from pathlib import Path
 
+import pytest
+
+from services.common.config import ConfigError, Settings
+from services.notifier.app import check_webhook, create_app
 from services.notifier.signing import TOLERANCE_S, sign, verify
 
 SECRET = "s3cret"
@@ -76,3 +80,30 @@ def test_receivers_are_told_to_dedupe_on_the_signed_notification_id() -> None:
     advice = re.findall(r"receivers\s+dedupe on ([^.]*)", readme)
     assert advice, "README no longer tells webhook receivers what to dedupe on"
     assert all("notification_id" in a and "Notification-Id" not in a for a in advice), advice
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["htps://clinic.example/hook", "https://", "https:///hook", "clinic.example/hook",
+     "ftp://clinic.example/hook", "http://clinic.example:port/hook", "http://[::1/hook"],
+)  # fmt: skip
+def test_the_notifier_refuses_a_webhook_url_no_post_can_reach(url: str) -> None:
+    """Taken, a mistyped URL failed every post, each retried until given up, silently."""
+    settings = Settings(database_url="", bootstrap_servers="127.0.0.1:1",
+                        webhook_url=url, webhook_secret="s3cret")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"NOTIFIER_WEBHOOK_URL=.*must be an http"):
+        create_app(settings)
+
+
+def test_a_refused_webhook_url_is_shown_without_its_query_or_password() -> None:
+    with pytest.raises(ConfigError) as refused:
+        check_webhook("htps://ops:hunter2@clinic.example/hook?token=abc")
+    assert str(refused.value.code) == (
+        "NOTIFIER_WEBHOOK_URL=htps://ops:***@clinic.example/hook:"
+        " must be an http:// or https:// URL with a host"
+    )
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/hook", "https://clinic.example/hook?t=1"])
+def test_a_webhook_url_with_a_scheme_and_host_is_taken(url: str) -> None:
+    check_webhook(url)
