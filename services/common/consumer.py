@@ -39,7 +39,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
-from services.common.dlq import DEAD_LETTERS, classify, dead_letter, record_dead_letters
+from services.common.dlq import DEAD_LETTERS, classify, dead_letter, logged_ids, record_dead_letters
 from services.common.log_end import fingerprint
 from services.common.log_start import gaps, report_skipped
 from services.common.outbox import OutboxRow, write_outbox
@@ -505,6 +505,7 @@ class BatchConsumer:
             partition=record.partition,
             offset=record.offset,
             error=repr(exc),
+            **logged_ids(record),
         )
         label, reason = classify(exc)
         try:
@@ -622,6 +623,6 @@ def validate_records(
                 reason=label,
                 partition=record.partition,
                 offset=record.offset,
-                member_id=record.key.decode("utf-8", "replace") if record.key else None,
+                **logged_ids(record),
             )
     return good

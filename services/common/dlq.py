@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Final
 
 import asyncpg
+import orjson
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import Counter
 from pydantic import ValidationError
@@ -34,6 +35,8 @@ MAX_LETTER_BYTES: Final = 512 * 1024
 # In a letter cut to size, the reason and the key keep this many characters at most.
 MAX_REASON_CHARS: Final = 8192
 MAX_KEY_CHARS: Final = 1024
+# An id in a log line: the contract's bound on every id (README, Bad input).
+MAX_LOGGED_ID_CHARS: Final = 200
 
 
 class Refused(ValueError):
@@ -42,6 +45,26 @@ class Refused(ValueError):
     def __init__(self, label: str, reason: str) -> None:
         super().__init__(reason)
         self.label = label
+
+
+def logged_ids(record: ConsumerRecord) -> dict[str, str | None]:
+    """The event and member ids a refused record's JSON names (the member: else its key),
+    for the log lines of its dead letter, which had no event id to find it by. Parsed
+    again, as those lines are rare; cut, as a refused record's id may be of any length."""
+    try:
+        doc = orjson.loads(record.value or b"")
+    except orjson.JSONDecodeError:
+        doc = None
+    fields = doc if isinstance(doc, dict) else {}
+    key = record.key.decode("utf-8", "replace") if record.key else None
+
+    def cut(value: object) -> str | None:
+        return value[:MAX_LOGGED_ID_CHARS] if isinstance(value, str) else None
+
+    return {
+        "event_id": cut(fields.get("event_id")),
+        "member_id": cut(fields.get("member_id")) or cut(key),
+    }
 
 
 def classify(exc: Exception) -> tuple[str, str]:
