@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Awaitable, Callable
-from contextlib import suppress
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import asyncpg
@@ -64,6 +64,32 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 100)
 
 
+class StartupError(RuntimeError):
+    """A service cannot start, for a reason its message gives in full."""
+
+
+@contextmanager
+def startup_failures() -> Iterator[None]:
+    """A service process that fails to start ends with one JSON `startup_failed` line and
+    exit status 1. It ended with a raw traceback: many lines of text among the JSON ones,
+    which a log pipeline splits and cannot parse. A refused setting (`ConfigError`) or a
+    `StartupError` says all in its message; anything else keeps its traceback, in the line.
+    """
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            raise
+        log.error("startup_failed", error=str(exc.code))
+    except StartupError as exc:
+        log.error("startup_failed", error=str(exc))
+    except Exception as exc:
+        log.exception("startup_failed", error=f"{type(exc).__name__}: {exc}")
+    else:
+        return
+    raise SystemExit(1)
+
+
 class StartupCancelled(Exception):
     """The process was asked to stop while it waited to start."""
 
@@ -101,7 +127,7 @@ async def create_pool(
             log.warning("database_unavailable", attempt=attempt, error=str(exc))
             await _unless_stopping(asyncio.sleep(delay), stopping)
             delay = min(delay * 2, 3.0)
-    raise RuntimeError(f"database unreachable: {redacted(settings.database_url)}")
+    raise StartupError(f"database unreachable: {redacted(settings.database_url)}")
 
 
 async def _unless_stopping(aw: Awaitable[T], stopping: Callable[[], bool]) -> T:

@@ -6,13 +6,15 @@ import uvicorn
 
 from services.common.config import load_settings
 from services.common.logging import configure_logging
+from services.common.runtime import startup_failures
 from services.ledger.api import create_app
 from services.ledger.service import SERVICE
 
 if __name__ == "__main__":
     configure_logging(SERVICE)
-    settings = load_settings()
-    app = create_app(settings)
+    with startup_failures():  # a refused setting; uvicorn reports a failed lifespan itself
+        settings = load_settings()
+        app = create_app(settings)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -31,7 +31,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.config import Settings, load_settings
-from services.common.runtime import StartupCancelled
+from services.common.runtime import StartupCancelled, StartupError
 from services.ledger import redemptions, reports
 from services.ledger.auth import AuthError, KeyRing, Role
 from services.ledger.body_limit import BodyLimit
@@ -325,6 +325,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("startup_cancelled", reason="asked to stop while waiting for Postgres")
             yield
             return
+        except StartupError as exc:
+            # Said plainly first: uvicorn then logs the traceback and exits 3.
+            log.error("startup_failed", error=str(exc))
+            raise
         try:
             yield
         finally:

@@ -5,9 +5,11 @@ import asyncio
 import uvloop
 
 from services.common.logging import configure_logging
+from services.common.runtime import startup_failures
 from services.notifier.app import SERVICE, create_app
 
 if __name__ == "__main__":
     configure_logging(SERVICE)
     uvloop.install()
-    asyncio.run(create_app().run())
+    with startup_failures():
+        asyncio.run(create_app().run())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -49,3 +50,17 @@ async def test_a_ledger_waiting_for_postgres_stops_on_sigterm(tmp_path: Path) ->
     finally:
         ledger.kill()
         ledger.wait()
+
+
+@pytest.mark.parametrize("service", ["rules", "notifier", "ledger"])
+async def test_a_service_that_cannot_start_says_why_in_one_json_line(
+    tmp_path: Path, service: str
+) -> None:
+    """The rules and notifier ended with a raw traceback (many lines of text, no JSON)."""
+    log = tmp_path / f"{service}.log"
+    proc = start(service, log, CONSUMER_MAX_BATCH="abc", LEDGER_PORT=str(free_port()))
+    assert await asyncio.to_thread(proc.wait, 30) == 1
+    lines = [json.loads(line) for line in log.read_text().splitlines()]  # JSON, every one
+    assert [(x["event"], x["error"]) for x in lines if x["level"] == "error"] == [
+        ("startup_failed", "CONSUMER_MAX_BATCH='abc': not a whole number")
+    ]
