@@ -17,6 +17,11 @@ def _yoyo_url(dsn: str) -> str:
     return dsn
 
 
+def migration_ids() -> set[str]:
+    """The migrations this code needs, by the ids yoyo records once it applied them."""
+    return {m.id for m in read_migrations(str(MIGRATIONS_DIR))}
+
+
 def apply_migrations(dsn: str) -> int:
     """Applies pending migrations; returns how many were applied."""
     backend = get_backend(_yoyo_url(dsn))

@@ -15,6 +15,7 @@ import structlog
 from prometheus_client import start_http_server
 
 from services.common.config import Settings, redacted
+from services.common.migrations import migration_ids
 
 if TYPE_CHECKING:
     from faststream.kafka import KafkaBroker
@@ -102,7 +103,7 @@ async def create_pool(
     settings: Settings, min_size: int = 2, stopping: Callable[[], bool] = lambda: False
 ) -> asyncpg.Pool:
     """Retries while Postgres is still starting, so service start order does not matter,
-    until `stopping()` (then `StartupCancelled`).
+    until `stopping()` (then `StartupCancelled`); then refuses a database not migrated.
 
     Every service creates its pool once at start-up, after its imports: the moment to
     tune the garbage collector for the hot path (`tune_gc`).
@@ -121,13 +122,39 @@ async def create_pool(
                 ),
                 stopping,
             )
-            assert pool is not None
-            return pool
+            break
         except (OSError, asyncpg.CannotConnectNowError) as exc:
             log.warning("database_unavailable", attempt=attempt, error=str(exc))
             await _unless_stopping(asyncio.sleep(delay), stopping)
             delay = min(delay * 2, 3.0)
-    raise StartupError(f"database unreachable: {redacted(settings.database_url)}")
+    else:
+        raise StartupError(f"database unreachable: {redacted(settings.database_url)}")
+    assert pool is not None
+    await _require_migrated(pool)
+    return pool
+
+
+# yoyo's record of the migrations applied (services/common/migrations.py).
+SELECT_MIGRATED: Final = "SELECT migration_id FROM _yoyo_migration"
+MIGRATE: Final = "python -m services.common.migrations"
+
+
+async def _require_migrated(pool: asyncpg.Pool) -> None:
+    """Refuses a database missing a migration this code needs: the services do not apply
+    them (`make up` does, or MIGRATE), and one started on a database never migrated
+    crashed on UndefinedTableError, on one a migration behind on whatever it lacked."""
+    try:
+        applied = {r["migration_id"] for r in await pool.fetch(SELECT_MIGRATED)}
+    except asyncpg.UndefinedTableError:
+        applied = set()
+    wanted = migration_ids()
+    missing = sorted(wanted - applied)
+    if missing:
+        await pool.close()
+        raise StartupError(
+            f"database not migrated: run {MIGRATE}"
+            f" ({len(missing)} of {len(wanted)} migrations missing, the first {missing[0]})"
+        )
 
 
 async def _unless_stopping(aw: Awaitable[T], stopping: Callable[[], bool]) -> T:

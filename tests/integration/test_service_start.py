@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from yoyo import get_backend, read_migrations
 
 from deploy.local import free_port
+from services.common.migrations import MIGRATIONS_DIR, _yoyo_url, migration_ids
 from tests.integration.harness import ROOT, wait_until
 
 pytestmark = pytest.mark.integration
@@ -64,3 +66,35 @@ async def test_a_service_that_cannot_start_says_why_in_one_json_line(
     assert [(x["event"], x["error"]) for x in lines if x["level"] == "error"] == [
         ("startup_failed", "CONSUMER_MAX_BATCH='abc': not a whole number")
     ]
+
+
+@pytest.mark.parametrize(("service", "code"), [("rules", 1), ("notifier", 1), ("ledger", 3)])
+async def test_a_service_refuses_a_database_not_migrated(
+    tmp_path: Path, fresh_database: str, service: str, code: int
+) -> None:
+    """The services do not apply the migrations: on a database never migrated they
+    crashed with UndefinedTableError (the ledger's exits 3 after uvicorn's own lines)."""
+    log = tmp_path / f"{service}.log"
+    proc = start(service, log, DATABASE_URL=fresh_database, LEDGER_PORT=str(free_port()))
+    assert await asyncio.to_thread(proc.wait, 30) == code
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    failed = [x["error"] for x in lines if x["event"] == "startup_failed"]
+    assert failed == [
+        "database not migrated: run python -m services.common.migrations"
+        f" ({len(migration_ids())} of {len(migration_ids())} migrations missing,"
+        " the first 0001_pipeline)"
+    ]
+
+
+async def test_a_service_refuses_a_database_a_migration_behind(
+    tmp_path: Path, fresh_database: str
+) -> None:
+    latest = max(migration_ids())
+    backend = get_backend(_yoyo_url(fresh_database))
+    with backend.lock():
+        pending = backend.to_apply(read_migrations(str(MIGRATIONS_DIR)))
+        backend.apply_migrations(pending.filter(lambda m: m.id != latest))
+    log = tmp_path / "rules.log"
+    proc = start("rules", log, DATABASE_URL=fresh_database)
+    assert await asyncio.to_thread(proc.wait, 30) == 1
+    assert f"1 of {len(migration_ids())} migrations missing, the first {latest}" in log.read_text()
