@@ -41,5 +41,6 @@ class RawMemberPath:
         if scope["type"] == "http" and scope["path"].startswith(MEMBERS):
             # A server that keeps no raw path: its decoded one, every '/' a separator.
             raw = scope.get("raw_path") or quote(scope["path"]).encode()
-            scope = {**scope, "path": routed_path(raw)}
+            if b"%" in raw:  # else nothing was decoded: the path is the raw one already
+                scope = {**scope, "path": routed_path(raw)}
         await self.app(scope, receive, send)
