@@ -28,7 +28,7 @@ from services.common.outbox import OutboxRelay, OutboxRow, make_producer
 from services.common.planner_stats import keep_planner_stats
 from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
 from services.rules import referral_chain as chain
-from services.rules.dated_ahead import refuse_dated_ahead
+from services.rules.dated_ahead import reference_time, refuse_dated_ahead
 from services.rules.emit import grant_json
 from services.rules.engine import HeldEvent, due_after, evaluate
 from services.rules.rulebook_store import book_stamp, load_book
@@ -122,13 +122,13 @@ class RulesProcessor:
                 log.exception("rulebook_reload_failed")
 
     def _dated_ahead(self, record: ConsumerRecord, event: Activity) -> None:
-        """`refuse_dated_ahead`, judged by the record's own timestamp, so a replay of the
-        topic refuses the same events."""
-        if record.timestamp is None or record.timestamp <= 0:
-            return
-        received = datetime.fromtimestamp(record.timestamp / 1000, UTC)
+        """`refuse_dated_ahead`, judged by the record's timestamp where a producer cannot
+        push it ahead (`reference_time`), so a replay of the topic refuses the same events."""
+        received, received_as = reference_time(
+            record.timestamp, record.timestamp_type, datetime.now(UTC)
+        )
         limit = self.settings.activity_max_ahead_seconds
-        refuse_dated_ahead(event.occurred_at, received, limit, "the broker received it")
+        refuse_dated_ahead(event.occurred_at, received, limit, received_as)
 
     async def handle(
         self, conn: asyncpg.Connection, records: Sequence[ConsumerRecord], work: BatchWork

@@ -3,12 +3,31 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Final
 
 from services.common.dlq import Refused
 
 LABEL: Final = "dated_ahead"
+# Kafka's record timestamp types: the producer's own (CreateTime) or the broker's append.
+LOG_APPEND_TIME: Final = 1
+
+
+def reference_time(
+    timestamp_ms: int | None, timestamp_type: int, now: datetime
+) -> tuple[datetime, str]:
+    """What a record's arrival is judged against, and its name for the reason. A broker's
+    append time is trusted as is, so a replay refuses the same events. A CreateTime is
+    whatever the producer set (its event time, a till's fast clock), so it counts only up
+    to `now`: a replay after a future stamp may then take what was refused (README)."""
+    if timestamp_ms is None or timestamp_ms <= 0:
+        return now, "now"  # a producer may send no time at all
+    stamped = datetime.fromtimestamp(timestamp_ms / 1000, UTC)
+    if timestamp_type == LOG_APPEND_TIME:
+        return stamped, "the broker received it"
+    if stamped > now:
+        return now, "now"
+    return stamped, "its record's timestamp"
 
 
 def refuse_dated_ahead(

@@ -113,7 +113,7 @@ async def test_bad_messages_go_to_the_dlq_and_the_next_good_one_is_paid(stack: S
                 "data": {"order_id": "o", "amount": "-5"},
             }
         ).encode(),
-        # Valid, but dated a year after the broker received it (ACTIVITY_MAX_AHEAD_SECONDS):
+        # Valid, but dated a year after its record's timestamp (ACTIVITY_MAX_AHEAD_SECONDS):
         # taken, it would have made the member's present a year old.
         json.dumps(purchase("m-bad", "900.00", NOW + timedelta(days=400))).encode(),
     ]
@@ -133,7 +133,7 @@ async def test_bad_messages_go_to_the_dlq_and_the_next_good_one_is_paid(stack: S
     assert "malformed JSON" in reasons
     assert "unknown event type" in reasons
     assert "schema violation" in reasons
-    assert "after the broker received it" in reasons
+    assert "after its record's timestamp" in reasons
     assert all(isinstance(b["source_offset"], int) for b in bodies)
     async with httpx.AsyncClient() as client:
         metrics = (
