@@ -57,7 +57,9 @@ def skip_reason(event: LedgerEvent, now: datetime) -> str | None:
     about, and on its own would read as a reward for the refund. A warning is for before
     the points lapse (30 and 7 days ahead): one handled after, by a notifier that was down
     or lagging, would urge the member to use points already gone. The deliverer asks
-    again before each attempt at a warning, as a retry can come up to a day later.
+    again before each attempt at a warning, as a retry can come up to a day later. An
+    upgrade whose tier lapsed before it was handled (a purchase years old) would be
+    followed by the downgrade once the rules' tier sweep runs after their catch-up.
     """
     if isinstance(event, PointsEarned):
         if event.data.source_type == "refund":
@@ -69,7 +71,15 @@ def skip_reason(event: LedgerEvent, now: datetime) -> str | None:
         expires_at = event.data.expires_at
         if expires_at is not None and expires_at <= now:
             return "expired_before_warning"
+    if isinstance(event, TierChanged) and _is_upgrade(event):
+        valid_until = event.data.tier_valid_until
+        if valid_until is not None and valid_until <= now:
+            return "tier_expired_on_arrival"
     return None
+
+
+def _is_upgrade(event: TierChanged) -> bool:
+    return _TIER_ORDER.index(event.data.tier) > _TIER_ORDER.index(event.data.previous_tier)
 
 
 def render(event: LedgerEvent, now: datetime, zone: ZoneInfo = _SHANGHAI) -> str | None:
@@ -91,7 +101,7 @@ def render(event: LedgerEvent, now: datetime, zone: ZoneInfo = _SHANGHAI) -> str
     if isinstance(event, TierChanged):
         tier = event.data
         new, old = TIER_NAMES_ZH[tier.tier], TIER_NAMES_ZH[tier.previous_tier]
-        if _TIER_ORDER.index(tier.tier) > _TIER_ORDER.index(tier.previous_tier):
+        if _is_upgrade(event):
             return f"恭喜您由{old}升级为{new}！"
         return f"您的会员等级已由{old}调整为{new}。"
     if isinstance(event, PointsExpiring):

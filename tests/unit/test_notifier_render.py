@@ -88,6 +88,34 @@ def test_tier_upgrade_congratulates_and_downgrade_informs() -> None:
     assert render(changed("gold", "member"), NOW) == "您的会员等级已由金卡会员调整为普通会员。"
 
 
+def test_an_upgrade_whose_tier_lapsed_before_it_was_handled_is_not_announced() -> None:
+    # A purchase years old earns its tier for a year from then: the tier sweep takes it
+    # back once the rules have caught up, so "upgraded to gold" would be followed by a
+    # downgrade a minute later.
+    def changed(prev: str, new: str, until: datetime | None) -> TierChanged:
+        return TierChanged(
+            event_id="t",
+            occurred_at=AT - timedelta(days=3 * 365),
+            member_id="m-1",
+            data=TierChangedData(
+                previous_tier=prev,  # type: ignore[arg-type]
+                tier=new,  # type: ignore[arg-type]
+                qualifying_spend="50000",  # type: ignore[arg-type]
+                tier_valid_until=until,
+                ruleset_version="2026.1",
+                source_event_id="s",
+            ),
+        )
+
+    lapsed = "tier_expired_on_arrival"
+    assert skip_reason(changed("member", "gold", NOW - timedelta(days=700)), NOW) == lapsed
+    assert skip_reason(changed("member", "gold", NOW), NOW) == lapsed
+    assert skip_reason(changed("member", "gold", NOW + timedelta(days=1)), NOW) is None
+    assert skip_reason(changed("member", "gold", None), NOW) is None
+    # Only an upgrade is held back: a downgrade is told as before.
+    assert skip_reason(changed("gold", "silver", NOW - timedelta(days=700)), NOW) is None
+
+
 def test_expiry_warning_uses_shanghai_calendar_day() -> None:
     event = PointsExpiring(
         event_id="x",
