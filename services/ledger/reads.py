@@ -63,7 +63,9 @@ def member_document(
     if member["next_tier"] and member["next_tier_spend"] is not None:
         next_tier = {
             "tier": member["next_tier"],
-            "spend_needed": format(max(Decimal(0), member["next_tier_spend"] - spend), "f"),
+            "spend_needed": format(
+                max(Decimal(0), member["next_tier_spend"] - spend).quantize(CENT), "f"
+            ),
         }
     return {
         "member_id": member["member_id"],

@@ -51,3 +51,10 @@ def test_a_tier_report_and_the_top_tier_are_left_as_they_are() -> None:
     }
     top = member_document(row("diamond", "150000.00"), [], NOW)
     assert with_next_tier(top, DEFAULT_TIERS)["next_tier"] is None
+
+
+def test_a_reported_spend_at_the_next_tier_needs_zero_with_two_decimals() -> None:
+    # As qualifying_spend prints (numeric(20,2)): it printed "0" here.
+    reported = member_document(row("member", "10000.00", ("silver", "10000.00")), [], NOW)
+    assert reported["next_tier"] == {"tier": "silver", "spend_needed": "0.00"}
+    assert reported["qualifying_spend"] == "10000.00"

@@ -210,11 +210,11 @@ def test_a_plain_members_spend_is_reported_when_their_order_leaves_the_window() 
     assert swept.data.source_event_id == source
     assert swept.event_id == grant_id(source, "tier", "m-1", "tier")
     assert next_due is None
-    assert _view(report)["next_tier"] == {"tier": "silver", "spend_needed": "2000"}
+    assert _view(report)["next_tier"] == {"tier": "silver", "spend_needed": "2000.00"}
     view = _view(swept)
     assert (view["qualifying_spend"], view["next_tier"]) == (
         "0",
-        {"tier": "silver", "spend_needed": "10000"},
+        {"tier": "silver", "spend_needed": "10000.00"},
     )
     # And a member who follows the view's advice reaches silver.
     run.feed(purchase(amount=10000, at=add_months(T0, 13) + timedelta(hours=1)))
