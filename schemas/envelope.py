@@ -37,6 +37,19 @@ def _below_a_trillion(v: Decimal) -> Decimal:
     return v
 
 
+# The ledger keeps spend to the fen (numeric(20,2)): a finer amount, kept exactly by the
+# rules, was rounded there ("9999.995" stored as 10000.00, a silver spend the rules did not
+# count). Zeros past the fen change nothing and are taken. An event the rules kept before
+# the bound (`STORED`) is read back without it.
+CENT: Final = Decimal("0.01")
+
+
+def _to_the_fen(v: Decimal, info: ValidationInfo) -> Decimal:
+    if v == v.quantize(CENT) or _stored(info):
+        return v
+    raise PydanticCustomError("decimal_max_places", "Amount should have at most two decimals")
+
+
 # What the ledger's spend columns hold (numeric(20,2), migration 0019). A larger value
 # must be refused here: asyncpg encodes a Decimal of a huge exponent (1E+131072) as 0
 # without a word, so a tier report of such a spend was stored as 0.00, not dead-lettered.
@@ -71,12 +84,14 @@ Amount = Annotated[
     Decimal,
     AfterValidator(_non_negative),
     AfterValidator(_below_a_trillion),
+    AfterValidator(_to_the_fen),
     PlainSerializer(lambda v: format(v, "f"), return_type=str, when_used="json"),
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": r"^[0-9]{1,12}(\.[0-9]+)?$",
-            "description": 'a decimal amount in CNY from 0 to below a trillion, e.g. "2500.00"',
+            "pattern": r"^[0-9]{1,12}(\.[0-9]{1,2}0*)?$",
+            "description": "a decimal amount in CNY from 0 to below a trillion, at most two"
+            ' decimals besides trailing zeros, e.g. "2500.00"',
         }
     ),
 ]

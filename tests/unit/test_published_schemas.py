@@ -48,6 +48,8 @@ GOOD_ACTIVITIES = [
                            "items": [{"project_code": "p", "amount": "2500.00"}]}),
     _activity("refund", {"order_id": "o", "amount": "100"}),
     _activity("refund", {"order_id": "o", "amount": "999999999999.99"}),
+    _activity("refund", {"order_id": "o", "amount": "9999.9"}),
+    _activity("refund", {"order_id": "o", "amount": "9999.99000"}),  # zeros past the fen
     _activity("check_in", {"kind": "sign_in"}),
     _activity("check_in", {"kind": "visit", "booking_id": "b", "arrived_at": None,
                            "booked_at": "2026-11-19T10:00:00+08:00",
@@ -67,6 +69,13 @@ BAD_ACTIVITIES = {
     "a word for an amount": _activity("purchase", {"order_id": "o", "amount": "abc"}),
     "a negative amount": _activity("refund", {"order_id": "o", "amount": "-5"}),
     "a trillion": _activity("purchase", {"order_id": "o", "amount": "1000000000000"}),
+    # The ledger's numeric(20,2) would round it up to 10000.00, a silver spend it is not.
+    "a fraction of a fen": _activity("purchase", {"order_id": "o", "amount": "9999.995"}),
+    "an item's fraction of a fen": _activity(
+        "purchase", {"order_id": "o", "amount": "1",
+                     "items": [{"project_code": "p", "amount": "0.001"}]},
+    ),
+    "a refund's fraction of a fen": _activity("refund", {"order_id": "o", "amount": "1.0001"}),
     "a rating of 6": _activity("review", {"review_id": "r", "rating": 6}),
     "no offset": _activity("check_in", {"kind": "sign_in"}, occurred_at="2026-11-20T15:04:05"),
     "an unknown type": _activity("teleport", {}),

@@ -226,6 +226,22 @@ def test_an_event_stored_before_the_bounds_is_read_back_without_them() -> None:
         parse_activity(raw.replace(b'"amount": "1"', b'"amount": "-1"'), stored=True)
 
 
+def test_an_amount_finer_than_a_fen_is_refused_unless_stored_before_the_bound() -> None:
+    def bought(amount: str) -> bytes:
+        return json.dumps(
+            {"event_id": "e", "type": "purchase", "occurred_at": "2026-11-20T15:04:05+08:00",
+             "member_id": "m", "data": {"order_id": "o", "amount": amount, "items": []}}
+        ).encode()  # fmt: skip
+
+    assert parse_activity(bought("9999.99000")).data.amount == Decimal("9999.99")
+    with pytest.raises(ValidationError) as refused:
+        parse_activity(bought("9999.995"))
+    label, reason = classify(refused.value)
+    assert label == "schema_violation"
+    assert "two decimals" in reason
+    assert parse_activity(bought("9999.995"), stored=True).data.amount == Decimal("9999.995")
+
+
 def _sign_in(at: str) -> bytes:
     return json.dumps(
         {"event_id": "e", "type": "check_in", "occurred_at": at, "member_id": "m",
