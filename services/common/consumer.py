@@ -82,6 +82,9 @@ class BatchWork:
     # Each dead letter's reason label, counted in loyalty_dlq_messages_total once the
     # batch commits (an attempt rolled back and retried counts nothing).
     dead_labels: list[str] = field(default_factory=list)
+    # Counters of what the batch did and by how much (the notifier's outcomes, the points
+    # the ledger expired), added once it commits, as the dead letters are.
+    counts: list[tuple[Counter, float]] = field(default_factory=list)
     # Rows a background task of the service picks up from its tables (the notifier's
     # pending notifications): `on_commit` runs once the batch commits, as for outbox rows.
     # Woken earlier, the task finds nothing committed yet and sleeps its full poll.
@@ -483,6 +486,8 @@ class BatchConsumer:
         CONSUMED.labels(self.name).inc(len(fresh))
         for label in work.dead_labels:
             DEAD_LETTERS.labels(self.name, label).inc()
+        for counter, amount in work.counts:
+            counter.inc(amount)
         BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
         if work.outbox or work.wake:
             self._on_commit()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Final
@@ -88,16 +89,17 @@ def make_handler(  # type: ignore[no-untyped-def]
         rows: dict[str, tuple[str, str, str, str, object, str]] = {}
         now = datetime.now(UTC)
         book: RuleBook | None = None
+        outcomes: Counter[str] = Counter()  # counted once the batch commits (`BatchWork`)
         for record, event in good:
             if event is None:
-                DELIVERED.labels("unknown_type").inc()
+                outcomes["unknown_type"] += 1
                 log.info("ledger_event_type_unknown", partition=record.partition,
                          offset=record.offset)  # fmt: skip
                 continue
             reason = skip_reason(event, now)
             if reason is not None:
                 # Not bad input (no DLQ): an event members are better not told about.
-                DELIVERED.labels(reason).inc()
+                outcomes[reason] += 1
                 log.info("notification_skipped", event_id=event.event_id,
                          member_id=event.member_id, reason=reason)  # fmt: skip
                 continue
@@ -125,7 +127,8 @@ def make_handler(  # type: ignore[no-untyped-def]
                 await hold_behind_retries(conn, sorted({r[1] for r in rows.values()}), list(rows))
                 work.wake = True  # the deliverer, once they are committed (`consumer.bind`)
             else:
-                DELIVERED.labels("skipped").inc(len(rows))
+                outcomes["skipped"] += len(rows)
+        work.counts.extend((DELIVERED.labels(o), n) for o, n in outcomes.items())
 
     return handle
 
