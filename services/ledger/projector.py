@@ -31,6 +31,7 @@ from services.ledger.journal import (
 )
 from services.ledger.reads import member_document
 from services.ledger.rulebook import LedgerRules
+from services.ledger.sweeper import EXPIRED
 
 NO_SPEND: Final = Decimal("0.00")  # as a member row with no tier report shows it
 # The batch's grants already applied: moves are in the journal, tier reports in the tier
@@ -140,12 +141,16 @@ def make_handler(settings: Settings, consumer_name: str, rules: LedgerRules):  #
         # the sweeper. The expire entry ids are deterministic, so the sweeper agrees. Both
         # leave lots younger than the grace alone (`Settings.expiry_grace_seconds`).
         now = datetime.now(UTC) - timedelta(seconds=settings.expiry_grace_seconds)
+        expired = 0
         for member_id in {g.member_id for g in moves}:
             book = after[member_id]
             book, new = acc.apply(book, acc.Expire(now))
             entries.extend(new)
+            expired -= sum(e.points for e in new)
             after[member_id] = book
         await write_journal(conn, entries, before, after)
+        if expired:
+            work.counts.append((EXPIRED, expired))
         # An earn says which kind of activity caused it (a refund re-prices bonuses, and
         # can grant one): its entry id is its grant's id.
         causes = {g.event_id: g.data.source_type for g in moves if isinstance(g, PointsGranted)}

@@ -92,7 +92,8 @@ WHERE member_id = ANY($1::text[]) AND remaining > 0 AND expires_at > $2 AND avai
 GROUP BY member_id
 """
 
-EXPIRED = Counter("loyalty_points_expired_total", "Points journaled as expired by the sweeper")
+# Also of the grants consumer, which journals a late grant's lapsed lot (`projector`).
+EXPIRED = Counter("loyalty_points_expired_total", "Points journaled as expired")
 WARNED = Counter("loyalty_expiry_warnings_total", "points_expiring warnings published")
 log = structlog.get_logger()
 
