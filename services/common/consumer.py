@@ -39,9 +39,16 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
-from services.common.dlq import DEAD_LETTERS, classify, dead_letter, logged_ids, record_dead_letters
+from services.common.dlq import (
+    DEAD_LETTERS,
+    REASONS,
+    classify,
+    dead_letter,
+    logged_ids,
+    record_dead_letters,
+)
 from services.common.log_end import fingerprint
-from services.common.log_start import gaps, report_skipped
+from services.common.log_start import SKIPPED, gaps, report_skipped
 from services.common.outbox import OutboxRow, write_outbox
 from services.common.recreated_log import LogWatch, mark_of
 
@@ -105,7 +112,10 @@ class BatchConsumer:
         pool: asyncpg.Pool | None = None,
         handler: Handler | None = None,
         on_commit: Callable[[], None] = lambda: None,
+        refusals: Sequence[str] = (),
     ) -> None:
+        """`refusals`: the labels of the `dlq.Refused` its handler raises, exported at zero
+        from the start with the other reasons."""
         self.name = name
         self.service = service
         self.topic = topic
@@ -128,6 +138,14 @@ class BatchConsumer:
         # before a reset (in flight, retried) must not raise the offsets row again.
         self._resets: dict[tuple[str, int], int] = {}
         self._batch_resets: dict[tuple[str, int], int] = {}
+        # Its series exported from the start, at zero: a series born at its first increment
+        # has no earlier sample, so rate() and increase() miss that increment (the first
+        # dead letters, the first records lost).
+        CONSUMED.labels(name)
+        BATCH_SECONDS.labels(name)
+        SKIPPED.labels(name)
+        for reason in (*REASONS, *refusals):
+            DEAD_LETTERS.labels(name, reason)
 
     # --- wiring -------------------------------------------------------------------------
 

@@ -67,6 +67,10 @@ def logged_ids(record: ConsumerRecord) -> dict[str, str | None]:
     }
 
 
+# The labels `classify` gives; a consumer's own refusals (`Refused`) bring theirs.
+REASONS: Final = ("invalid_json", "unknown_type", "schema_violation", "processing_error")
+
+
 def classify(exc: Exception) -> tuple[str, str]:
     """(metric label, human reason) for why a message could not be used."""
     if isinstance(exc, Refused):

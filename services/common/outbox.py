@@ -129,6 +129,11 @@ class OutboxRelay:
         # The `consumer` of the dead letters it writes: not the service's consumer, which
         # never saw these rows; `dlq list --consumer rules-relay` shows them.
         self.relay_name = f"{service}-relay"
+        from services.common.dlq import DEAD_LETTERS  # as in `_dead_letter`
+
+        # At zero from the start, as the consumers' (`BatchConsumer`).
+        PUBLISHED.labels(service)
+        DEAD_LETTERS.labels(self.relay_name, TOO_LARGE_LABEL)
         self._wake = asyncio.Event()
         self._lock_key = zlib.crc32(f"outbox:{service}".encode())
 

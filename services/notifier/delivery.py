@@ -39,6 +39,13 @@ RECORD_S: Final = 10.0
 POLL_S: Final = 1.0  # an idle deliverer looks this often for retries come due
 
 DELIVERED = Counter("loyalty_notifications_total", "Notifications by outcome", ["outcome"])
+# Each outcome exported from the start, at zero, as the consumers' series (`BatchConsumer`).
+OUTCOMES: Final = (
+    "delivered", "failed", "given_up", "skipped",  # the deliverer's
+    "expired_before_warning", "expired_on_arrival", "caused_by_refund", "unknown_type",
+)  # fmt: skip
+for _outcome in OUTCOMES:
+    DELIVERED.labels(_outcome)
 log = structlog.get_logger()
 
 

@@ -28,6 +28,7 @@ from services.common.outbox import OutboxRelay, OutboxRow, make_producer
 from services.common.planner_stats import keep_planner_stats
 from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
 from services.rules import referral_chain as chain
+from services.rules.dated_ahead import LABEL as DATED_AHEAD
 from services.rules.dated_ahead import reference_time, refuse_dated_ahead
 from services.rules.emit import grant_json
 from services.rules.engine import HeldEvent, due_after, evaluate
@@ -271,6 +272,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
         service=SERVICE,
         topic=settings.topics.activity,
         dlq_topic=settings.topics.dlq,
+        refusals=(DATED_AHEAD,),
     )
     consumer.attach(
         broker,
