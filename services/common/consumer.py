@@ -47,7 +47,7 @@ from services.common.dlq import (
     logged_ids,
     record_dead_letters,
 )
-from services.common.log_end import fingerprint
+from services.common.log_end import LogEnds, fingerprint
 from services.common.log_start import SKIPPED, gaps, report_skipped
 from services.common.outbox import OutboxRow, write_outbox
 from services.common.recreated_log import LogWatch, mark_of
@@ -128,6 +128,7 @@ class BatchConsumer:
         self.assigned: set[TopicPartition] = set()
         # What this consumer knows of its logs, to tell one recreated under it.
         self._watch = LogWatch(name)
+        self.log_ends = LogEnds()  # where they end, for the lag gauge
         # Seeks the rebalance listener could not finish, retried in the background, each
         # with its partitions (paused until it succeeds).
         self._seeking: dict[asyncio.Task[None], frozenset[TopicPartition]] = {}
@@ -167,6 +168,7 @@ class BatchConsumer:
     ) -> None:
         consumer = self
         self._watch.bootstrap = bootstrap_servers
+        self.log_ends.bootstrap = bootstrap_servers
         # Half the session: the broker evicts a member that sends no heartbeat for all of it.
         self._attempt_s = session_timeout_ms / 2000
 
@@ -178,6 +180,7 @@ class BatchConsumer:
                     consumer._watch.revoked((tp.topic, tp.partition))
 
             async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+                consumer.log_ends.start(consumer.fetched_ends)  # at the first assignment
                 await consumer.seek_assigned(assigned)
 
         async def _raw(msg: Any) -> Any:
@@ -264,6 +267,7 @@ class BatchConsumer:
     async def stop(self) -> None:
         """Cancel every background seek, for a service's shutdown: aiokafka leaves the
         group without revoking, so `stop_seeking` never hears of it."""
+        await self.log_ends.stop()
         tasks = list(self._seeking)
         for task in tasks:
             task.cancel()
@@ -572,13 +576,22 @@ class BatchConsumer:
 
     # --- observability ------------------------------------------------------------------
 
+    def fetched_ends(self) -> dict[TopicPartition, int | None]:
+        """Each partition owned, with its end as its last fetch reported it (None: none yet)."""
+        kafka = getattr(self.subscriber, "consumer", None)
+        try:
+            return {tp: kafka.highwater(tp) for tp in self.assigned} if kafka else {}
+        except AssertionError:  # aiokafka, mid-rebalance: "Partition is not assigned"
+            return {}
+
     def lag(self) -> dict[tuple[str, int], int]:
+        """Records not yet applied, per partition owned whose end is known: no I/O."""
         kafka = getattr(self.subscriber, "consumer", None)
         out: dict[tuple[str, int], int] = {}
         if kafka is None:
             return out
         for tp in self.assigned:
-            high = kafka.highwater(tp)
+            high = self.log_ends.end(tp, kafka.highwater(tp))
             if high is not None:
                 out[(tp.topic, tp.partition)] = max(
                     0, high - self.next_offsets.get((tp.topic, tp.partition), 0)
@@ -587,7 +600,7 @@ class BatchConsumer:
 
 
 class LagCollector(Collector):
-    """Prometheus gauge computed on scrape: broker high-water mark minus our stored offset."""
+    """Prometheus gauge computed on scrape: the log's end (`LogEnds`) minus our next offset."""
 
     def __init__(self, consumers: list[BatchConsumer]) -> None:
         self.consumers = consumers

@@ -13,6 +13,10 @@ batch's first record, for a sign that the topic had been recreated, and read the
 partition again on every restart; a progress check that compared stored offsets with it
 could declare a stage done one batch early.
 
+`LogEnds` keeps the ends of a group consumer's partitions, asked every few seconds, for
+its lag gauge: the group consumer learns an end only from its own fetches, which stop
+while a batch is held up.
+
 `records_at` fetches the record at given offsets, so that a consumer can tell whether the
 log still holds the record it last consumed (`fingerprint`): a topic recreated (Tansu
 restarted, or ops deleted it) that has grown past the stored offset looks like the old one
@@ -21,31 +25,50 @@ by its offsets alone.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
+import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+log = structlog.get_logger()
+
 # A fetch from an offset just inside the log answers within the broker's fetch wait.
 FETCH_TIMEOUT_S: Final = 10.0
+# How often a consumer asks where its partitions end (`LogEnds`): a scrape (every 15-30 s)
+# sees an end at most this old, for a ListOffsets and a fetch per partition behind.
+LOG_ENDS_REFRESH_S: Final = 5.0
+# A round that takes longer (a ListOffsets of a deleted topic waits for it) is given up;
+# the lag meanwhile counts from the ends known before.
+LOG_ENDS_ROUND_S: Final = 30.0
 
 
 async def log_ends(
-    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition]
+    consumer: AIOKafkaConsumer,
+    tps: Sequence[TopicPartition],
+    known: Mapping[TopicPartition, int] | None = None,
 ) -> dict[TopicPartition, int]:
     """The offset after each partition's last record.
 
     `consumer` must be one of the caller's own, not in a group: its assignment becomes
-    the partitions asked about that have records.
+    the partitions asked about that have records. `known`: ends a fetch of this log
+    reported earlier (high watermarks). A partition whose ListOffsets answer is not past
+    its known end needs no fetch: the record batch that answer falls in was in the log
+    when that end was reported, so the log still ends there.
     """
+    known = known or {}
     reported = await consumer.end_offsets(list(tps))
-    starts = await consumer.beginning_offsets(list(tps))
-    ends = {tp: reported[tp] for tp in tps}
-    probe = [tp for tp in tps if reported[tp] > starts[tp]]
+    ends = {tp: max(reported[tp], known.get(tp, 0)) for tp in tps}
+    unsure = [tp for tp in tps if reported[tp] > known.get(tp, -1)]
+    if not unsure:
+        return ends
+    starts = await consumer.beginning_offsets(unsure)
+    probe = [tp for tp in unsure if reported[tp] > starts[tp]]
     if not probe:
         return ends
     consumer.assign(probe)
@@ -60,7 +83,7 @@ async def log_ends(
         for tp in list(waiting):
             high = consumer.highwater(tp)
             if high is not None:
-                ends[tp] = max(reported[tp], high)
+                ends[tp] = max(ends[tp], high)
                 waiting.discard(tp)
     return ends
 
@@ -73,6 +96,71 @@ async def log_ends_of(bootstrap: str, tps: Sequence[TopicPartition]) -> dict[Top
         return await log_ends(consumer, tps)
     finally:
         await consumer.stop()
+
+
+class LogEnds:
+    """Where the logs of a group consumer's partitions end, asked every
+    `LOG_ENDS_REFRESH_S` by a client of its own (out of the group), for the lag gauge.
+
+    The group consumer learns a partition's end (its high watermark) only from its own
+    fetches, and aiokafka fetches no more of a partition while records it fetched wait to
+    be handed over: with a batch held up (the database down, a lock) the end it knew stood
+    still exactly while the lag grew (the gauge showed 100 with 400 waiting).
+    """
+
+    def __init__(self) -> None:
+        self.bootstrap = ""  # set when its consumer is attached to a broker
+        self.interval_s = LOG_ENDS_REFRESH_S
+        self._asked: dict[TopicPartition, int] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    def start(self, owned: Callable[[], Mapping[TopicPartition, int | None]]) -> None:
+        """Asks, until `stop`, for the partitions `owned` names, each with the end its
+        group consumer last fetched (None: not yet). Once; not without a broker."""
+        if self._task is None and self.bootstrap and not self._stopped:
+            self._task = asyncio.create_task(self._run(owned), name="log-ends")
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def end(self, tp: TopicPartition, fetched: int | None) -> int | None:
+        """The later of the end last asked and the one the group consumer `fetched`: both
+        were exact when learnt, and a log only grows (one recreated shorter shows too much
+        lag until the next round after its consumer's first fetch of it)."""
+        return max((e for e in (self._asked.get(tp), fetched) if e is not None), default=None)
+
+    async def _run(self, owned: Callable[[], Mapping[TopicPartition, int | None]]) -> None:
+        client: AIOKafkaConsumer | None = None
+        try:
+            while True:
+                await asyncio.sleep(self.interval_s)
+                fetched = owned()
+                if not fetched:
+                    continue
+                try:
+                    if client is None:
+                        client = AIOKafkaConsumer(
+                            bootstrap_servers=self.bootstrap, enable_auto_commit=False
+                        )
+                        await client.start()
+                    known = {tp: end for tp, end in fetched.items() if end is not None}
+                    async with asyncio.timeout(LOG_ENDS_ROUND_S):
+                        self._asked = await log_ends(client, sorted(fetched), known)
+                except Exception as exc:  # the broker out of reach: asked again next round
+                    log.warning("log_ends_unknown", error=repr(exc))
+                    if client is not None:
+                        await client.stop()
+                        client = None
+                    continue
+                # Fetched only to learn an end: nothing more until the next round.
+                client.pause(*client.assignment())
+        finally:
+            if client is not None:
+                await client.stop()
 
 
 def fingerprint(record: ConsumerRecord) -> bytes:
