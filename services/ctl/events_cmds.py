@@ -15,10 +15,11 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Final
 
 import typer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -90,18 +91,34 @@ class UnknownTopic(Exception):
     pass
 
 
+# The producer's max_request_size (aiokafka's default, which `make_producer` keeps): a
+# record estimated larger is refused by `send` before it reaches the broker.
+MAX_REQUEST_BYTES: Final = 1_048_576
+
+
+def too_big(events: list[tuple[int, bytes, bytes]]) -> dict[int, str]:
+    """The lines the producer would refuse as too big (items are not capped), by the
+    producer's own estimate, so that a dry run finds them as a real run does."""
+    return {
+        number: f"too big to send ({len(value)} bytes)"
+        for number, key, value in events
+        if DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, []) > MAX_REQUEST_BYTES
+    }
+
+
 async def send(
-    bootstrap: str, topic: str, events: list[tuple[int, bytes, bytes]]
+    bootstrap: str, topic: str, events: list[tuple[int, bytes, bytes]], *, dry_run: bool = False
 ) -> dict[int, str]:
-    """Sends to an existing topic only (`missing_topics`), checked with nothing to send too
-    (a dry run, an empty file), so that they fail as a real run would; returns the lines the
-    producer refused, with why. A valid line can be too big (items are not capped): raised
-    from the loop, it stopped the lines after it while those before went out."""
+    """Sends to an existing topic only (`missing_topics`), checked for a dry run and with
+    nothing to send too, so that they fail as a real run would; returns the lines refused
+    as too big, with why. Raised from the loop, a too-big line stopped the lines after it
+    while those before went out."""
     if await missing_topics(bootstrap, {topic}):
         raise UnknownTopic(topic)
-    if not events:
-        return {}
-    refused: dict[int, str] = {}
+    refused = too_big(events)
+    events = [e for e in events if e[0] not in refused]
+    if dry_run or not events:
+        return refused
     producer = make_producer(bootstrap)
     try:
         await producer.start()
@@ -109,7 +126,7 @@ async def send(
         for number, key, value in events:
             try:
                 pending.append(await producer.send(topic, value, key=key))
-            except MessageSizeTooLargeError:  # over the producer's max_request_size
+            except MessageSizeTooLargeError:  # should `too_big`'s estimate ever differ
                 refused[number] = f"too big to send ({len(value)} bytes)"
         await asyncio.gather(*pending)
     finally:
@@ -142,8 +159,9 @@ def publish_cmd(
         raise fail(why)
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the error below says it
     try:
-        events = [] if dry_run else batch.events
-        too_big = asyncio.run(send(settings.bootstrap_servers, target, events))
+        refused_big = asyncio.run(
+            send(settings.bootstrap_servers, target, batch.events, dry_run=dry_run)
+        )
     except UnknownTopic:
         raise fail(
             f"broker: {settings.bootstrap_servers} has no topic {target}; nothing sent"
@@ -151,10 +169,10 @@ def publish_cmd(
         ) from None
     except (KafkaError, OSError) as exc:
         raise fail(f"broker: {settings.bootstrap_servers}: {exc}") from exc
-    for number, why_not in too_big.items():
+    for number, why_not in refused_big.items():
         batch.refused.append(f"line {number}: {why_not}")
         _refused(batch.refused[-1])
-    batch.events = [e for e in batch.events if e[0] not in too_big]
+    batch.events = [e for e in batch.events if e[0] not in refused_big]
     verb = "would send" if dry_run else "sent"
     refused = f"; {len(batch.refused)} line(s) refused" if batch.refused else ""
     out.print(f"{verb} {len(batch.events)} event(s) to {target}{refused}", highlight=False)

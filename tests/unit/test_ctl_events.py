@@ -90,6 +90,7 @@ def publish(
 
     monkeypatch.setattr(events_cmds, "missing_topics", missing_topics)
     monkeypatch.setattr(events_cmds, "make_producer", lambda b: FakeProducer(sent, 10_000))
+    monkeypatch.setattr(events_cmds, "MAX_REQUEST_BYTES", 10_000)
     from services.ctl.cli import app
 
     env = {"COLUMNS": "200", "LOYALTY_TOPIC_PREFIX": "", **(env or {})}
@@ -111,6 +112,11 @@ def test_a_line_too_big_to_send_is_refused_by_number_and_the_others_sent(
     assert [key for _topic, key, _value in sent] == [b"m-1", b"m-3"]
     assert f"refused line 2: too big to send ({len(lines[1])} bytes)" in ran.stderr
     assert ran.stdout.strip() == "sent 2 event(s) to loyalty.activity.v1; 1 line(s) refused"
+    # A dry run finds it too (it said "would send 3"): it checks what a real run checks.
+    ran, sent = publish(monkeypatch, path, "--dry-run")
+    assert (ran.exit_code, sent) == (1, [])
+    assert f"refused line 2: too big to send ({len(lines[1])} bytes)" in ran.stderr
+    assert ran.stdout.strip() == "would send 2 event(s) to loyalty.activity.v1; 1 line(s) refused"
 
 
 def test_a_prefix_without_a_dot_names_the_activity_topic_the_services_read(
