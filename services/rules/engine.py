@@ -116,7 +116,7 @@ def _register(state: MemberState, event: MemberRegistered | Referral) -> MemberS
     if (
         referrer
         and referrer != event.member_id
-        and state.referrer_id is None
+        and not state.referrer_id  # a blank one stored before it was refused: none
         and not state.first_purchase_done
     ):
         update["referrer_id"] = referrer

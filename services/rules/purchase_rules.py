@@ -202,7 +202,7 @@ def on_purchase(
                           points=rr.referrer_points)
             )  # fmt: skip
         indirect = referrers.get(referrer)
-        if indirect is not None and indirect not in {referrer, member} and rr.indirect_points > 0:
+        if indirect and indirect not in {referrer, member} and rr.indirect_points > 0:
             others.append(
                 OtherPaid(member_id=indirect, rule_id=ids.referral_indirect,
                           points=rr.indirect_points)

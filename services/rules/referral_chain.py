@@ -237,7 +237,9 @@ class ChainWork:
             purchase = events[r["purchase_event_id"]]
             ruleset = book.at(purchase.occurred_at)
             rule, points = ruleset.rule_ids.referral_indirect, ruleset.referral.indirect_points
-            if indirect is None or indirect in {referrer, member} or points <= 0:
+            # Falsy, not None: a referrer's blank referrer stored before registrations
+            # refused it names nobody (it paid the bonus to the buyer).
+            if not indirect or indirect in {referrer, member} or points <= 0:
                 continue
             # Exactly the payout `purchase_rules.on_purchase` makes, hence the same grant id.
             out += grant_events(
