@@ -346,10 +346,17 @@ WHERE h.next_attempt_at > now() AND n.member_id = m.member_id
 """
 # Row `n` goes only while no earlier pending row of its member waits for a retry or is
 # leased (in flight).
+# Row `n` goes only while its member's first pending row, if earlier, neither waits for a
+# retry nor is leased (in flight). Retries and leases only ever sit on a member's first
+# pending row (a turn is leased from it; `_FAILED` holds the rows behind a failed one), so
+# that row alone says. Asked of every earlier pending row instead, a take walked a
+# member's whole backlog for each of its rows: quadratic, 20 s for a backlog of 10,000.
 _NOTHING_EARLIER_WAITS: Final = """  AND NOT EXISTS (
-      SELECT 1 FROM notifications AS e
-      WHERE e.member_id = n.member_id AND e.status = 'pending' AND e.seq < n.seq
-        AND (e.next_attempt_at > now() OR e.leased_until > now()))
+      SELECT 1 FROM (
+          SELECT e.seq, e.next_attempt_at, e.leased_until FROM notifications AS e
+          WHERE e.member_id = n.member_id AND e.status = 'pending'
+          ORDER BY e.seq LIMIT 1) AS f
+      WHERE f.seq < n.seq AND (f.next_attempt_at > now() OR f.leased_until > now()))
 """
 # The members with due work (not taken yet): the first DELIVERY_BATCH of them among the
 # oldest due rows, by (next_attempt_at, seq), so that one member's backlog (made due at one
@@ -373,18 +380,27 @@ _TAKE_MEMBERS: Final = """
 SELECT m FROM unnest($1::text[]) AS m
 WHERE pg_try_advisory_xact_lock(hashtextextended('notifier:' || m, 0))
 """
-# Their first PER_MEMBER due notifications each, each only while no earlier one of the
-# member's waits for a retry or is leased (read again now that the members are ours),
-# leased for $2 seconds.
+# Their first PER_MEMBER pending notifications each, as far as they run due and free (a
+# row that waits or is leased stops its member's turn there), read again now that the
+# members are ours, leased for $2 seconds. Each member's rows come from its own index range,
+# so a take costs PER_MEMBER rows a member, whatever the member's backlog.
 _LEASE: Final = f"""
 WITH due AS (
-    SELECT n.notification_id,
-           row_number() OVER (PARTITION BY n.member_id ORDER BY n.seq) AS nth
-    FROM notifications AS n
-    WHERE n.member_id = ANY($1::text[]) AND n.status = 'pending' AND n.next_attempt_at <= now()
-{_FREE}{_NOTHING_EARLIER_WAITS})
+    SELECT f.notification_id
+    FROM unnest($1::text[]) AS m(member_id)
+    CROSS JOIN LATERAL (
+        SELECT p.notification_id,
+               bool_and(p.next_attempt_at <= now()
+                        AND (p.leased_until IS NULL OR p.leased_until <= now()))
+                   OVER (ORDER BY p.seq) AS go
+        FROM (SELECT n.notification_id, n.seq, n.next_attempt_at, n.leased_until
+              FROM notifications AS n
+              WHERE n.member_id = m.member_id AND n.status = 'pending'
+              ORDER BY n.seq LIMIT {PER_MEMBER}) AS p) AS f
+    WHERE f.go
+)
 UPDATE notifications AS n SET leased_until = now() + make_interval(secs => $2)
-FROM due WHERE n.notification_id = due.notification_id AND due.nth <= {PER_MEMBER}
+FROM due WHERE n.notification_id = due.notification_id
 RETURNING n.notification_id, n.member_id, n.kind, n.message, n.payload::text AS payload,
           n.attempts, n.seq
 """

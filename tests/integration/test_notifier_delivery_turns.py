@@ -249,3 +249,47 @@ async def test_two_processes_post_each_members_notifications_one_at_a_time_in_or
     for m in range(12):
         mine = rec.ids(f"o-{m:02}-")
         assert mine == sorted(set(mine)), mine  # in order, none twice
+
+
+def _rows_read(plan: dict[str, Any]) -> int:
+    """Rows the plan's scans of `notifications` returned, over all their loops."""
+    own = 0
+    if plan.get("Relation Name") == "notifications" and "Scan" in plan["Node Type"]:
+        own = int(plan["Actual Rows"]) * int(plan["Actual Loops"])
+    return own + sum(_rows_read(p) for p in plan.get("Plans", []))
+
+
+async def test_a_take_reads_a_turn_of_a_members_backlog_not_the_whole_of_it(
+    fresh_database: str,
+) -> None:
+    """Checking every earlier pending row for a retry or a lease walked the backlog for
+    each row of it: with a long history of delivered rows, a take of one member with 10,000
+    pending took 20 s. Retries and leases sit on a member's first pending row, so that row
+    alone is read, and a turn's rows come from the member's own index range."""
+    async with migrated_pool(fresh_database) as pool, pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO notifications (notification_id, member_id, kind, message, payload)"
+            " SELECT 'n-' || g, 'm-big', 'points_earned', 'm', '{}'"
+            " FROM generate_series(1, 5000) AS g"
+        )
+        await conn.execute("ANALYZE notifications")
+        # At most: the candidates' due rows and one first-row probe for each; a turn's rows
+        # and their first row (the old check read 10,000 here, the backlog twice).
+        bounds = (
+            (delivery._CANDIDATES, (50,), 4 * delivery._CANDIDATE_ROWS),
+            (delivery._LEASE, (["m-big"], 60.0), 4 * PER_MEMBER),
+        )
+        for sql, args, most in bounds:
+            explained = conn.transaction()  # EXPLAIN ANALYZE runs the lease: rolled back
+            await explained.start()
+            got = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
+            await explained.rollback()
+            plan = (json.loads(got) if isinstance(got, str) else got)[0]["Plan"]
+            assert _rows_read(plan) <= most, sql
+        taken = await conn.fetch(delivery._LEASE, ["m-big"], 60.0)
+        assert [r["notification_id"] for r in sorted(taken, key=lambda r: r["seq"])] == [
+            f"n-{i}" for i in range(1, PER_MEMBER + 1)
+        ]
+        # Leased: the member's later rows wait behind the turn, in the take and in candidates.
+        assert await conn.fetch(delivery._LEASE, ["m-big"], 60.0) == []
+        assert await conn.fetch(delivery._CANDIDATES, 50) == []
