@@ -2,10 +2,11 @@
 
 ``up`` brings up, in order, and leaves alone whatever is already healthy:
 
-1. Postgres: ``DATABASE_URL`` if set (external, not managed); else a local cluster with
-   data in ``.run/pgdata`` (kept across down/up) on ``PG_PORT`` (default 55432).
-2. Broker: ``KAFKA_BOOTSTRAP_SERVERS`` if set (external); else Tansu on 19092 (default,
-   memory only) or Apache Kafka with ``BROKER=kafka`` on 29092, data in
+1. Postgres: ``DATABASE_URL`` if set (external, not managed; it sticks until given again,
+   empty for the local one again); else a local cluster with data in ``.run/pgdata``
+   (kept across down/up) on ``PG_PORT`` (default 55432).
+2. Broker: ``KAFKA_BOOTSTRAP_SERVERS`` if set (external, sticky the same way); else Tansu
+   on 19092 (default, memory only) or Apache Kafka with ``BROKER=kafka`` on 29092, data in
    ``.run/kafka-data`` (kept across down/up). The choice sticks until BROKER is given again,
    and so do the ports (``PG_PORT``, ``TANSU_PORT``, ``KAFKA_PORT``: :data:`PORTS`).
 3. Topics (``TOPIC_PARTITIONS`` partitions, default 6) and DB migrations
@@ -188,30 +189,35 @@ def _pidfile(name: str) -> Path:
 # --------------------------------------------------------------------------------------
 
 
-def _ours(previous: dict[str, str], var: str, managed: bool) -> bool:
-    """Whether `var` in the environment is only the address this stack wrote to stack.env
-    (a shell that exported the file), not a server someone points us at."""
-    return managed and os.environ.get(var) == previous.get(var)
+def _external(previous: dict[str, str], var: str, recorded_kind: str | None) -> str | None:
+    """The address of the external server `var` names, None for the stack's own. Given,
+    unless it is only the address this stack wrote for its own server (a shell that
+    exported stack.env); not given, the one the last `up` was pointed at, since it sticks
+    like the other settings (a plain `make up` from cron moved the services to a fresh
+    local server); given empty, cleared: the stack's own again."""
+    given = os.environ.get(var)
+    if given is None:
+        if recorded_kind != "external" or previous.get("STACK_WRITER") == "demo":
+            return None
+        return previous.get(var) or None
+    ours = recorded_kind not in (None, "external") and given == previous.get(var)
+    return None if ours else given or None
 
 
-def external_postgres(previous: dict[str, str]) -> bool:
-    if not os.environ.get("DATABASE_URL"):
-        return False
-    return not _ours(previous, "DATABASE_URL", previous.get("POSTGRES") == "local")
+def external_postgres(previous: dict[str, str]) -> str | None:
+    return _external(previous, "DATABASE_URL", previous.get("POSTGRES"))
 
 
-def external_broker(previous: dict[str, str]) -> bool:
-    if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        return False
-    managed = previous.get("BROKER") in ("tansu", "kafka")
-    return not _ours(previous, "KAFKA_BOOTSTRAP_SERVERS", managed)
+def external_broker(previous: dict[str, str]) -> str | None:
+    return _external(previous, "KAFKA_BOOTSTRAP_SERVERS", previous.get("BROKER"))
 
 
 def ensure_postgres(previous: dict[str, str]) -> str:
     """DSN of the stack's database, starting the local cluster if we manage it."""
-    if external_postgres(previous):
+    external = external_postgres(previous)
+    if external:
         say("postgres: external (DATABASE_URL)")
-        return os.environ["DATABASE_URL"]
+        return external
     pg_port = port(previous, "PG_PORT")
     was_running = local.postgres_running(PG_DATA)
     dsn = local.start_postgres(PG_DATA, pg_port, log_path=LOGS / "postgres.log")
@@ -235,9 +241,10 @@ def ensure_broker(previous: dict[str, str]) -> tuple[str, str]:
     broker of another kind is running (BROKER changed), it is stopped first: only one
     managed broker at a time.
     """
-    if external_broker(previous):
+    external = external_broker(previous)
+    if external:
         say("broker: external (KAFKA_BOOTSTRAP_SERVERS)")
-        return "external", os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+        return "external", external
     # Sticky: after `BROKER=kafka up`, a plain `up` keeps Kafka (switch back explicitly).
     prev = previous.get("BROKER", "")
     kind = os.environ.get("BROKER", prev if prev in ("tansu", "kafka") else "tansu").lower()

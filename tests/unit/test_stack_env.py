@@ -290,3 +290,32 @@ def test_a_broker_that_died_comes_back_on_its_port(
     monkeypatch.setattr(stack.local, "write_pid", lambda *a: None)
     assert stack.ensure_broker(previous) == ("tansu", "127.0.0.1:19492")
     assert started == [19492]
+
+
+def test_external_servers_stick_until_given_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: 'What one make up was given sticks'. After `DATABASE_URL=… make up`, a plain
+    `make up` (another terminal, cron) started a local Postgres and Tansu and moved the
+    services to them: stack.env's POSTGRES=external / BROKER=external were never read."""
+    from deploy import stack
+
+    for var in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "BROKER"):
+        monkeypatch.delenv(var, raising=False)
+    dsn, bootstrap = "postgresql://ops@db.clinic/loyalty", "kafka.clinic:9092"
+    previous = {"POSTGRES": "external", "DATABASE_URL": dsn,
+                "BROKER": "external", "KAFKA_BOOTSTRAP_SERVERS": bootstrap}  # fmt: skip
+    monkeypatch.setattr(stack.local, "start_postgres", lambda *a, **k: pytest.fail("local pg"))
+    monkeypatch.setattr(stack.local, "start_tansu", lambda *a, **k: pytest.fail("local tansu"))
+    assert stack.ensure_postgres(previous) == dsn
+    assert stack.ensure_broker(previous) == ("external", bootstrap)
+    assert stack.build_env(previous, dsn, "external", bootstrap)["POSTGRES"] == "external"
+    # Given empty (README: 'empty to clear it'): back to the stack's own servers.
+    monkeypatch.setenv("DATABASE_URL", "")
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "")
+    assert not stack.external_postgres(previous)
+    assert not stack.external_broker(previous)
+    # Given again, the new address.
+    monkeypatch.setenv("DATABASE_URL", "postgresql://ops@db2.clinic/loyalty")
+    assert stack.external_postgres(previous) == "postgresql://ops@db2.clinic/loyalty"
+    # What `make demo` wrote (its own database) does not stick.
+    monkeypatch.delenv("DATABASE_URL")
+    assert not stack.external_postgres({**previous, "STACK_WRITER": "demo"})
