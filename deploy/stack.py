@@ -299,7 +299,8 @@ def build_env(
     keys += [
         k for k in _api_keys(added) if k not in keys and k.rpartition(":")[0] not in previous_roles
     ]
-    ledger_port = os.environ.get("LEDGER_PORT", previous.get("LEDGER_PORT", "8080"))
+    # Given empty: cleared, the ledger's default (as sticky() does for the others).
+    ledger_port = os.environ.get("LEDGER_PORT", previous.get("LEDGER_PORT", "")) or "8080"
     return {
         "POSTGRES": "external" if external_postgres(previous) else "local",
         "BROKER": broker_kind,

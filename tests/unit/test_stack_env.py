@@ -56,7 +56,7 @@ def build_env_with(env: dict[str, str], previous: dict[str, str]) -> dict[str, s
         " 'tansu', '127.0.0.1:1')))"
     )
     ours = ("LEDGER_API_KEYS", "DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "LEDGER_OPS_KEY",
-            "LEDGER_READER_KEY", "LEDGER_REDEEMER_KEY")  # fmt: skip
+            "LEDGER_READER_KEY", "LEDGER_REDEEMER_KEY", "LEDGER_PORT", "LEDGER_HOST")  # fmt: skip
     clean = {k: v for k, v in os.environ.items() if k not in ours}
     out = subprocess.run(
         [sys.executable, "-c", code, json.dumps(previous)],
@@ -319,3 +319,13 @@ def test_external_servers_stick_until_given_again(monkeypatch: pytest.MonkeyPatc
     # What `make demo` wrote (its own database) does not stick.
     monkeypatch.delenv("DATABASE_URL")
     assert not stack.external_postgres({**previous, "STACK_WRITER": "demo"})
+
+
+def test_a_cleared_ledger_port_is_the_default_one() -> None:
+    """`LEDGER_PORT= make up` (README: 'empty to clear it') wrote LEDGER_PORT= and
+    LEDGER_API_URL=http://127.0.0.1: while the ledger itself listened on 8080."""
+    previous = {"LEDGER_PORT": "45080", "LEDGER_API_URL": "http://127.0.0.1:45080"}
+    cleared = build_env_with({"LEDGER_PORT": ""}, previous)
+    assert (cleared["LEDGER_PORT"], cleared["LEDGER_API_URL"]) == ("8080", "http://127.0.0.1:8080")
+    kept = build_env_with({}, previous)
+    assert (kept["LEDGER_PORT"], kept["LEDGER_API_URL"]) == ("45080", "http://127.0.0.1:45080")
