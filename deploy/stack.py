@@ -301,21 +301,32 @@ def build_env(
     ]
     # Given empty: cleared, the ledger's default (as sticky() does for the others).
     ledger_port = os.environ.get("LEDGER_PORT", previous.get("LEDGER_PORT", "")) or "8080"
+    settings = sticky(previous)
     return {
         "POSTGRES": "external" if external_postgres(previous) else "local",
         "BROKER": broker_kind,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "DATABASE_URL": dsn,
         "LEDGER_PORT": ledger_port,
-        "LEDGER_API_URL": f"http://127.0.0.1:{ledger_port}",
+        "LEDGER_API_URL": api_url(settings.get("LEDGER_HOST"), ledger_port),
         "LEDGER_OPS_KEY": ops_key,
         "LEDGER_READER_KEY": reader_key,
         "LEDGER_REDEEMER_KEY": redeemer_key,
         "LEDGER_API_KEYS": ",".join(keys),
         **local.consumer_env(broker_kind, previous),
         # (The ledger serves /metrics on its API port; the others get a port of their own.)
-        **sticky(previous),
+        **settings,
     }
+
+
+def api_url(host: str | None, ledger_port: str) -> str:
+    """Where clients reach the ledger: the address it listens on (a fixed 127.0.0.1
+    reached nothing when it listened on 127.0.0.2); loopback when that is every interface."""
+    if not host or host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    elif ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    return f"http://{host}:{ledger_port}"
 
 
 ROLE_KEYS = ("LEDGER_OPS_KEY", "LEDGER_READER_KEY", "LEDGER_REDEEMER_KEY")

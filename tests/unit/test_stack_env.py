@@ -329,3 +329,19 @@ def test_a_cleared_ledger_port_is_the_default_one() -> None:
     assert (cleared["LEDGER_PORT"], cleared["LEDGER_API_URL"]) == ("8080", "http://127.0.0.1:8080")
     kept = build_env_with({}, previous)
     assert (kept["LEDGER_PORT"], kept["LEDGER_API_URL"]) == ("45080", "http://127.0.0.1:45080")
+
+
+def test_the_api_url_is_where_the_ledger_listens() -> None:
+    """`LEDGER_HOST=127.0.0.2 make up` wrote LEDGER_API_URL=http://127.0.0.1:<port>, where
+    nothing answers: make up's readiness wait failed and README's curls with it."""
+    for host, url in [
+        ("127.0.0.2", "http://127.0.0.2:8080"),
+        ("0.0.0.0", "http://127.0.0.1:8080"),
+        ("::", "http://127.0.0.1:8080"),
+        ("::1", "http://[::1]:8080"),
+        ("", "http://127.0.0.1:8080"),
+    ]:
+        assert build_env_with({"LEDGER_HOST": host}, {})["LEDGER_API_URL"] == url, host
+    assert build_env_with({}, {"LEDGER_HOST": "127.0.0.2"})["LEDGER_API_URL"] == (
+        "http://127.0.0.2:8080"
+    )
