@@ -149,8 +149,8 @@ async def _recreate_database(dsn: str) -> str:
 def _stop_services() -> None:
     """Services a previous `make up` left running would read the wrong database."""
     for name, module in reversed(stack.SERVICES):
-        pid = local.read_pid(stack.RUN / f"{name}.pid")
-        if local.pid_alive(pid, module):
+        pid = stack.service_pid(name, module)
+        if pid:
             local.stop_pid(pid, 15)
             say(f"{name}: stopped the running instance (pid {pid}) to start it for the demo")
 
@@ -321,7 +321,7 @@ async def wait_ready(api_url: str, timeout: float = 90.0) -> None:  # noqa: ASYN
             if time.monotonic() > deadline:
                 raise TimeoutError(f"ledger not ready after {timeout:.0f}s (.run/logs/ledger.log)")
             for name, module in stack.SERVICES:
-                if not local.pid_alive(local.read_pid(stack.RUN / f"{name}.pid"), module):
+                if stack.service_pid(name, module) is None:
                     raise RuntimeError(f"{name} exited; see .run/logs/{name}.log")
             await asyncio.sleep(0.2)
 

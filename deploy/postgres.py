@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deploy.processes import _tail, pid_alive, read_pid, stop_pid
+from deploy.processes import _tail, process_args, read_pid, stop_pid
 
 PG_USER = "loyalty"
 PG_PASSWORD = "loyalty"
@@ -186,9 +186,12 @@ def _pg_data_initialised(data_dir: Path) -> bool:
 
 
 def postgres_running(data_dir: Path) -> bool:
-    """True when a postmaster is running on ``data_dir`` (per its postmaster.pid)."""
-    pid = postgres_pid(data_dir)
-    return pid is not None and pid_alive(pid)
+    """True when the postmaster that ``postmaster.pid`` names runs on ``data_dir`` (its
+    ``-D``): after a crash the file stays, and its pid may by now name any process, which
+    ``make status`` then called Postgres and ``make down`` stopped."""
+    args = process_args(postgres_pid(data_dir))
+    given = args[args.index("-D") + 1] if "-D" in args[:-1] else None
+    return given is not None and Path(given).resolve() == Path(data_dir).resolve()
 
 
 def postgres_pid(data_dir: Path) -> int | None:

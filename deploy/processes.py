@@ -152,6 +152,27 @@ def pid_alive(pid: int | None, expect: str | None = None) -> bool:
     return True
 
 
+def process_args(pid: int | None) -> list[str]:
+    """The command line of live process ``pid``, argument by argument ([] when it is gone
+    or unreadable): whole arguments, so that one path or port is not taken for a longer
+    one that starts with it."""
+    if not pid_alive(pid):
+        return []
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0")[:-1]]
+
+
+def process_cwd(pid: int | None) -> Path | None:
+    """The working directory of process ``pid`` (None when unknown)."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")) if pid else None
+    except OSError:
+        return None
+
+
 def stop_pid(pid: int | None, timeout: float = 15.0) -> bool:
     """Stop a process: SIGTERM (to its process group if it leads one), then SIGKILL.
 

@@ -18,7 +18,9 @@
 
 ``down`` stops services, then the broker, then Postgres (data kept). ``status`` prints a
 table of components. Pid files carry no state beyond the pid; liveness is checked against
-the process command line so a stale pid reused by another process reads as "dead".
+what only the stack's own process has (a service: its command line and this checkout as
+its working directory; the broker: its port or data dir; Postgres: its data dir), so a
+stale pid reused by another process reads as "dead" and is never stopped.
 """
 
 from __future__ import annotations
@@ -229,9 +231,30 @@ def ensure_postgres(previous: dict[str, str]) -> str:
     return dsn
 
 
-def _broker_marker(kind: str) -> str:
-    """A string that occurs in the broker process's command line."""
-    return "kafka.Kafka" if kind == "kafka" else "tansu"
+def broker_pid(kind: str, recorded: dict[str, str]) -> int | None:
+    """The pid in broker.pid while it is this stack's broker of `kind`: Kafka on this
+    stack's data dir, Tansu on this stack's port (`recorded`: the stack.env the `up` that
+    started it wrote). Any process with 'tansu' in its command line, another stack's
+    broker too, was taken for it, and `make down` stopped it."""
+    pid = local.read_pid(_pidfile("broker"))
+    if kind == "kafka":
+        mark = str(KAFKA_DATA / "server.properties")
+    else:
+        # The port of the address it wrote when on Tansu (a TANSU_PORT given later while
+        # it ran did not move it), else the Tansu port it recorded.
+        ports = {**recorded, **_ports_in_use(recorded)}
+        mark = f"tcp://127.0.0.1:{ports.get('TANSU_PORT', PORTS['TANSU_PORT'])}"
+    return pid if mark in local.process_args(pid) else None
+
+
+def service_pid(name: str, module: str) -> int | None:
+    """The pid in `<name>.pid` while it is this stack's service: `python -m <module>` run
+    in this checkout. The pid of one that died may by now name any process, another
+    checkout's service too, which status called alive and `make down` stopped."""
+    pid = local.read_pid(_pidfile(name))
+    if local.process_args(pid)[1:] != ["-m", module] or local.process_cwd(pid) != ROOT:
+        return None
+    return pid
 
 
 def ensure_broker(previous: dict[str, str]) -> tuple[str, str]:
@@ -250,9 +273,9 @@ def ensure_broker(previous: dict[str, str]) -> tuple[str, str]:
     kind = os.environ.get("BROKER", prev if prev in ("tansu", "kafka") else "tansu").lower()
     if kind not in ("tansu", "kafka"):
         raise SystemExit(f"BROKER must be tansu or kafka, not {kind!r}")
-    pid = local.read_pid(_pidfile("broker"))
     prev_kind = previous.get("BROKER")
-    if local.pid_alive(pid, _broker_marker(kind)) and prev_kind == kind:
+    pid = broker_pid(kind, previous) if prev_kind == kind else None
+    if pid:
         bootstrap = previous["KAFKA_BOOTSTRAP_SERVERS"]
         try:
             local.wait_for_broker(bootstrap, 30, pid=pid)
@@ -262,9 +285,10 @@ def ensure_broker(previous: dict[str, str]) -> tuple[str, str]:
         else:
             say(f"broker: {kind} already running on {bootstrap} (pid {pid})")
             return kind, bootstrap
-    if pid and prev_kind and local.pid_alive(pid, _broker_marker(prev_kind)):
-        say(f"broker: stopping {prev_kind} (pid {pid}) to switch to {kind}")
-        local.stop_pid(pid, 30)
+    old = broker_pid(prev_kind, previous) if prev_kind in ("tansu", "kafka") else None
+    if old:
+        say(f"broker: stopping {prev_kind} (pid {old}) to switch to {kind}")
+        local.stop_pid(old, 30)
     t0 = time.monotonic()
     if kind == "tansu":
         pid, bootstrap = local.start_tansu(port(previous, "TANSU_PORT"), LOGS / "tansu.log")
@@ -369,8 +393,8 @@ def ensure_services(stack_env: dict[str, str], restart: bool = False) -> bool:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     started: list[tuple[str, int]] = []
     for name, module in SERVICES:
-        pid = local.read_pid(_pidfile(name))
-        if local.pid_alive(pid, module):
+        pid = service_pid(name, module)
+        if pid:
             if not restart:
                 say(f"{name}: already running (pid {pid})")
                 continue
@@ -440,14 +464,15 @@ def wait_ready(api_url: str, timeout: float = 90.0) -> bool:
 
 def down() -> int:
     for name, module in reversed(SERVICES):
-        pid = local.read_pid(_pidfile(name))
-        if local.pid_alive(pid, module):
+        pid = service_pid(name, module)
+        if pid:
             local.stop_pid(pid, 15)
             say(f"{name}: stopped (pid {pid})")
         _pidfile(name).unlink(missing_ok=True)
-    pid = local.read_pid(_pidfile("broker"))
+    recorded = read_env_file()
     for kind in ("tansu", "kafka"):  # whatever we started last, even if now "external"
-        if local.pid_alive(pid, _broker_marker(kind)):
+        pid = broker_pid(kind, recorded)
+        if pid:
             local.stop_pid(pid, 30)
             say(f"broker: {kind} stopped (pid {pid})")
     _pidfile("broker").unlink(missing_ok=True)
@@ -473,7 +498,7 @@ def status() -> int:
         rows.append(("broker", "-", "external", env.get("KAFKA_BOOTSTRAP_SERVERS", "")))
     else:
         pid = local.read_pid(_pidfile("broker"))
-        alive = kind in ("tansu", "kafka") and local.pid_alive(pid, _broker_marker(kind))
+        alive = kind in ("tansu", "kafka") and broker_pid(kind, env) is not None
         rows.append(
             (
                 f"broker ({kind})",
@@ -484,7 +509,7 @@ def status() -> int:
         )
     for name, module in SERVICES:
         pid = local.read_pid(_pidfile(name))
-        alive = local.pid_alive(pid, module)
+        alive = service_pid(name, module) is not None
         rows.append((name, str(pid or "-"), "alive" if alive else "dead", f".run/logs/{name}.log"))
     header = ("component", "pid", "state", "where")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]

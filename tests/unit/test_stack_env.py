@@ -345,3 +345,84 @@ def test_the_api_url_is_where_the_ledger_listens() -> None:
     assert build_env_with({}, {"LEDGER_HOST": "127.0.0.2"})["LEDGER_API_URL"] == (
         "http://127.0.0.2:8080"
     )
+
+
+SLEEP = "import time; time.sleep(60)"
+
+
+def _spawn(argv: list[str], cwd: Path, **env: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, cwd=cwd, env={**os.environ, **env}, start_new_session=True)
+
+
+def test_a_stale_pid_file_never_names_another_process(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A pid file outlives its process (kill -9, a crash) and its pid gets reused. Any live
+    pid in postmaster.pid was Postgres, any process with 'tansu' in its command line the
+    broker, any with 'services.notifier' (another checkout's) the notifier: status called
+    them alive, and down killed them."""
+    from deploy import stack
+
+    run = tmp_path / "run"
+    (run / "pgdata").mkdir(parents=True)
+    monkeypatch.setattr(stack, "RUN", run)
+    monkeypatch.setattr(stack, "PG_DATA", run / "pgdata")
+    monkeypatch.setattr(stack, "STACK_ENV", run / "stack.env")
+    (tmp_path / "sleeper.py").write_text(SLEEP)
+    monkeypatch.setattr(stack, "SERVICES", [("ledger", "sleeper"), ("notifier", "services.x")])
+    recorded = {"BROKER": "tansu", "TANSU_PORT": "45092", "KAFKA_BOOTSTRAP_SERVERS": "b:45092"}
+    stack.write_env_file(recorded, run / "stack.env")
+    other = tmp_path / "other-checkout"
+    other.mkdir()
+    procs = {
+        # The ledger of another checkout (same command line, run elsewhere).
+        "ledger": _spawn([sys.executable, "-m", "sleeper"], other, PYTHONPATH=str(tmp_path)),
+        "notifier": _spawn([sys.executable, "-c", SLEEP, "-m", "services.x"], ROOT),
+        # Another stack's Tansu, on its own port.
+        "broker": _spawn([sys.executable, "-c", SLEEP, "tansu", "tcp://127.0.0.1:45192"], ROOT),
+        "postgres": _spawn([sys.executable, "-c", SLEEP, "-D", str(tmp_path / "pg")], ROOT),
+    }
+    try:
+        for name, proc in procs.items():
+            (run / f"{name}.pid").write_text(f"{proc.pid}\n")
+        (run / "pgdata" / "postmaster.pid").write_text(f"{procs['postgres'].pid}\n")
+        assert not stack.local.postgres_running(run / "pgdata")
+        assert stack.status() == 1
+        stack.down()
+        assert all(proc.poll() is None for proc in procs.values()), "down killed a stranger"
+        # The stack's own: the same command line in this checkout is stopped.
+        ours = _spawn([sys.executable, "-m", "sleeper"], ROOT, PYTHONPATH=str(tmp_path))
+        (run / "ledger.pid").write_text(f"{ours.pid}\n")
+        assert stack.service_pid("ledger", "sleeper") == ours.pid
+        stack.down()
+        assert ours.wait(10) is not None
+        postmaster = _spawn([sys.executable, "-c", SLEEP, "-D", str(run / "pgdata")], ROOT)
+        procs["postmaster"] = postmaster
+        (run / "pgdata" / "postmaster.pid").write_text(f"{postmaster.pid}\n")
+        assert stack.local.postgres_running(run / "pgdata")
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
+def test_the_broker_is_known_by_the_address_it_was_started_on(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from deploy import stack
+
+    monkeypatch.setattr(stack, "RUN", tmp_path)
+    tansu = _spawn([sys.executable, "-c", SLEEP, "--listener-url", "tcp://127.0.0.1:45092"], ROOT)
+    try:
+        (tmp_path / "broker.pid").write_text(f"{tansu.pid}\n")
+        on_tansu = {"BROKER": "tansu", "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:45092"}
+        assert stack.broker_pid("tansu", on_tansu) == tansu.pid
+        # TANSU_PORT given while it ran: recorded, but the broker stayed where it was.
+        assert stack.broker_pid("tansu", {**on_tansu, "TANSU_PORT": "45093"}) == tansu.pid
+        moved = {"BROKER": "external", "KAFKA_BOOTSTRAP_SERVERS": "k:9092", "TANSU_PORT": "45092"}
+        assert stack.broker_pid("tansu", moved) == tansu.pid
+        assert stack.broker_pid("tansu", {**moved, "TANSU_PORT": "45099"}) is None
+        assert stack.broker_pid("kafka", on_tansu) is None
+    finally:
+        tansu.kill()
+        tansu.wait()
