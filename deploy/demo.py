@@ -179,7 +179,7 @@ def start_stack(run: str, receiver: WebhookReceiver) -> DemoStack:
     )
     stack.write_env_file(env)
     if not stack.ensure_services(env):
-        raise SystemExit("a service exited right after start; see .run/logs/")
+        raise SystemExit("a service's port is taken (see above), so it was not started")
     return DemoStack(
         dsn=demo_dsn,
         bootstrap=bootstrap,

@@ -113,6 +113,11 @@ def start_process(
             close_fds=True,
         )
     _CHILDREN[proc.pid] = proc
+    # Popen returns once exec began; the kernel shows the new command line a moment later,
+    # and until then the process would not read as the stack's (see `process_args`).
+    deadline = time.monotonic() + 1.0
+    while not process_args(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
     return proc.pid
 
 

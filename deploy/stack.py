@@ -381,7 +381,9 @@ def _api_keys(value: str) -> list[str]:
 
 
 def ensure_services(stack_env: dict[str, str], restart: bool = False) -> bool:
-    """Start each service that is not running; False if any died within ~2 s of start.
+    """Start each service that is not running; False if one could not be, its port being
+    taken (another stack's, say): it would bind and exit some 5 s later, when `up` had
+    already called it started. Whether the started ones come up is `wait_ready`'s.
 
     ``restart`` stops running ones first: used when stack.env changed (e.g. another
     broker address), since a process only reads its environment at start.
@@ -391,7 +393,7 @@ def ensure_services(stack_env: dict[str, str], restart: bool = False) -> bool:
         if var not in stack_env:
             env.pop(var, None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    started: list[tuple[str, int]] = []
+    ok = True
     for name, module in SERVICES:
         pid = service_pid(name, module)
         if pid:
@@ -402,20 +404,25 @@ def ensure_services(stack_env: dict[str, str], restart: bool = False) -> bool:
             local.stop_pid(pid, 15)
         log = LOGS / f"{name}.log"
         service_env = {**env, "METRICS_PORT": env.get(f"{name.upper()}_METRICS_PORT", "0")}
+        where = _listens_on(name, service_env)
+        if where and local.port_open(*where):
+            ok = False
+            say(f"{name}: port {where[1]} on {where[0]} is taken by another process, not started")
+            continue
         pid = local.start_process([sys.executable, "-m", module], log, env=service_env, cwd=ROOT)
         local.write_pid(_pidfile(name), pid)
-        started.append((name, pid))
-    if not started:
-        return True
-    time.sleep(2.0)
-    ok = True
-    for name, pid in started:
-        if local.pid_alive(pid):
-            say(f"{name}: started (pid {pid}, log {LOGS / name}.log)")
-        else:
-            ok = False
-            say(f"{name}: EXITED right after start, see {LOGS / name}.log")
+        say(f"{name}: started (pid {pid}, log {_shown(log)})")
     return ok
+
+
+def _listens_on(name: str, env: dict[str, str]) -> tuple[str, int] | None:
+    """(host, port) service `name` binds, as a client reaches it; None: no port."""
+    if name == "ledger":
+        url = urlsplit(api_url(env.get("LEDGER_HOST"), env.get("LEDGER_PORT", "8080")))
+        host, given = url.hostname or "127.0.0.1", url.netloc.rpartition(":")[2]
+    else:
+        host, given = "127.0.0.1", env.get("METRICS_PORT", "0")
+    return (host, int(given)) if given.isdigit() and int(given) else None
 
 
 def up() -> int:
@@ -446,20 +453,29 @@ def up() -> int:
 
 
 def wait_ready(api_url: str, timeout: float = 90.0) -> bool:
-    """`up` returns once the ledger answers /readyz (database and consumers assigned)."""
+    """`up` returns once the ledger answers /readyz (database and consumers assigned) and
+    every service still runs: a 200 alone may come from whatever else answers on the
+    port, and a service that exits on start takes seconds to do so."""
     import httpx
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         try:
-            if httpx.get(f"{api_url}/readyz", timeout=2).status_code == 200:
-                say(f"ledger: ready at {api_url}")
-                return True
+            ready = httpx.get(f"{api_url}/readyz", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
+            ready = False
+        gone = [name for name, module in SERVICES if service_pid(name, module) is None]
+        for name in gone:
+            say(f"{name}: EXITED before the stack was ready, see {_shown(LOGS / name)}.log")
+        if gone:
+            return False
+        if ready:
+            say(f"ledger: ready at {api_url}")
+            return True
+        if time.monotonic() > deadline:
+            say(f"ledger: not ready after {timeout:.0f}s, see {_shown(LOGS / 'ledger.log')}")
+            return False
         time.sleep(0.5)
-    say(f"ledger: not ready after {timeout:.0f}s, see {LOGS / 'ledger.log'}")
-    return False
 
 
 def down() -> int:

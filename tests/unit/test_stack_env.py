@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +204,7 @@ def test_cleared_ledger_host_does_not_reach_the_ledger(
     monkeypatch.setattr(stack.local, "pid_alive", lambda *a, **k: a[0] is not None)
     monkeypatch.setattr(stack.local, "start_process", start)
     monkeypatch.setattr(stack.local, "write_pid", lambda *a: None)
-    monkeypatch.setattr(stack.time, "sleep", lambda s: None)
+    monkeypatch.setattr(stack.local, "port_open", lambda *a: False)
     stack.ensure_services(stack_env)
     ledger_env = seen["services.ledger"]
     # The ledger reads os.environ.get("LEDGER_HOST", "127.0.0.1"): "" means every interface.
@@ -351,7 +352,11 @@ SLEEP = "import time; time.sleep(60)"
 
 
 def _spawn(argv: list[str], cwd: Path, **env: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(argv, cwd=cwd, env={**os.environ, **env}, start_new_session=True)
+    proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **env}, start_new_session=True)
+    # Popen returns once exec began; the kernel shows the new command line a moment later.
+    while not Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+        time.sleep(0.01)
+    return proc
 
 
 def test_a_stale_pid_file_never_names_another_process(
@@ -426,3 +431,59 @@ def test_the_broker_is_known_by_the_address_it_was_started_on(
     finally:
         tansu.kill()
         tansu.wait()
+
+
+def test_a_service_whose_port_is_taken_is_not_started_and_up_fails(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ledger port already in use (another stack's ledger): the ledger exited ~5 s after
+    start, `up` looked at it once at 2 s, said 'started' and exited 0."""
+    import socket
+
+    from deploy import stack
+
+    started: list[str] = []
+    monkeypatch.setattr(stack, "RUN", tmp_path)
+    monkeypatch.setattr(stack.local, "start_process", lambda cmd, *a, **k: started.append(cmd[-1]))
+    monkeypatch.setattr(stack.local, "write_pid", lambda *a: None)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        stack_env = {"LEDGER_PORT": port, "RULES_METRICS_PORT": "0", "NOTIFIER_METRICS_PORT": "0"}
+        assert stack.ensure_services(stack_env) is False
+        assert "services.ledger" not in started
+        assert f"ledger: port {port} on 127.0.0.1 is taken" in capsys.readouterr().out
+        started.clear()
+        assert stack.ensure_services({**stack_env, "NOTIFIER_METRICS_PORT": port}) is False
+        assert started == ["services.rules"]
+
+
+def test_up_is_not_ready_while_a_service_is_dead(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Something else answering 200 on the ledger's port while a started service died: the
+    readiness wait took the 200 and `up` said ready."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from deploy import stack
+
+    class Ready(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    monkeypatch.setattr(stack, "RUN", tmp_path)  # no pid files: no service of the stack runs
+    server = HTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert stack.wait_ready(url, timeout=3) is False
+        monkeypatch.setattr(stack, "service_pid", lambda name, module: 4242)
+        assert stack.wait_ready(url, timeout=3) is True
+    finally:
+        server.shutdown()
+        server.server_close()
