@@ -340,11 +340,12 @@ async def create_topics_async(
     names: Iterable[str],
     partitions: int = 6,
     timeout: float = 30.0,  # noqa: ASYNC109
-) -> None:
+) -> dict[str, int]:
     """Create topics (replication factor 1); existing ones are left as they are.
 
     Then waits until every partition of every topic has a leader in the metadata, so a
-    producer or consumer started right after does not race topic creation.
+    producer or consumer started right after does not race topic creation. Returns each
+    topic's partition count: an existing topic keeps its own, whatever ``partitions`` says.
     """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError, for_code
@@ -374,7 +375,7 @@ async def create_topics_async(
                 for t in described
             )
             if ready:
-                return
+                return {t["topic"]: len(t["partitions"]) for t in described}
             if time.monotonic() > deadline:
                 raise TimeoutError(f"topics not ready: {described}")
             await asyncio.sleep(0.2)
@@ -382,9 +383,9 @@ async def create_topics_async(
         await admin.close()
 
 
-def create_topics(bootstrap: str, names: list[str], partitions: int = 6) -> None:
+def create_topics(bootstrap: str, names: list[str], partitions: int = 6) -> dict[str, int]:
     """Sync wrapper of :func:`create_topics_async`."""
-    _run_coro(create_topics_async(bootstrap, names, partitions))
+    return _run_coro(create_topics_async(bootstrap, names, partitions))
 
 
 async def delete_topics_async(bootstrap: str, names: Iterable[str]) -> None:

@@ -9,7 +9,8 @@
    on 19092 (default, memory only) or Apache Kafka with ``BROKER=kafka`` on 29092, data in
    ``.run/kafka-data`` (kept across down/up). The choice sticks until BROKER is given again,
    and so do the ports (``PG_PORT``, ``TANSU_PORT``, ``KAFKA_PORT``: :data:`PORTS`).
-3. Topics (``TOPIC_PARTITIONS`` partitions, default 6) and DB migrations
+3. Topics (``TOPIC_PARTITIONS`` partitions, default 6, for the ones created new; those
+   that exist keep theirs, and their count is recorded) and DB migrations
    (``services.common.migrations.apply_migrations(dsn)``).
 4. ``.run/stack.env``: the settings every service and tool reads. Generated API keys are
    reused from an existing file so clients keep working across restarts.
@@ -431,25 +432,47 @@ def up() -> int:
     previous = read_env_file()
     dsn = ensure_postgres(previous)
     kind, bootstrap = ensure_broker(previous)
-    partitions = int(sticky(previous)["TOPIC_PARTITIONS"])
     names = topics(previous)
-    local.create_topics(bootstrap, names, partitions)
-    say(f"topics: {', '.join(names)} ({partitions} partitions)")
+    partitions = ensure_topics(bootstrap, names, int(sticky(previous)["TOPIC_PARTITIONS"]))
     apply_migrations(dsn)
-    stack_env = build_env(previous, dsn, kind, bootstrap)
+    stack_env = {**build_env(previous, dsn, kind, bootstrap), "TOPIC_PARTITIONS": partitions}
     write_env_file(stack_env)
     say(f"env: {STACK_ENV}")
     changed = sorted(
         k
         for k in stack_env.keys() | previous.keys()
-        # The ports only `up` reads: what changes for the services is the address.
-        if previous and previous.get(k) != stack_env.get(k) and k not in PORTS
+        # What only `up` reads: the ports (what changes for the services is the address)
+        # and the partitions of topics it creates.
+        if previous and previous.get(k) != stack_env.get(k) and k not in UP_ONLY
     )
     if changed:
         say(f"settings changed since the last up: {', '.join(changed)}")
     if not ensure_services(stack_env, restart=bool(changed)):
         return 1
     return 0 if wait_ready(stack_env["LEDGER_API_URL"]) else 1
+
+
+UP_ONLY = {*PORTS, "TOPIC_PARTITIONS"}
+
+
+def ensure_topics(bootstrap: str, names: list[str], wanted: int) -> str:
+    """Creates the missing topics with `wanted` partitions; the count the topics have, to
+    record: an existing topic keeps its own, and the count recorded is what a memory-only
+    Tansu started again creates them with (another would move members to other
+    partitions, their events then applied out of order)."""
+    counts = local.create_topics(bootstrap, names, wanted)
+    have = sorted(set(counts.values()))
+    if len(have) == 1:
+        say(f"topics: {', '.join(names)} ({have[0]} partitions)")
+    else:
+        say(f"topics: {', '.join(f'{n} ({counts[n]} partitions)' for n in names)}")
+    if have != [wanted]:
+        say(
+            f"topics: TOPIC_PARTITIONS={wanted} left them as they are: it applies to topics"
+            " created new only, as partitions added to a topic move members to others"
+            " (recreate them to change it)"
+        )
+    return str(have[0]) if len(have) == 1 else str(wanted)
 
 
 def wait_ready(api_url: str, timeout: float = 90.0) -> bool:

@@ -487,3 +487,42 @@ def test_up_is_not_ready_while_a_service_is_dead(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_topic_partitions_given_to_existing_topics_is_said_and_restarts_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`TOPIC_PARTITIONS=12 make up` on topics that have 6: up printed '12 partitions' (the
+    topics keep 6), restarted every service for it, and recorded 12, which the next
+    memory-only Tansu then created, moving members to other partitions."""
+    from deploy import stack
+
+    monkeypatch.setattr(stack, "RUN", tmp_path)
+    monkeypatch.setattr(stack, "LOGS", tmp_path / "logs")
+    monkeypatch.setattr(stack, "STACK_ENV", tmp_path / "stack.env")
+    for var in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "LOYALTY_TOPIC_PREFIX"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(stack, "ensure_postgres", lambda previous: "postgresql://x@h/db")
+    monkeypatch.setattr(stack, "ensure_broker", lambda previous: ("tansu", "127.0.0.1:45092"))
+    monkeypatch.setattr(stack, "apply_migrations", lambda dsn: None)
+    monkeypatch.setattr(stack, "wait_ready", lambda url: True)
+    restarts: list[bool] = []
+
+    def ensure_services(stack_env: dict[str, str], restart: bool) -> bool:
+        restarts.append(restart)
+        return True
+
+    monkeypatch.setattr(stack, "ensure_services", ensure_services)
+    have = {"loyalty.activity.v1": 6, "loyalty.grants.v1": 6, "loyalty.ledger.v1": 6,
+            "loyalty.dlq.v1": 6}  # fmt: skip
+    monkeypatch.setattr(stack.local, "create_topics", lambda bootstrap, names, n: have)
+    monkeypatch.delenv("TOPIC_PARTITIONS", raising=False)
+    assert stack.up() == 0
+    capsys.readouterr()
+    monkeypatch.setenv("TOPIC_PARTITIONS", "12")
+    assert stack.up() == 0
+    out = capsys.readouterr().out
+    assert "loyalty.dlq.v1 (6 partitions)" in out
+    assert "TOPIC_PARTITIONS=12 left them as they are" in out
+    assert stack.read_env_file()["TOPIC_PARTITIONS"] == "6"
+    assert restarts == [False, False]
