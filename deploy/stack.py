@@ -290,13 +290,21 @@ def ensure_broker(previous: dict[str, str]) -> tuple[str, str]:
     if old:
         say(f"broker: stopping {prev_kind} (pid {old}) to switch to {kind}")
         local.stop_pid(old, 30)
+    port_vars = ("TANSU_PORT",) if kind == "tansu" else ("KAFKA_PORT", "KAFKA_CONTROLLER_PORT")
+    ports = {var: port(previous, var) for var in port_vars}
+    for var, number in ports.items():
+        if local.port_open("127.0.0.1", number):  # the broker would fail, in a traceback
+            raise SystemExit(
+                f"broker: port {number} is taken by another process, not this stack's broker:"
+                f" stop it, or give {var} another port"
+            )
     t0 = time.monotonic()
     if kind == "tansu":
-        pid, bootstrap = local.start_tansu(port(previous, "TANSU_PORT"), LOGS / "tansu.log")
+        pid, bootstrap = local.start_tansu(ports["TANSU_PORT"], LOGS / "tansu.log")
         note = "memory storage: topics and offsets reset on restart"
     else:
-        ports = port(previous, "KAFKA_PORT"), port(previous, "KAFKA_CONTROLLER_PORT")
-        pid, bootstrap = local.start_kafka(*ports, KAFKA_DATA, LOGS / "kafka.log")
+        kafka_ports = ports["KAFKA_PORT"], ports["KAFKA_CONTROLLER_PORT"]
+        pid, bootstrap = local.start_kafka(*kafka_ports, KAFKA_DATA, LOGS / "kafka.log")
         note = f"Apache Kafka {local.KAFKA_VERSION}, data in {_shown(KAFKA_DATA)}"
     local.write_pid(_pidfile("broker"), pid)
     say(f"broker: {kind} started on {bootstrap} (pid {pid}, {time.monotonic() - t0:.1f}s; {note})")
@@ -517,7 +525,7 @@ def down() -> int:
     _pidfile("broker").unlink(missing_ok=True)
     if local.postgres_running(PG_DATA):
         local.stop_postgres(PG_DATA)
-        say("postgres: stopped (data kept in .run/pgdata)")
+        say(f"postgres: stopped (data kept in {_shown(PG_DATA)})")
     _pidfile("postgres").unlink(missing_ok=True)
     return 0
 
@@ -549,7 +557,8 @@ def status() -> int:
     for name, module in SERVICES:
         pid = local.read_pid(_pidfile(name))
         alive = service_pid(name, module) is not None
-        rows.append((name, str(pid or "-"), "alive" if alive else "dead", f".run/logs/{name}.log"))
+        log = _shown(LOGS / f"{name}.log")
+        rows.append((name, str(pid or "-"), "alive" if alive else "dead", log))
     header = ("component", "pid", "state", "where")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     for r in [header, *rows]:

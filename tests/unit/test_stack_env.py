@@ -526,3 +526,49 @@ def test_topic_partitions_given_to_existing_topics_is_said_and_restarts_nothing(
     assert "TOPIC_PARTITIONS=12 left them as they are" in out
     assert stack.read_env_file()["TOPIC_PARTITIONS"] == "6"
     assert restarts == [False, False]
+
+
+def test_status_and_down_name_the_run_dir_they_use(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With STACK_RUN_DIR elsewhere, status and down named .run/logs/... and .run/pgdata."""
+    from deploy import stack
+
+    run = tmp_path / "run"
+    (run / "pgdata").mkdir(parents=True)
+    monkeypatch.setattr(stack, "RUN", run)
+    monkeypatch.setattr(stack, "LOGS", run / "logs")
+    monkeypatch.setattr(stack, "PG_DATA", run / "pgdata")
+    monkeypatch.setattr(stack, "STACK_ENV", run / "stack.env")
+    stack.status()
+    out = capsys.readouterr().out
+    assert f"{run}/logs/rules.log" in out
+    assert ".run/" not in out
+    postmaster = _spawn([sys.executable, "-c", SLEEP, "-D", str(run / "pgdata")], ROOT)
+    try:
+        (run / "pgdata" / "postmaster.pid").write_text(f"{postmaster.pid}\n")
+        monkeypatch.setattr(stack.local, "stop_postgres", lambda data_dir: None)
+        stack.down()
+    finally:
+        postmaster.kill()
+        postmaster.wait()
+    assert f"postgres: stopped (data kept in {run}/pgdata)" in capsys.readouterr().out
+
+
+def test_a_broker_port_taken_by_another_process_stops_up_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Another broker on this stack's Tansu port: up died in a traceback."""
+    import socket
+
+    from deploy import stack
+
+    for var in ("TANSU_PORT", "BROKER", "KAFKA_BOOTSTRAP_SERVERS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(stack, "RUN", tmp_path)
+    monkeypatch.setattr(stack.local, "start_tansu", lambda *a: pytest.fail("started"))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"^broker: port {port} is taken by another") as exc:
+            stack.ensure_broker({"BROKER": "tansu", "TANSU_PORT": str(port)})
+    assert "\n" not in str(exc.value)
