@@ -145,7 +145,9 @@ def pid_alive(pid: int | None, expect: str | None = None) -> bool:
         try:
             # state is the field after the parenthesised command name
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state in ("Z", "X"):
+            # A main thread that left before the others reads as a zombie while they
+            # finish, the ports still bound: gone only with the last of them.
+            if state in ("Z", "X") and len(list((proc / "task").iterdir())) < 2:
                 return False
             if expect is not None:
                 cmdline = (
