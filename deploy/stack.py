@@ -241,11 +241,16 @@ def broker_pid(kind: str, recorded: dict[str, str]) -> int | None:
     if kind == "kafka":
         mark = str(KAFKA_DATA / "server.properties")
     else:
-        # The port of the address it wrote when on Tansu (a TANSU_PORT given later while
-        # it ran did not move it), else the Tansu port it recorded.
-        ports = {**recorded, **_ports_in_use(recorded)}
-        mark = f"tcp://127.0.0.1:{ports.get('TANSU_PORT', PORTS['TANSU_PORT'])}"
+        mark = f"tcp://{_broker_address(kind, recorded)}"
     return pid if mark in local.process_args(pid) else None
+
+
+def _broker_address(kind: str, recorded: dict[str, str]) -> str:
+    """Where the stack's broker of `kind` listens: the address an `up` on it wrote (a port
+    given later while it ran did not move it), else the port recorded for it."""
+    var = f"{kind.upper()}_PORT"
+    ports = {**recorded, **_ports_in_use(recorded)}
+    return f"127.0.0.1:{ports.get(var, PORTS[var])}"
 
 
 def service_pid(name: str, module: str) -> int | None:
@@ -261,9 +266,10 @@ def service_pid(name: str, module: str) -> int | None:
 def ensure_broker(previous: dict[str, str]) -> tuple[str, str]:
     """(kind, bootstrap) of the stack's broker, starting it if we manage it.
 
-    The kind is ``BROKER`` if set, else the one the last ``up`` used, else tansu. If a
-    broker of another kind is running (BROKER changed), it is stopped first: only one
-    managed broker at a time.
+    The kind is ``BROKER`` if set, else the one the last ``up`` used, else tansu. One of
+    that kind still running is kept, also after the stack ran on an external broker (it
+    was taken for another process on the port). If a broker of another kind is running
+    (BROKER changed), it is stopped first: only one managed broker at a time.
     """
     external = external_broker(previous)
     if external:
@@ -274,10 +280,9 @@ def ensure_broker(previous: dict[str, str]) -> tuple[str, str]:
     kind = os.environ.get("BROKER", prev if prev in ("tansu", "kafka") else "tansu").lower()
     if kind not in ("tansu", "kafka"):
         raise SystemExit(f"BROKER must be tansu or kafka, not {kind!r}")
-    prev_kind = previous.get("BROKER")
-    pid = broker_pid(kind, previous) if prev_kind == kind else None
+    pid = broker_pid(kind, previous)
     if pid:
-        bootstrap = previous["KAFKA_BOOTSTRAP_SERVERS"]
+        bootstrap = _broker_address(kind, previous)
         try:
             local.wait_for_broker(bootstrap, 30, pid=pid)
         except (RuntimeError, TimeoutError) as exc:  # dying or wedged: replace it
@@ -286,9 +291,10 @@ def ensure_broker(previous: dict[str, str]) -> tuple[str, str]:
         else:
             say(f"broker: {kind} already running on {bootstrap} (pid {pid})")
             return kind, bootstrap
-    old = broker_pid(prev_kind, previous) if prev_kind in ("tansu", "kafka") else None
+    other = "kafka" if kind == "tansu" else "tansu"
+    old = broker_pid(other, previous)
     if old:
-        say(f"broker: stopping {prev_kind} (pid {old}) to switch to {kind}")
+        say(f"broker: stopping {other} (pid {old}) to switch to {kind}")
         local.stop_pid(old, 30)
     port_vars = ("TANSU_PORT",) if kind == "tansu" else ("KAFKA_PORT", "KAFKA_CONTROLLER_PORT")
     ports = {var: port(previous, var) for var in port_vars}

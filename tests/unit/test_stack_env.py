@@ -572,3 +572,26 @@ def test_a_broker_port_taken_by_another_process_stops_up_in_one_line(
         with pytest.raises(SystemExit, match=f"^broker: port {port} is taken by another") as exc:
             stack.ensure_broker({"BROKER": "tansu", "TANSU_PORT": str(port)})
     assert "\n" not in str(exc.value)
+
+
+def test_back_from_an_external_broker_the_stack_takes_its_own_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`KAFKA_BOOTSTRAP_SERVERS= make up` after the stack ran on an external broker, its own
+    Tansu still running: up took that Tansu for another process on the port and stopped."""
+    from deploy import stack
+
+    for var in ("TANSU_PORT", "BROKER"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "")
+    monkeypatch.setattr(stack, "RUN", tmp_path)
+    monkeypatch.setattr(stack.local, "start_tansu", lambda *a: pytest.fail("started another"))
+    monkeypatch.setattr(stack.local, "wait_for_broker", lambda *a, **k: None)
+    tansu = _spawn([sys.executable, "-c", SLEEP, "--listener-url", "tcp://127.0.0.1:45092"], ROOT)
+    try:
+        (tmp_path / "broker.pid").write_text(f"{tansu.pid}\n")
+        moved = {"BROKER": "external", "KAFKA_BOOTSTRAP_SERVERS": "k:9092", "TANSU_PORT": "45092"}
+        assert stack.ensure_broker(moved) == ("tansu", "127.0.0.1:45092")
+    finally:
+        tansu.kill()
+        tansu.wait()
