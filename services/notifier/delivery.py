@@ -22,7 +22,7 @@ import structlog
 from prometheus_client import Counter
 
 from schemas.ledger import PointsExpiring
-from services.notifier.render import skip_reason
+from services.notifier.render import EXPIRED_BEFORE_WARNING, SKIP_REASONS, skip_reason
 from services.notifier.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 DELIVERY_BATCH: Final = 50  # members posted to at once: polite to one receiver
@@ -40,10 +40,7 @@ POLL_S: Final = 1.0  # an idle deliverer looks this often for retries come due
 
 DELIVERED = Counter("loyalty_notifications_total", "Notifications by outcome", ["outcome"])
 # Each outcome exported from the start, at zero, as the consumers' series (`BatchConsumer`).
-OUTCOMES: Final = (
-    "delivered", "failed", "given_up", "skipped",  # the deliverer's
-    "expired_before_warning", "expired_on_arrival", "caused_by_refund", "unknown_type",
-)  # fmt: skip
+OUTCOMES: Final = ("delivered", "failed", "given_up", "skipped", *SKIP_REASONS, "unknown_type")
 for _outcome in OUTCOMES:
     DELIVERED.labels(_outcome)
 log = structlog.get_logger()
@@ -276,7 +273,7 @@ class Deliverer:
         return None
 
 
-_LAPSED: Final = "expired_before_warning"
+_LAPSED: Final = EXPIRED_BEFORE_WARNING
 
 
 def _lapsed(row: asyncpg.Record) -> bool:

@@ -46,6 +46,17 @@ def _day(dt: datetime, zone: ZoneInfo) -> str:
     return f"{local.year}年{local.month}月{local.day}日"
 
 
+# Each reason `skip_reason` gives: the notifier counts by it (each series exported at zero
+# from the start, `delivery.OUTCOMES`), so one added here is not left out there.
+CAUSED_BY_REFUND: Final = "caused_by_refund"
+EXPIRED_ON_ARRIVAL: Final = "expired_on_arrival"
+EXPIRED_BEFORE_WARNING: Final = "expired_before_warning"
+TIER_EXPIRED_ON_ARRIVAL: Final = "tier_expired_on_arrival"
+SKIP_REASONS: Final = (
+    CAUSED_BY_REFUND, EXPIRED_ON_ARRIVAL, EXPIRED_BEFORE_WARNING, TIER_EXPIRED_ON_ARRIVAL,
+)  # fmt: skip
+
+
 def skip_reason(event: LedgerEvent, now: datetime) -> str | None:
     """Why members are not told about an event of a kind they are told about, or None.
 
@@ -63,18 +74,18 @@ def skip_reason(event: LedgerEvent, now: datetime) -> str | None:
     """
     if isinstance(event, PointsEarned):
         if event.data.source_type == "refund":
-            return "caused_by_refund"
+            return CAUSED_BY_REFUND
         expires_at = event.data.expires_at
         if expires_at is not None and expires_at <= now:
-            return "expired_on_arrival"
+            return EXPIRED_ON_ARRIVAL
     if isinstance(event, PointsExpiring):
         expires_at = event.data.expires_at
         if expires_at is not None and expires_at <= now:
-            return "expired_before_warning"
+            return EXPIRED_BEFORE_WARNING
     if isinstance(event, TierChanged) and _is_upgrade(event):
         valid_until = event.data.tier_valid_until
         if valid_until is not None and valid_until <= now:
-            return "tier_expired_on_arrival"
+            return TIER_EXPIRED_ON_ARRIVAL
     return None
 
 
