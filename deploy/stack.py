@@ -200,8 +200,10 @@ def _external(previous: dict[str, str], var: str, recorded_kind: str | None) -> 
     local server); given empty, cleared: the stack's own again."""
     given = os.environ.get(var)
     if given is None:
+        if f"EXTERNAL_{var}" in previous:  # what the stack runs on, whoever wrote the file
+            return previous[f"EXTERNAL_{var}"] or None
         if recorded_kind != "external" or previous.get("STACK_WRITER") == "demo":
-            return None
+            return None  # (a file from before EXTERNAL_* was written)
         return previous.get(var) or None
     ours = recorded_kind not in (None, "external") and given == previous.get(var)
     return None if ours else given or None
@@ -277,7 +279,11 @@ def ensure_broker(previous: dict[str, str]) -> tuple[str, str]:
         return "external", external
     # Sticky: after `BROKER=kafka up`, a plain `up` keeps Kafka (switch back explicitly).
     prev = previous.get("BROKER", "")
-    kind = os.environ.get("BROKER", prev if prev in ("tansu", "kafka") else "tansu").lower()
+    if prev not in ("tansu", "kafka"):  # external last time: the stack's own broker before it
+        prev = previous.get("LOCAL_BROKER") or (
+            "kafka" if broker_pid("kafka", previous) else "tansu"
+        )
+    kind = os.environ.get("BROKER", prev).lower()
     if kind not in ("tansu", "kafka"):
         raise SystemExit(f"BROKER must be tansu or kafka, not {kind!r}")
     pid = broker_pid(kind, previous)
@@ -341,9 +347,18 @@ def build_env(
     # Given empty: cleared, the ledger's default (as sticky() does for the others).
     ledger_port = os.environ.get("LEDGER_PORT", previous.get("LEDGER_PORT", "")) or "8080"
     settings = sticky(previous)
+    external_db, external_kafka = external_postgres(previous), external_broker(previous)
+    local_broker = broker_kind if broker_kind in ("tansu", "kafka") else None
     return {
-        "POSTGRES": "external" if external_postgres(previous) else "local",
+        "POSTGRES": "external" if external_db else "local",
         "BROKER": broker_kind,
+        # The servers the stack runs on, kept apart from the addresses its services are
+        # given (the demo gives them its own database): a plain `up` after `make demo`
+        # went back to local ones. And the kind of the stack's own broker, for the `up`
+        # that leaves an external one (it took Tansu, stopping the stack's Kafka).
+        "EXTERNAL_DATABASE_URL": external_db or "",
+        "EXTERNAL_KAFKA_BOOTSTRAP_SERVERS": external_kafka or "",
+        "LOCAL_BROKER": local_broker or previous.get("LOCAL_BROKER", ""),
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "DATABASE_URL": dsn,
         "LEDGER_PORT": ledger_port,
@@ -466,7 +481,8 @@ def up() -> int:
     return 0 if wait_ready(stack_env["LEDGER_API_URL"]) else 1
 
 
-UP_ONLY = {*PORTS, "TOPIC_PARTITIONS"}
+UP_ONLY = {*PORTS, "TOPIC_PARTITIONS", "EXTERNAL_DATABASE_URL", "EXTERNAL_KAFKA_BOOTSTRAP_SERVERS",
+           "LOCAL_BROKER"}  # fmt: skip
 
 
 def ensure_topics(bootstrap: str, names: list[str], wanted: int) -> str:

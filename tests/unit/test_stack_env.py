@@ -595,3 +595,68 @@ def test_back_from_an_external_broker_the_stack_takes_its_own_again(
     finally:
         tansu.kill()
         tansu.wait()
+
+
+SLEEP = "import time; time.sleep(60)"
+
+
+def test_back_from_an_external_broker_a_kafka_stack_keeps_its_kafka(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """BROKER=kafka make up; KAFKA_BOOTSTRAP_SERVERS=ext make up;
+    KAFKA_BOOTSTRAP_SERVERS= make up: stack.env said BROKER=external, so the last `up`
+    took Tansu, stopping the stack's own Kafka (its data on disk) for an empty broker."""
+    from deploy import stack
+
+    for var in ("TANSU_PORT", "KAFKA_PORT", "BROKER"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "")
+    monkeypatch.setattr(stack, "RUN", tmp_path)
+    monkeypatch.setattr(stack, "KAFKA_DATA", tmp_path / "kafka-data")
+    stopped: list[int] = []
+    monkeypatch.setattr(stack.local, "wait_for_broker", lambda *a, **k: None)
+    monkeypatch.setattr(stack.local, "stop_pid", lambda pid, t=15: stopped.append(pid) or True)
+    monkeypatch.setattr(stack.local, "port_open", lambda *a, **k: False)
+    kafka = subprocess.Popen(
+        [sys.executable, "-c", SLEEP, "kafka.Kafka",
+         str(tmp_path / "kafka-data" / "server.properties")],
+        cwd=ROOT,
+    )  # fmt: skip
+    try:
+        (tmp_path / "broker.pid").write_text(f"{kafka.pid}\n")
+        # As `KAFKA_BOOTSTRAP_SERVERS=ext make up` wrote it before LOCAL_BROKER was kept,
+        # and as it writes it now.
+        moved = {"BROKER": "external", "KAFKA_BOOTSTRAP_SERVERS": "ext:9092",
+                 "KAFKA_PORT": "45093", "TANSU_PORT": "45092"}  # fmt: skip
+        assert stack.broker_pid("kafka", moved) == kafka.pid
+        assert stack.ensure_broker(moved)[0] == "kafka"
+        assert stack.ensure_broker({**moved, "LOCAL_BROKER": "kafka"})[0] == "kafka"
+        assert stopped == []
+    finally:
+        kafka.kill()
+        kafka.wait()
+
+
+def test_external_servers_stick_across_make_demo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DATABASE_URL=ext KAFKA_BOOTSTRAP_SERVERS=ext make up; make demo; make up: the demo
+    ran on those servers and wrote stack.env as the demo (whose addresses do not stick),
+    so the last `up` moved the services to a local Postgres and Tansu."""
+    from deploy import stack
+
+    for var in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "BROKER"):
+        monkeypatch.delenv(var, raising=False)
+    dsn, bootstrap = "postgresql://ops@db.clinic/loyalty", "kafka.clinic:9092"
+    after_up = {"POSTGRES": "external", "DATABASE_URL": dsn,
+                "BROKER": "external", "KAFKA_BOOTSTRAP_SERVERS": bootstrap}  # fmt: skip
+    assert (stack.external_postgres(after_up), stack.external_broker(after_up)) == (dsn, bootstrap)
+    # stack.env as deploy.demo.start_stack writes it
+    env = stack.build_env(after_up, dsn.rsplit("/", 1)[0] + "/loyalty_demo", "external", bootstrap)
+    env.update(LOYALTY_TOPIC_PREFIX="demo-x.", STACK_WRITER="demo")
+    assert (stack.external_postgres(env), stack.external_broker(env)) == (dsn, bootstrap)
+    # Cleared, the stack's own servers again; and a stack on its own stays on them.
+    monkeypatch.setenv("DATABASE_URL", "")
+    assert stack.external_postgres(env) is None
+    monkeypatch.delenv("DATABASE_URL")
+    own = stack.build_env({}, "postgresql://x@127.0.0.1:1/db", "tansu", "127.0.0.1:1")
+    assert (stack.external_postgres(own), stack.external_broker(own)) == (None, None)
+    assert own["LOCAL_BROKER"] == "tansu"
