@@ -21,6 +21,18 @@ pytestmark = pytest.mark.integration
 NOW = datetime.now(CST).replace(microsecond=0)
 
 
+def publish(stack: Stack, path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`ledgerctl events publish` of `path` against the stack, as an operator runs it."""
+    return subprocess.run(
+        [LEDGERCTL, "events", "publish", str(path), *args],
+        cwd=ROOT,
+        env={**stack.env("ctl"), "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 async def test_a_file_of_events_is_sent_keyed_by_member_and_paid(
     stack: Stack, tmp_path: Path
 ) -> None:
@@ -35,15 +47,7 @@ async def test_a_file_of_events_is_sent_keyed_by_member_and_paid(
     path = tmp_path / "demo.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    ran = await asyncio.to_thread(
-        subprocess.run,
-        [LEDGERCTL, "events", "publish", str(path)],
-        cwd=ROOT,
-        env={**stack.env("ctl"), "COLUMNS": "200"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    ran = await asyncio.to_thread(publish, stack, path)
     assert ran.returncode == 1, ran.stdout + ran.stderr  # some lines refused, the rest sent
     assert f"sent 3 event(s) to {stack.topics.activity}; 2 line(s) refused" in ran.stdout
     assert "refused line 2: schema violation" in ran.stderr
@@ -74,14 +78,7 @@ async def test_a_file_of_events_is_sent_keyed_by_member_and_paid(
     # Only the activity topic takes them (the lines are checked as activity events), and
     # only one that exists: a broker creating topics on first use would swallow a typo.
     def publish_to(topic: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [LEDGERCTL, "events", "publish", str(path), "--topic", topic],
-            cwd=ROOT,
-            env={**stack.env("ctl"), "COLUMNS": "200"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return publish(stack, path, "--topic", topic)
 
     wrong = await asyncio.to_thread(publish_to, stack.topics.grants)
     assert wrong.returncode == 2, wrong.stdout + wrong.stderr
@@ -102,15 +99,7 @@ async def test_a_line_too_big_for_the_producer_is_refused_and_the_lines_after_it
     path = tmp_path / "big.jsonl"
     path.write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
 
-    ran = await asyncio.to_thread(
-        subprocess.run,
-        [LEDGERCTL, "events", "publish", str(path)],
-        cwd=ROOT,
-        env={**stack.env("ctl"), "COLUMNS": "200"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    ran = await asyncio.to_thread(publish, stack, path)
     assert ran.returncode == 1, ran.stdout + ran.stderr
     size = len(json.dumps(big))
     assert f"refused line 2: too big to send ({size} bytes)" in ran.stderr
