@@ -27,6 +27,10 @@ TWO: Final = "refused input, or a database error (unreachable, failing: 'error: 
 # Connection refused or reset, DNS, timeouts (all OSError), and the server's own errors.
 DATABASE_ERRORS: Final = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
+# The most any --limit takes: one more row is asked for (to say "more than shown"), and
+# Postgres's bigint stops at 2^63 - 1 (a limit near it was a database error).
+MAX_LIMIT: Final = 1_000_000_000
+
 
 def exit_codes(ok: str = "done", one: str | None = None) -> str:
     """The epilog of each command's --help."""

@@ -42,6 +42,7 @@ from services.common.config import load_settings
 from services.common.dlq import Refused
 from services.common.outbox import make_producer
 from services.ctl.common import (
+    MAX_LIMIT,
     TWO,
     err,
     exit_codes,
@@ -131,7 +132,7 @@ def as_json(row: asyncpg.Record) -> dict[str, object]:
 
 @app.command("list", epilog=exit_codes("listed (also when there is none)"))
 def list_cmd(
-    limit: Annotated[int, typer.Option(min=1, help="show at most this many")] = 50,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_LIMIT, help="show at most this many")] = 50,
     consumer: Annotated[
         str | None,
         typer.Option(
@@ -338,7 +339,9 @@ def replay_cmd(
     ] = None,
     limit: Annotated[
         int | None,
-        typer.Option(min=1, help="at most this many, the newest (50 with --consumer/--since)"),
+        typer.Option(
+            min=1, max=MAX_LIMIT, help="at most this many, the newest (50 with --consumer/--since)"
+        ),
     ] = None,
     force: Annotated[
         bool, typer.Option(help="send letters their consumer would still refuse too")

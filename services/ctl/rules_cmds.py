@@ -23,7 +23,7 @@ from rich.table import Table
 
 import services.rules
 from services.common.config import load_settings
-from services.ctl.common import exit_codes, fail, with_connection
+from services.ctl.common import MAX_LIMIT, exit_codes, fail, with_connection
 from services.rules import held as held_store
 from services.rules.backtest import LaneWorkerError, report_csv, report_json, run_backtest
 from services.rules.forkserver import start_forkserver
@@ -188,7 +188,7 @@ def list_cmd(
 @held_app.command("list", epilog=exit_codes())
 def held_list(
     status: Annotated[str, typer.Option(help="pending, released, rejected or all")] = "pending",
-    limit: Annotated[int, typer.Option(min=1, help="show at most this many")] = 1000,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_LIMIT, help="show at most this many")] = 1000,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
 ) -> None:
     """Engagement events held back as a burst, oldest first."""

@@ -167,6 +167,10 @@ BAD_OPTIONS = [
      "--ruleset", str(DEFAULT_RULESET)),
     ("ledger", "verify", "--limit", "0"),
     ("rules", "held", "list", "--limit", "0"),
+    # One more row is asked for, to say "more than shown": near 2^63 a database error.
+    ("rules", "held", "list", "--limit", str(2**63 - 1)),
+    ("dlq", "list", "--limit", str(2**63 - 1)),
+    ("dlq", "replay", "--limit", str(2**63 - 1)),
 ]  # fmt: skip
 
 
