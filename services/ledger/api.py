@@ -35,7 +35,7 @@ from services.common.runtime import StartupCancelled, StartupError
 from services.ledger import redemptions, reports
 from services.ledger.auth import AuthError, KeyRing, Role
 from services.ledger.body_limit import BodyLimit
-from services.ledger.member_paths import RawMemberPath, member_of
+from services.ledger.member_paths import MEMBERS, RawMemberPath, member_of, routed_path
 from services.ledger.problem_docs import REFUSED_422, problem, problems
 from services.ledger.problem_docs import schemas as problem_schemas
 from services.ledger.reads import entries_page, lacks_next_tier, member_view, with_next_tier
@@ -76,6 +76,16 @@ class Problem(Exception):
         self.status, self.title, self.detail, self.extra = status, title, detail, extra
 
 
+def instance(request: Request) -> str:
+    """The path as the member routes read it (`RawMemberPath`): a 500 or 503 is answered
+    outside that middleware, where the member `m-1/entries` read as m-1's entries."""
+    path = request.url.path
+    raw = request.scope.get("raw_path")
+    if raw and b"%" in raw and path.startswith(MEMBERS):
+        return routed_path(raw)
+    return path
+
+
 def problem_response(
     request: Request, status: int, title: str, detail: str, **extra: Any
 ) -> JSONResponse:
@@ -84,7 +94,7 @@ def problem_response(
         "title": title,
         "status": status,
         "detail": detail,
-        "instance": request.url.path,
+        "instance": instance(request),
         **extra,
     }
     return JSONResponse(body, status_code=status, media_type=PROBLEM)

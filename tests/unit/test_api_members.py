@@ -126,3 +126,18 @@ def test_a_slash_sent_as_is_still_separates_the_path() -> None:
     problem(api.get("/v1/members/wx%2FoAbC+9", headers=READER), 404)
     problem(api.get("/v1/members/m-1/entries/more", headers=READER), 404)
     assert pool.asked == ["m-1", "m-1", "m-1/entries", "wx/oAbC+9"]
+
+
+@pytest.mark.parametrize(("error", "status"), [(OSError("refused"), 503), (KeyError("x"), 500)])
+def test_a_failure_on_a_member_route_names_the_path_as_the_routes_read_it(
+    error: BaseException, status: int
+) -> None:
+    """A 500 or 503 is answered outside the raw-path middleware: the member `m-1/entries`
+    was named as m-1's entries resource (`/v1/members/m-1/entries`), as a 404 is not."""
+    from tests.unit.test_api_problems import client as failing
+
+    api = failing(error)
+    body = problem(api.get("/v1/members/m-1%2Fentries", headers=READER), status)
+    assert body["instance"] == "/v1/members/m-1%2Fentries"
+    body = problem(api.get("/v1/members/m-1/entries", headers=READER), status)
+    assert body["instance"] == "/v1/members/m-1/entries"
