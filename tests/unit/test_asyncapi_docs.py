@@ -6,7 +6,6 @@ own PointsRevoked (data: MovementData), not the grant's (data: RevokeData): both
 claimed one name and the first written kept it, so a real revocation failed the schema."""
 
 import json
-from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -15,10 +14,10 @@ from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
-from rules_factories import T0, Run, purchase, refund, registered, review, sign_in, visit
+from rules_factories import T0
 from test_fast_event_json import history
 from test_fast_notifier_payload import EVENTS
-from test_published_schemas import GOOD_ACTIVITIES, LETTER_BEFORE
+from test_published_schemas import GOOD_ACTIVITIES, LETTER_BEFORE, sample_grants
 
 import deploy.asyncapi
 from deploy.asyncapi import DOCS_DIR, TOPICS, render_all
@@ -43,15 +42,6 @@ def test_every_consumed_topic_documents_its_payload() -> None:
 
 def _samples() -> dict[str, list[Any]]:
     """Messages of every type each topic carries, as the services write them."""
-    run = Run()
-    run.feed(
-        registered("m-1", referrer="m-2"),
-        purchase(amount=12000, at=T0, order_id="A", items=["facial-package"]),
-        refund("m-1", "A", 2000, at=T0 + timedelta(days=1)),
-        sign_in(at=T0 + timedelta(days=2)),
-        review(at=T0 + timedelta(days=2)),
-        visit(slot=T0 + timedelta(days=3)),
-    )
     letter = DeadLetter(
         dlq_id="d", consumer="rules", source_topic=TOPICS.activity, source_partition=0,
         source_offset=7, reason="malformed JSON", original="{oops",
@@ -59,7 +49,7 @@ def _samples() -> dict[str, list[Any]]:
     )  # fmt: skip
     samples = {
         TOPICS.activity: GOOD_ACTIVITIES,
-        TOPICS.grants: [orjson.loads(grant_json(g)) for g in run.grants],
+        TOPICS.grants: [orjson.loads(grant_json(g)) for g in sample_grants()],
         TOPICS.ledger: [orjson.loads(ledger_event_json(e)) for e in history()]
         + [orjson.loads(e.model_dump_json()) for e in EVENTS],
         TOPICS.dlq: [orjson.loads(letter.model_dump_json()), LETTER_BEFORE],

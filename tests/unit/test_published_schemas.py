@@ -113,7 +113,8 @@ def test_what_the_service_refuses_the_activity_schema_refuses(event: dict[str, A
     assert not _validator("activity.v1").is_valid(event)
 
 
-def test_every_grant_the_rules_write_holds_to_the_grants_schema() -> None:
+def sample_grants() -> list[Any]:
+    """Grants of every type, as the rules service writes them (the AsyncAPI test's too)."""
     run = Run()
     run.feed(
         registered("m-1", referrer="m-2"),
@@ -123,9 +124,14 @@ def test_every_grant_the_rules_write_holds_to_the_grants_schema() -> None:
         review(at=T0 + timedelta(days=2)),
         visit(slot=T0 + timedelta(days=3)),
     )
-    assert {g.type for g in run.grants} == {"points_granted", "points_revoked", "tier_evaluated"}
+    return run.grants
+
+
+def test_every_grant_the_rules_write_holds_to_the_grants_schema() -> None:
+    grants = sample_grants()
+    assert {g.type for g in grants} == {"points_granted", "points_revoked", "tier_evaluated"}
     validator = _validator("grants.v1")
-    for grant in run.grants:
+    for grant in grants:
         document = orjson.loads(grant_json(grant))
         validator.validate(document)
         parse_grant(orjson.dumps(document))
