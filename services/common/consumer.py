@@ -648,17 +648,24 @@ def validate_records(
                 check(record, parsed)
             good.append((record, parsed))
         except Exception as exc:
-            label, reason = classify(exc)
-            row, dead = dead_letter(record, consumer, label, reason, dlq_topic)
-            work.outbox.append(row)
-            work.dead.append(dead)
-            work.dead_labels.append(label)
-            log.warning(
-                "dead_letter",
-                consumer=consumer,
-                reason=label,
-                partition=record.partition,
-                offset=record.offset,
-                **logged_ids(record),
-            )
+            refuse_record(record, exc, work, consumer, dlq_topic)
     return good
+
+
+def refuse_record(
+    record: ConsumerRecord, exc: Exception, work: BatchWork, consumer: str, dlq_topic: str
+) -> None:
+    """Dead-letters `record` for `exc` in `work`: published and kept with the batch."""
+    label, reason = classify(exc)
+    row, dead = dead_letter(record, consumer, label, reason, dlq_topic)
+    work.outbox.append(row)
+    work.dead.append(dead)
+    work.dead_labels.append(label)
+    log.warning(
+        "dead_letter",
+        consumer=consumer,
+        reason=label,
+        partition=record.partition,
+        offset=record.offset,
+        **logged_ids(record),
+    )

@@ -23,11 +23,18 @@ import services.rules
 from schemas.activity import Activity, parse_activity
 from schemas.grants import GrantEvent
 from services.common.config import Settings, load_settings
-from services.common.consumer import BatchConsumer, BatchWork, register_lag, validate_records
+from services.common.consumer import (
+    BatchConsumer,
+    BatchWork,
+    refuse_record,
+    register_lag,
+    validate_records,
+)
 from services.common.outbox import OutboxRelay, OutboxRow, make_producer
 from services.common.planner_stats import keep_planner_stats
 from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
 from services.rules import referral_chain as chain
+from services.rules import reused_ids
 from services.rules.dated_ahead import LABEL as DATED_AHEAD
 from services.rules.dated_ahead import reference_time, refuse_dated_ahead
 from services.rules.emit import grant_json
@@ -40,11 +47,10 @@ from services.rules.tier_sweeper import TierSweeper
 SERVICE: Final = "rules"
 log = structlog.get_logger()
 
-# Every activity is kept (for backtests); a redelivered one is found by its id and only the
-# new ones are COPYed in (why that is safe: services/common/consumer.py;
-# bench/experiments/dedupe_writes.py: 5.7 -> 3.8 us of Postgres backend CPU per row against
-# INSERT ... unnest ... ON CONFLICT DO NOTHING RETURNING).
-SELECT_RECORDED: Final = "SELECT event_id FROM rules_activity WHERE event_id = ANY($1::text[])"
+# Every activity is kept (for backtests); a redelivered one is found by its id
+# (`reused_ids.recorded`) and only the new ones are COPYed in (why that is safe:
+# services/common/consumer.py; bench/experiments/dedupe_writes.py: 5.7 -> 3.8 us of
+# Postgres backend CPU per row against INSERT ... unnest ... ON CONFLICT DO NOTHING RETURNING).
 ACTIVITY_COLUMNS: Final = [
     "event_id", "member_id", "type", "occurred_at", "topic", "partition", "offset", "payload"
 ]  # fmt: skip
@@ -142,12 +148,13 @@ class RulesProcessor:
             records, parse_activity, work, self.consumer_name, self.settings.topics.dlq,
             self._dated_ahead,
         )  # fmt: skip
-        first: dict[str, tuple[ConsumerRecord, Any]] = {}
-        for record, event in good:
-            first.setdefault(event.event_id, (record, event))
+        first, reused = reused_ids.split_in_batch(good)
         if not first:
             return
-        recorded = {r["event_id"] for r in await conn.fetch(SELECT_RECORDED, list(first))}
+        recorded, reused_held = await reused_ids.recorded(conn, first)
+        for (record, event), first_at in (*reused, *reused_held):
+            exc = reused_ids.refusal(event.event_id, first_at)
+            refuse_record(record, exc, work, self.consumer_name, self.settings.topics.dlq)
         fresh = [(r, e) for i, (r, e) in first.items() if i not in recorded]
         if not fresh:
             return
@@ -272,7 +279,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
         service=SERVICE,
         topic=settings.topics.activity,
         dlq_topic=settings.topics.dlq,
-        refusals=(DATED_AHEAD,),
+        refusals=(DATED_AHEAD, reused_ids.LABEL),
     )
     consumer.attach(
         broker,

@@ -16,6 +16,12 @@ pytestmark = pytest.mark.integration
 NOW = datetime.now(CST).replace(microsecond=0)
 
 
+async def _metrics(stack: Stack, service: str) -> str:
+    async with httpx.AsyncClient() as client:
+        url = f"http://127.0.0.1:{stack.metrics_ports[service]}/metrics"
+        return (await client.get(url)).text
+
+
 async def _member(stack: Stack, member_id: str) -> dict | None:
     resp = await stack.get(f"/v1/members/{member_id}")
     return resp.json() if resp.status_code == 200 else None
@@ -50,10 +56,18 @@ async def test_gold_members_purchase_becomes_3850_points_through_the_api(stack: 
 
 
 async def test_the_same_event_delivered_three_times_pays_once(stack: Stack) -> None:
+    # ... and the same id used again for another order is not paid, but not dropped
+    # silently either: dead-lettered (`reused_event_id`), where ops see it.
     event = purchase("m-dup", "800.00", NOW - timedelta(hours=3))
+    reused = purchase("m-dup", "5000.00", NOW - timedelta(hours=2, minutes=30))
+    reused["event_id"] = event["event_id"]
+    # The same event written another way (keys in another order, 800.0 for 800.00): a
+    # redelivery by another producer, not a reuse.
+    rewritten = dict(reversed(list(event.items())))
+    rewritten["data"] = {**event["data"], "amount": "800.0"}
     marker = purchase("m-dup", "100.00", NOW - timedelta(hours=2))
-    await stack.produce([event, event, event])
-    await stack.produce([event, marker])  # a later redelivery, in another batch
+    await stack.produce([event, event, event, reused])
+    await stack.produce([event, rewritten, reused, marker])  # later, in other batches
 
     async def marker_paid() -> dict | None:
         # Entries first: once the marker's entry is visible its batch has committed, so the
@@ -69,6 +83,16 @@ async def test_the_same_event_delivered_three_times_pays_once(stack: Stack) -> N
     # 800 base + 200 first purchase, then 100 base for the marker: once each.
     assert doc["points"]["earned"] == 800 + 200 + 100
     assert await stack.scalar("SELECT count(*) FROM rules_activity WHERE member_id = 'm-dup'") == 2
+    letters = await stack.fetch('SELECT reason, original FROM dead_letters ORDER BY "offset"')
+    assert [json.loads(r["original"]) for r in letters] == [reused, reused]
+    assert all("was used before by another event" in r["reason"] for r in letters)
+    metrics = await _metrics(stack, "rules")
+    counted = [
+        line.rsplit(" ", 1)[1]
+        for line in metrics.splitlines()
+        if line.startswith("loyalty_dlq_messages_total{") and 'reason="reused_event_id"' in line
+    ]
+    assert counted == ["2.0"]
 
 
 @pytest.mark.parametrize("victim", ["rules", "ledger"])
@@ -135,10 +159,7 @@ async def test_bad_messages_go_to_the_dlq_and_the_next_good_one_is_paid(stack: S
     assert "schema violation" in reasons
     assert "after its record's timestamp" in reasons
     assert all(isinstance(b["source_offset"], int) for b in bodies)
-    async with httpx.AsyncClient() as client:
-        metrics = (
-            await client.get(f"http://127.0.0.1:{stack.metrics_ports['rules']}/metrics")
-        ).text
+    metrics = await _metrics(stack, "rules")
     counted = sum(
         float(line.rsplit(" ", 1)[1])
         for line in metrics.splitlines()

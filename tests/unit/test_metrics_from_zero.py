@@ -33,10 +33,10 @@ def test_a_consumers_series_are_exported_before_its_first_batch() -> None:
         assert sample("loyalty_dlq_messages_total", consumer="zero-ledger", reason=reason) == 0
 
 
-def test_the_rules_consumer_exports_its_own_refusal() -> None:
+def test_the_rules_consumer_exports_its_own_refusals() -> None:
     create_app(Settings(database_url="", bootstrap_servers="", topics=Topics(prefix="zero-")))
-    dated = sample("loyalty_dlq_messages_total", consumer="zero-rules", reason="dated_ahead")
-    assert dated == 0
+    for reason in ("dated_ahead", "reused_event_id"):
+        assert sample("loyalty_dlq_messages_total", consumer="zero-rules", reason=reason) == 0
 
 
 def test_a_relays_series_are_exported_before_its_first_round() -> None:
