@@ -11,6 +11,7 @@ from services.common.dlq import Refused
 LABEL: Final = "dated_ahead"
 # Kafka's record timestamp types: the producer's own (CreateTime) or the broker's append.
 LOG_APPEND_TIME: Final = 1
+LAST_MS: Final = int(datetime(9999, 12, 31, tzinfo=UTC).timestamp() * 1000)  # what datetime holds
 
 
 def reference_time(
@@ -20,8 +21,10 @@ def reference_time(
     append time is trusted as is, so a replay refuses the same events. A CreateTime is
     whatever the producer set (its event time, a till's fast clock), so it counts only up
     to `now`: a replay after a future stamp may then take what was refused (README)."""
-    if timestamp_ms is None or timestamp_ms <= 0:
-        return now, "now"  # a producer may send no time at all
+    if timestamp_ms is None or not 0 < timestamp_ms <= LAST_MS:
+        # A producer may send no time at all, or one no datetime holds (microseconds
+        # stamped for milliseconds): not a reason to refuse the event.
+        return now, "now"
     stamped = datetime.fromtimestamp(timestamp_ms / 1000, UTC)
     if timestamp_type == LOG_APPEND_TIME:
         return stamped, "the broker received it"

@@ -82,3 +82,13 @@ def test_no_limit_takes_everything() -> None:
     far = datetime.now(UTC) + timedelta(days=400)
     _check(far, _ms(far), CREATE_TIME, limit=0)
     _check(far, -1, CREATE_TIME, limit=0)
+
+
+def test_a_create_time_past_year_9999_is_judged_against_now_not_dead_lettered() -> None:
+    # A producer stamping microseconds for milliseconds: a moment in year 58,881, which
+    # `datetime` cannot hold; the check raised, and a valid purchase was a processing_error.
+    micros = _ms(RECEIVED) * 1000
+    _check(datetime.now(UTC) - timedelta(hours=1), micros, CREATE_TIME)
+    far = datetime.now(UTC) + timedelta(days=400)
+    assert "after now" in _refused(far, micros, CREATE_TIME)
+    assert "after now" in _refused(far, micros, LOG_APPEND_TIME)
