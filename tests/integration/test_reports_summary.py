@@ -191,3 +191,21 @@ async def test_a_summary_across_a_rebuilds_swap_reads_one_set_of_read_models(
         assert {k: seen[k] for k in keys} == {k: good[k] for k in keys}
         async with pool.acquire() as conn:
             assert await reports.summary(conn, *period, None, now) == good
+
+
+async def test_a_member_holding_more_points_than_a_bigint_of_fen_holds_is_valued(
+    ledger: tuple[asyncpg.Pool, BatchConsumer],
+) -> None:
+    # 23,100 of the largest purchases a diamond member can make in their birthday month
+    # (999,999,999,999.99 CNY, 3,999,999,999,999 points each): the ledger holds them in
+    # bigint, and the liability multiplied them by 100 in bigint too, a 500 past 9.2e16.
+    pool, consumer = ledger
+    now = datetime.now(UTC)
+    points = 3_999_999_999_999 * 23_100
+    await consumer.process(_records(grant("m-whale", points, now - timedelta(days=1))))
+    async with pool.acquire() as conn:
+        got = await reports.summary(
+            conn, datetime(1970, 1, 1, tzinfo=UTC), now + timedelta(seconds=1), None, now
+        )
+    assert got["outstanding"] == points
+    assert Decimal(got["liability_cny"]) == DEFAULT_POLICY.cash_value("member", points)
