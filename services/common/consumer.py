@@ -202,6 +202,9 @@ class BatchConsumer:
             heartbeat_interval_ms=max(1000, session_timeout_ms // 3),
             max_partition_fetch_bytes=4 * 1024 * 1024,
             auto_offset_reset="earliest",
+            # An upstream writing with transactions (Kafka Connect, a Java till) leaves
+            # the records of an aborted one in the log: read uncommitted, they were paid.
+            isolation_level="read_committed",
             listener=_SeekToStored(),
             ack_policy=AckPolicy.MANUAL,
             decoder=_raw,

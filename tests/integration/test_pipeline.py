@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from tests.integration.events import CST, purchase
 from tests.integration.harness import OPS_KEY, Stack, wait_until
@@ -93,6 +94,41 @@ async def test_the_same_event_delivered_three_times_pays_once(stack: Stack) -> N
         if line.startswith("loyalty_dlq_messages_total{") and 'reason="reused_event_id"' in line
     ]
     assert counted == ["2.0"]
+
+
+@pytest.fixture
+def transactions(broker_name: str) -> None:
+    """Before the stack starts: Tansu has no transactions to abort."""
+    if broker_name != "kafka":
+        pytest.skip("Tansu has no transactions")
+
+
+async def test_a_purchase_in_an_aborted_upstream_transaction_is_not_paid(
+    transactions: None, stack: Stack
+) -> None:
+    # An upstream that writes with a transactional producer (Kafka Connect, a Java POS)
+    # aborts a purchase: its record stays in the log, marked aborted. The consumers read
+    # uncommitted records and paid it.
+    aborted = purchase("m-tx", "5000.00", NOW - timedelta(hours=2))
+    committed = purchase("m-tx", "300.00", NOW - timedelta(hours=1))
+    producer = AIOKafkaProducer(
+        bootstrap_servers=stack.bootstrap, transactional_id=f"pos-{NOW.timestamp()}"
+    )
+    await producer.start()
+    try:
+        for event, end in ((aborted, producer.abort_transaction),
+                           (committed, producer.commit_transaction)):  # fmt: skip
+            await producer.begin_transaction()
+            await producer.send_and_wait(
+                stack.topics.activity, json.dumps(event).encode(), key=b"m-tx"
+            )
+            await end()
+    finally:
+        await producer.stop()
+
+    doc = await wait_until(lambda: _member(stack, "m-tx"), what="the committed purchase")
+    assert doc["points"]["earned"] == 300 + 200  # base and first purchase: its own
+    assert await stack.scalar("SELECT count(*) FROM rules_activity") == 1
 
 
 @pytest.mark.parametrize("victim", ["rules", "ledger"])
