@@ -96,6 +96,26 @@ async def test_the_same_event_delivered_three_times_pays_once(stack: Stack) -> N
     assert counted == ["2.0"]
 
 
+async def test_purchases_compressed_by_their_producer_with_any_codec_are_paid(stack: Stack) -> None:
+    # Java producers often compress (lz4, snappy, zstd); without the codec aiokafka could
+    # not read such a batch, and the consumer fetched it again and again, the partition's
+    # events after it never paid.
+    codecs = ("gzip", "snappy", "lz4", "zstd")
+    events = [purchase(f"m-{c}", "300.00", NOW - timedelta(hours=1)) for c in codecs]
+    for codec, event in zip(codecs, events, strict=True):
+        producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, compression_type=codec)
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                stack.topics.activity, json.dumps(event).encode(), key=event["member_id"].encode()
+            )
+        finally:
+            await producer.stop()
+    for codec in codecs:
+        doc = await wait_until(lambda c=codec: _member(stack, f"m-{c}"), what=f"the {codec} one")
+        assert doc["points"]["earned"] == 300 + 200
+
+
 @pytest.fixture
 def transactions(broker_name: str) -> None:
     """Before the stack starts: Tansu has no transactions to abort."""
