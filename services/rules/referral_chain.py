@@ -18,6 +18,11 @@ in time order, which is what `rules simulate` computes:
    paid on time; a late bonus for a purchase already fully refunded is granted and revoked
    at once, so the grants are those of the time-ordered replay.
 
+Steps 2 and 3 rebuild the grants from the purchase (and refund) kept in `rules_activity`.
+Ops may trim old rows there (README: Trimming kept activity): a late bonus whose purchase
+or full refund is gone is skipped and logged (`referral_late_event_missing`), not paid
+without its take-back, and the referrer's sign-up is applied all the same.
+
 Both sides hold a transaction-scoped advisory lock on A, taken in sorted order after the
 batch's own member rows (each partition's members are locked by one consumer only), so a
 purchase and the referrer's registration applied at the same moment on two partitions
@@ -33,6 +38,7 @@ from datetime import datetime
 from typing import Any, Final
 
 import asyncpg
+import structlog
 
 from schemas.activity import MemberRegistered, Purchase, Referral, Refund, parse_activity
 from schemas.grants import GrantEvent, PointsGranted
@@ -77,6 +83,7 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::int[]) AS u(m, c, r, p)
 WHERE new_member_id = u.m
 """
 SELECT_EVENTS: Final = "SELECT event_id, payload FROM rules_activity WHERE event_id = ANY($1)"
+log = structlog.get_logger()
 
 
 def lock_key(member_id: str) -> int:
@@ -234,13 +241,21 @@ class ChainWork:
         for r in rows:
             referrer, member = r["referrer_id"], r["new_member_id"]
             indirect = referrers.get(referrer)
-            purchase = events[r["purchase_event_id"]]
-            ruleset = book.at(purchase.occurred_at)
+            ruleset = book.at(r["occurred_at"])  # the purchase's moment
             rule, points = ruleset.rule_ids.referral_indirect, ruleset.referral.indirect_points
             # Falsy, not None: a referrer's blank referrer stored before registrations
             # refused it names nobody (it paid the bonus to the buyer).
             if not indirect or indirect in {referrer, member} or points <= 0:
                 continue
+            # Trimmed by ops: without the purchase there is no grant id to pay under, and
+            # without its full refund the bonus would be paid for a refunded order.
+            needed = [i for i in (r["purchase_event_id"], r["refund_event_id"]) if i]
+            if missing := [i for i in needed if i not in events]:
+                log.warning("referral_late_event_missing", member_id=member,
+                            referrer_id=referrer, indirect_member_id=indirect,
+                            order_id=r["order_id"], event_ids=needed, missing=missing)  # fmt: skip
+                continue
+            purchase = events[r["purchase_event_id"]]
             # Exactly the payout `purchase_rules.on_purchase` makes, hence the same grant id.
             out += grant_events(
                 purchase, ruleset, [(GRANT, indirect, rule, points, r["order_id"], None)]

@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from services.common.config import load_settings
 from services.common.consumer import BatchWork
@@ -139,3 +140,37 @@ async def test_a_referrers_sign_up_waits_for_a_purchase_whose_first_naming_was_i
     await a_joins
     assert _points(rules.grants, "A") == 500
     assert _points(rules.grants, "C") == 50
+
+
+@pytest.mark.parametrize("trimmed", ["purchase", "refund"])
+async def test_a_late_bonus_whose_activity_was_trimmed_is_skipped_and_the_sign_up_applied(
+    rules: Rules, trimmed: str
+) -> None:
+    """Ops may delete old `rules_activity` rows (README: Trimming kept activity). A late
+    bonus cannot be built under its grant id without the purchase, nor taken back without
+    the full refund, so it is skipped (logged); A's sign-up itself must still apply."""
+    run, grants = rules.run, rules.grants
+    await _b_buys_twice(run)
+    if trimmed == "purchase":
+        # As README says to trim: by time, here B's sign-up and first purchase (O1).
+        gone = await rules.pool.fetchval(
+            "SELECT event_id FROM rules_activity WHERE type = 'purchase' ORDER BY occurred_at"
+        )
+        await rules.pool.execute(
+            "DELETE FROM rules_activity WHERE occurred_at < $1", T0 + DAY + timedelta(minutes=1)
+        )
+    else:
+        # O1 refunded in full, and only the refund's row gone: paying C without the
+        # take-back would pay for a refunded order.
+        o1_refund = refund("B", "O1", "800.00", T0 + 2 * DAY)
+        await run(o1_refund)
+        gone = o1_refund["event_id"]
+        await rules.pool.execute("DELETE FROM rules_activity WHERE event_id = $1", gone)
+    with capture_logs() as logs:
+        await run(registered("A", T0, referrer="C"))
+    a = "SELECT referrer_id FROM rules_member_state WHERE member_id = 'A'"
+    assert await rules.pool.fetchval(a) == "C"
+    assert not [g for g in grants if g["member_id"] == "C"]
+    said = [e for e in logs if e["event"] == "referral_late_event_missing"]
+    assert [(e["member_id"], e["referrer_id"], e["indirect_member_id"], e["missing"])
+            for e in said] == [("B", "A", "C", [gone])]  # fmt: skip
