@@ -72,6 +72,7 @@ TRANSIENT = (
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.TransactionRollbackError,  # deadlocks and serialization failures among them
+    asyncpg.LockNotAvailableError,  # a DBA's lock_timeout, while another writer holds a row
     asyncpg.TooManyConnectionsError,
     asyncpg.OperatorInterventionError,  # admin or crash shutdown, a cancelled statement
     asyncpg.InsufficientResourcesError,  # disk full, out of memory

@@ -123,7 +123,9 @@ async def create_pool(
                 stopping,
             )
             break
-        except (OSError, asyncpg.CannotConnectNowError) as exc:
+        # Starting, or out of connections for now (every instance reconnecting at once
+        # after a database restart): waited for, as the consumers wait mid-run.
+        except (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as exc:
             log.warning("database_unavailable", attempt=attempt, error=str(exc))
             await _unless_stopping(asyncio.sleep(delay), stopping)
             delay = min(delay * 2, 3.0)

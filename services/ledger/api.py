@@ -44,13 +44,20 @@ from services.ledger.service import LedgerService
 log = structlog.get_logger()
 PROBLEM = "application/problem+json"
 # Database trouble a caller should retry (503), as opposed to a bug (500): the server is
-# unreachable or restarting, a connection broke mid-call, a statement was cancelled, or
-# the transaction lost a deadlock or a serialization conflict (nothing of it was kept).
+# unreachable or restarting, a connection broke mid-call, a statement was cancelled (a
+# statement or lock timeout among them), the transaction lost a deadlock or a
+# serialization conflict (nothing of it was kept), the server is out of connections, disk
+# or memory, or read-only after a failover: what the consumers retry too (`TRANSIENT`).
 UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.PostgresSystemError,
     OSError,
 )
 # Far beyond any real movement, well inside bigint sums: a typo, not an adjustment.

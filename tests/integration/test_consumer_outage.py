@@ -72,6 +72,47 @@ async def test_a_batch_waits_while_the_database_refuses_writes(fresh_database: s
     assert stored == batch[-1].offset + 1
 
 
+async def test_a_lock_wait_past_a_dbas_lock_timeout_is_retried_not_dead_lettered(
+    fresh_database: str,
+) -> None:
+    """A DBA's `lock_timeout` (`ALTER ROLE ... SET lock_timeout = '1s'`) cancels a batch
+    that waits on a member row another writer holds (a redemption, a sweep page). That
+    failure was taken for the batch's own: its records were isolated and the ones still
+    meeting the lock dead-lettered, unpaid."""
+    settings = Settings(database_url=fresh_database, bootstrap_servers="")
+    handler = projector.make_handler(settings, "ledger", LedgerRules())
+    now = datetime.now(UTC)
+    async with migrated_pool(fresh_database) as pool:
+        await consumer_of(pool, "ledger", TOPIC, handler).process(
+            direct.records(TOPIC, grant("m-lk", 100, now))
+        )
+        timing_out = await asyncpg.create_pool(
+            fresh_database, min_size=1, max_size=2, init=init_connection,
+            server_settings={"lock_timeout": "200ms"},
+        )  # fmt: skip
+        assert timing_out is not None
+        consumer = consumer_of(timing_out, "ledger", TOPIC, handler)
+        batch = direct.records(TOPIC, grant("m-lk", 1200, now), grant("m-lk", 300, now))
+        try:
+            async with pool.acquire() as holder, holder.transaction():
+                await holder.execute(
+                    "SELECT 1 FROM ledger_members WHERE member_id = 'm-lk' FOR UPDATE"
+                )
+                with capture_logs() as logs:
+                    task = asyncio.create_task(consumer.process(batch))
+                    await wait_until(
+                        lambda: asyncio.sleep(0, any(e["event"] == "batch_retry" for e in logs)),
+                        what="a retry after the lock timeout",
+                    )
+            await asyncio.wait_for(task, timeout=30)  # the row let go
+        finally:
+            await timing_out.close()
+        assert not [e for e in logs if e["event"] in ("batch_failed_isolating", "poison_record")]
+        earned = await pool.fetchval("SELECT earned FROM ledger_members WHERE member_id = 'm-lk'")
+        dead = await pool.fetchval("SELECT count(*) FROM dead_letters")
+    assert (earned, dead) == (1600, 0)
+
+
 async def test_a_dead_letter_is_written_whatever_its_reason_quotes(fresh_database: str) -> None:
     """Since nothing escapes `process`, a dead letter that cannot be written would be
     retried for ever: a reason quoting a NUL or a lone surrogate (Postgres `text` takes

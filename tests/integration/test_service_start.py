@@ -9,13 +9,20 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
+from structlog.testing import capture_logs
 from yoyo import get_backend, read_migrations
 
 from deploy.local import free_port
+from services.common.config import Settings
 from services.common.migrations import MIGRATIONS_DIR, _yoyo_url, migration_ids
+from services.common.runtime import create_pool
+from tests.integration.direct import migrated_pool
 from tests.integration.harness import ROOT, wait_until
 
 pytestmark = pytest.mark.integration
@@ -98,3 +105,34 @@ async def test_a_service_refuses_a_database_a_migration_behind(
     proc = start("rules", log, DATABASE_URL=fresh_database)
     assert await asyncio.to_thread(proc.wait, 30) == 1
     assert f"1 of {len(migration_ids())} migrations missing, the first {latest}" in log.read_text()
+
+
+async def test_a_service_starting_while_postgres_is_out_of_connections_waits(
+    fresh_database: str,
+) -> None:
+    """ "Too many connections" at start (every instance reconnecting after a database
+    restart) ended the service at once, while a database still starting was waited for."""
+    role = f"r{uuid.uuid4().hex[:12]}"
+    url = urlsplit(fresh_database)
+    limited = urlunsplit(url._replace(netloc=f"{role}:{role}@{url.hostname}:{url.port}"))
+    async with migrated_pool(fresh_database) as pool:
+        await pool.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{role}' CONNECTION LIMIT 1")
+        try:
+            await pool.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+            taken = await asyncpg.connect(limited)  # the role's one connection
+            with capture_logs() as logs:
+                starting = asyncio.create_task(
+                    create_pool(Settings(database_url=limited, bootstrap_servers=""), 1)
+                )
+                await wait_until(
+                    lambda: asyncio.sleep(
+                        0, any(e["event"] == "database_unavailable" for e in logs)
+                    ),
+                    what="the pool to wait for a connection",
+                )
+                await taken.close()
+                started = await asyncio.wait_for(starting, timeout=30)
+            assert await started.fetchval("SELECT 1") == 1
+            await started.close()
+        finally:
+            await pool.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")

@@ -138,6 +138,12 @@ def test_points_and_flags_must_be_json_numbers_and_booleans(
     [
         asyncpg.exceptions.CannotConnectNowError("the database system is shutting down"),
         asyncpg.exceptions.QueryCanceledError("canceling statement due to statement timeout"),
+        # A DBA's lock_timeout, a server (or role) out of connections, a disk full, a
+        # server read-only after a failover: the database's state, not the request's.
+        asyncpg.exceptions.LockNotAvailableError("canceling statement due to lock timeout"),
+        asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already"),
+        asyncpg.exceptions.DiskFullError("could not extend file"),
+        asyncpg.exceptions.ReadOnlySQLTransactionError("cannot execute UPDATE in a read-only"),
         asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"),
         asyncpg.PostgresConnectionError("connection failure"),
         ConnectionResetError(104, "Connection reset by peer"),
