@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from services.common.dlq import Refused, classify
+from services.common.ops_session import UNBOUNDED
 
 T = TypeVar("T")
 err = Console(stderr=True)
@@ -74,7 +75,7 @@ async def connect(dsn: str) -> asyncpg.Connection:
     """asyncpg.connect; what it raises for an unusable URL (ValueError, OverflowError) is
     a `BadDatabaseUrl`, so that only the connection attempt is read as such."""
     try:
-        return await asyncpg.connect(dsn)
+        return await asyncpg.connect(dsn, server_settings=UNBOUNDED)
     except asyncpg.ClientConfigurationError as exc:
         raise BadDatabaseUrl(str(exc)) from exc
     except asyncpg.InterfaceError:

@@ -45,6 +45,7 @@ from typing import Any, Final
 import asyncpg
 import structlog
 
+from services.common.ops_session import UNBOUNDED
 from services.ledger import accounting as acc
 from services.ledger.journal import LOT_COLUMNS, entry_from_row, lot_row
 
@@ -301,8 +302,8 @@ async def rebuild(dsn: str, phase: Phase | None = None) -> RebuildReport:
     report = RebuildReport()
     if phase is None:
         phase = _no_phase
-    write = await asyncpg.connect(dsn)
-    read = await asyncpg.connect(dsn)
+    write = await asyncpg.connect(dsn, server_settings=UNBOUNDED)
+    read = await asyncpg.connect(dsn, server_settings=UNBOUNDED)
     try:
         if not await write.fetchval("SELECT pg_try_advisory_lock($1)", REBUILD_LOCK_KEY):
             raise RebuildRunning(await write.fetchrow(LOCK_HOLDER, REBUILD_LOCK_KEY))
@@ -338,7 +339,7 @@ def _no_phase(_: str) -> None:
 
 async def _snapshot_reader(dsn: str, read: asyncpg.Connection) -> int:
     """Start ``read`` on a snapshot with no append in flight; returns its highest seq."""
-    lock = await asyncpg.connect(dsn)
+    lock = await asyncpg.connect(dsn, server_settings=UNBOUNDED)
     try:
         await lock.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         await lock.execute("LOCK TABLE ledger_entries IN SHARE MODE")
@@ -506,7 +507,7 @@ def _iso(dt: datetime | None) -> str:
 async def verify(dsn: str, progress: Progress | None = None) -> VerifyReport:
     """Every difference between the fold of the journal and the read models."""
     report = VerifyReport()
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn, server_settings=UNBOUNDED)
     side = conn  # one snapshot: the cursor's FETCHes and the lookups interleave on it
     try:
         # Before the snapshot, so a swap under way ends first; held until the connection

@@ -169,3 +169,27 @@ async def test_rebuild_then_verify_on_100k_entries_while_writes_go_on(
         assert (await verify(dsn)).differences == []
     finally:
         await pool.close()
+
+
+async def test_rebuild_and_verify_finish_under_a_dbas_timeouts(fresh_database: str) -> None:
+    """A DBA's `statement_timeout` / `lock_timeout` on the database, meant for the
+    services' short statements, cancelled the rebuild's whole-journal statements halfway
+    (it never finished) and a verify's read: ops sessions lift them (`ops_session`)."""
+    dsn = fresh_database
+    await asyncio.to_thread(apply_migrations, dsn)
+    pool = await pool_for(dsn)
+    try:
+        async with pool.acquire() as conn:
+            await copy_journal(conn, generate_journal(members=200, per_member=50, start=START))
+            name = await conn.fetchval("SELECT current_database()")
+            await conn.execute(
+                f"ALTER DATABASE \"{name}\" SET statement_timeout = '1ms';"
+                f" ALTER DATABASE \"{name}\" SET lock_timeout = '1ms'"
+            )
+    finally:
+        await pool.close()
+    report = await rebuild(dsn)
+    assert report.members == 200
+    assert not (await verify(dsn)).differences
+    done = await asyncio.to_thread(ledgerctl, dsn, "verify")
+    assert done.returncode == 0, done.stdout + done.stderr
