@@ -121,7 +121,7 @@ async def test_rebuild_then_verify_on_100k_entries_while_writes_go_on(
             assert {
                 "ledger_members_pkey",
                 "ledger_lots_pkey",
-                "ledger_lots_member",
+                "ledger_lots_member_live",
                 "ledger_lots_sweep",
             } <= indexes
 

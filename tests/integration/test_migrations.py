@@ -1,7 +1,8 @@
 """Migrations that change existing tables keep what those tables hold (an upgrade, not
 only a fresh install): 0012 (the outbox's key), 0013 (json documents), 0014 (lots' sweep
 moment), 0015 (members' tier end), 0016 (what member states may have forgotten), 0023 (when
-the tier sweep must next look at each member), 0024 (an adjustment's lot's id)."""
+the tier sweep must next look at each member), 0024 (an adjustment's lot's id), 0026 (the
+index of a member's lots, built outside a transaction)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ import pytest
 from yoyo import get_backend, read_migrations
 
 from services.common.migrations import MIGRATIONS_DIR, _yoyo_url, apply_migrations
+from services.ledger.journal import SELECT_LOTS
+from services.ledger.reads import MEMBER_WITH_LOTS
+from services.ledger.rebuild import MEMBER_LOTS
+from services.ledger.sweeper import AVAILABLE_NOW
 from services.rules.pruning import add_months
 from services.rules.state import load_state
 
@@ -260,3 +265,90 @@ async def test_0024_tells_an_adjustments_lot_from_a_grants_by_its_creating_entry
         assert {r["lot_id"]: (r["source_event_id"], r["adjustment_id"]) for r in rows} == {
             "g-1": ("e-1", None), "a-1": (None, "adj-1"), "a-spent": (None, "adj-2"),
         }  # fmt: skip
+
+
+LOTS_0026 = [("l-live", 60, 1), ("l-spent", 0, 1), ("l-lapsed", 0, -1), ("l-pending", 40, 1)]
+
+
+async def _lots_before_0026(conn: asyncpg.Connection) -> None:
+    await conn.execute("INSERT INTO ledger_members (member_id) VALUES ('m-1'), ('m-2')")
+    for lot_id, remaining, years in LOTS_0026:
+        await conn.execute(
+            "INSERT INTO ledger_lots (lot_id, member_id, points, remaining, earned_at,"
+            " available_from, expires_at)"
+            " VALUES ($1, 'm-1', 100, $2, now(), now() + make_interval(days => $4),"
+            " now() + make_interval(years => $3))",
+            lot_id, remaining, years, 3 if lot_id == "l-pending" else 0,
+        )  # fmt: skip
+    await conn.execute(
+        "INSERT INTO ledger_lots (lot_id, member_id, points, remaining, earned_at,"
+        " available_from, expires_at) VALUES ('l-other', 'm-2', 9, 9, now(), now(),"
+        " now() + interval '1 year')"
+    )
+
+
+async def _lot_indexes(conn: asyncpg.Connection) -> dict[str, tuple[str, bool]]:
+    rows = await conn.fetch(
+        "SELECT indexrelid::regclass::text AS name, pg_get_indexdef(indexrelid) AS def,"
+        " indisvalid FROM pg_index WHERE indrelid = 'ledger_lots'::regclass"
+    )
+    return {r["name"]: (r["def"].split(" USING ", 1)[1], r["indisvalid"]) for r in rows}
+
+
+async def test_0026_indexes_a_members_lots_with_points_left_only(fresh_database: str) -> None:
+    """Spent and lapsed lots stay in the table; every member-keyed query asks for
+    `remaining > 0`, so the index need not walk past them. The queries still find exactly
+    the lots with points left, and can do so through the partial index."""
+    async with migrated_until(fresh_database, "0026") as conn:
+        await _lots_before_0026(conn)
+        assert "ledger_lots_member" in await _lot_indexes(conn)
+        assert apply_migrations(fresh_database) >= 1
+
+        assert await _lot_indexes(conn) == {
+            "ledger_lots_pkey": ("btree (lot_id)", True),
+            "ledger_lots_sweep": ("btree (sweep_at, lot_id) WHERE (remaining > 0)", True),
+            "ledger_lots_member_live": (
+                "btree (member_id, expires_at) WHERE (remaining > 0)", True,
+            ),
+        }  # fmt: skip
+        now = await conn.fetchval("SELECT now()")
+        member_keyed = {
+            "SELECT_LOTS": (SELECT_LOTS, [["m-1"]]),
+            "MEMBER_WITH_LOTS": (MEMBER_WITH_LOTS, ["m-1"]),
+            "AVAILABLE_NOW": (AVAILABLE_NOW, [["m-1"], now]),
+            "MEMBER_LOTS": (MEMBER_LOTS, [["m-1"]]),
+        }
+        await conn.execute("SET enable_seqscan = off")  # a handful of rows: force a choice
+        for name, (sql, args) in member_keyed.items():
+            plan = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, *args)
+            assert '"ledger_lots_member_live"' in plan, (name, plan)
+        lots = await conn.fetch(SELECT_LOTS, ["m-1"])
+        assert sorted((r["lot_id"], r["remaining"]) for r in lots) == [
+            ("l-live", 60), ("l-pending", 40),
+        ]  # fmt: skip
+        view = await conn.fetch(MEMBER_WITH_LOTS, "m-1")
+        assert sorted(r["lot_remaining"] for r in view) == [40, 60]
+        assert (await conn.fetchrow(AVAILABLE_NOW, ["m-1"], now))["available"] == 60
+        assert len(await conn.fetch(MEMBER_LOTS, ["m-1"])) == 2
+
+
+async def test_0026_run_again_after_a_failed_build_replaces_the_invalid_index(
+    fresh_database: str,
+) -> None:
+    """A concurrent build that fails leaves an INVALID index under its name, which
+    `IF NOT EXISTS` alone would keep, unused, while the full index was dropped."""
+    async with migrated_until(fresh_database, "0026") as conn:
+        await _lots_before_0026(conn)
+        with pytest.raises(asyncpg.UniqueViolationError):  # a build that fails half-way
+            await conn.execute(
+                "CREATE UNIQUE INDEX CONCURRENTLY ledger_lots_member_live"
+                " ON ledger_lots (member_id) WHERE remaining > 0"
+            )
+        assert (await _lot_indexes(conn))["ledger_lots_member_live"][1] is False
+        assert apply_migrations(fresh_database) >= 1
+
+        indexes = await _lot_indexes(conn)
+        assert indexes["ledger_lots_member_live"] == (
+            "btree (member_id, expires_at) WHERE (remaining > 0)", True,
+        )  # fmt: skip
+        assert "ledger_lots_member" not in indexes
