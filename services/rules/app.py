@@ -58,6 +58,17 @@ SELECT_STATES: Final = """
 SELECT member_id, referrer_id, referrer_since, tier_due_at, state::text AS state
 FROM rules_member_state WHERE member_id = ANY($1::text[]) ORDER BY member_id FOR UPDATE
 """
+# A member without a row yet: its row inserted first, so this transaction holds it like the
+# others. One whose row another transaction is creating (its events on two partitions, a
+# producer keying by something else than the member) waits here for that one, and is then
+# read again: both started from an empty state, and both paid the first-purchase bonus.
+# The placeholder is the empty state; the batch writes every member's state before it
+# commits, so none is ever seen. One statement, in batches with new members only.
+INSERT_NEW: Final = """
+INSERT INTO rules_member_state (member_id, state)
+SELECT m, json_build_object('member_id', m) FROM unnest($1::text[]) AS m
+ON CONFLICT (member_id) DO NOTHING RETURNING member_id
+"""
 INSERT_HELD: Final = """
 INSERT INTO rules_held (event_id, member_id, type, occurred_at, payload, reason)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bytea[],
@@ -172,7 +183,7 @@ class RulesProcessor:
         referrers: dict[str, str | None] = {}
         since: dict[str, datetime | None] = {}
         due: dict[str, datetime | None] = {}  # the tier sweep's (tier_sweeper.py)
-        for r in await conn.fetch(SELECT_STATES, members):
+        for r in await self._lock_states(conn, members):
             states[r["member_id"]] = load_state(r["state"])
             referrers[r["member_id"]] = r["referrer_id"]
             since[r["member_id"]] = r["referrer_since"]
@@ -233,6 +244,30 @@ class RulesProcessor:
         )
         topic = self.settings.topics.grants
         work.outbox.extend(OutboxRow(topic, g.member_id, grant_json(g)) for g in grants)
+
+    async def _lock_states(
+        self, conn: asyncpg.Connection, members: list[str]
+    ) -> list[asyncpg.Record]:
+        """The stored rows of `members` (sorted), each locked by this transaction, those
+        of members new to it included (`INSERT_NEW`).
+
+        Rows are locked in member order within each statement, not across them (the stored
+        ones, then the new, then those another transaction created meanwhile), so two
+        batches sharing two members, one created between their reads, can deadlock:
+        Postgres ends one and the consumer retries it (a TRANSIENT error). It takes a
+        member's events on several partitions, which the contract rules out. The referral
+        chain's advisory locks come after all of these in every batch, so they add no
+        cycle: a batch waiting here holds none of them, and past them it takes no row of
+        rules_member_state that it does not hold already."""
+        rows = list(await conn.fetch(SELECT_STATES, members))
+        if len(rows) == len(members):
+            return rows
+        stored = {r["member_id"] for r in rows}
+        new = [m for m in members if m not in stored]
+        created = {r["member_id"] for r in await conn.fetch(INSERT_NEW, new)}
+        if raced := [m for m in new if m not in created]:
+            rows += await conn.fetch(SELECT_STATES, raced)
+        return rows
 
     async def _load_referrer_chain(
         self,
