@@ -18,6 +18,7 @@ import structlog
 from aiokafka.structs import ConsumerRecord
 from faststream import FastStream
 from faststream.specification import AsyncAPI
+from prometheus_client import Counter
 
 import services.rules
 from schemas.activity import Activity, parse_activity
@@ -46,6 +47,13 @@ from services.rules.tier_sweeper import TierSweeper
 
 SERVICE: Final = "rules"
 log = structlog.get_logger()
+# The contract keys activity by member, which keeps a member's events in order on one
+# partition; a producer keying otherwise is paid all the same (`_lock_states`), but shown.
+KEY_MISMATCH: Final = Counter(
+    "loyalty_activity_key_mismatch_total",
+    "Activity records whose key is not their member_id",
+    ["consumer"],
+)
 
 # Every activity is kept (for backtests); a redelivered one is found by its id
 # (`reused_ids.recorded`) and only the new ones are COPYed in (why that is safe:
@@ -104,6 +112,7 @@ class RulesProcessor:
         # The watcher and the consumer's per-batch check both reload; one at a time, so an
         # older book finishing later never replaces a newer one.
         self._book_lock = asyncio.Lock()
+        self._key_mismatch = KEY_MISMATCH.labels(consumer_name)  # exported at zero
 
     async def refresh_book(self, pool: asyncpg.Pool) -> bool:
         # The connection first, then the lock: a batch holds its connection when it takes
@@ -159,6 +168,7 @@ class RulesProcessor:
             records, parse_activity, work, self.consumer_name, self.settings.topics.dlq,
             self._dated_ahead,
         )  # fmt: skip
+        self._count_misrouted(good, work)
         first, reused = reused_ids.split_in_batch(good)
         if not first:
             return
@@ -244,6 +254,20 @@ class RulesProcessor:
         )
         topic = self.settings.topics.grants
         work.outbox.extend(OutboxRow(topic, g.member_id, grant_json(g)) for g in grants)
+
+    def _count_misrouted(
+        self, good: Sequence[tuple[ConsumerRecord, Activity]], work: BatchWork
+    ) -> None:
+        """Counted, not dead-lettered: the key is the producer's error, and the events are
+        still paid right. One warning a batch, so a wrong producer does not flood the log."""
+        wrong = [(r, e) for r, e in good if r.key != e.member_id.encode()]
+        if not wrong:
+            return
+        work.counts.append((self._key_mismatch, len(wrong)))
+        record, event = wrong[0]
+        log.warning("activity_key_mismatch", consumer=self.consumer_name, records=len(wrong),
+                    event_id=event.event_id, member_id=event.member_id,
+                    partition=record.partition, offset=record.offset)  # fmt: skip
 
     async def _lock_states(
         self, conn: asyncpg.Connection, members: list[str]

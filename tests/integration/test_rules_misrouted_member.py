@@ -19,13 +19,15 @@ import asyncpg
 import orjson
 import pytest
 from aiokafka.structs import ConsumerRecord
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from services.common.config import load_settings
 from services.common.consumer import BatchConsumer, BatchWork
 from services.rules.app import RulesProcessor
 from services.rules.state import load_state
 from tests.integration.direct import migrated_pool
-from tests.integration.events import CST, purchase
+from tests.integration.events import CST, purchase, registered
 from tests.integration.harness import wait_until
 
 pytestmark = pytest.mark.integration
@@ -35,9 +37,11 @@ CONSUMER = "rules-misrouted"
 WAITING = "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
 
 
-def record(topic: str, partition: int, event: dict[str, Any], key: bytes | None) -> ConsumerRecord:
+def record(
+    topic: str, partition: int, event: dict[str, Any], key: bytes | None, offset: int = 0
+) -> ConsumerRecord:
     value = orjson.dumps(event)
-    return ConsumerRecord(topic, partition, 0, 0, 0, key, value, None, 0, len(value), [])
+    return ConsumerRecord(topic, partition, offset, 0, 0, key, value, None, 0, len(value), [])
 
 
 @pytest.mark.parametrize(
@@ -94,3 +98,41 @@ async def test_a_new_members_events_on_two_partitions_are_applied_one_after_the_
     first = [g for g in grants if g["data"].get("rule_id") == "first_purchase"]
     assert [g["data"]["order_id"] for g in first] == ["O1"]
     assert sorted(state.orders) == ["O1", "O2"]
+
+
+def mismatches() -> float | None:
+    name = "loyalty_activity_key_mismatch_total"
+    return REGISTRY.get_sample_value(name, {"consumer": CONSUMER})
+
+
+async def test_records_keyed_otherwise_than_by_their_member_are_counted_and_paid(
+    fresh_database: str,
+) -> None:
+    settings = dataclasses.replace(load_settings(), database_url=fresh_database)
+    topic = settings.topics.activity
+    keyed = purchase("m-keyed", "300.00", T0)
+    no_key = purchase("m-no-key", "300.00", T0)
+    by_event = registered("m-by-event", T0)
+    async with migrated_pool(fresh_database) as pool:
+        proc = RulesProcessor(settings, CONSUMER)
+        await proc.refresh_book(pool)
+        rules = BatchConsumer(name=CONSUMER, service="rules", topic=topic, dlq_topic="dlq")
+        rules.bind(pool, proc.handle)
+        before = mismatches()
+        assert before is not None  # exported from the start
+        batch = [
+            record(topic, 2, keyed, b"m-keyed", 0),
+            record(topic, 2, no_key, None, 1),
+            record(topic, 2, by_event, by_event["event_id"].encode(), 2),
+        ]
+        with capture_logs() as logs:
+            await rules.process(batch)
+        members = await pool.fetchval("SELECT count(*) FROM rules_member_state")
+    assert mismatches() == before + 2
+    warned = [e for e in logs if e["event"] == "activity_key_mismatch"]
+    assert [(e["records"], e["event_id"], e["member_id"]) for e in warned] == [
+        (2, no_key["event_id"], "m-no-key")
+    ]
+    # Applied all the same, none dead-lettered: the producer broke the contract.
+    assert members == 3
+    assert not [e for e in logs if e["event"] == "dead_letter"]

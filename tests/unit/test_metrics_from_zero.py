@@ -39,6 +39,11 @@ def test_the_rules_consumer_exports_its_own_refusals() -> None:
         assert sample("loyalty_dlq_messages_total", consumer="zero-rules", reason=reason) == 0
 
 
+def test_the_rules_consumer_exports_its_key_mismatches() -> None:
+    create_app(Settings(database_url="", bootstrap_servers="", topics=Topics(prefix="keys-")))
+    assert sample("loyalty_activity_key_mismatch_total", consumer="keys-rules") == 0
+
+
 def test_a_relays_series_are_exported_before_its_first_round() -> None:
     OutboxRelay(cast(Any, None), cast(Any, None), "zero-svc", dlq_topic="dlq")
     assert sample("loyalty_outbox_published_total", service="zero-svc") == 0
