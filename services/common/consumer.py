@@ -34,6 +34,7 @@ import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from faststream.kafka import KafkaBroker
+from faststream.message import StreamMessage
 from faststream.middlewares import AckPolicy
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -140,6 +141,10 @@ class BatchConsumer:
         # before a reset (in flight, retried) must not raise the offsets row again.
         self._resets: dict[tuple[str, int], int] = {}
         self._batch_resets: dict[tuple[str, int], int] = {}
+        # The batches FastStream handed to our parser (`attach`) that `process` has not
+        # finished: the one being applied, or none. An earlier one still here was lost
+        # on its way (`_reread_lost`).
+        self._in_flight: list[tuple[ConsumerRecord, ...]] = []
         # Its series exported from the start, at zero: a series born at its first increment
         # has no earlier sample, so rate() and increase() miss that increment (the first
         # dead letters, the first records lost).
@@ -184,10 +189,21 @@ class BatchConsumer:
                 consumer.log_ends.start(consumer.fetched_ends)  # at the first assignment
                 await consumer.seek_assigned(assigned)
 
+        async def _records(records: tuple[ConsumerRecord, ...]) -> StreamMessage[Any]:
+            # FastStream's own parser decodes every header of every record as UTF-8: one
+            # that is not (Spring's kafka_correlationId, a tracing id) or is null (Java
+            # clients send them) raised, and FastStream logged it and dropped the whole
+            # batch, its fetch position past it. This one reads nothing of the records, so
+            # nothing in them can fail it (nor a `reply_to` header make FastStream publish
+            # the handler's result). Async: FastStream runs a sync one in a thread.
+            consumer._in_flight.append(records)
+            return StreamMessage(raw_message=records, body=records)
+
         async def _raw(msg: Any) -> Any:
-            # Skip FastStream's JSON decoding: we validate bytes ourselves so that a bad
-            # message becomes a dead letter rather than an exception. The handler gets the
-            # batch's records as its body (the broker does no dependency injection).
+            # Skip FastStream's JSON decoding (its batch decoder parses each record again,
+            # headers included): we validate bytes ourselves so that a bad message becomes
+            # a dead letter rather than an exception. The handler gets the batch's records
+            # as its body (the broker does no dependency injection).
             return msg.raw_message
 
         self.subscriber = broker.subscriber(
@@ -208,6 +224,7 @@ class BatchConsumer:
             isolation_level="read_committed",
             listener=_SeekToStored(),
             ack_policy=AckPolicy.MANUAL,
+            parser=_records,
             decoder=_raw,
             title=f"{self.name}:{self.topic}",
         )
@@ -381,6 +398,7 @@ class BatchConsumer:
         self._watch.looked = set()
         self._batch_resets = dict(self._resets)
         try:
+            records = self._reread_lost(records)
             while True:
                 try:
                     await self._apply_or_isolate(records)
@@ -395,6 +413,30 @@ class BatchConsumer:
                     await asyncio.sleep(delay)
         finally:
             self._watch.looked = set()
+            self._in_flight.clear()
+
+    def _reread_lost(self, records: Sequence[ConsumerRecord]) -> Sequence[ConsumerRecord]:
+        """Seek the partitions of a batch lost between our parser and `process` back to
+        the offsets applied, and leave this batch's records of them out (they come again).
+
+        Nothing FastStream runs between the two reads the records (`attach`), so none is
+        expected to be lost there. But FastStream logs and swallows such a failure with
+        the fetch position past the batch, and the next batch applied stores offsets past
+        it: a gap that looks like a transaction's markers (`log_start.gaps`), records
+        never paid nor dead-lettered. This makes it a re-read, said at ERROR.
+        """
+        lost = {(r.topic, r.partition) for batch in self._in_flight[:-1] for r in batch}
+        if not lost:
+            return records
+        kafka: Any = getattr(self.subscriber, "consumer", None)
+        owned = kafka.assignment() if kafka is not None else ()
+        for key in sorted(lost):
+            if TopicPartition(*key) in owned and key in self.next_offsets:
+                kafka.seek(TopicPartition(*key), self.next_offsets[key])
+        log.error("batch_lost_before_handler", consumer=self.name,
+                  partitions=sorted(p for _, p in lost))  # fmt: skip
+        del self._in_flight[:-1]
+        return [r for r in records if (r.topic, r.partition) not in lost]
 
     async def _apply_or_isolate(self, records: Sequence[ConsumerRecord]) -> None:
         try:
