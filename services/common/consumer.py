@@ -142,8 +142,8 @@ class BatchConsumer:
         self._resets: dict[tuple[str, int], int] = {}
         self._batch_resets: dict[tuple[str, int], int] = {}
         # The batches FastStream handed to our parser (`attach`) that `process` has not
-        # finished: the one being applied, or none. An earlier one still here was lost
-        # on its way (`_reread_lost`).
+        # finished: the one being applied, or none. Their records are fetched, not
+        # applied (`lag`); an earlier one still here was lost on its way (`_reread_lost`).
         self._in_flight: list[tuple[ConsumerRecord, ...]] = []
         # Its series exported from the start, at zero: a series born at its first increment
         # has no earlier sample, so rate() and increase() miss that increment (the first
@@ -631,22 +631,51 @@ class BatchConsumer:
             return {}
 
     def lag(self) -> dict[tuple[str, int], int]:
-        """Records not yet applied, per partition owned whose end is known: no I/O."""
+        """Records not yet applied, per partition owned whose end is known: no I/O.
+
+        Counted from the fetch position where that is past the offset applied and no
+        batch in flight holds the partition: aiokafka reads past a transaction's marker
+        and an aborted transaction's records (read_committed) without handing them over.
+        From the offset applied alone, the lag stayed at 1 after each upstream
+        transaction, and an aborted one larger than a batch at a partition's end kept the
+        tier sweep waiting (`rules.app.caught_up`) for records that never come. Postgres
+        keeps the offset applied: after a restart they are read past again.
+        """
         kafka = getattr(self.subscriber, "consumer", None)
         out: dict[tuple[str, int], int] = {}
         if kafka is None:
             return out
-        for tp in self.assigned:
+        # Positions first: a batch fetched after them is in flight below, or applied; read
+        # the other way round, one fetched in between would count as applied.
+        positions = {tp: fetch_position(kafka, tp) for tp in self.assigned}
+        busy = {(r.topic, r.partition) for batch in tuple(self._in_flight) for r in batch}
+        for tp, position in positions.items():
             high = self.log_ends.end(tp, kafka.highwater(tp))
-            if high is not None:
-                out[(tp.topic, tp.partition)] = max(
-                    0, high - self.next_offsets.get((tp.topic, tp.partition), 0)
-                )
+            if high is None:
+                continue
+            key = (tp.topic, tp.partition)
+            done = self.next_offsets.get(key, 0)
+            if position is not None and key not in busy:
+                done = max(done, position)
+            out[key] = max(0, high - done)
         return out
 
 
+def fetch_position(kafka: Any, tp: TopicPartition) -> int | None:
+    """Where `kafka`'s next fetch of `tp` starts (None: not assigned, or not known yet).
+
+    aiokafka's `position()` is a coroutine, to wait for a position not known yet; `lag` is
+    sync and runs in the metrics server's thread too, so this reads the partition's state
+    as aiokafka's `highwater()` does."""
+    try:
+        return int(kafka._subscription.subscription.assignment.state_value(tp).position)
+    except (AttributeError, AssertionError):  # unassigned meanwhile, or no position yet
+        return None
+
+
 class LagCollector(Collector):
-    """Prometheus gauge computed on scrape: the log's end (`LogEnds`) minus our next offset."""
+    """Prometheus gauge computed on scrape: the log's end (`LogEnds`) minus where the
+    consumer has applied or read past (`BatchConsumer.lag`)."""
 
     def __init__(self, consumers: list[BatchConsumer]) -> None:
         self.consumers = consumers

@@ -5,17 +5,21 @@ the whole batch, its fetch position past it. These drive FastStream's real subsc
 (`consume`, as its fetch loop calls it) without a broker.
 
 Should FastStream drop a batch on its way anyway, the next one finds it still in flight:
-its partitions are read again from the offsets applied."""
+its partitions are read again from the offsets applied. And the lag counts a partition up
+to its fetch position (past transaction markers, aborted records) only while none of its
+records is in flight."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 from structlog.testing import capture_logs
 
+from services.common import consumer as consumer_module
 from services.common.config import Settings
 from services.common.consumer import BatchConsumer
 from services.common.runtime import create_broker
@@ -32,12 +36,16 @@ def _record(tp: TopicPartition, offset: int, headers: Sequence[Any] = ()) -> Con
 class FakeKafka:
     def __init__(self) -> None:
         self.seeks: list[tuple[TopicPartition, int]] = []
+        self.positions: dict[TopicPartition, int] = {}
 
     def assignment(self) -> set[TopicPartition]:
         return {A, B}
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.seeks.append((tp, offset))
+
+    def highwater(self, tp: TopicPartition) -> int:
+        return 100
 
 
 def _subscribed() -> tuple[BatchConsumer, Any, list[list[ConsumerRecord]]]:
@@ -93,3 +101,23 @@ async def test_a_batch_lost_before_the_handler_is_read_again_not_skipped() -> No
     said = [e for e in logs if e["event"] == "batch_lost_before_handler"]
     assert [(e["log_level"], e["partitions"]) for e in said] == [("error", [0])]
     assert consumer._in_flight == []
+
+
+async def test_the_lag_counts_the_fetch_position_only_of_partitions_not_in_flight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    consumer, subscriber, _ = _subscribed()
+    kafka = subscriber.consumer
+    monkeypatch.setattr(consumer_module, "fetch_position", lambda k, tp: k.positions.get(tp))
+    consumer.assigned = {A, B}
+    consumer.next_offsets = {(TOPIC, 0): 40, (TOPIC, 1): 40}
+    # Both read past what was applied: A past markers and aborted records, B past a batch
+    # handed over and still being applied.
+    kafka.positions = {A: 100, B: 60}
+    consumer._in_flight = [(_record(B, 40), _record(B, 59))]
+    assert consumer.lag() == {(TOPIC, 0): 0, (TOPIC, 1): 60}
+    consumer._in_flight = []  # B applied: its offsets stored
+    consumer.next_offsets[(TOPIC, 1)] = 60
+    assert consumer.lag() == {(TOPIC, 0): 0, (TOPIC, 1): 40}
+    kafka.positions = {A: 100}  # B's position not known (being reset): the offset applied
+    assert consumer.lag() == {(TOPIC, 0): 0, (TOPIC, 1): 40}
