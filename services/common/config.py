@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+import ssl
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -93,11 +94,63 @@ class Topics:
         return [self.activity, self.grants, self.ledger, self.dlq]
 
 
+# What aiokafka speaks (and Amazon MSK, Confluent Cloud, Aiven ask for): OAUTHBEARER and
+# GSSAPI need a token provider or Kerberos, which nothing here sets up.
+SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS: Final = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+# Every variable `load_kafka_security` reads: `make up` and `ledgerctl` pass them on as one.
+KAFKA_SECURITY_VARS: Final = (
+    "KAFKA_SECURITY_PROTOCOL",
+    "KAFKA_SASL_MECHANISM",
+    "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_PASSWORD",
+    "KAFKA_SSL_CAFILE",
+    "KAFKA_SSL_CERTFILE",
+    "KAFKA_SSL_KEYFILE",
+)
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """How the Kafka clients prove who they are and check whom they talk to.
+
+    The default, PLAINTEXT, is what `make up`'s own brokers speak. The password is kept
+    out of `repr`, so a settings object in a log line or a traceback does not carry it.
+    """
+
+    protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "PLAIN"
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    ssl_cafile: str = ""  # PEM; empty: the system's trust store
+    ssl_certfile: str = ""  # a client certificate (mutual TLS), PEM
+    ssl_keyfile: str = ""  # its key, PEM, unencrypted; empty: in the certificate's file
+
+    @property
+    def sasl(self) -> bool:
+        return self.protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+    @property
+    def tls(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+
+@dataclass(frozen=True)
+class KafkaAccess:
+    """Where the brokers are and how to reach them: what every Kafka client is made from
+    (`services.common.kafka_clients`)."""
+
+    bootstrap_servers: str
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
     bootstrap_servers: str
     topics: Topics = field(default_factory=Topics)
+    kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
     # Largest batch taken from Kafka per transaction: big enough to amortise the commit
     # (fsync) over thousands of events, small enough to keep a transaction short.
     max_batch: int = 5000
@@ -151,6 +204,10 @@ class Settings:
     def group_prefix(self) -> str:
         return self.topics.prefix
 
+    @property
+    def kafka(self) -> KafkaAccess:
+        return KafkaAccess(self.bootstrap_servers, self.kafka_security)
+
 
 def load_settings() -> Settings:
     """The settings from the environment, each checked against the range it needs (README,
@@ -161,6 +218,7 @@ def load_settings() -> Settings:
         ),
         bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092"),
         topics=Topics(prefix=os.environ.get("LOYALTY_TOPIC_PREFIX", "")),
+        kafka_security=load_kafka_security(),
         # 0 (or less) waits and fetches were taken as given: the consumers spun, taking
         # nothing, while /readyz said ready.
         max_batch=_int("CONSUMER_MAX_BATCH", 5000, 1),
@@ -190,6 +248,89 @@ def load_settings() -> Settings:
         rulebook_poll_seconds=_float("RULEBOOK_POLL_SECONDS", 5.0, 0.1),
         planner_stats_seconds=_float("PLANNER_STATS_SECONDS", 2.0, 0.1, zero_off=True),
     )
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip()
+    value = raw.upper() or default  # as the Java clients take them, in any case
+    if value not in choices:
+        raise ConfigError(f"{name}={raw!r}: must be one of {', '.join(choices)}")
+    return value
+
+
+def load_kafka_security(env: Mapping[str, str] = os.environ) -> KafkaSecurity:
+    """The KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_* and KAFKA_SSL_* settings in `env`, refused
+    when they contradict each other: a client given credentials or certificates its
+    protocol does not use would connect without them, and learn nothing of why it failed
+    (a PLAINTEXT client of a SASL listener sees only its connection closed)."""
+    protocol = _choice(env, "KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", SECURITY_PROTOCOLS)
+    security = KafkaSecurity(
+        protocol=protocol,
+        sasl_mechanism=_choice(env, "KAFKA_SASL_MECHANISM", "PLAIN", SASL_MECHANISMS),
+        sasl_username=env.get("KAFKA_SASL_USERNAME", ""),
+        sasl_password=env.get("KAFKA_SASL_PASSWORD", ""),
+        ssl_cafile=env.get("KAFKA_SSL_CAFILE", "").strip(),
+        ssl_certfile=env.get("KAFKA_SSL_CERTFILE", "").strip(),
+        ssl_keyfile=env.get("KAFKA_SSL_KEYFILE", "").strip(),
+    )
+    given = {name for name in KAFKA_SECURITY_VARS if env.get(name, "").strip()}
+    if security.sasl:
+        lacking = [n for n in ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD") if n not in given]
+        if lacking:
+            raise ConfigError(f"KAFKA_SECURITY_PROTOCOL={protocol} needs {' and '.join(lacking)}")
+    else:
+        _unused(protocol, sorted(given & {n for n in KAFKA_SECURITY_VARS if "_SASL_" in n}))
+    if security.tls:
+        _check_tls_files(security)
+    else:
+        _unused(protocol, sorted(given & {n for n in KAFKA_SECURITY_VARS if "_SSL_" in n}))
+    return security
+
+
+def _unused(protocol: str, names: list[str]) -> None:
+    if names:
+        raise ConfigError(
+            f"{', '.join(names)} set, but KAFKA_SECURITY_PROTOCOL={protocol} does not use"
+            f" {'it' if len(names) == 1 else 'them'}"
+        )
+
+
+def _check_tls_files(security: KafkaSecurity) -> None:
+    """Loads the CA and client certificate as the clients will (`kafka_clients`), so that a
+    missing or unreadable file stops the process at start with its name, not the first
+    connection some seconds later in a traceback."""
+    files = {
+        "KAFKA_SSL_CAFILE": security.ssl_cafile,
+        "KAFKA_SSL_CERTFILE": security.ssl_certfile,
+        "KAFKA_SSL_KEYFILE": security.ssl_keyfile,
+    }
+    for name, path in files.items():
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{name}={path}: no such file")
+    if security.ssl_keyfile and not security.ssl_certfile:
+        raise ConfigError("KAFKA_SSL_KEYFILE set without KAFKA_SSL_CERTFILE")
+    context = ssl.create_default_context()
+    try:
+        if security.ssl_cafile:
+            context.load_verify_locations(cafile=security.ssl_cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"KAFKA_SSL_CAFILE={security.ssl_cafile}: not a PEM CA ({exc})") from None
+    try:
+        if security.ssl_certfile:
+            context.load_cert_chain(
+                security.ssl_certfile, security.ssl_keyfile or None, password=refuse_key_password
+            )
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        where = f"KAFKA_SSL_CERTFILE={security.ssl_certfile}"
+        if security.ssl_keyfile:
+            where += f", KAFKA_SSL_KEYFILE={security.ssl_keyfile}"
+        raise ConfigError(f"{where}: not a PEM certificate and its key ({exc})") from None
+
+
+def refuse_key_password() -> str:
+    """The password callback for the client key: without one, OpenSSL asks for the password
+    of an encrypted key on the terminal, and a service with none would wait there."""
+    raise ValueError("the key is encrypted; give an unencrypted one")
 
 
 def redacted(url: str) -> str:
