@@ -30,7 +30,7 @@ from bench.settings import (
 )
 from bench.workload import Event
 from deploy import local
-from services.common.config import Topics
+from services.common.config import KafkaAccess, Topics
 from services.common.log_end import log_ends_of
 from services.common.migrations import apply_migrations
 from services.common.outbox import partition_for
@@ -297,7 +297,8 @@ async def send_batches(
 async def end_offsets(bootstrap: str, topic: str) -> int:
     """The offsets after the topic's last records, summed over its partitions: the high
     watermarks, since Tansu's ListOffsets answers short of a last batch (`log_end`)."""
-    ends = await log_ends_of(bootstrap, [TopicPartition(topic, p) for p in range(PARTITIONS)])
+    tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+    ends = await log_ends_of(KafkaAccess(bootstrap), tps)
     return int(sum(ends.values()))
 
 

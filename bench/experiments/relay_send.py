@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy import local
+from services.common.config import KafkaAccess
 from services.common.outbox import OutboxRelay, Settled, make_producer
 
 PAGES, ROWS = 20, 5_000
@@ -25,7 +26,7 @@ async def main() -> None:
     pid, bootstrap = await asyncio.to_thread(local.start_tansu, local.free_port(), tmp / "t.log")
     try:
         await local.create_topics_async(bootstrap, ["exp.grants"], partitions=6)
-        producer = make_producer(bootstrap)
+        producer = make_producer(KafkaAccess(bootstrap))
         await producer.start()
         relay: Any = OutboxRelay(None, producer, "exp", dlq_topic="exp.dlq")  # type: ignore[arg-type]
         rows = [

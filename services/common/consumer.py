@@ -40,6 +40,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+from services.common.config import KafkaAccess
 from services.common.dlq import (
     DEAD_LETTERS,
     REASONS,
@@ -166,15 +167,16 @@ class BatchConsumer:
         self,
         broker: KafkaBroker,
         *,
-        bootstrap_servers: str,
+        kafka: KafkaAccess,
         max_batch: int,
         batch_wait_ms: int,
         fetch_wait_ms: int,
         session_timeout_ms: int = 10_000,
     ) -> None:
         consumer = self
-        self._watch.bootstrap = bootstrap_servers
-        self.log_ends.bootstrap = bootstrap_servers
+        # Its own clients (out of the group) reach the broker as `broker` does.
+        self._watch.kafka = kafka
+        self.log_ends.kafka = kafka
         # Half the session: the broker evicts a member that sends no heartbeat for all of it.
         self._attempt_s = session_timeout_ms / 2000
 

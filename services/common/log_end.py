@@ -36,6 +36,9 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from services.common.config import KafkaAccess
+from services.common.kafka_clients import client_kwargs
+
 log = structlog.get_logger()
 
 # A fetch from an offset just inside the log answers within the broker's fetch wait.
@@ -88,9 +91,11 @@ async def log_ends(
     return ends
 
 
-async def log_ends_of(bootstrap: str, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+async def log_ends_of(
+    kafka: KafkaAccess, tps: Sequence[TopicPartition]
+) -> dict[TopicPartition, int]:
     """`log_ends` with a consumer of its own, started and stopped around the question."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**client_kwargs(kafka), enable_auto_commit=False)
     try:
         await consumer.start()
         return await log_ends(consumer, tps)
@@ -109,7 +114,7 @@ class LogEnds:
     """
 
     def __init__(self) -> None:
-        self.bootstrap = ""  # set when its consumer is attached to a broker
+        self.kafka = KafkaAccess("")  # set when its consumer is attached to a broker
         self.interval_s = LOG_ENDS_REFRESH_S
         self._asked: dict[TopicPartition, int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -118,7 +123,7 @@ class LogEnds:
     def start(self, owned: Callable[[], Mapping[TopicPartition, int | None]]) -> None:
         """Asks, until `stop`, for the partitions `owned` names, each with the end its
         group consumer last fetched (None: not yet). Once; not without a broker."""
-        if self._task is None and self.bootstrap and not self._stopped:
+        if self._task is None and self.kafka.bootstrap_servers and not self._stopped:
             self._task = asyncio.create_task(self._run(owned), name="log-ends")
 
     async def stop(self) -> None:
@@ -144,7 +149,7 @@ class LogEnds:
                 try:
                     if client is None:
                         client = AIOKafkaConsumer(
-                            bootstrap_servers=self.bootstrap, enable_auto_commit=False
+                            **client_kwargs(self.kafka), enable_auto_commit=False
                         )
                         await client.start()
                     known = {tp: end for tp, end in fetched.items() if end is not None}
@@ -229,11 +234,11 @@ async def records_at(
 
 
 async def records_at_of(
-    bootstrap: str, wanted: Mapping[TopicPartition, int]
+    kafka: KafkaAccess, wanted: Mapping[TopicPartition, int]
 ) -> dict[TopicPartition, ConsumerRecord | None]:
     """`records_at` with a consumer of its own, started and stopped around the question."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="latest"
+        **client_kwargs(kafka), enable_auto_commit=False, auto_offset_reset="latest"
     )
     try:
         await consumer.start()

@@ -26,6 +26,9 @@ from aiokafka.partitioner import DefaultPartitioner, murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 from prometheus_client import Counter, Gauge
 
+from services.common.config import KafkaAccess
+from services.common.kafka_clients import client_kwargs
+
 RELAY_BATCH: Final = 5000  # rows per broker round trip; bounded to keep memory flat
 RELAY_IDLE_POLL_S: Final = 0.2  # fallback poll when no in-process commit woke us
 
@@ -66,12 +69,12 @@ async def write_outbox(conn: asyncpg.Connection, service: str, rows: Iterable[Ou
     return len(records)
 
 
-def make_producer(bootstrap: str, metadata_max_age_ms: int = 30_000) -> AIOKafkaProducer:
+def make_producer(kafka: KafkaAccess, metadata_max_age_ms: int = 30_000) -> AIOKafkaProducer:
     # acks=all for durability; no idempotence: Tansu lacks it and our ids make it moot.
     # The metadata age (`Settings.metadata_max_age_ms`): the relays place rows by the
     # partitions the producer knows of, stale for that long after a topic is recreated.
     return AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
+        **client_kwargs(kafka),
         metadata_max_age_ms=metadata_max_age_ms,
         acks="all",
         linger_ms=2,

@@ -23,6 +23,7 @@ import structlog
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from services.common.config import KafkaAccess
 from services.common.log_end import fingerprint, fingerprint_offset, log_ends_of, records_at_of
 
 log = structlog.get_logger()
@@ -43,7 +44,7 @@ def mark_of(next_offset: int, last_record: bytes | None) -> bytes | None:
 class LogWatch:
     def __init__(self, consumer: str) -> None:
         self.consumer = consumer
-        self.bootstrap = ""
+        self.kafka = KafkaAccess("")  # set when its consumer is attached to a broker
         # Partitions a batch met below their stored offset, with the stored offset and
         # fingerprint it saw, to look for in the log once the batch is done; and the
         # last such state found there, so later batches need not ask again.
@@ -133,7 +134,7 @@ class LogWatch:
         if not wanted:
             return {}
         try:
-            held = await records_at_of(self.bootstrap, wanted)
+            held = await records_at_of(self.kafka, wanted)
         except Exception as exc:
             # Not knowing, take the logs as recreated and read them from their start: ids
             # make the re-read harmless, whereas trusting the stored offset over a really
@@ -162,7 +163,7 @@ class LogWatch:
             # ListOffsets can answer short of the last record (Tansu: `log_end`); the high
             # watermark decides whether the log really ends before what we consumed.
             try:
-                ends.update(await log_ends_of(self.bootstrap, beyond))
+                ends.update(await log_ends_of(self.kafka, beyond))
             except Exception as exc:
                 # Not knowing, read from the start (as `not_holding`).
                 log.warning("high_watermark_unknown", consumer=self.consumer, error=repr(exc))

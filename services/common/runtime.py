@@ -179,8 +179,11 @@ def create_broker(settings: Settings, service: str) -> KafkaBroker:
     # only the pool and the GC tuning from this module.
     from faststream.kafka import KafkaBroker
 
+    from services.common.kafka_clients import broker_security
+
     return KafkaBroker(
         settings.bootstrap_servers,
+        security=broker_security(settings.kafka),
         client_id=service,
         enable_idempotence=False,
         # Its consumers' too (FastStream passes it to every subscriber's AIOKafkaConsumer).

@@ -16,10 +16,23 @@ from pathlib import Path
 # set it: the database, the broker and the topic prefix of whatever ports and broker that
 # stack runs on (a `BROKER=kafka` stack's broker is not on the Tansu default port).
 FROM_STACK_ENV = ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "LOYALTY_TOPIC_PREFIX")
+# How to reach that broker (TLS, SASL: `services.common.config.KAFKA_SECURITY_VARS`, named
+# here to keep this module's imports light), taken with its address and only then: settings
+# meant for the stack's broker are no use against another.
+BROKER_SECURITY = (
+    "KAFKA_SECURITY_PROTOCOL",
+    "KAFKA_SASL_MECHANISM",
+    "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_PASSWORD",
+    "KAFKA_SSL_CAFILE",
+    "KAFKA_SSL_CERTFILE",
+    "KAFKA_SSL_KEYFILE",
+)
 
 
 def stack_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """`FROM_STACK_ENV` from `$STACK_RUN_DIR/stack.env` (default `.run/` of this checkout)."""
+    """`FROM_STACK_ENV` from `$STACK_RUN_DIR/stack.env` (default `.run/` of this checkout),
+    with the broker's `BROKER_SECURITY` unless the environment names a broker of its own."""
     env = os.environ if environ is None else environ
     run = env.get("STACK_RUN_DIR") or str(Path(__file__).resolve().parents[2] / ".run")
     from services.common import stack_env
@@ -30,7 +43,10 @@ def stack_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
         return {}
     if written.get("STACK_WRITER") == "demo":
         return {}  # `make demo`'s own database and topics: not the stack's
-    return {k: v for k, v in written.items() if k in FROM_STACK_ENV}
+    wanted = set(FROM_STACK_ENV)
+    if "KAFKA_BOOTSTRAP_SERVERS" not in env:
+        wanted.update(BROKER_SECURITY)
+    return {k: v for k, v in written.items() if k in wanted}
 
 
 def main() -> None:

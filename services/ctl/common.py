@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from services.common.config import KafkaAccess
 from services.common.dlq import Refused, classify
 from services.common.ops_session import UNBOUNDED
 
@@ -97,15 +98,18 @@ def with_connection(dsn: str, work: Callable[[asyncpg.Connection], Awaitable[T]]
     return run_db(run())
 
 
-async def missing_topics(bootstrap: str, topics: set[str]) -> set[str]:
+async def missing_topics(kafka: KafkaAccess, topics: set[str]) -> set[str]:
     """Which of `topics` the broker does not have: the ctl sends to existing topics only,
     since a broker that creates topics on first use would take a misspelt prefix for a
     new topic that nothing reads."""
-    from aiokafka.admin import AIOKafkaAdminClient  # the broker's client, only when sending
+    # The broker's client, only when sending.
+    from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    from services.common.kafka_clients import client_kwargs, start_client
+
+    admin = AIOKafkaAdminClient(**client_kwargs(kafka), request_timeout_ms=10_000)
     try:
-        await admin.start()
+        await start_client(admin, kafka)
         return topics - set(await admin.list_topics())
     finally:
         await admin.close()

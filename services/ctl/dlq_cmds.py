@@ -38,8 +38,9 @@ from rich.text import Text
 from schemas.activity import ACTIVITY_TOPIC, parse_activity
 from schemas.grants import GRANTS_TOPIC, TierEvaluated, parse_grant
 from schemas.ledger import LEDGER_TOPIC, parse_ledger_event
-from services.common.config import load_settings
+from services.common.config import KafkaAccess, load_settings
 from services.common.dlq import Refused
+from services.common.kafka_clients import BrokerUnreachable, start_client
 from services.common.outbox import make_producer
 from services.ctl.common import (
     MAX_LIMIT,
@@ -298,16 +299,16 @@ class UnknownTopics(Exception):
     pass
 
 
-async def send(bootstrap: str, verdicts: list[Verdict]) -> dict[str, str]:
+async def send(kafka: KafkaAccess, verdicts: list[Verdict]) -> dict[str, str]:
     """Sends to existing topics only (`missing_topics`); returns the letters the producer
     refused, with why."""
-    missing = await missing_topics(bootstrap, {v.letter.topic for v in verdicts})
+    missing = await missing_topics(kafka, {v.letter.topic for v in verdicts})
     if missing:
         raise UnknownTopics(", ".join(sorted(missing)))
     refused: dict[str, str] = {}
-    producer = make_producer(bootstrap)
+    producer = make_producer(kafka)
     try:
-        await producer.start()
+        await start_client(producer, kafka)
         pending = []
         for v in verdicts:
             try:
@@ -381,11 +382,13 @@ def replay_cmd(
     if go and not dry_run:
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the error below says it
         try:
-            refused = asyncio.run(send(settings.bootstrap_servers, go))
+            refused = asyncio.run(send(settings.kafka, go))
         except UnknownTopics as exc:
             raise fail(
                 f"broker: {settings.bootstrap_servers} has no topic {exc}; nothing sent"
             ) from None
+        except BrokerUnreachable as exc:  # names the broker and why, as the line below does
+            raise fail(str(exc)) from exc
         except (KafkaError, OSError) as exc:
             raise fail(f"broker: {settings.bootstrap_servers}: {exc}") from exc
         for dlq_id, why_not in refused.items():

@@ -25,8 +25,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from schemas.activity import ACTIVITY_TOPIC, parse_activity
-from services.common.config import load_settings
+from services.common.config import KafkaAccess, load_settings
 from services.common.dlq import Refused
+from services.common.kafka_clients import BrokerUnreachable, start_client
 from services.common.outbox import make_producer
 from services.ctl.common import err, fail, missing_topics, refusal
 from services.rules.dated_ahead import refuse_dated_ahead
@@ -107,21 +108,25 @@ def too_big(events: list[tuple[int, bytes, bytes]]) -> dict[int, str]:
 
 
 async def send(
-    bootstrap: str, topic: str, events: list[tuple[int, bytes, bytes]], *, dry_run: bool = False
+    kafka: KafkaAccess,
+    topic: str,
+    events: list[tuple[int, bytes, bytes]],
+    *,
+    dry_run: bool = False,
 ) -> dict[int, str]:
     """Sends to an existing topic only (`missing_topics`), checked for a dry run and with
     nothing to send too, so that they fail as a real run would; returns the lines refused
     as too big, with why. Raised from the loop, a too-big line stopped the lines after it
     while those before went out."""
-    if await missing_topics(bootstrap, {topic}):
+    if await missing_topics(kafka, {topic}):
         raise UnknownTopic(topic)
     refused = too_big(events)
     events = [e for e in events if e[0] not in refused]
     if dry_run or not events:
         return refused
-    producer = make_producer(bootstrap)
+    producer = make_producer(kafka)
     try:
-        await producer.start()
+        await start_client(producer, kafka)
         pending = []
         for number, key, value in events:
             try:
@@ -159,14 +164,14 @@ def publish_cmd(
         raise fail(why)
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the error below says it
     try:
-        refused_big = asyncio.run(
-            send(settings.bootstrap_servers, target, batch.events, dry_run=dry_run)
-        )
+        refused_big = asyncio.run(send(settings.kafka, target, batch.events, dry_run=dry_run))
     except UnknownTopic:
         raise fail(
             f"broker: {settings.bootstrap_servers} has no topic {target}; nothing sent"
             " (`make up` creates the topics; check $LOYALTY_TOPIC_PREFIX)"
         ) from None
+    except BrokerUnreachable as exc:  # names the broker and why, as the line below does
+        raise fail(str(exc)) from exc
     except (KafkaError, OSError) as exc:
         raise fail(f"broker: {settings.bootstrap_servers}: {exc}") from exc
     for number, why_not in refused_big.items():

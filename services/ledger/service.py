@@ -14,6 +14,7 @@ from faststream.kafka import KafkaBroker
 
 from services.common.config import POOL_MIN_SIZE, Settings
 from services.common.consumer import BatchConsumer, register_lag
+from services.common.kafka_clients import start_client
 from services.common.outbox import OutboxRelay, make_producer
 from services.common.planner_stats import keep_planner_stats
 from services.common.runtime import Background, create_broker, create_pool
@@ -37,7 +38,7 @@ class LedgerService:
         )
         self.consumer.attach(
             self.broker,
-            bootstrap_servers=settings.bootstrap_servers,
+            kafka=settings.kafka,
             max_batch=settings.max_batch,
             batch_wait_ms=settings.batch_wait_ms,
             fetch_wait_ms=settings.fetch_wait_ms,
@@ -63,10 +64,8 @@ class LedgerService:
         self._pool = await create_pool(
             self.settings, min_size=POOL_MIN_SIZE, stopping=self.stopping
         )
-        self._producer = make_producer(
-            self.settings.bootstrap_servers, self.settings.metadata_max_age_ms
-        )
-        await self._producer.start()
+        self._producer = make_producer(self.settings.kafka, self.settings.metadata_max_age_ms)
+        await start_client(self._producer, self.settings.kafka)
         self.relay = OutboxRelay(
             self._pool, self._producer, SERVICE, dlq_topic=self.settings.topics.dlq
         )

@@ -19,6 +19,7 @@ from faststream.specification import AsyncAPI
 from schemas.ledger import LEDGER_TYPES, LedgerEvent, parse_ledger_event
 from services.common.config import ConfigError, Settings, load_settings, redacted
 from services.common.consumer import BatchConsumer, BatchWork, register_lag, validate_records
+from services.common.kafka_clients import start_client
 from services.common.outbox import OutboxRelay, make_producer
 from services.common.planner_stats import keep_planner_stats
 from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
@@ -179,7 +180,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
     )
     consumer.attach(
         broker,
-        bootstrap_servers=settings.bootstrap_servers,
+        kafka=settings.kafka,
         max_batch=settings.max_batch,
         batch_wait_ms=settings.batch_wait_ms,
         fetch_wait_ms=settings.fetch_wait_ms,
@@ -190,8 +191,8 @@ def create_app(settings: Settings | None = None) -> FastStream:
     @app.on_startup
     async def startup() -> None:
         pool = await create_pool(settings)
-        producer = make_producer(settings.bootstrap_servers, settings.metadata_max_age_ms)
-        await producer.start()
+        producer = make_producer(settings.kafka, settings.metadata_max_age_ms)
+        await start_client(producer, settings.kafka)
         relay = OutboxRelay(pool, producer, SERVICE, dlq_topic=settings.topics.dlq)
         deliverer = Deliverer(pool, settings.webhook_url, settings.webhook_secret,
                               give_up_s=settings.notifier_give_up_hours * 3600)  # fmt: skip

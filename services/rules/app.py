@@ -31,6 +31,7 @@ from services.common.consumer import (
     register_lag,
     validate_records,
 )
+from services.common.kafka_clients import start_client
 from services.common.outbox import OutboxRelay, OutboxRow, make_producer
 from services.common.planner_stats import keep_planner_stats
 from services.common.runtime import Background, create_broker, create_pool, start_metrics_server
@@ -342,7 +343,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
     )
     consumer.attach(
         broker,
-        bootstrap_servers=settings.bootstrap_servers,
+        kafka=settings.kafka,
         max_batch=settings.max_batch,
         batch_wait_ms=settings.batch_wait_ms,
         fetch_wait_ms=settings.fetch_wait_ms,
@@ -357,8 +358,8 @@ def create_app(settings: Settings | None = None) -> FastStream:
     async def startup() -> None:
         pool = await create_pool(settings)
         await processor.refresh_book(pool)
-        producer = make_producer(settings.bootstrap_servers, settings.metadata_max_age_ms)
-        await producer.start()
+        producer = make_producer(settings.kafka, settings.metadata_max_age_ms)
+        await start_client(producer, settings.kafka)
         relay = OutboxRelay(pool, producer, SERVICE, dlq_topic=settings.topics.dlq)
         consumer.bind(pool, processor.handle, relay.wake)
         resources.update(pool=pool, producer=producer)

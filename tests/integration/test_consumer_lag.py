@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from deploy import local
-from services.common.config import Settings
+from services.common.config import KafkaAccess, Settings
 from services.common.consumer import BatchConsumer, BatchWork
 from services.common.log_end import log_ends_of
 from services.common.runtime import create_broker
@@ -49,7 +49,7 @@ async def test_the_lag_grows_while_a_batch_is_held_up(broker: str, fresh_databas
     kafka = create_broker(Settings(database_url=fresh_database, bootstrap_servers=broker), "lag")
     consumer = BatchConsumer(name=f"lag-{uuid.uuid4().hex[:8]}", service="lag", topic=topic,
                              dlq_topic="loyalty.dlq.v1")  # fmt: skip
-    consumer.attach(kafka, bootstrap_servers=broker, max_batch=50, batch_wait_ms=5,
+    consumer.attach(kafka, kafka=KafkaAccess(broker), max_batch=50, batch_wait_ms=5,
                     fetch_wait_ms=5, session_timeout_ms=6000)  # fmt: skip
     consumer.log_ends.interval_s = 0.2
     held, release = asyncio.Event(), asyncio.Event()
@@ -68,7 +68,7 @@ async def test_the_lag_grows_while_a_batch_is_held_up(broker: str, fresh_databas
             await wait_until(lambda: asyncio.sleep(0, held.is_set()), what="a batch held up")
             for _ in range(4):  # the consumer fetches the first of these, then no more
                 await send_batch(broker, topic, 100)
-            assert (await log_ends_of(broker, [tp]))[tp] == 410
+            assert (await log_ends_of(KafkaAccess(broker), [tp]))[tp] == 410
 
             expected = {(topic, 0): 410}
             deadline = time.monotonic() + 15

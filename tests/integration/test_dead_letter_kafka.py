@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 
 from schemas.ledger import DeadLetter
-from services.common.config import Topics
+from services.common.config import KafkaAccess, Topics
 from services.common.dlq import dead_letter
 from services.common.migrations import apply_migrations
 from services.common.outbox import OutboxRelay, OutboxRow, make_producer, write_outbox
@@ -39,7 +39,7 @@ async def test_a_dead_letter_of_a_huge_message_reaches_apache_kafka(
     row, _dead = dead_letter(bad, "rules", "invalid_json", "malformed JSON", topics.dlq)
     pool = await asyncpg.create_pool(fresh_database, min_size=1, max_size=2, init=init_connection)
     assert pool is not None
-    producer = make_producer(kafka_bootstrap)
+    producer = make_producer(KafkaAccess(kafka_bootstrap))
     await producer.start()
     relay = OutboxRelay(pool, producer, "rules", dlq_topic=topics.dlq)
     consumer = AIOKafkaConsumer(
@@ -83,7 +83,7 @@ async def test_a_grant_too_large_for_apache_kafka_is_dead_lettered_and_the_next_
     big = b'{"event_id":"g-big","member_id":"m-1","store_id":"' + b"s" * 1_100_000 + b'"}'
     pool = await asyncpg.create_pool(fresh_database, min_size=1, max_size=2, init=init_connection)
     assert pool is not None
-    producer = make_producer(kafka_bootstrap)
+    producer = make_producer(KafkaAccess(kafka_bootstrap))
     await producer.start()
     relay = OutboxRelay(pool, producer, "rules", dlq_topic=topics.dlq)
     consumer = AIOKafkaConsumer(

@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from deploy import local
+from services.common.config import KafkaAccess
 from tests.integration.direct import consumer_of, migrated_pool
 from tests.integration.harness import wait_until
 
@@ -82,7 +83,7 @@ async def test_records_deleted_before_they_were_read_are_said_and_counted(
         async with migrated_pool(fresh_database) as pool:
             consumer = consumer_of(pool, f"c{uuid.uuid4().hex[:6]}", topic, handler)
             consumer.subscriber = SimpleNamespace(consumer=kafka)
-            consumer._watch.bootstrap = broker
+            consumer._watch.kafka = KafkaAccess(broker)
             await consumer._seek_to_stored({tp})
             await consumer.process(await _fetch(kafka, tp, 3))
 

@@ -25,7 +25,7 @@ Q = TopicPartition(TOPIC, 1)
 def serve(monkeypatch: pytest.MonkeyPatch, kafka: FakeKafka, during: Any = None) -> list[Any]:
     calls: list[Any] = []
 
-    async def records_at_of(bootstrap: str, wanted: Any) -> Any:
+    async def records_at_of(access: Any, wanted: Any) -> Any:
         calls.append(dict(wanted))
         if during is not None:
             await during()  # what happens elsewhere during the round trip to the broker

@@ -21,6 +21,7 @@ from aiokafka.structs import ConsumerRecord
 from structlog.testing import capture_logs
 
 from deploy import local
+from services.common.config import KafkaAccess
 from services.common.log_end import fingerprint, log_ends, log_ends_of, records_at_of
 from tests.integration.direct import consumer_of, migrated_pool
 
@@ -47,7 +48,7 @@ async def test_log_ends_are_the_offsets_after_the_last_records(broker: str) -> N
     await _batches(broker, topic, {0: (10,), 1: (10, 7)})  # partition 2 stays empty
     tps = [TopicPartition(topic, p) for p in range(3)]
 
-    assert await log_ends_of(broker, tps) == {tps[0]: 10, tps[1]: 17, tps[2]: 0}
+    assert await log_ends_of(KafkaAccess(broker), tps) == {tps[0]: 10, tps[1]: 17, tps[2]: 0}
 
     consumer = AIOKafkaConsumer(bootstrap_servers=broker, enable_auto_commit=False)
     await consumer.start()
@@ -93,7 +94,7 @@ async def test_a_consumer_resumes_where_the_log_holds_its_offset_and_rereads_whe
                 )
                 consumer = consumer_of(pool, "c", topic, noop)
                 consumer.subscriber = SimpleNamespace(consumer=kafka)
-                consumer._watch.bootstrap = bootstrap
+                consumer._watch.kafka = KafkaAccess(bootstrap)
                 kafka.assign([tp])
                 await consumer._seek_to_stored({tp})
                 assert consumer.next_offsets[(topic, 0)] == resumed
@@ -134,7 +135,7 @@ async def test_records_at_are_the_records_a_consumer_read_or_none(broker: str) -
         ({tps[0]: 0, tps[1]: 30}, {tps[0]: 0, tps[1]: None}),
         ({tps[1]: 10}, {tps[1]: 10}),  # the first record of a later batch
     ]:
-        found = await records_at_of(broker, wanted)
+        found = await records_at_of(KafkaAccess(broker), wanted)
         assert {tp: r and r.offset for tp, r in found.items()} == expect
         for tp, record in found.items():
             if record is not None:
@@ -200,7 +201,7 @@ async def test_a_consumer_resumes_only_where_the_log_holds_the_record_it_consume
                 )
                 consumer = consumer_of(pool, "c", topic, noop)
                 consumer.subscriber = SimpleNamespace(consumer=kafka)
-                consumer._watch.bootstrap = bootstrap
+                consumer._watch.kafka = KafkaAccess(bootstrap)
                 kafka.assign([tp])
                 with capture_logs() as logs:
                     await consumer.seek_assigned({tp})

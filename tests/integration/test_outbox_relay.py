@@ -11,7 +11,7 @@ import zlib
 import asyncpg
 import pytest
 
-from services.common.config import Topics
+from services.common.config import KafkaAccess, Topics
 from services.common.migrations import apply_migrations
 from services.common.outbox import OutboxRelay, OutboxRow, make_producer, write_outbox
 from services.common.runtime import init_connection
@@ -31,7 +31,7 @@ async def test_the_relay_takes_its_lock_again_after_losing_its_connection(
     await create_topics(broker, topics, partitions=1)
     pool = await asyncpg.create_pool(fresh_database, min_size=1, max_size=4, init=init_connection)
     assert pool is not None
-    producer = make_producer(broker)
+    producer = make_producer(KafkaAccess(broker))
     await producer.start()
     relay = OutboxRelay(pool, producer, "ledger", dlq_topic=topics.dlq)
     task = asyncio.create_task(relay.run())

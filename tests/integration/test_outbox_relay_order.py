@@ -21,7 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from deploy.brokers import tansu_bin, wait_for_broker_async
 from deploy.processes import start_process, stop_pid
-from services.common.config import Settings
+from services.common.config import KafkaAccess, Settings
 from services.common.outbox import (
     OutboxRelay,
     OutboxRow,
@@ -137,7 +137,7 @@ async def test_a_failed_batch_is_not_overtaken_by_the_next_batch_of_its_partitio
                     await write_outbox(conn, "rules", [
                         OutboxRow(topic, p["member_id"], json.dumps(p).encode()) for p in payloads
                     ])  # fmt: skip
-                producer = make_producer(bootstrap)
+                producer = make_producer(KafkaAccess(bootstrap))
                 await producer.start()
                 await producer.partitions_for(topic)  # metadata known before the stall
                 relay = OutboxRelay(pool, producer, "rules", dlq_topic=f"{topic}.dlq")

@@ -26,6 +26,7 @@ from aiokafka.structs import ConsumerRecord
 from structlog.testing import capture_logs
 
 from deploy import local
+from services.common.config import KafkaAccess
 from services.common.log_end import fingerprint
 from tests.infra import _selected_brokers
 from tests.integration.direct import consumer_of, migrated_pool
@@ -81,7 +82,7 @@ async def test_a_batch_below_the_stored_offset_is_checked_against_the_log(
         async with migrated_pool(fresh_database) as pool:
             consumer = consumer_of(pool, "c", topic, handler)
             consumer.subscriber = SimpleNamespace(consumer=kafka)
-            consumer._watch.bootstrap = broker
+            consumer._watch.kafka = KafkaAccess(broker)
 
             async def stored() -> tuple[int, bytes | None]:
                 row = await pool.fetchrow("SELECT next_offset, last_record FROM consumer_offsets")

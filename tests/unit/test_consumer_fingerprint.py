@@ -143,7 +143,7 @@ def patch_log(
 ) -> list[dict[TopicPartition, int]]:
     calls: list[dict[TopicPartition, int]] = []
 
-    async def records_at_of(bootstrap: str, wanted: Any) -> Any:
+    async def records_at_of(access: Any, wanted: Any) -> Any:
         calls.append(dict(wanted))
         await asyncio.sleep(0)  # a round trip to the broker
         out = {tp: (kafka.logs[tp][o] if kafka.starts.get(tp, 0) <= o < len(kafka.logs[tp])
