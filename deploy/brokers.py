@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from deploy.processes import (
     CACHE_DIR,
@@ -32,6 +33,7 @@ from deploy.processes import (
     start_process,
     stop_pid,
 )
+from services.common.config import KafkaAccess
 
 #: Apache Kafka version fetched from Maven Central. 4.1.x works with aiokafka 0.14
 #: (produce, consume, consumer groups with commits were verified against it).
@@ -285,6 +287,19 @@ def start_kafka(
 # Broker admin (works for Tansu and Kafka alike)
 # --------------------------------------------------------------------------------------
 
+#: A broker to administer: the address of one this project started (PLAINTEXT), or an
+#: external one with the security its clients need (`make up` on a cluster with SASL/TLS).
+Broker = str | KafkaAccess
+
+
+def _admin(broker: Broker, request_timeout_ms: int) -> Any:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from services.common.kafka_clients import client_kwargs
+
+    kafka = KafkaAccess(broker) if isinstance(broker, str) else broker
+    return AIOKafkaAdminClient(**client_kwargs(kafka), request_timeout_ms=request_timeout_ms)
+
 
 async def wait_for_broker_async(
     bootstrap: str,
@@ -298,8 +313,6 @@ async def wait_for_broker_async(
     ready), so this asks for metadata. If ``pid`` is given and that process dies, fail
     at once with the tail of ``log_path`` instead of waiting out the timeout.
     """
-    from aiokafka.admin import AIOKafkaAdminClient
-
     host, _, port = bootstrap.split(",")[0].rpartition(":")
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
@@ -310,7 +323,7 @@ async def wait_for_broker_async(
                 f"{_tail(log_path) if log_path else ''}"
             )
         if port_open(host, int(port)):
-            admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+            admin = _admin(bootstrap, 5000)
             try:
                 await asyncio.wait_for(admin.start(), 10)
                 brokers = admin._client.cluster.brokers()
@@ -336,7 +349,7 @@ def wait_for_broker(
 
 
 async def create_topics_async(
-    bootstrap: str,
+    broker: Broker,
     names: Iterable[str],
     partitions: int = 6,
     timeout: float = 30.0,  # noqa: ASYNC109
@@ -347,11 +360,11 @@ async def create_topics_async(
     producer or consumer started right after does not race topic creation. Returns each
     topic's partition count: an existing topic keeps its own, whatever ``partitions`` says.
     """
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.admin import NewTopic
     from aiokafka.errors import TopicAlreadyExistsError, for_code
 
     names = list(names)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    admin = _admin(broker, 15000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -383,16 +396,14 @@ async def create_topics_async(
         await admin.close()
 
 
-def create_topics(bootstrap: str, names: list[str], partitions: int = 6) -> dict[str, int]:
+def create_topics(broker: Broker, names: list[str], partitions: int = 6) -> dict[str, int]:
     """Sync wrapper of :func:`create_topics_async`."""
-    return _run_coro(create_topics_async(bootstrap, names, partitions))
+    return _run_coro(create_topics_async(broker, names, partitions))
 
 
-async def delete_topics_async(bootstrap: str, names: Iterable[str]) -> None:
+async def delete_topics_async(broker: Broker, names: Iterable[str]) -> None:
     """Delete topics; missing ones are ignored."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    admin = _admin(broker, 15000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -403,6 +414,6 @@ async def delete_topics_async(bootstrap: str, names: Iterable[str]) -> None:
         await admin.close()
 
 
-def delete_topics(bootstrap: str, names: list[str]) -> None:
+def delete_topics(broker: Broker, names: list[str]) -> None:
     """Sync wrapper of :func:`delete_topics_async`."""
-    _run_coro(delete_topics_async(bootstrap, names))
+    _run_coro(delete_topics_async(broker, names))

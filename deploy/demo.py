@@ -44,7 +44,8 @@ from rich.table import Table
 
 from deploy import local, stack
 from deploy.demo_week import SHANGHAI, Week, build_week
-from services.common.config import Topics
+from services.common.config import KafkaAccess, Topics
+from services.common.kafka_clients import client_kwargs
 from services.common.log_end import log_ends
 from services.notifier import signing
 
@@ -120,7 +121,7 @@ class WebhookReceiver:
 @dataclass(frozen=True)
 class DemoStack:
     dsn: str
-    bootstrap: str
+    kafka: KafkaAccess
     broker: str
     topics: Topics
     partitions: int
@@ -163,12 +164,13 @@ def start_stack(run: str, receiver: WebhookReceiver) -> DemoStack:
     _stop_services()
     dsn = stack.ensure_postgres(previous)
     kind, bootstrap = stack.ensure_broker(previous)
+    kafka = stack.kafka_access(previous, kind, bootstrap)
     demo_dsn = asyncio.run(_recreate_database(dsn))
     say(f"database: {demo_dsn.rsplit('/', 1)[1]} (fresh for this run)")
     stack.apply_migrations(demo_dsn)
     topics = Topics(prefix=f"demo-{run}.")
     partitions = int(os.environ.get("TOPIC_PARTITIONS", "6"))
-    local.create_topics(bootstrap, topics.all(), partitions)
+    local.create_topics(kafka, topics.all(), partitions)
     say(f"topics: {topics.prefix}* ({partitions} partitions each)")
     env = stack.build_env(previous, demo_dsn, kind, bootstrap)
     env.update(
@@ -182,7 +184,7 @@ def start_stack(run: str, receiver: WebhookReceiver) -> DemoStack:
         raise SystemExit("a service's port is taken (see above), so it was not started")
     return DemoStack(
         dsn=demo_dsn,
-        bootstrap=bootstrap,
+        kafka=kafka,
         broker=kind,
         topics=topics,
         partitions=partitions,
@@ -197,10 +199,13 @@ def start_stack(run: str, receiver: WebhookReceiver) -> DemoStack:
 
 
 async def publish(
-    bootstrap: str, topic: str, events: Iterable[dict[str, Any]], raw: Iterable[tuple[str, bytes]]
+    kafka: KafkaAccess,
+    topic: str,
+    events: Iterable[dict[str, Any]],
+    raw: Iterable[tuple[str, bytes]],
 ) -> int:
     """Send events keyed by member (one member's events in order on one partition)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(**client_kwargs(kafka), acks="all", linger_ms=5)
     await producer.start()
     try:
         sent = [
@@ -278,7 +283,7 @@ async def progress(
 
 async def wait_processed(
     dsn: str,
-    bootstrap: str,
+    kafka: KafkaAccess,
     topics: Topics,
     partitions: int,
     *,
@@ -288,7 +293,7 @@ async def wait_processed(
 ) -> Progress:
     """Poll until every stage has applied everything published; fail at the deadline."""
     conn = await asyncpg.connect(dsn)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**client_kwargs(kafka), enable_auto_commit=False)
     await consumer.start()
     try:
         deadline = time.monotonic() + timeout
@@ -328,7 +333,7 @@ async def wait_ready(api_url: str, timeout: float = 90.0) -> None:  # noqa: ASYN
 
 async def drive_week(
     week: Week,
-    bootstrap: str,
+    kafka: KafkaAccess,
     dsn: str,
     topics: Topics,
     partitions: int,
@@ -341,20 +346,20 @@ async def drive_week(
     The referral chain needs it: C's first purchase pays A through B's referrer, which the
     rules service must already know when C's purchase is evaluated on another partition.
     """
-    await publish(bootstrap, topics.activity, week.signups, [])
+    await publish(kafka, topics.activity, week.signups, [])
     await wait_processed(
         dsn,
-        bootstrap,
+        kafka,
         topics,
         partitions,
         timeout=timeout,
         stages={"rules": topics.activity},
         on_change=lambda s: on_change(f"sign-ups: {s}"),
     )
-    await publish(bootstrap, topics.activity, week.activity, week.malformed)
+    await publish(kafka, topics.activity, week.activity, week.malformed)
     await wait_processed(
         dsn,
-        bootstrap,
+        kafka,
         topics,
         partitions,
         timeout=timeout,
@@ -527,7 +532,7 @@ async def _run(ds: DemoStack, week: Week, receiver: WebhookReceiver, timeout: fl
     t0 = time.monotonic()
     await drive_week(
         week,
-        ds.bootstrap,
+        ds.kafka,
         ds.dsn,
         ds.topics,
         ds.partitions,
@@ -570,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if ds is not None and not args.keep:
             try:
-                local.delete_topics(ds.bootstrap, ds.topics.all())
+                local.delete_topics(ds.kafka, ds.topics.all())
             except Exception as exc:  # cleanup only; the broker may be gone
                 say(f"topics {ds.topics.prefix}* not deleted: {exc}")
         if args.keep:

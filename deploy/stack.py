@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from deploy import local
 from services.common import stack_env as env_file
-from services.common.config import Topics
+from services.common.config import KAFKA_SECURITY_VARS, KafkaAccess, Topics, load_kafka_security
 from services.common.migrations import apply_migrations as migrate
 
 ROOT = local.REPO_ROOT
@@ -217,6 +217,25 @@ def external_broker(previous: dict[str, str]) -> str | None:
     return _external(previous, "KAFKA_BOOTSTRAP_SERVERS", previous.get("BROKER"))
 
 
+def kafka_security_env(previous: dict[str, str], broker_kind: str) -> dict[str, str]:
+    """The `KAFKA_SECURITY_VARS` of an external broker (its TLS and SASL), sticky like the
+    settings above: given, else as the last `up` wrote them; given empty, cleared. None for
+    the stack's own broker, which speaks PLAINTEXT: they would keep every client off it."""
+    if broker_kind != "external":
+        return {}
+    chosen = {var: os.environ.get(var, previous.get(var, "")) for var in KAFKA_SECURITY_VARS}
+    return {var: value for var, value in chosen.items() if value}
+
+
+def kafka_access(previous: dict[str, str], broker_kind: str, bootstrap: str) -> KafkaAccess:
+    """How `up` and the services reach the broker; settings that cannot work stop `up`
+    with the line a service would have stopped with (`ConfigError`)."""
+    ignored = [var for var in KAFKA_SECURITY_VARS if os.environ.get(var)]
+    if broker_kind != "external" and ignored:
+        say(f"broker: {', '.join(ignored)} left out: they are for an external broker")
+    return KafkaAccess(bootstrap, load_kafka_security(kafka_security_env(previous, broker_kind)))
+
+
 def ensure_postgres(previous: dict[str, str]) -> str:
     """DSN of the stack's database, starting the local cluster if we manage it."""
     external = external_postgres(previous)
@@ -368,6 +387,7 @@ def build_env(
         "LEDGER_REDEEMER_KEY": redeemer_key,
         "LEDGER_API_KEYS": ",".join(keys),
         **local.consumer_env(broker_kind, previous),
+        **kafka_security_env(previous, broker_kind),
         # (The ledger serves /metrics on its API port; the others get a port of their own.)
         **settings,
     }
@@ -419,7 +439,8 @@ def ensure_services(stack_env: dict[str, str], restart: bool = False) -> bool:
     broker address), since a process only reads its environment at start.
     """
     env = {**os.environ, **stack_env, "PYTHONUNBUFFERED": "1"}
-    for var, _ in STICKY:  # cleared (left out of stack.env): not from this shell either
+    # Cleared (left out of stack.env): not from this shell either.
+    for var in [*(var for var, _ in STICKY), *KAFKA_SECURITY_VARS]:
         if var not in stack_env:
             env.pop(var, None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
@@ -461,8 +482,9 @@ def up() -> int:
     previous = read_env_file()
     dsn = ensure_postgres(previous)
     kind, bootstrap = ensure_broker(previous)
+    kafka = kafka_access(previous, kind, bootstrap)
     names = topics(previous)
-    partitions = ensure_topics(bootstrap, names, int(sticky(previous)["TOPIC_PARTITIONS"]))
+    partitions = ensure_topics(kafka, names, int(sticky(previous)["TOPIC_PARTITIONS"]))
     apply_migrations(dsn)
     stack_env = {**build_env(previous, dsn, kind, bootstrap), "TOPIC_PARTITIONS": partitions}
     write_env_file(stack_env)
@@ -485,12 +507,12 @@ UP_ONLY = {*PORTS, "TOPIC_PARTITIONS", "EXTERNAL_DATABASE_URL", "EXTERNAL_KAFKA_
            "LOCAL_BROKER"}  # fmt: skip
 
 
-def ensure_topics(bootstrap: str, names: list[str], wanted: int) -> str:
+def ensure_topics(kafka: KafkaAccess, names: list[str], wanted: int) -> str:
     """Creates the missing topics with `wanted` partitions; the count the topics have, to
     record: an existing topic keeps its own, and the count recorded is what a memory-only
     Tansu started again creates them with (another would move members to other
     partitions, their events then applied out of order)."""
-    counts = local.create_topics(bootstrap, names, wanted)
+    counts = local.create_topics(kafka, names, wanted)
     have = sorted(set(counts.values()))
     if len(have) == 1:
         say(f"topics: {', '.join(names)} ({have[0]} partitions)")

@@ -14,6 +14,7 @@ import pytest
 
 from deploy.demo import check_members, drive_week
 from deploy.demo_week import SHANGHAI, A, B, C, D, E, H, build_week
+from services.common.config import KafkaAccess
 from tests.integration.harness import Stack
 
 pytestmark = pytest.mark.integration
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.integration
 
 async def test_the_demo_week_comes_out_as_scripted(stack: Stack) -> None:
     week = build_week(datetime.now(SHANGHAI), uuid.uuid4().hex[:6])
-    await drive_week(week, stack.bootstrap, stack.dsn, stack.topics, partitions=6, timeout=120)
+    kafka = KafkaAccess(stack.bootstrap)
+    await drive_week(week, kafka, stack.dsn, stack.topics, partitions=6, timeout=120)
 
     docs = {
         m.member_id: (await stack.get(f"/v1/members/{m.member_id}")).json() for m in week.members
