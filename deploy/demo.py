@@ -130,8 +130,10 @@ class DemoStack:
 
 
 def _with_database(dsn: str, name: str) -> str:
-    base, _, _query = dsn.partition("?")
-    return base.rsplit("/", 1)[0] + "/" + name
+    """`dsn` naming database `name`, its parameters kept (`sslmode`, `sslrootcert`: the
+    demo's services would have checked no certificate of an external Postgres)."""
+    base, mark, query = dsn.partition("?")
+    return base.rsplit("/", 1)[0] + "/" + name + mark + query
 
 
 async def _recreate_database(dsn: str) -> str:

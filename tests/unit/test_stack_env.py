@@ -660,3 +660,13 @@ def test_external_servers_stick_across_make_demo(monkeypatch: pytest.MonkeyPatch
     own = stack.build_env({}, "postgresql://x@127.0.0.1:1/db", "tansu", "127.0.0.1:1")
     assert (stack.external_postgres(own), stack.external_broker(own)) == (None, None)
     assert own["LOCAL_BROKER"] == "tansu"
+
+
+def test_the_demo_database_keeps_the_urls_tls_settings() -> None:
+    from deploy.demo import _with_database
+
+    dsn = "postgresql://ops@db.clinic/loyalty?sslmode=verify-full&sslrootcert=/etc/pg-ca.pem"
+    assert _with_database(dsn, "loyalty_demo") == (
+        "postgresql://ops@db.clinic/loyalty_demo?sslmode=verify-full&sslrootcert=/etc/pg-ca.pem"
+    )
+    assert _with_database("postgresql://x@h:1/db", "db_demo") == "postgresql://x@h:1/db_demo"
