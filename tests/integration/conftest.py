@@ -44,18 +44,24 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     class OneKafkaWorker(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
-            return "kafka" if "[kafka" in nodeid else nodeid
+            return "kafka" if on_kafka(nodeid) else nodeid
 
     return OneKafkaWorker(config, log)
 
 
 _KAFKA_WORKERS: set[str] = set()
+# Tests of the local Kafka's SASL and TLS listeners (`local_kafka`): the same broker.
+_KAFKA_MODULES = ("test_secured_broker.py",)
+
+
+def on_kafka(nodeid: str) -> bool:
+    return "[kafka" in nodeid or nodeid.partition("::")[0].endswith(_KAFKA_MODULES)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """On the xdist controller, note which workers ran Apache Kafka tests."""
     node = getattr(report, "node", None)  # the worker that sent the report (xdist)
-    if node is not None and report.when == "call" and "[kafka" in report.nodeid:
+    if node is not None and report.when == "call" and on_kafka(report.nodeid):
         _KAFKA_WORKERS.add(str(node.gateway.id))
 
 

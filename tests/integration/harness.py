@@ -26,7 +26,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from deploy import local
 from deploy.local import free_port
-from services.common.config import Topics
+from services.common.config import KafkaAccess, Topics, load_kafka_security
+from services.common.kafka_clients import client_kwargs
 from services.common.migrations import apply_migrations
 from services.common.outbox import partition_for
 
@@ -67,6 +68,11 @@ class Stack:
     @property
     def api(self) -> str:
         return f"http://127.0.0.1:{self.ledger_port}"
+
+    @property
+    def kafka(self) -> KafkaAccess:
+        """The broker as the services reach it (KAFKA_SECURITY_* in `extra_env`)."""
+        return KafkaAccess(self.bootstrap, load_kafka_security(self.env("rules")))
 
     def env(self, service: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -128,7 +134,7 @@ class Stack:
     async def produce(
         self, events: Iterable[dict[str, Any] | bytes], topic: str | None = None
     ) -> int:
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5)
+        producer = AIOKafkaProducer(**client_kwargs(self.kafka), linger_ms=5)
         await producer.start()
         n = 0
         try:
@@ -148,7 +154,7 @@ class Stack:
     async def produce_batch(self, events: Sequence[dict[str, Any]]) -> None:
         """One member's events as a single record batch, as a producer that lingers sends
         them: the batch's records share one produce request and one base offset."""
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap)
+        producer = AIOKafkaProducer(**client_kwargs(self.kafka))
         await producer.start()
         try:
             topic = self.topics.activity
@@ -198,7 +204,7 @@ class Stack:
     async def read_topic(self, topic: str, expect: int, timeout: float = 30) -> list[Any]:
         consumer = AIOKafkaConsumer(
             topic,
-            bootstrap_servers=self.bootstrap,
+            **client_kwargs(self.kafka),
             auto_offset_reset="earliest",
             enable_auto_commit=False,
             group_id=None,
@@ -216,8 +222,9 @@ class Stack:
         return out
 
 
-async def create_topics(bootstrap: str, topics: Topics, partitions: int = 6) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def create_topics(broker: str | KafkaAccess, topics: Topics, partitions: int = 6) -> None:
+    kafka = KafkaAccess(broker) if isinstance(broker, str) else broker
+    admin = AIOKafkaAdminClient(**client_kwargs(kafka))
     await admin.start()
     try:
         await admin.create_topics([NewTopic(t, partitions, 1) for t in topics.all()])
@@ -238,7 +245,6 @@ async def make_stack(
     name = uuid.uuid4().hex[:10]
     topics = Topics(prefix=f"t{name}.")
     await asyncio.to_thread(apply_migrations, dsn)
-    await create_topics(bootstrap, topics)
     stack = Stack(
         bootstrap=bootstrap,
         dsn=dsn,
@@ -248,6 +254,7 @@ async def make_stack(
         name=name,
         extra_env={**local.consumer_env(broker_kind), **(extra_env or {})},
     )
+    await create_topics(stack.kafka, topics)
     for service in SERVICES:
         stack.start(service)
     return stack
