@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from deploy import local
-from services.common.config import Settings
+from services.common.config import KafkaAccess, Settings
 from services.common.consumer import BatchConsumer, BatchWork
 from services.common.log_end import log_ends_of
 from services.common.runtime import create_broker
@@ -51,7 +51,7 @@ async def test_the_lag_reaches_zero_past_transaction_markers_and_aborted_records
     kafka = create_broker(Settings(database_url=fresh_database, bootstrap_servers=broker), "txn")
     consumer = BatchConsumer(name=f"txn-{uuid.uuid4().hex[:8]}", service="txn", topic=topic,
                              dlq_topic="loyalty.dlq.v1")  # fmt: skip
-    consumer.attach(kafka, bootstrap_servers=broker, max_batch=MAX_BATCH, batch_wait_ms=5,
+    consumer.attach(kafka, kafka=KafkaAccess(broker), max_batch=MAX_BATCH, batch_wait_ms=5,
                     fetch_wait_ms=5, session_timeout_ms=6000)  # fmt: skip
     consumer.log_ends.interval_s = 0.2
     applied: list[bytes] = []
@@ -78,7 +78,7 @@ async def test_the_lag_reaches_zero_past_transaction_markers_and_aborted_records
                     for _ in range(3 * MAX_BATCH)]  # fmt: skip
             await asyncio.gather(*sent)  # in the log before the abort
             await producer.abort_transaction()
-            assert (await log_ends_of(broker, [tp]))[tp] == 3 + 3 * MAX_BATCH
+            assert (await log_ends_of(KafkaAccess(broker), [tp]))[tp] == 3 + 3 * MAX_BATCH
             await _lag_becomes(consumer, {(topic, 0): 0})  # was 3 * MAX_BATCH + 1
             assert caught_up(consumer, MAX_BATCH)  # the tier sweep runs
             assert applied == [b"paid"]

@@ -20,7 +20,7 @@ from aiokafka.structs import ConsumerRecord
 from structlog.testing import capture_logs
 
 from services.common import consumer as consumer_module
-from services.common.config import Settings
+from services.common.config import KafkaAccess, Settings
 from services.common.consumer import BatchConsumer
 from services.common.runtime import create_broker
 
@@ -52,7 +52,7 @@ def _subscribed() -> tuple[BatchConsumer, Any, list[list[ConsumerRecord]]]:
     """A consumer attached to a broker never started; `applied` gets each batch applied."""
     broker = create_broker(Settings(database_url="", bootstrap_servers="127.0.0.1:1"), "t")
     consumer = BatchConsumer(name="t", service="t", topic=TOPIC, dlq_topic="dlq")
-    consumer.attach(broker, bootstrap_servers="127.0.0.1:1", max_batch=10, batch_wait_ms=5,
+    consumer.attach(broker, kafka=KafkaAccess("127.0.0.1:1"), max_batch=10, batch_wait_ms=5,
                     fetch_wait_ms=5)  # fmt: skip
     applied: list[list[ConsumerRecord]] = []
 
