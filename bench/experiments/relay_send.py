@@ -42,11 +42,7 @@ async def main() -> None:
 
         async def batched() -> None:
             # As `relay_once` sends a page: one chain of batches per partition.
-            page = Settled()
-            groups = await relay._by_partition(rows)
-            await asyncio.gather(
-                *(relay._send_in_order(t, p, msgs, page) for (t, p), msgs in groups.items())
-            )
+            await relay._send_topic("exp.grants", rows, Settled())
 
         for name, fn in (("per-row send", per_row), ("batch per partition", batched)) * 2:
             cpu, wall = time.process_time(), time.perf_counter()

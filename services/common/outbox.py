@@ -4,6 +4,7 @@ A relay publishes rows in id order and deletes them only after the broker acknow
 them, so a crash between the two re-sends a few rows with the same event ids; consumers
 dedupe on those ids. One relay per service holds an advisory lock so member order holds.
 A row the broker refuses as too large for it can never go: it becomes a dead letter.
+A topic the cluster lacks holds back its own rows only.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,7 +23,12 @@ import asyncpg
 import orjson
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
+from aiokafka.errors import (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 from prometheus_client import Counter, Gauge
@@ -31,6 +38,10 @@ from services.common.kafka_clients import client_kwargs
 
 RELAY_BATCH: Final = 5000  # rows per broker round trip; bounded to keep memory flat
 RELAY_IDLE_POLL_S: Final = 0.2  # fallback poll when no in-process commit woke us
+# A topic whose partitions the producer cannot learn within TOPIC_WAIT_S (the cluster lacks
+# it) is left out of the pages for TOPIC_HOLD_S, or until the producer's metadata has it.
+TOPIC_WAIT_S: Final = 5.0
+TOPIC_HOLD_S: Final = 60.0
 
 PUBLISHED = Counter("loyalty_outbox_published_total", "Outbox rows relayed", ["service"])
 OLDEST_AGE = Gauge(
@@ -44,6 +55,11 @@ log = structlog.get_logger()
 # (bigger than a log segment). The producer's own size check is skipped by `send_batch`.
 TOO_LARGE: Final = (MessageSizeTooLargeError, RecordListTooLargeError)
 TOO_LARGE_LABEL: Final = "relay_too_large"  # the dead letters' reason and metric label
+PAGE: Final = """
+SELECT id, topic, key, payload, created_at FROM outbox
+WHERE service = $1 AND topic <> ALL($3::text[]) ORDER BY id LIMIT $2
+"""
+OLDEST: Final = "SELECT created_at FROM outbox WHERE service = $1 ORDER BY id LIMIT 1"
 DELETE_GONE: Final = """
 DELETE FROM outbox WHERE service = $1 AND id <= $2 AND id = ANY($3::bigint[])
 """
@@ -101,6 +117,22 @@ def partition_for(key: bytes | None, partitions: list[int]) -> int:
     return partitions[key_hash(key) % len(partitions)]
 
 
+def by_partition(rows: list[asyncpg.Record], partitions: list[int]) -> dict[int, Messages]:
+    """A topic's rows of each of its `partitions` (sorted), in id order.
+
+    `producer.send` per row costs a future, a partitioner call and a metadata lookup
+    each (a tenth of the rules service's CPU in the bench profile); building the
+    batches here does the same work once per batch. Partitions come from the
+    producer's own default partitioner (murmur2 of the key, cached per key), so a
+    member's events land where `send` would have put them, and in the same order.
+    """
+    groups: dict[int, Messages] = {}
+    for r in rows:
+        key = r["key"].encode() if r["key"] is not None else None
+        groups.setdefault(partition_for(key, partitions), []).append((r["id"], key, r["payload"]))
+    return groups
+
+
 @dataclass(frozen=True, slots=True)
 class TooLarge:
     """A row the broker refused, alone in its batch, as larger than it takes."""
@@ -139,6 +171,8 @@ class OutboxRelay:
         DEAD_LETTERS.labels(self.relay_name, TOO_LARGE_LABEL)
         self._wake = asyncio.Event()
         self._lock_key = zlib.crc32(f"outbox:{service}".encode())
+        # Topics the cluster lacked, each with when to look for it again (`_send_topic`).
+        self._held: dict[str, float] = {}
 
     def wake(self) -> None:
         """Called after a commit that wrote outbox rows, so they leave within milliseconds."""
@@ -185,27 +219,26 @@ class OutboxRelay:
                     await lock_conn.execute("SELECT pg_advisory_unlock($1)", self._lock_key)
 
     async def relay_once(self) -> int:
+        held = self._held_topics()
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT id, topic, key, payload, created_at FROM outbox"
-                " WHERE service = $1 ORDER BY id LIMIT $2",
-                self._service,
-                RELAY_BATCH,
-            )
+            rows = await conn.fetch(PAGE, self._service, RELAY_BATCH, held)
+            if held:  # the oldest row may be a held topic's, left out of the page
+                oldest = await conn.fetchval(OLDEST, self._service)
+            else:
+                oldest = rows[0]["created_at"] if rows else None
             OLDEST_AGE.labels(self._service).set(
-                (datetime.now(UTC) - rows[0]["created_at"]).total_seconds() if rows else 0.0
+                (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
             )
             if not rows:
                 return 0
-            groups = await self._by_partition(rows)
+            by_topic: dict[str, list[asyncpg.Record]] = {}
+            for r in rows:
+                by_topic.setdefault(r["topic"], []).append(r)
             page = Settled()
             # Every chain settles before the page may be sent again: a batch still in
             # flight could land behind the re-sent copies of the rows before it.
             outcomes = await asyncio.gather(
-                *(
-                    self._send_in_order(topic, part, msgs, page)
-                    for (topic, part), msgs in groups.items()
-                ),
+                *(self._send_topic(topic, of_topic, page) for topic, of_topic in by_topic.items()),
                 return_exceptions=True,
             )
             # What the broker has goes, whatever became of the other partitions: order only
@@ -225,25 +258,49 @@ class OutboxRelay:
                 raise outcome
         return len(rows)
 
-    async def _by_partition(self, rows: list[asyncpg.Record]) -> dict[tuple[str, int], Messages]:
-        """The rows of each partition, in id order.
+    def _held_topics(self) -> list[str]:
+        """The topics left out of this round's page: those the cluster lacked, until it is
+        time to look for them again or the producer's metadata has them (the lookup that
+        failed made the producer ask for them at each refresh, `metadata_max_age_ms`)."""
+        now = time.monotonic()
+        for topic, due in list(self._held.items()):
+            if now >= due or self._producer.client.cluster.partitions_for_topic(topic):
+                del self._held[topic]
+        return list(self._held)
 
-        `producer.send` per row costs a future, a partitioner call and a metadata lookup
-        each (a tenth of the rules service's CPU in the bench profile); building the
-        batches here does the same work once per batch. Partitions come from the
-        producer's own default partitioner (murmur2 of the key, cached per key), so a
-        member's events land where `send` would have put them, and in the same order.
+    async def _send_topic(self, topic: str, rows: list[asyncpg.Record], page: Settled) -> None:
+        """Send a topic's rows of the page, its partitions side by side.
+
+        Its partitions are looked up here, topic by topic: a topic the cluster lacks (an
+        operator deleted it, and the cluster creates none on its own) keeps its rows, in
+        order, while the other topics' go, and stays out of the pages while held (a page
+        full of its rows would hold up every other row behind them, and each lookup waits
+        TOPIC_WAIT_S). Looked up for the whole page first, that one topic failed every
+        page after the producer's request timeout (~40 s), round after round: nothing went.
         """
-        groups: dict[tuple[str, int], Messages] = {}
-        partitions: dict[str, list[int]] = {}
-        for r in rows:
-            topic = r["topic"]
-            if topic not in partitions:
-                partitions[topic] = sorted(await self._producer.partitions_for(topic))
-            key = r["key"].encode() if r["key"] is not None else None
-            part = partition_for(key, partitions[topic])
-            groups.setdefault((topic, part), []).append((r["id"], key, r["payload"]))
-        return groups
+        try:
+            found = await asyncio.wait_for(self._producer.partitions_for(topic), TOPIC_WAIT_S)
+        except (TimeoutError, UnknownTopicOrPartitionError, TopicAuthorizationFailedError) as exc:
+            self._held[topic] = time.monotonic() + TOPIC_HOLD_S
+            log.error(
+                "outbox_relay_topic_missing",
+                service=self._service,
+                topic=topic,
+                rows_in_page=len(rows),
+                retry_in_s=TOPIC_HOLD_S,
+                error=repr(exc),
+            )
+            return
+        outcomes = await asyncio.gather(
+            *(
+                self._send_in_order(topic, part, messages, page)
+                for part, messages in by_partition(rows, sorted(found)).items()
+            ),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _send_in_order(
         self, topic: str, part: int, messages: Messages, page: Settled

@@ -13,7 +13,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+from aiokafka.errors import (
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    UnknownTopicOrPartitionError,
+)
 from prometheus_client import REGISTRY
 
 from schemas.ledger import DeadLetter
@@ -40,13 +44,24 @@ class FakeBatch:
 
 
 class FakeProducer:
-    """Hands out a delivery future per batch, settled by the test."""
+    """Hands out a delivery future per batch, settled by the test. The cluster lacks the
+    topics in `missing`."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[int, list[bytes], asyncio.Future[None]]] = []
+        self.missing: set[str] = set()
+        self.looked_up: list[str] = []
+        self.client = self  # its metadata, `client.cluster`
+        self.cluster = self
 
     async def partitions_for(self, topic: str) -> set[int]:
+        self.looked_up.append(topic)
+        if topic in self.missing:
+            raise UnknownTopicOrPartitionError()
         return set(PARTS)
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        return None if topic in self.missing else set(PARTS)
 
     def create_batch(self) -> FakeBatch:
         return FakeBatch()
@@ -68,8 +83,11 @@ class FakeConn:
         self.outbox: list[tuple[Any, ...]] = []  # rows written: (service, topic, key, payload)
         self.in_transaction = False
 
-    async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
-        return self.rows
+    async def fetch(self, sql: str, service: str, limit: int, held: Any = ()) -> list[Any]:
+        return [r for r in self.rows if r["topic"] not in held]
+
+    async def fetchval(self, sql: str, service: str) -> datetime | None:
+        return min((r["created_at"] for r in self.rows), default=None)
 
     async def execute(self, sql: str, service: str, last: int, ids: list[int]) -> None:
         self.deleted.extend(ids)
@@ -277,3 +295,38 @@ async def test_a_letter_the_broker_refuses_is_kept_in_the_table_and_not_sent_aga
     assert conn.deleted == [1]
     assert [d[2] for d in conn.dead_letters] == ["dlq"]
     assert conn.outbox == []
+
+
+async def test_a_topic_the_cluster_lacks_holds_back_only_its_own_rows() -> None:
+    """A topic deleted (auto-create off) keeps its rows while the other topics' go, and is
+    left out of the pages until the producer's metadata has it: a page full of its rows
+    would hold up every row behind them, and each lookup of it waits. Before, every topic
+    of a page was looked up before any row was sent, and the page failed round after round."""
+    producer = FakeProducer()
+    producer.missing.add("dlq")
+    rows = page([0, 0, 1], created=datetime.now(UTC) - timedelta(minutes=5))
+    rows[0]["topic"] = "dlq"
+    conn = FakeConn(rows)
+    relay = OutboxRelay(FakePool(conn), producer, "rules", dlq_topic="dlq")  # type: ignore[arg-type]
+    task = asyncio.create_task(relay.relay_once())
+    await settled()
+    assert producer.batches() == [(0, [b"2"]), (1, [b"3"])]
+    for _, _, future in producer.sent:
+        future.set_result(None)
+    assert await task == 3
+    assert sorted(conn.deleted) == [2, 3]
+
+    conn.rows = rows[:1]
+    assert await relay.relay_once() == 0  # held: not in the page, not looked up again
+    assert producer.looked_up == ["dlq", "t"]
+    labels = {"service": "rules"}
+    age = REGISTRY.get_sample_value("loyalty_outbox_oldest_age_seconds", labels)
+    assert 300 <= (age or 0) < 360  # its rows are still the backlog
+
+    producer.missing.clear()  # created again, and the producer's metadata has it
+    task = asyncio.create_task(relay.relay_once())
+    await settled()
+    assert producer.batches()[2:] == [(0, [b"1"])]
+    producer.sent[2][2].set_result(None)
+    assert await task == 1
+    assert sorted(conn.deleted) == [1, 2, 3]
