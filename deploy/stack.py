@@ -63,6 +63,7 @@ PORTS: dict[str, int] = {
 STICKY: tuple[tuple[str, str | None], ...] = (
     ("TOPIC_PARTITIONS", "6"),
     ("LOYALTY_TOPIC_PREFIX", ""),
+    ("LOYALTY_GROUP_PREFIX", None),
     ("RULES_METRICS_PORT", "9101"),
     ("NOTIFIER_METRICS_PORT", "9102"),
     ("LEDGER_HOST", None),

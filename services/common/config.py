@@ -145,12 +145,26 @@ class KafkaAccess:
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
 
 
+def _group_prefix(name: str) -> str | None:
+    """None (the topic prefix) if unset or empty. Else what Kafka allows in a topic name,
+    which its tools and ACLs take as it is: a group id may hold anything, but one with a
+    space, a slash or a newline (a value pasted from a file) is hard to name again."""
+    raw = os.environ.get(name, "")
+    if not raw:
+        return None
+    if len(raw) > 200 or not all(c.isascii() and (c.isalnum() or c in "._-") for c in raw):
+        raise ConfigError(f"{name}={raw!r}: must be up to 200 letters, digits, '.', '_', '-'")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
     bootstrap_servers: str
     topics: Topics = field(default_factory=Topics)
     kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
+    # LOYALTY_GROUP_PREFIX, of the Kafka consumer groups alone (`group_prefix`).
+    kafka_group_prefix: str | None = None
     # Largest batch taken from Kafka per transaction: big enough to amortise the commit
     # (fsync) over thousands of events, small enough to keep a transaction short.
     max_batch: int = 5000
@@ -202,6 +216,16 @@ class Settings:
 
     @property
     def group_prefix(self) -> str:
+        """The Kafka consumer groups' (LOYALTY_GROUP_PREFIX, else the topic prefix): on a
+        shared cluster the bare "rules", "ledger" and "notifier" clash with other
+        applications' groups, and the topic prefix renames the contract's topics too."""
+        return self.topics.prefix if self.kafka_group_prefix is None else self.kafka_group_prefix
+
+    @property
+    def consumer_prefix(self) -> str:
+        """The consumers' own names': they key the offsets stored in Postgres, the dead
+        letters and the metrics, so they keep the topic prefix whatever the groups are
+        called, and renaming the groups re-reads nothing (an offset not found starts at 0)."""
         return self.topics.prefix
 
     @property
@@ -219,6 +243,7 @@ def load_settings() -> Settings:
         bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092"),
         topics=Topics(prefix=os.environ.get("LOYALTY_TOPIC_PREFIX", "")),
         kafka_security=load_kafka_security(),
+        kafka_group_prefix=_group_prefix("LOYALTY_GROUP_PREFIX"),
         # 0 (or less) waits and fetches were taken as given: the consumers spun, taking
         # nothing, while /readyz said ready.
         max_batch=_int("CONSUMER_MAX_BATCH", 5000, 1),

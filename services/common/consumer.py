@@ -116,10 +116,15 @@ class BatchConsumer:
         handler: Handler | None = None,
         on_commit: Callable[[], None] = lambda: None,
         refusals: Sequence[str] = (),
+        group_id: str | None = None,
     ) -> None:
         """`refusals`: the labels of the `dlq.Refused` its handler raises, exported at zero
-        from the start with the other reasons."""
+        from the start with the other reasons. `group_id`: its Kafka consumer group, `name`
+        if not given. Its offsets, dead letters and metrics go by `name`, so that a group
+        renamed (`LOYALTY_GROUP_PREFIX`) re-reads nothing: Kafka's group offsets are not
+        used (the partitions are sought to the offsets stored under `name`)."""
         self.name = name
+        self.group_id = group_id or name
         self.service = service
         self.topic = topic
         self.dlq_topic = dlq_topic
@@ -210,7 +215,7 @@ class BatchConsumer:
 
         self.subscriber = broker.subscriber(
             self.topic,
-            group_id=self.name,
+            group_id=self.group_id,
             batch=True,
             max_records=max_batch,
             batch_timeout_ms=batch_wait_ms,

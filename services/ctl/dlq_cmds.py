@@ -153,7 +153,7 @@ def list_cmd(
     """Dead letters, newest first: who refused which message, why, and its first bytes."""
     settings = load_settings()
     start = parse_since(since, datetime.now(UTC)) if since is not None else None
-    names = None if consumer is None else sorted({consumer, settings.group_prefix + consumer})
+    names = None if consumer is None else sorted({consumer, settings.consumer_prefix + consumer})
 
     async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
         return list(await conn.fetch(LIST_LETTERS, names, start, limit + 1, None))
@@ -355,7 +355,7 @@ def replay_cmd(
         raise fail(why)
     settings = load_settings()
     start = parse_since(since, datetime.now(UTC)) if since is not None else None
-    names = None if consumer is None else sorted({consumer, settings.group_prefix + consumer})
+    names = None if consumer is None else sorted({consumer, settings.consumer_prefix + consumer})
     # Every letter named is looked for; filters take the newest, as `dlq list` shows them.
     most = None if ids else (limit or 50)
 

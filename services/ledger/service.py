@@ -31,7 +31,8 @@ class LedgerService:
         self.settings = settings
         self.broker: KafkaBroker = create_broker(settings, SERVICE)
         self.consumer = BatchConsumer(
-            name=settings.group_prefix + "ledger",
+            name=settings.consumer_prefix + "ledger",
+            group_id=settings.group_prefix + "ledger",
             service=SERVICE,
             topic=settings.topics.grants,
             dlq_topic=settings.topics.dlq,

@@ -170,10 +170,11 @@ def create_app(settings: Settings | None = None) -> FastStream:
     )
     state: dict[str, object] = {}
     background = Background()
-    consumer_name = settings.group_prefix + "notifier"
+    consumer_name = settings.consumer_prefix + "notifier"
 
     consumer = BatchConsumer(
         name=consumer_name,
+        group_id=settings.group_prefix + "notifier",
         service=SERVICE,
         topic=settings.topics.ledger,
         dlq_topic=settings.topics.dlq,

@@ -333,9 +333,10 @@ def create_app(settings: Settings | None = None) -> FastStream:
             title="loyalty rules", version="1", description="Activity in, point grants out."
         ),
     )
-    consumer_name = settings.group_prefix + "rules"
+    consumer_name = settings.consumer_prefix + "rules"
     consumer = BatchConsumer(
         name=consumer_name,
+        group_id=settings.group_prefix + "rules",
         service=SERVICE,
         topic=settings.topics.activity,
         dlq_topic=settings.topics.dlq,
