@@ -57,7 +57,7 @@ KEY_MISMATCH: Final = Counter(
 )
 
 # Every activity is kept (for backtests); a redelivered one is found by its id
-# (`reused_ids.recorded`) and only the new ones are COPYed in (why that is safe:
+# (`reused_ids.sort_out`) and only the new ones are COPYed in (why that is safe:
 # services/common/consumer.py; bench/experiments/dedupe_writes.py: 5.7 -> 3.8 us of
 # Postgres backend CPU per row against INSERT ... unnest ... ON CONFLICT DO NOTHING RETURNING).
 ACTIVITY_COLUMNS: Final = [
@@ -170,11 +170,10 @@ class RulesProcessor:
             self._dated_ahead,
         )  # fmt: skip
         self._count_misrouted(good, work)
-        first, reused = reused_ids.split_in_batch(good)
+        first, recorded, reused = await reused_ids.sort_out(conn, good)
         if not first:
             return
-        recorded, reused_held = await reused_ids.recorded(conn, first)
-        for (record, event), first_at in (*reused, *reused_held):
+        for (record, event), first_at in reused:
             exc = reused_ids.refusal(event.event_id, first_at)
             refuse_record(record, exc, work, self.consumer_name, self.settings.topics.dlq)
         fresh = [(r, e) for i, (r, e) in first.items() if i not in recorded]
