@@ -97,7 +97,7 @@ WITH held AS (
     FROM held AS h JOIN ledger_members AS m USING (member_id)
 )
 SELECT n.tier, sum(n.points)::bigint AS points, COALESCE(sum(n.expiring), 0)::bigint AS expiring,
-       sum(floor(n.points::numeric * 100 / r.rate)) AS fen  -- numeric: bigint x 100 overflowed
+       sum(div(n.points::numeric * 100, r.rate)) AS fen  -- exact: bigint x 100 overflowed
 FROM net AS n JOIN unnest($5::text[], $6::bigint[]) AS r(tier, rate)
      -- an unknown tier value counts as member, as `redemptions.tier_of` reads it
      ON r.tier = CASE WHEN n.tier = ANY($5::text[]) THEN n.tier ELSE 'member' END

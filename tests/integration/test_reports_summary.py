@@ -196,16 +196,22 @@ async def test_a_summary_across_a_rebuilds_swap_reads_one_set_of_read_models(
 async def test_a_member_holding_more_points_than_a_bigint_of_fen_holds_is_valued(
     ledger: tuple[asyncpg.Pool, BatchConsumer],
 ) -> None:
-    # 23,100 of the largest purchases a diamond member can make in their birthday month
+    # 25,000 of the largest purchases a diamond member can make in their birthday month
     # (999,999,999,999.99 CNY, 3,999,999,999,999 points each): the ledger holds them in
     # bigint, and the liability multiplied them by 100 in bigint too, a 500 past 9.2e16.
+    # At gold (80 points a CNY) their value is 125,000,000,000,000,002.5 fen: rounded down,
+    # not the quotient rounded to 16 digits first (numeric division), a fen too many.
     pool, consumer = ledger
     now = datetime.now(UTC)
-    points = 3_999_999_999_999 * 23_100
-    await consumer.process(_records(grant("m-whale", points, now - timedelta(days=1))))
+    points = 100_000_000_000_000_002
+    await consumer.process(_records(grant("m-whale", points, now - timedelta(days=2))))
+    gold = tier_report("m-whale", now - timedelta(days=1), "member", "gold", "30000",
+                       ("diamond", "100000"), None)  # fmt: skip
+    await consumer.process(_records(gold))
     async with pool.acquire() as conn:
         got = await reports.summary(
             conn, datetime(1970, 1, 1, tzinfo=UTC), now + timedelta(seconds=1), None, now
         )
     assert got["outstanding"] == points
-    assert Decimal(got["liability_cny"]) == DEFAULT_POLICY.cash_value("member", points)
+    assert Decimal(got["liability_cny"]) == DEFAULT_POLICY.cash_value("gold", points)
+    assert got["liability_cny"] == "1250000000000000.02"
