@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from structlog.testing import capture_logs
 
-from services.common.config import Topics
+from services.common.config import KafkaAccess, Topics
 from services.common.outbox import OutboxRelay, OutboxRow, make_producer, write_outbox
 from tests.integration.direct import migrated_pool
 from tests.integration.harness import wait_until
@@ -42,7 +42,7 @@ async def test_a_missing_topic_holds_back_only_its_own_rows(
             async with pool.acquire() as conn:
                 await write_outbox(conn, "rules", rows)
             # A short metadata age: the relay learns of the topic created below soon.
-            producer = make_producer(broker, metadata_max_age_ms=1000)
+            producer = make_producer(KafkaAccess(broker), metadata_max_age_ms=1000)
             await producer.start()
             relay = OutboxRelay(pool, producer, "rules", dlq_topic=topics.dlq)
             letters = [r.payload for r in rows if r.topic == topics.dlq]
