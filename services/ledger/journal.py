@@ -216,6 +216,7 @@ async def write_journal(
 ) -> None:
     """Append entries (COPY), then write the lots and totals that changed: set-based."""
     if entries:
+        # The journal's trigger records each new (store, member) pair too (migration 0027).
         await conn.copy_records_to_table(
             "ledger_entries", records=[entry_record(e) for e in entries], columns=ENTRY_COLUMNS
         )

@@ -116,12 +116,15 @@ LEFT JOIN (
 ) AS h USING (member_id)
 WHERE m.debt > 0
 """
-TIERS_COUNT: Final = """
-SELECT tier, count(*) AS members FROM ledger_members AS m
-WHERE $1::text IS NULL
-   OR EXISTS (SELECT 1 FROM ledger_entries AS e WHERE e.member_id = m.member_id
-              AND e.store_id = $1)
-GROUP BY tier
+TIERS_COUNT: Final = "SELECT tier, count(*) AS members FROM ledger_members GROUP BY tier"
+# The members who ever had an entry at store $1, from the pairs the journal's trigger keeps
+# (migration 0027): asked of the journal itself, nothing indexed it by store, and every
+# call scanned all of it, years of entries.
+TIERS_AT_STORE: Final = """
+SELECT m.tier, count(*) AS members
+FROM ledger_member_stores AS s JOIN ledger_members AS m USING (member_id)
+WHERE s.store_id = $1
+GROUP BY m.tier
 """
 SHANGHAI: Final = ZoneInfo("Asia/Shanghai")
 # A year's chart, a leap year's included, in one request; never a scan of years of journal.
@@ -200,7 +203,10 @@ async def summary(
             OUTSTANDING_BY_TIER, now, store_id, month, month_after, list(TIERS), rates
         )
         debt = None if store_id is not None else int(await conn.fetchval(DEBT, now))
-        tier_rows = await conn.fetch(TIERS_COUNT, store_id)
+        if store_id is None:
+            tier_rows = await conn.fetch(TIERS_COUNT)
+        else:
+            tier_rows = await conn.fetch(TIERS_AT_STORE, store_id)
     outstanding = expiring = fen = 0
     for r in held:
         outstanding += int(r["points"])

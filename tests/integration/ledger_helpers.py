@@ -35,7 +35,7 @@ def grant(
     at: datetime,
     *,
     rule: str = "base",
-    store: str = "sh-jingan",
+    store: str | None = "sh-jingan",
     pending_days: int = 0,
     event_id: str | None = None,
 ) -> dict[str, Any]:

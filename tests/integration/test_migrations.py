@@ -2,7 +2,7 @@
 only a fresh install): 0012 (the outbox's key), 0013 (json documents), 0014 (lots' sweep
 moment), 0015 (members' tier end), 0016 (what member states may have forgotten), 0023 (when
 the tier sweep must next look at each member), 0024 (an adjustment's lot's id), 0026 (the
-index of a member's lots, built outside a transaction)."""
+index of a member's lots, built outside a transaction), 0027 (the stores' members)."""
 
 from __future__ import annotations
 
@@ -352,3 +352,38 @@ async def test_0026_run_again_after_a_failed_build_replaces_the_invalid_index(
             "btree (member_id, expires_at) WHERE (remaining > 0)", True,
         )  # fmt: skip
         assert "ledger_lots_member" not in indexes
+
+
+async def test_0027_records_the_stores_of_the_journal_before_it_and_of_every_entry_after(
+    fresh_database: str,
+) -> None:
+    """The summary's store tiers read these pairs instead of the journal: a pair missing
+    would drop a member from their store's count."""
+    async with migrated_until(fresh_database, "0027") as conn:
+        await conn.execute(
+            "INSERT INTO ledger_entries (entry_id, member_id, kind, points, balance_after,"
+            " occurred_at, store_id) VALUES ('e-1', 'm-1', 'earn', 10, 10, now(), 's-1'),"
+            " ('e-2', 'm-1', 'earn', 10, 20, now(), 's-1'), ('e-3', 'm-2', 'earn', 10, 10,"
+            " now(), NULL), ('e-4', 'm-2', 'redeem', -5, 5, now(), 's-2')"
+        )
+        assert apply_migrations(fresh_database) >= 1
+
+        async def pairs() -> list[tuple[str, str]]:
+            rows = await conn.fetch("SELECT store_id, member_id FROM ledger_member_stores")
+            return sorted((r["store_id"], r["member_id"]) for r in rows)
+
+        assert await pairs() == [("s-1", "m-1"), ("s-2", "m-2")]
+        # As the ledger appends (COPY), and by INSERT: a pair already there, two new ones.
+        at = datetime.now(UTC)
+        await conn.copy_records_to_table(
+            "ledger_entries",
+            records=[("e-5", "m-1", "earn", 1, 21, at, "s-1"), ("e-6", "m-3", "earn", 1, 1, at,
+                     "s-2"), ("e-7", "m-3", "earn", 1, 2, at, None)],
+            columns=["entry_id", "member_id", "kind", "points", "balance_after", "occurred_at",
+                     "store_id"],
+        )  # fmt: skip
+        await conn.execute(
+            "INSERT INTO ledger_entries (entry_id, member_id, kind, points, balance_after,"
+            " occurred_at, store_id) VALUES ('e-8', 'm-2', 'earn', 10, 15, now(), 's-1')"
+        )
+        assert await pairs() == [("s-1", "m-1"), ("s-1", "m-2"), ("s-2", "m-2"), ("s-2", "m-3")]

@@ -108,6 +108,52 @@ async def test_a_debt_beside_points_is_not_counted_twice(
     assert got["outstanding"] - got["debt"] == movement
 
 
+async def test_a_stores_tiers_count_the_members_who_ever_had_an_entry_there(
+    ledger: tuple[asyncpg.Pool, BatchConsumer],
+) -> None:
+    """With `store_id`, `tiers` counts the members with any entry at the store (earned or
+    redeemed there), once each, whatever they hold now and wherever else they went. Read
+    from the (store, member) pairs the journal keeps (migration 0027), not by scanning it."""
+    pool, consumer = ledger
+    now = datetime.now(UTC)
+    day = now - timedelta(days=3)
+    refunded = grant("m-refunded", 600, day, store="s-1")
+    await consumer.process(
+        _records(
+            grant("m-gold", 1000, day, store="s-1"),
+            grant("m-gold", 20, day + timedelta(hours=1), store="s-1"),
+            grant("m-other", 1000, day, store="s-2"),
+            grant("m-both", 1000, day, store="s-2"),
+            grant("m-app", 1000, day, store=None),
+            refunded,
+        )
+    )
+    await consumer.process(
+        _records(
+            tier_report("m-gold", day, "member", "gold", "30000", ("diamond", "100000"), None),
+            tier_report("m-both", day, "member", "diamond", "100000", None, None),
+            revoke("m-refunded", 600, now - timedelta(days=1), refunded["data"]["order_id"]),
+        )
+    )
+    async with pool.acquire() as conn:
+        spent = await redemptions.redeem(
+            conn, "loyalty.ledger.v1", "m-both", "r-1", points=500, reward=None, cash=None,
+            store_id="s-1", now=now,
+        )  # fmt: skip
+        assert spent.status == 201
+        period = (datetime(1970, 1, 1, tzinfo=UTC), now + timedelta(seconds=1))
+        tiers = {
+            store: (await reports.summary(conn, *period, store, now))["tiers"]
+            for store in ("s-1", "s-2", "s-3", None)
+        }
+    assert tiers == {
+        "s-1": {"member": 1, "silver": 0, "gold": 1, "diamond": 1},  # refunded, gold, both
+        "s-2": {"member": 1, "silver": 0, "gold": 0, "diamond": 1},  # other, both
+        "s-3": {"member": 0, "silver": 0, "gold": 0, "diamond": 0},
+        None: {"member": 3, "silver": 0, "gold": 1, "diamond": 1},
+    }
+
+
 START = datetime.now(UTC) - timedelta(days=200)
 WAIT_S = 60
 
