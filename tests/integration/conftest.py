@@ -50,9 +50,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 
 _KAFKA_WORKERS: set[str] = set()
-# Tests of Apache Kafka not parametrised by broker (its SASL and TLS listeners, its record
-# size limit): the same broker, on the same worker; elsewhere each started a JVM of its own.
-_KAFKA_MODULES = ("test_secured_broker.py", "test_dead_letter_kafka.py")
+# Tests of the local Kafka's SASL and TLS listeners (`local_kafka`): the same broker.
+_KAFKA_MODULES = ("test_secured_broker.py",)
 
 
 def on_kafka(nodeid: str) -> bool:
