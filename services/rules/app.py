@@ -49,7 +49,7 @@ from services.rules.tier_sweeper import TierSweeper
 SERVICE: Final = "rules"
 log = structlog.get_logger()
 # The contract keys activity by member, which keeps a member's events in order on one
-# partition; a producer keying otherwise is paid all the same (`handle`), but shown.
+# partition; a producer keying otherwise is paid all the same (`_lock_states`), but shown.
 KEY_MISMATCH: Final = Counter(
     "loyalty_activity_key_mismatch_total",
     "Activity records whose key is not their member_id",
@@ -66,6 +66,17 @@ ACTIVITY_COLUMNS: Final = [
 SELECT_STATES: Final = """
 SELECT member_id, referrer_id, referrer_since, tier_due_at, state::text AS state
 FROM rules_member_state WHERE member_id = ANY($1::text[]) ORDER BY member_id FOR UPDATE
+"""
+# A member without a row yet: its row inserted first, so this transaction holds it like the
+# others. One whose row another transaction is creating (its events on two partitions, a
+# producer keying by something else than the member) waits here for that one, and is then
+# read again: both started from an empty state, and both paid the first-purchase bonus.
+# The placeholder is the empty state; the batch writes every member's state before it
+# commits, so none is ever seen. One statement, in batches with new members only.
+INSERT_NEW: Final = """
+INSERT INTO rules_member_state (member_id, state)
+SELECT m, json_build_object('member_id', m) FROM unnest($1::text[]) AS m
+ON CONFLICT (member_id) DO NOTHING RETURNING member_id
 """
 INSERT_HELD: Final = """
 INSERT INTO rules_held (event_id, member_id, type, occurred_at, payload, reason)
@@ -182,31 +193,14 @@ class RulesProcessor:
         referrers: dict[str, str | None] = {}
         since: dict[str, datetime | None] = {}
         due: dict[str, datetime | None] = {}  # the tier sweep's (tier_sweeper.py)
-
-        def take(rows: Iterable[asyncpg.Record]) -> None:
-            for r in rows:
-                states[r["member_id"]] = load_state(r["state"])
-                referrers[r["member_id"]] = r["referrer_id"]
-                since[r["member_id"]] = r["referrer_since"]
-                due[r["member_id"]] = r["tier_due_at"]
-
-        take(await conn.fetch(SELECT_STATES, members))
-        # Members without a row have none to lock: one whose events another transaction
-        # applies at the same time (its events on two partitions: a producer keying by
-        # something else than the member) started from an empty state there too, and both
-        # paid the first-purchase bonus, the second state overwriting the first. So they are
-        # locked by key with the referral chain's members (one sorted statement), then read
-        # again: a row committed meanwhile is this batch's starting state. With the
-        # contract's keys, nobody else applies them, and the read finds nothing.
-        unstored = [m for m in members if m not in states]
+        for r in await self._lock_states(conn, members):
+            states[r["member_id"]] = load_state(r["state"])
+            referrers[r["member_id"]] = r["referrer_id"]
+            since[r["member_id"]] = r["referrer_since"]
+            due[r["member_id"]] = r["tier_due_at"]
         # The referrers' own referrers (two hops at most), under their locks: see
         # `referral_chain` for why, and why this order cannot deadlock.
-        await chain.lock(
-            conn, [*chain.members_to_lock((e for _, e in fresh), referrers), *unstored]
-        )
-        if unstored and (raced := await conn.fetch(SELECT_STATES, unstored)):
-            take(raced)  # their referrers, now known, locked too (a lock held is kept)
-            await chain.lock(conn, chain.members_to_lock((e for _, e in fresh), referrers))
+        await chain.lock(conn, chain.members_to_lock((e for _, e in fresh), referrers))
         await self._load_referrer_chain(
             conn, referrers, since, chain.named_referrers(e for _, e in fresh)
         )
@@ -274,6 +268,30 @@ class RulesProcessor:
         log.warning("activity_key_mismatch", consumer=self.consumer_name, records=len(wrong),
                     event_id=event.event_id, member_id=event.member_id,
                     partition=record.partition, offset=record.offset)  # fmt: skip
+
+    async def _lock_states(
+        self, conn: asyncpg.Connection, members: list[str]
+    ) -> list[asyncpg.Record]:
+        """The stored rows of `members` (sorted), each locked by this transaction, those
+        of members new to it included (`INSERT_NEW`).
+
+        Rows are locked in member order within each statement, not across them (the stored
+        ones, then the new, then those another transaction created meanwhile), so two
+        batches sharing two members, one created between their reads, can deadlock:
+        Postgres ends one and the consumer retries it (a TRANSIENT error). It takes a
+        member's events on several partitions, which the contract rules out. The referral
+        chain's advisory locks come after all of these in every batch, so they add no
+        cycle: a batch waiting here holds none of them, and past them it takes no row of
+        rules_member_state that it does not hold already."""
+        rows = list(await conn.fetch(SELECT_STATES, members))
+        if len(rows) == len(members):
+            return rows
+        stored = {r["member_id"] for r in rows}
+        new = [m for m in members if m not in stored]
+        created = {r["member_id"] for r in await conn.fetch(INSERT_NEW, new)}
+        if raced := [m for m in new if m not in created]:
+            rows += await conn.fetch(SELECT_STATES, raced)
+        return rows
 
     async def _load_referrer_chain(
         self,
